@@ -1,0 +1,320 @@
+"""cffi definitions for the parts of <linux/kvm.h> vsmtrace uses.
+
+API mode: cffi checks every declared field against the real kernel header, so a
+layout mistake fails the build instead of corrupting a vCPU. ``...`` marks
+structures and constants whose rest comes from the header.
+"""
+
+from __future__ import annotations
+
+import cffi
+
+CDEF = r"""
+typedef unsigned char __u8; typedef unsigned short __u16; typedef unsigned int __u32; typedef unsigned long long __u64;
+
+#define KVM_GET_API_VERSION ...
+#define KVM_CREATE_VM ...
+#define KVM_CHECK_EXTENSION ...
+#define KVM_GET_VCPU_MMAP_SIZE ...
+#define KVM_GET_SUPPORTED_CPUID ...
+#define KVM_GET_MSR_INDEX_LIST ...
+#define KVM_CREATE_VCPU ...
+#define KVM_SET_USER_MEMORY_REGION ...
+#define KVM_SET_TSS_ADDR ...
+#define KVM_SET_IDENTITY_MAP_ADDR ...
+#define KVM_ENABLE_CAP ...
+#define KVM_X86_SET_MSR_FILTER ...
+#define KVM_RUN ...
+#define KVM_GET_REGS ...
+#define KVM_SET_REGS ...
+#define KVM_GET_SREGS ...
+#define KVM_SET_SREGS ...
+#define KVM_GET_FPU ...
+#define KVM_SET_FPU ...
+#define KVM_GET_XSAVE ...
+#define KVM_SET_XSAVE ...
+#define KVM_GET_XCRS ...
+#define KVM_SET_XCRS ...
+#define KVM_GET_MSRS ...
+#define KVM_SET_MSRS ...
+#define KVM_SET_CPUID2 ...
+#define KVM_INTERRUPT ...
+#define KVM_NMI ...
+#define KVM_GET_VCPU_EVENTS ...
+#define KVM_SET_VCPU_EVENTS ...
+#define KVM_GET_DEBUGREGS ...
+#define KVM_SET_DEBUGREGS ...
+#define KVM_GET_TSC_KHZ ...
+#define KVM_TRANSLATE ...
+
+#define KVM_CAP_SYNC_REGS ...
+#define KVM_CAP_X86_USER_SPACE_MSR ...
+#define KVM_CAP_X86_MSR_FILTER ...
+#define KVM_CAP_HYPERV ...
+#define KVM_CAP_IMMEDIATE_EXIT ...
+#define KVM_CAP_NR_MEMSLOTS ...
+#define KVM_CAP_READONLY_MEM ...
+#define KVM_CAP_USER_MEMORY ...
+#define KVM_CAP_MAX_VCPUS ...
+#define KVM_CAP_GET_TSC_KHZ ...
+#define KVM_CAP_XSAVE ...
+#define KVM_CAP_XCRS ...
+#define KVM_CAP_VCPU_EVENTS ...
+#define KVM_CAP_DEBUGREGS ...
+#define KVM_CAP_EXT_CPUID ...
+
+#define KVM_SYNC_X86_REGS ...
+#define KVM_SYNC_X86_SREGS ...
+#define KVM_SYNC_X86_EVENTS ...
+
+#define KVM_MEM_READONLY ...
+
+#define KVM_MSR_EXIT_REASON_INVAL ...
+#define KVM_MSR_EXIT_REASON_UNKNOWN ...
+#define KVM_MSR_EXIT_REASON_FILTER ...
+#define KVM_MSR_FILTER_READ ...
+#define KVM_MSR_FILTER_WRITE ...
+#define KVM_MSR_FILTER_DEFAULT_ALLOW ...
+#define KVM_MSR_FILTER_DEFAULT_DENY ...
+#define KVM_MSR_FILTER_MAX_RANGES ...
+
+#define KVM_VCPUEVENT_VALID_NMI_PENDING ...
+#define KVM_VCPUEVENT_VALID_SIPI_VECTOR ...
+#define KVM_VCPUEVENT_VALID_SHADOW ...
+
+#define KVM_EXIT_IO_IN ...
+#define KVM_EXIT_IO_OUT ...
+
+struct kvm_regs {
+    __u64 rax, rbx, rcx, rdx;
+    __u64 rsi, rdi, rsp, rbp;
+    __u64 r8,  r9,  r10, r11;
+    __u64 r12, r13, r14, r15;
+    __u64 rip, rflags;
+};
+
+struct kvm_segment {
+    __u64 base;
+    __u32 limit;
+    __u16 selector;
+    __u8  type;
+    __u8  present, dpl, db, s, l, g, avl;
+    __u8  unusable;
+    __u8  padding;
+};
+
+struct kvm_dtable {
+    __u64 base;
+    __u16 limit;
+    __u16 padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8;
+    __u64 efer;
+    __u64 apic_base;
+    __u64 interrupt_bitmap[4];
+};
+
+struct kvm_fpu {
+    __u8  fpr[8][16];
+    __u16 fcw;
+    __u16 fsw;
+    __u8  ftwx;
+    __u8  pad1;
+    __u16 last_opcode;
+    __u64 last_ip;
+    __u64 last_dp;
+    __u8  xmm[16][16];
+    __u32 mxcsr;
+    __u32 pad2;
+};
+
+struct kvm_xsave {
+    __u32 region[1024];
+    __u32 extra[];
+};
+
+struct kvm_xcr { __u32 xcr; __u32 reserved; __u64 value; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[16]; __u64 padding[16]; };
+
+struct kvm_debugregs {
+    __u64 db[4];
+    __u64 dr6;
+    __u64 dr7;
+    __u64 flags;
+    __u64 reserved[9];
+};
+
+struct kvm_vcpu_events {
+    struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; } exception;
+    struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;
+    struct { __u8 injected; __u8 pending; __u8 masked; __u8 pad; } nmi;
+    __u32 sipi_vector;
+    __u32 flags;
+    struct { __u8 smm; __u8 pending; __u8 smm_inside_nmi; __u8 latched_init; } smi;
+    struct { __u8 pending; } triple_fault;
+    __u8 reserved[26];
+    __u8 exception_has_payload;
+    __u64 exception_payload;
+};
+
+struct kvm_sync_regs {
+    struct kvm_regs regs;
+    struct kvm_sregs sregs;
+    struct kvm_vcpu_events events;
+};
+
+struct kvm_run {
+    __u8 request_interrupt_window;
+    __u8 immediate_exit;
+    __u8 padding1[6];
+    __u32 exit_reason;
+    __u8 ready_for_interrupt_injection;
+    __u8 if_flag;
+    __u16 flags;
+    __u64 cr8;
+    __u64 apic_base;
+    union {
+        struct { __u64 hardware_exit_reason; } hw;
+        struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
+        struct { __u32 exception; __u32 error_code; } ex;
+        struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
+        struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
+        struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;
+        struct { __u32 type; __u32 ndata; __u64 data[16]; } system_event;
+        struct { __u8 error; __u8 pad[7]; __u32 reason; __u32 index; __u64 data; } msr;
+        char padding[256];
+    };
+    __u64 kvm_valid_regs;
+    __u64 kvm_dirty_regs;
+    union { struct kvm_sync_regs regs; char padding[2048]; } s;
+};
+
+struct kvm_userspace_memory_region {
+    __u32 slot;
+    __u32 flags;
+    __u64 guest_phys_addr;
+    __u64 memory_size;
+    __u64 userspace_addr;
+};
+
+struct kvm_cpuid_entry2 {
+    __u32 function;
+    __u32 index;
+    __u32 flags;
+    __u32 eax;
+    __u32 ebx;
+    __u32 ecx;
+    __u32 edx;
+    __u32 padding[3];
+};
+
+struct kvm_cpuid2 {
+    __u32 nent;
+    __u32 padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+
+struct kvm_msr_entry { __u32 index; __u32 reserved; __u64 data; };
+struct kvm_msrs { __u32 nmsrs; __u32 pad; struct kvm_msr_entry entries[]; };
+struct kvm_msr_list { __u32 nmsrs; __u32 indices[]; };
+
+struct kvm_msr_filter_range {
+    __u32 flags;
+    __u32 nmsrs;
+    __u32 base;
+    __u8 *bitmap;
+};
+struct kvm_msr_filter {
+    __u32 flags;
+    struct kvm_msr_filter_range ranges[16];
+};
+
+struct kvm_enable_cap {
+    __u32 cap;
+    __u32 flags;
+    __u64 args[4];
+    __u8  pad[64];
+};
+
+struct kvm_interrupt { __u32 irq; };
+
+struct kvm_translation {
+    __u64 linear_address;
+    __u64 physical_address;
+    __u8  valid;
+    __u8  writeable;
+    __u8  usermode;
+    __u8  pad[5];
+};
+
+int ioctl(int fd, unsigned long request, ...);
+int open(const char *path, int flags, ...);
+int close(int fd);
+int memfd_create(const char *name, unsigned int flags);
+int ftruncate(int fd, long length);
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+
+/* helpers defined in the C source below */
+int vsm_kvm_run(int vcpu_fd);
+int vsm_install_kick_handler(void);
+int vsm_kick_signal(void);
+unsigned long vsm_thread_self(void);
+int vsm_kick_thread(unsigned long thread);
+int vsm_errno(void);
+"""
+
+SOURCE = r"""
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#define VSM_KICK_SIGNAL (SIGRTMIN + 3)
+
+/* The handler does nothing: its only job is to make KVM_RUN return -EINTR. */
+static void vsm_kick_handler(int sig) { (void)sig; }
+
+int vsm_install_kick_handler(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = vsm_kick_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;
+    return sigaction(VSM_KICK_SIGNAL, &sa, NULL);
+}
+
+int vsm_kick_signal(void) { return VSM_KICK_SIGNAL; }
+unsigned long vsm_thread_self(void) { return (unsigned long)pthread_self(); }
+int vsm_kick_thread(unsigned long thread) { return pthread_kill((pthread_t)thread, VSM_KICK_SIGNAL); }
+int vsm_errno(void) { return errno; }
+
+/* KVM_RUN returning 0 or -errno, so Python never reads a stale errno. */
+int vsm_kvm_run(int vcpu_fd) {
+    int r = ioctl(vcpu_fd, KVM_RUN, 0);
+    return r < 0 ? -errno : r;
+}
+"""
+
+
+def make_ffi(module_name: str = "_vsmtrace_kvm") -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(module_name, SOURCE, libraries=["pthread"])
+    return ffi
+
+
+ffibuilder = make_ffi("vmm.kvm._vsmtrace_kvm")
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,325 @@
+"""Safe wrappers for the KVM system, VM and vCPU file descriptors.
+
+Every failing ioctl raises :class:`KvmError` naming the ioctl and errno, so a
+caller never has to decode a bare ``-1``.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from vmm.kvm.bindings import ffi_lib
+
+ffi: Any
+lib: Any
+ffi, lib = ffi_lib()
+
+KVM_API_VERSION = 12
+MAX_CPUID_ENTRIES = 256
+
+
+class KvmError(OSError):
+    """An ioctl on a KVM file descriptor failed."""
+
+    def __init__(self, what: str, err: int) -> None:
+        super().__init__(err, f"{what} failed: {os.strerror(err)} (errno {err})")
+        self.what = what
+
+
+class KvmUnavailable(RuntimeError):
+    """/dev/kvm cannot be used (missing, no permission, wrong API, missing capability)."""
+
+
+def _check(what: str, r: int) -> int:
+    if r < 0:
+        raise KvmError(what, ffi.errno)
+    return r
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    slot: int
+    guest_phys_addr: int
+    size: int
+    userspace_addr: int
+    readonly: bool = False
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                f"{path} does not exist: this host has no KVM (load kvm_intel/kvm_amd or run on a KVM-capable machine)"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailable(
+                f"no permission to open {path}: run as root or add your user to the 'kvm' group"
+            ) from None
+        version = lib.ioctl(self.fd, lib.KVM_GET_API_VERSION, ffi.cast("int", 0))
+        if version != KVM_API_VERSION:
+            raise KvmUnavailable(f"{path} speaks KVM API {version}, vsmtrace needs {KVM_API_VERSION}")
+        self.vcpu_mmap_size = _check(
+            "KVM_GET_VCPU_MMAP_SIZE", lib.ioctl(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, ffi.cast("int", 0))
+        )
+
+    def check_extension(self, cap: int) -> int:
+        r = lib.ioctl(self.fd, lib.KVM_CHECK_EXTENSION, ffi.cast("long", cap))
+        return max(r, 0)
+
+    def require(self, cap: int, name: str) -> int:
+        value = self.check_extension(cap)
+        if value <= 0:
+            raise KvmUnavailable(f"this KVM lacks {name}, which vsmtrace needs")
+        return value
+
+    def supported_cpuid(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """(function, index, flags, eax, ebx, ecx, edx) for every leaf KVM supports."""
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": MAX_CPUID_ENTRIES, "entries": MAX_CPUID_ENTRIES})
+        buf.nent = MAX_CPUID_ENTRIES
+        _check("KVM_GET_SUPPORTED_CPUID", lib.ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf))
+        return [
+            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (buf.entries[i] for i in range(buf.nent))
+        ]
+
+    def tsc_khz(self, vcpu: Vcpu) -> int:
+        return _check("KVM_GET_TSC_KHZ", lib.ioctl(vcpu.fd, lib.KVM_GET_TSC_KHZ, ffi.cast("int", 0)))
+
+    def create_vm(self) -> Vm:
+        fd = _check("KVM_CREATE_VM", lib.ioctl(self.fd, lib.KVM_CREATE_VM, ffi.cast("long", 0)))
+        return Vm(self, fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Vm:
+    """A KVM VM: memslots, VM-wide capabilities, vCPU creation."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self.regions: dict[int, MemoryRegion] = {}
+        self.vcpus: list[Vcpu] = []
+
+    def check_extension(self, cap: int) -> int:
+        r = lib.ioctl(self.fd, lib.KVM_CHECK_EXTENSION, ffi.cast("long", cap))
+        return max(r, 0)
+
+    def set_memory_region(self, region: MemoryRegion) -> None:
+        """Create, move or (with size 0) delete a memslot."""
+        r = ffi.new("struct kvm_userspace_memory_region *")
+        r.slot = region.slot
+        r.flags = lib.KVM_MEM_READONLY if region.readonly else 0
+        r.guest_phys_addr = region.guest_phys_addr
+        r.memory_size = region.size
+        r.userspace_addr = region.userspace_addr
+        _check(
+            f"KVM_SET_USER_MEMORY_REGION(slot {region.slot}, gpa {region.guest_phys_addr:#x}, {region.size:#x} bytes)",
+            lib.ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, r),
+        )
+        if region.size:
+            self.regions[region.slot] = region
+        else:
+            self.regions.pop(region.slot, None)
+
+    def set_tss_addr(self, addr: int) -> None:
+        _check("KVM_SET_TSS_ADDR", lib.ioctl(self.fd, lib.KVM_SET_TSS_ADDR, ffi.cast("unsigned long", addr)))
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        p = ffi.new("__u64 *", addr)
+        _check("KVM_SET_IDENTITY_MAP_ADDR", lib.ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, p))
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        c = ffi.new("struct kvm_enable_cap *")
+        c.cap = cap
+        for i, a in enumerate(args):
+            c.args[i] = a
+        _check(f"KVM_ENABLE_CAP({cap})", lib.ioctl(self.fd, lib.KVM_ENABLE_CAP, c))
+
+    def set_msr_filter(self, denied_ranges: list[tuple[int, int]]) -> None:
+        """Deny (route to userspace) reads and writes of each ``(base, count)`` MSR range."""
+        f = ffi.new("struct kvm_msr_filter *")
+        f.flags = lib.KVM_MSR_FILTER_DEFAULT_ALLOW
+        keep = []
+        for i, (base, count) in enumerate(denied_ranges):
+            bitmap = ffi.new("__u8[]", (count + 7) // 8)  # all zero: denied
+            keep.append(bitmap)
+            f.ranges[i].flags = lib.KVM_MSR_FILTER_READ | lib.KVM_MSR_FILTER_WRITE
+            f.ranges[i].nmsrs = count
+            f.ranges[i].base = base
+            f.ranges[i].bitmap = bitmap
+        _check("KVM_X86_SET_MSR_FILTER", lib.ioctl(self.fd, lib.KVM_X86_SET_MSR_FILTER, f))
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        fd = _check(f"KVM_CREATE_VCPU({index})", lib.ioctl(self.fd, lib.KVM_CREATE_VCPU, ffi.cast("long", index)))
+        vcpu = Vcpu(self, fd, index)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        os.close(self.fd)
+
+
+class Vcpu:
+    """A vCPU: its kvm_run page, registers and events.
+
+    With KVM_CAP_SYNC_REGS the general registers travel in ``kvm_run`` itself, so
+    reading or writing them on an exit costs no ioctl.
+    """
+
+    def __init__(self, vm: Vm, fd: int, index: int) -> None:
+        self.vm = vm
+        self.fd = fd
+        self.index = index
+        size = vm.kvm.vcpu_mmap_size
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
+        self.sync_regs = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS
+        if self.sync_regs:
+            self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> int:
+        """KVM_RUN once; returns 0 or ``-errno`` (``-EINTR`` when kicked)."""
+        r = lib.vsm_kvm_run(self.fd)
+        if r < 0 and r != -errno.EINTR and r != -errno.EAGAIN:
+            raise KvmError("KVM_RUN", -r)
+        return r
+
+    # -- registers -------------------------------------------------------------
+    def get_regs(self) -> Any:
+        """The GPRs, RIP and RFLAGS (a live view into kvm_run when sync regs are on)."""
+        if self.sync_regs:
+            return self.run_struct.s.regs.regs
+        regs = ffi.new("struct kvm_regs *")
+        _check("KVM_GET_REGS", lib.ioctl(self.fd, lib.KVM_GET_REGS, regs))
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        if self.sync_regs:
+            if regs != self.run_struct.s.regs.regs:
+                ffi.memmove(ffi.addressof(self.run_struct.s.regs.regs), regs, ffi.sizeof("struct kvm_regs"))
+            self.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
+            return
+        _check("KVM_SET_REGS", lib.ioctl(self.fd, lib.KVM_SET_REGS, regs))
+
+    def mark_regs_dirty(self) -> None:
+        """After editing the view returned by :meth:`get_regs` in place."""
+        if self.sync_regs:
+            self.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
+        else:
+            raise RuntimeError("mark_regs_dirty without sync regs")
+
+    def flush_regs(self) -> None:
+        """Push sync-reg edits now (before an ioctl that reads registers)."""
+        if self.sync_regs and self.run_struct.kvm_dirty_regs & lib.KVM_SYNC_X86_REGS:
+            _check("KVM_SET_REGS", lib.ioctl(self.fd, lib.KVM_SET_REGS, ffi.addressof(self.run_struct.s.regs.regs)))
+            self.run_struct.kvm_dirty_regs &= ~lib.KVM_SYNC_X86_REGS
+
+    def get_sregs(self) -> Any:
+        s = ffi.new("struct kvm_sregs *")
+        _check("KVM_GET_SREGS", lib.ioctl(self.fd, lib.KVM_GET_SREGS, s))
+        return s
+
+    def set_sregs(self, s: Any) -> None:
+        _check("KVM_SET_SREGS", lib.ioctl(self.fd, lib.KVM_SET_SREGS, s))
+
+    def get_fpu(self) -> Any:
+        f = ffi.new("struct kvm_fpu *")
+        _check("KVM_GET_FPU", lib.ioctl(self.fd, lib.KVM_GET_FPU, f))
+        return f
+
+    def set_fpu(self, f: Any) -> None:
+        _check("KVM_SET_FPU", lib.ioctl(self.fd, lib.KVM_SET_FPU, f))
+
+    def get_xsave(self) -> Any:
+        x = ffi.new("struct kvm_xsave *")
+        _check("KVM_GET_XSAVE", lib.ioctl(self.fd, lib.KVM_GET_XSAVE, x))
+        return x
+
+    def set_xsave(self, x: Any) -> None:
+        _check("KVM_SET_XSAVE", lib.ioctl(self.fd, lib.KVM_SET_XSAVE, x))
+
+    def get_xcrs(self) -> Any:
+        x = ffi.new("struct kvm_xcrs *")
+        _check("KVM_GET_XCRS", lib.ioctl(self.fd, lib.KVM_GET_XCRS, x))
+        return x
+
+    def set_xcrs(self, x: Any) -> None:
+        _check("KVM_SET_XCRS", lib.ioctl(self.fd, lib.KVM_SET_XCRS, x))
+
+    def get_debugregs(self) -> Any:
+        d = ffi.new("struct kvm_debugregs *")
+        _check("KVM_GET_DEBUGREGS", lib.ioctl(self.fd, lib.KVM_GET_DEBUGREGS, d))
+        return d
+
+    def set_debugregs(self, d: Any) -> None:
+        _check("KVM_SET_DEBUGREGS", lib.ioctl(self.fd, lib.KVM_SET_DEBUGREGS, d))
+
+    def get_events(self) -> Any:
+        e = ffi.new("struct kvm_vcpu_events *")
+        _check("KVM_GET_VCPU_EVENTS", lib.ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, e))
+        return e
+
+    def set_events(self, e: Any) -> None:
+        _check("KVM_SET_VCPU_EVENTS", lib.ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, e))
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        m = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        m.nmsrs = len(indices)
+        for i, idx in enumerate(indices):
+            m.entries[i].index = idx
+        n = _check("KVM_GET_MSRS", lib.ioctl(self.fd, lib.KVM_GET_MSRS, m))
+        return {m.entries[i].index: m.entries[i].data for i in range(n)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        m = ffi.new("struct kvm_msrs *", {"entries": len(values)})
+        m.nmsrs = len(values)
+        for i, (idx, val) in enumerate(values.items()):
+            m.entries[i].index = idx
+            m.entries[i].data = val
+        n = _check("KVM_SET_MSRS", lib.ioctl(self.fd, lib.KVM_SET_MSRS, m))
+        if n != len(values):
+            bad = list(values)[n]
+            raise KvmError(f"KVM_SET_MSRS(MSR {bad:#x})", errno.EINVAL)
+
+    def set_cpuid(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        c = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
+        c.nent = len(entries)
+        for i, (fn, idx, flags, a, b, cc, d) in enumerate(entries):
+            e = c.entries[i]
+            e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx = fn, idx, flags, a, b, cc, d
+        _check("KVM_SET_CPUID2", lib.ioctl(self.fd, lib.KVM_SET_CPUID2, c))
+
+    def interrupt(self, vector: int) -> None:
+        irq = ffi.new("struct kvm_interrupt *", {"irq": vector})
+        _check(f"KVM_INTERRUPT({vector:#x})", lib.ioctl(self.fd, lib.KVM_INTERRUPT, irq))
+
+    def nmi(self) -> None:
+        _check("KVM_NMI", lib.ioctl(self.fd, lib.KVM_NMI, ffi.cast("long", 0)))
+
+    def translate(self, gva: int) -> tuple[int, bool, bool]:
+        t = ffi.new("struct kvm_translation *", {"linear_address": gva})
+        _check("KVM_TRANSLATE", lib.ioctl(self.fd, lib.KVM_TRANSLATE, t))
+        return t.physical_address, bool(t.valid), bool(t.writeable)
+
+    def tsc_khz(self) -> int:
+        return _check("KVM_GET_TSC_KHZ", lib.ioctl(self.fd, lib.KVM_GET_TSC_KHZ, ffi.cast("int", 0)))
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
