@@ -2,15 +2,97 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
 import click
 
 from vsmtrace import __version__
 
 
+class UserError(click.ClickException):
+    """A one-line error for the user; exit status 2, never a traceback."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # type: ignore[no-untyped-def]
+        click.echo(f"vsmtrace: error: {self.format_message()}", err=True)
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vsmtrace")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log what the VMM does (warnings are always shown).")
+def main(verbose: bool) -> None:
     """Record, replay and analyse Hyper-V VSM behaviour of a guest under KVM."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="vsmtrace: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("kernel", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--smp", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of virtual processors.")
+@click.option("--memory", "memory_mib", type=click.IntRange(2, None), default=256, show_default=True, help="Guest RAM in MiB.")
+@click.option("--append", "cmdline", default="", help="Kernel command line (Multiboot).")
+@click.option("--initrd", "initrds", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="A Multiboot module (repeatable).")
+@click.option("--serial", "serial_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the serial console here instead of stdout.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (exit status 124).")
+def run(
+    kernel: Path,
+    smp: int,
+    memory_mib: int,
+    cmdline: str,
+    initrds: tuple[Path, ...],
+    serial_path: Path | None,
+    timeout_s: float | None,
+) -> None:
+    """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
+    from vmm.config import MachineConfig
+    from vmm.kvm.system import KvmError, KvmUnavailable
+    from vmm.loader.elf import LoaderError
+    from vmm.machine import Machine
+
+    if not kernel.exists():
+        fail(f"kernel {kernel} does not exist")
+    for path in initrds:
+        if not path.exists():
+            fail(f"module {path} does not exist")
+    serial_out = sys.stdout.buffer
+    if serial_path is not None:
+        try:
+            serial_out = open(serial_path, "wb")  # noqa: SIM115 - closed at exit
+        except OSError as exc:
+            fail(f"cannot write serial output to {serial_path}: {exc.strerror}")
+    config = MachineConfig(
+        kernel=kernel,
+        smp=smp,
+        memory_mib=memory_mib,
+        cmdline=cmdline,
+        initrds=list(initrds),
+        serial_out=serial_out,
+        serial_in_interactive=sys.stdin.isatty(),
+        timeout_s=timeout_s,
+    )
+    try:
+        machine = Machine(config)
+        machine.boot()
+    except (KvmUnavailable, LoaderError, ValueError) as exc:
+        fail(str(exc))
+    except KvmError as exc:
+        fail(f"KVM refused to set up the guest: {exc}")
+    status = machine.run()
+    if machine.stop_message and status != 0:
+        click.echo(f"vsmtrace: {machine.stop_message}", err=True)
+    serial_out.flush()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

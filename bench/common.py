@@ -1,0 +1,63 @@
+"""Shared helpers for the benchmark scripts: building bench guests and timing runs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+GUEST_DIR = BENCH_DIR / "guests"
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("VSMTRACE_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "vsmtrace")
+    path = Path(base) / "bench"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build(args: list[str], inputs: list[Path], out_name: str) -> Path:
+    """Run gcc with ``args`` (``{out}`` replaced by the output path), cached by inputs+args."""
+    h = hashlib.sha256(" ".join(args).encode())
+    for p in inputs:
+        h.update(p.read_bytes())
+    out = cache_dir() / f"{out_name}-{h.hexdigest()[:12]}"
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        cmd = [a.replace("{out}", str(tmp)) for a in args]
+        subprocess.run(cmd, check=True, cwd=BENCH_DIR)
+        tmp.rename(out)
+    return out
+
+
+def exits_guest(count: int) -> Path:
+    src, ld = GUEST_DIR / "exits.S", GUEST_DIR / "exits.ld"
+    return build(
+        ["gcc", "-m32", "-nostdlib", "-static", "-no-pie", f"-DCOUNT={count}", "-Wl,-T," + str(ld),
+         "-Wl,--build-id=none", "-o", "{out}", str(src)],
+        [src, ld],
+        f"exits-{count}.elf",
+    )  # fmt: skip
+
+
+def exits_driver() -> Path:
+    src = BENCH_DIR / "exits_driver.c"
+    return build(["gcc", "-O2", "-o", "{out}", str(src)], [src], "exits_driver")
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t0
+    if r.returncode not in (0, 1):
+        sys.exit(f"{' '.join(cmd)} failed with status {r.returncode}: {r.stderr.decode()[-500:]}")
+    return dt
+
+
+def vsmtrace_cmd() -> list[str]:
+    return [sys.executable, "-m", "vsmtrace.cli"]

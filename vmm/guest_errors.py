@@ -1,0 +1,73 @@
+"""Turning a KVM emulation failure into a message that names the instruction.
+
+On backends where KVM emulates guest supervisor code, an instruction its
+emulator lacks (cmpxchg16b, xrstor, int3, clac, popcnt, fwait, ...) stops the
+guest with KVM_EXIT_INTERNAL_ERROR. Users need to know which instruction and
+where, so the bytes at RIP are decoded with iced-x86.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import iced_x86
+
+from vmm.vp import CpuMode, GuestMemoryError
+
+if TYPE_CHECKING:
+    from vmm.machine import VirtualProcessor
+
+SUBERRORS = {
+    1: "instruction emulation failed",
+    2: "exception while delivering an exception",
+    3: "exception during event delivery",
+    4: "unexpected exit during event delivery",
+}
+MAX_INSN = 15
+
+
+def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
+    """(rip, up to 15 bytes at rip), translating through the guest's page tables."""
+    vcpu = vp.vcpus[vtl]
+    rip = int(vcpu.get_regs().rip)
+    sregs = vcpu.get_sregs()
+    linear = (int(sregs.cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    addr = linear
+    while len(out) < MAX_INSN:
+        try:
+            gpa, valid, _ = vcpu.translate(addr)
+        except OSError:
+            break
+        if not valid:
+            break
+        chunk = min(MAX_INSN - len(out), 0x1000 - (addr & 0xFFF))
+        try:
+            out += vp.machine.memory.read(gpa, chunk)
+        except GuestMemoryError:
+            break
+        addr += chunk
+    return rip, bytes(out)
+
+
+def decode(code: bytes, rip: int, mode: CpuMode) -> str | None:
+    bitness = {CpuMode.LONG: 64, CpuMode.REAL: 16}.get(mode, 32)
+    if not code:
+        return None
+    decoder = iced_x86.Decoder(bitness, code, ip=rip)
+    insn = decoder.decode()
+    if insn.code == iced_x86.Code.INVALID:
+        return None
+    formatter = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
+    return formatter.format(insn)
+
+
+def describe_internal_error(vp: VirtualProcessor, suberror: int, data: list[int]) -> str:
+    vtl = vp.vtl
+    rip, code = fetch_instruction(vp, vtl)
+    text = decode(code, rip, vp.mode(vtl))
+    what = SUBERRORS.get(suberror, f"internal error {suberror}")
+    where = f"VP {vp.index} VTL{vtl} rip={rip:#x}"
+    if text is not None:
+        return f"KVM cannot emulate `{text}` ({what}) at {where}; rebuild the guest without this instruction"
+    return f"KVM {what} at {where} (bytes {code.hex() or 'unreadable'})"

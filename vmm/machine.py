@@ -1,0 +1,697 @@
+"""The partition: KVM VMs (one per VTL), VPs with their threads, devices, and the run loop.
+
+Each VP runs in its own host thread. ``VirtualProcessor.run_loop`` enters KVM,
+and the exit is dispatched through ``VirtualProcessor.exit_handlers`` — a table
+from KVM exit reason to handler, so the whole of what the VMM does for a guest
+reads in one place. Interrupts come only from the userspace local APICs and are
+injected just before entry; kicks (a signal to the VP thread plus
+``kvm_run.immediate_exit``) get a VP out of ``KVM_RUN`` when another thread
+makes an interrupt pending or the machine stops.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmm.config import MachineConfig
+from vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
+from vmm.cpuid import CpuidPolicy, build_cpuid
+from vmm.devices.apic import ApicGpFault, ApicRouter, HostClock, LocalApic
+from vmm.devices.bus import ALL_ONES, MmioBus, PioBus
+from vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
+from vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
+from vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
+from vmm.events import EventKind, EventSink, NullSink
+from vmm.guest_errors import describe_internal_error
+from vmm.kvm.exits import exit_name
+from vmm.kvm.system import Kvm, KvmUnavailable, MemoryRegion, Vcpu, Vm, ffi, lib
+from vmm.loader.multiboot import Module, load_kernel
+from vmm.memory import GuestMemory
+from vmm.timers import TimerService
+from vmm.vp import Access, CpuMode, Segment, Table
+
+log = logging.getLogger("vsmtrace.machine")
+
+APIC_MMIO_BASE = 0xFEE00000
+APIC_MMIO_SIZE = 0x1000
+APIC_TIMER_HZ = 1_000_000_000  # KVM's convention: one APIC bus cycle per ns
+MSR_IA32_APIC_BASE = 0x1B
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+MSR_X2APIC_FIRST = 0x800
+MSR_X2APIC_LAST = 0x8FF
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER")
+
+# vsmtrace's own exit statuses (the guest's isa-debug-exit statuses are always odd).
+EXIT_OK = 0
+EXIT_GUEST_FAULT = 4  # triple fault, emulation failure, crash MSRs, all VPs halted for good
+EXIT_VMM_ERROR = 6  # a bug in vsmtrace while serving the guest
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+
+
+class VpState(enum.Enum):
+    WAIT_FOR_SIPI = "wait-for-sipi"
+    RUNNING = "running"
+    HALTED = "halted"
+    STOPPED = "stopped"
+
+
+class GuestStop(Exception):
+    """Raised inside a VP thread to end the run with a status and a message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VirtualProcessor:
+    """One VP: a KVM vCPU per VTL, a local APIC per VTL, and the host thread that runs it."""
+
+    def __init__(self, machine: Machine, index: int) -> None:
+        self.machine = machine
+        self.index = index
+        self.vcpus: list[Vcpu] = [vm.create_vcpu(index) for vm in machine.vms]
+        self.regfiles = [RegisterFile(v) for v in self.vcpus]
+        if machine.clock is None:
+            machine.init_clock(self.vcpus[0])
+        assert machine.clock is not None
+        self.vtl = 0
+        self.state = VpState.RUNNING if index == 0 else VpState.WAIT_FOR_SIPI
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.thread_id = 0
+        self.in_guest = False
+        self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
+        self.sipi_vector: int | None = None
+        self.pending_exceptions: list[tuple[int, int, int | None]] = []  # (vtl, vector, error code)
+        self.apics: list[LocalApic] = [
+            LocalApic(
+                index,
+                bsp=index == 0,
+                clock=machine.clock,
+                timers=machine.timers,
+                bus=machine.router,
+                on_pending=self.kick,
+                tsc_hz=machine.tsc_hz,
+                timer_hz=APIC_TIMER_HZ,
+            )
+            for _ in machine.vms
+        ]
+        for vtl, vcpu in enumerate(self.vcpus):
+            vcpu.set_cpuid(machine.cpuid_for(index, vtl))
+        self.exit_handlers: dict[int, Callable[[], None]] = {
+            lib.KVM_EXIT_IO: self.on_io,
+            lib.KVM_EXIT_MMIO: self.on_mmio,
+            lib.KVM_EXIT_HLT: self.on_hlt,
+            lib.KVM_EXIT_IRQ_WINDOW_OPEN: self.on_nothing,
+            lib.KVM_EXIT_INTR: self.on_nothing,
+            lib.KVM_EXIT_X86_RDMSR: self.on_rdmsr,
+            lib.KVM_EXIT_X86_WRMSR: self.on_wrmsr,
+            lib.KVM_EXIT_SHUTDOWN: self.on_shutdown,
+            lib.KVM_EXIT_INTERNAL_ERROR: self.on_internal_error,
+            lib.KVM_EXIT_FAIL_ENTRY: self.on_fail_entry,
+            lib.KVM_EXIT_SYSTEM_EVENT: self.on_system_event,
+        }
+
+    # -- the VTL currently running on this VP ---------------------------------------
+    @property
+    def vcpu(self) -> Vcpu:
+        return self.vcpus[self.vtl]
+
+    @property
+    def apic(self) -> LocalApic:
+        return self.apics[self.vtl]
+
+    @property
+    def active_vtl(self) -> int:
+        return self.vtl
+
+    def rip(self) -> int:
+        return int(self.vcpu.get_regs().rip)
+
+    # -- VP interface (vmm.vp.VpAccess) ---------------------------------------------
+    def get_register(self, vtl: int, name: str) -> int | Segment | Table:
+        return self.regfiles[vtl].get(name)
+
+    def set_register(self, vtl: int, name: str, value: int | Segment | Table) -> None:
+        self.regfiles[vtl].set(name, value)
+
+    def get_xmm(self, vtl: int, index: int) -> int:
+        return self.regfiles[vtl].get_xmm(index)
+
+    def set_xmm(self, vtl: int, index: int, value: int) -> None:
+        self.regfiles[vtl].set_xmm(index, value)
+
+    def cpl(self, vtl: int) -> int:
+        s = self.vcpus[vtl].get_sregs()
+        if cpu_mode(s) is CpuMode.REAL:
+            return 0
+        return int(s.cs.dpl)
+
+    def mode(self, vtl: int) -> CpuMode:
+        return cpu_mode(self.vcpus[vtl].get_sregs())
+
+    def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
+        events = self.vcpus[vtl].get_events()
+        events.exception.injected = 1
+        events.exception.nr = vector
+        events.exception.has_error_code = 1 if error_code is not None else 0
+        events.exception.error_code = error_code or 0
+        self.vcpus[vtl].flush_regs()
+        self.vcpus[vtl].set_events(events)
+        self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="exception")
+
+    # -- kicks and waiting -------------------------------------------------------------
+    def kick(self) -> None:
+        """Make this VP look at its interrupts now (called from any thread)."""
+        self.interrupt_hint = True
+        with self.cond:
+            self.cond.notify_all()
+        if self.in_guest:
+            self.vcpu.run_struct.immediate_exit = 1
+            if self.thread_id:
+                lib.vsm_kick_thread(self.thread_id)
+
+    def wait(self, predicate: Callable[[], bool]) -> None:
+        with self.cond:
+            while not predicate() and not self.machine.stopping:
+                self.cond.wait(0.5)
+
+    # -- INIT / SIPI -------------------------------------------------------------------
+    def on_init(self) -> None:
+        if self.index == 0:
+            return  # the BSP ignores INIT in this VMM (no reset support)
+        with self.cond:
+            self.state = VpState.WAIT_FOR_SIPI
+            self.sipi_vector = None
+            self.cond.notify_all()
+
+    def on_sipi(self, vector: int) -> None:
+        with self.cond:
+            if self.state is VpState.WAIT_FOR_SIPI:
+                self.sipi_vector = vector
+                self.cond.notify_all()
+
+    # -- the run loop ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.thread_main, name=f"vp{self.index}", daemon=True)
+        self.thread.start()
+
+    def thread_main(self) -> None:
+        self.thread_id = lib.vsm_thread_self()
+        machine = self.machine
+        try:
+            self.run_loop()
+        except GuestStop as stop:
+            machine.request_stop(stop.status, str(stop), vp=self)
+        except Exception as exc:  # a VMM bug: stop the guest cleanly, with a message
+            log.exception("VP %d: internal error", self.index)
+            machine.emit(EventKind.ERROR, self, message=f"{type(exc).__name__}: {exc}")
+            machine.request_stop(EXIT_VMM_ERROR, f"vsmtrace internal error on VP {self.index}: {exc}", vp=self)
+        finally:
+            self.state = VpState.STOPPED
+            machine.emit(EventKind.VP_STOP, self)
+
+    def run_loop(self) -> None:
+        machine = self.machine
+        if self.state is VpState.WAIT_FOR_SIPI:
+            self.wait_for_sipi()
+        machine.emit(EventKind.VP_START, self)
+        run = self.vcpu.run_struct
+        handlers = self.exit_handlers
+        while not machine.stopping:
+            if self.state is VpState.WAIT_FOR_SIPI:
+                self.wait_for_sipi()
+                run = self.vcpu.run_struct
+                continue
+            if self.interrupt_hint:
+                self.deliver_interrupts(run)
+            self.in_guest = True
+            if machine.stopping:
+                break
+            r = lib.vsm_kvm_run(self.vcpu.fd)
+            self.in_guest = False
+            if run.immediate_exit:
+                run.immediate_exit = 0
+            if r < 0:
+                if r in (-errno.EINTR, -errno.EAGAIN):
+                    continue
+                raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+            handler = handlers.get(run.exit_reason)
+            if handler is None:
+                self.on_unhandled()
+            else:
+                handler()
+            run = self.vcpu.run_struct
+
+    def wait_for_sipi(self) -> None:
+        self.wait(lambda: self.sipi_vector is not None)
+        if self.machine.stopping:
+            return
+        vector = self.sipi_vector
+        assert vector is not None
+        self.sipi_vector = None
+        apply_sipi(self.vcpu, vector)
+        self.state = VpState.RUNNING
+
+    def deliver_interrupts(self, run: Any) -> None:
+        """Inject the highest deliverable APIC vector, or ask KVM for an interrupt window."""
+        apic = self.apic
+        vector = apic.pending_vector()
+        if vector is None:
+            self.interrupt_hint = False
+            run.request_interrupt_window = 0
+            return
+        if run.ready_for_interrupt_injection and run.if_flag:
+            vector = apic.acknowledge()
+            self.vcpu.interrupt(vector)
+            self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="apic")
+            run.request_interrupt_window = 1 if apic.pending_vector() is not None else 0
+        else:
+            run.request_interrupt_window = 1
+
+    # -- exit handlers ------------------------------------------------------------------------
+    def on_nothing(self) -> None:
+        return None
+
+    def on_io(self) -> None:
+        run = self.vcpu.run_struct
+        io = run.io
+        port, size, count = io.port, io.size, io.count
+        data = ffi.cast("uint8_t *", run) + io.data_offset
+        machine = self.machine
+        if port in machine.trap_ports:
+            machine.trap_ports[port](self, port, size, io.direction == lib.KVM_EXIT_IO_OUT)
+            return
+        bus = machine.pio
+        sink = machine.sink
+        if io.direction == lib.KVM_EXIT_IO_OUT:
+            for i in range(count):
+                value = int.from_bytes(ffi.buffer(data + i * size, size), "little")
+                if sink.enabled:
+                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=True, data=value)
+                bus.write(port, size, value)
+        else:
+            for i in range(count):
+                value = bus.read(port, size)
+                ffi.memmove(data + i * size, value.to_bytes(size, "little"), size)
+                if sink.enabled:
+                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=False, data=value)
+
+    def on_mmio(self) -> None:
+        run = self.vcpu.run_struct
+        mmio = run.mmio
+        gpa, length, is_write = mmio.phys_addr, mmio.len, bool(mmio.is_write)
+        machine = self.machine
+        hook = machine.mmio_hook
+        if hook is not None and hook(self, gpa, length, is_write):
+            return  # VSM protections completed or intercepted it
+        apic = self.apic
+        if APIC_MMIO_BASE <= gpa < APIC_MMIO_BASE + APIC_MMIO_SIZE and apic.xapic_mmio_enabled():
+            offset = gpa - APIC_MMIO_BASE
+            if is_write:
+                value = int.from_bytes(bytes(mmio.data[0:length]), "little")
+                apic.mmio_write(offset, length, value)
+            else:
+                value = apic.mmio_read(offset, length)
+                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
+            machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+            return
+        found = machine.mmio.find(gpa)
+        if found is not None:
+            base, dev = found
+            if is_write:
+                value = int.from_bytes(bytes(mmio.data[0:length]), "little")
+                dev.mmio_write(gpa - base, length, value)
+            else:
+                value = dev.mmio_read(gpa - base, length)
+                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
+        else:
+            value = int.from_bytes(bytes(mmio.data[0:length]), "little") if is_write else ALL_ONES.get(length, 0)
+            if not is_write:
+                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
+            machine.warn_once(("mmio", gpa & ~0xFFF), f"guest accessed unbacked guest-physical address {gpa:#x}")
+        machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+
+    def on_hlt(self) -> None:
+        run = self.vcpu.run_struct
+        machine = self.machine
+        interruptible = bool(run.if_flag)
+        self.state = VpState.HALTED
+        machine.note_halt(self, interruptible)
+        try:
+            self.wait(lambda: self.can_wake(interruptible))
+        finally:
+            self.state = VpState.RUNNING
+            machine.note_wake(self)
+        self.interrupt_hint = True
+
+    def can_wake(self, interruptible: bool) -> bool:
+        if self.state is VpState.WAIT_FOR_SIPI or self.sipi_vector is not None:
+            return True
+        wake = self.machine.wake_hook
+        if wake is not None and wake(self):
+            return True
+        return interruptible and self.apic.pending_vector() is not None
+
+    def on_rdmsr(self) -> None:
+        msr = self.vcpu.run_struct.msr
+        index = msr.index
+        try:
+            value = self.machine.msr_read(self, index)
+            msr.data = value
+            msr.error = 0
+            fault = False
+        except (ApicGpFault, MsrFault):
+            value = 0
+            msr.error = 1
+            fault = True
+        self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=False, fault=fault)
+
+    def on_wrmsr(self) -> None:
+        msr = self.vcpu.run_struct.msr
+        index, value = msr.index, msr.data
+        try:
+            self.machine.msr_write(self, index, value)
+            msr.error = 0
+            fault = False
+        except (ApicGpFault, MsrFault):
+            msr.error = 1
+            fault = True
+        self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=True, fault=fault)
+
+    def on_shutdown(self) -> None:
+        raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
+
+    def on_internal_error(self) -> None:
+        run = self.vcpu.run_struct
+        hook = self.machine.internal_error_hook
+        if hook is not None and hook(self):
+            return  # e.g. VSM: an execute intercept on a no-execute page
+        data = [int(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
+        message = describe_internal_error(self, int(run.internal.suberror), data)
+        raise GuestStop(EXIT_GUEST_FAULT, message)
+
+    def on_fail_entry(self) -> None:
+        reason = self.vcpu.run_struct.fail_entry.hardware_entry_failure_reason
+        raise GuestStop(EXIT_GUEST_FAULT, f"KVM could not enter the guest on VP {self.index} (reason {reason:#x})")
+
+    def on_system_event(self) -> None:
+        kind = self.vcpu.run_struct.system_event.type
+        if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+            raise GuestStop(EXIT_OK, "guest shut down")
+        if kind == lib.KVM_SYSTEM_EVENT_RESET:
+            raise GuestStop(EXIT_OK, "guest requested a reset (not supported: stopping)")
+        raise GuestStop(EXIT_GUEST_FAULT, f"unexpected KVM system event {kind}")
+
+    def on_unhandled(self) -> None:
+        reason = self.vcpu.run_struct.exit_reason
+        raise GuestStop(EXIT_VMM_ERROR, f"unhandled KVM exit {exit_name(reason)} on VP {self.index}")
+
+
+class MsrFault(Exception):
+    """An MSR access that must raise #GP in the guest."""
+
+
+class Machine:
+    """A partition: guest RAM, one KVM VM per VTL, VPs, devices and the event sink."""
+
+    def __init__(self, config: MachineConfig, sink: EventSink | None = None, *, kvm_path: str = "/dev/kvm") -> None:
+        config.validate()
+        self.config = config
+        self.sink: EventSink = sink if sink is not None else NullSink()
+        self.kvm = Kvm(kvm_path)
+        self._check_capabilities()
+        self.capabilities = self._capabilities()
+        self.memory = GuestMemory(config.memory_mib)
+        self.stopping = False
+        self.stop_event = threading.Event()
+        self.exit_status: int | None = None
+        self.stop_message = ""
+        self._stop_lock = threading.Lock()
+        self._warned: set[object] = set()
+        self._halt_lock = threading.Lock()
+        self.halted_no_if: set[int] = set()
+        self.seq_lock = threading.Lock()
+
+        # Hooks later layers install (Hyper-V, VSM); None means "not present".
+        self.trap_ports: dict[int, Callable[[VirtualProcessor, int, int, bool], None]] = {}
+        self.msr_handlers: list[tuple[int, int, Any]] = []  # (first, last, handler with read/write)
+        self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = None
+        self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = None
+        self.wake_hook: Callable[[VirtualProcessor], bool] | None = None
+        self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
+        self.cpuid_policy = CpuidPolicy()
+
+        self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
+        self.supported_cpuid = self.kvm.supported_cpuid()
+
+        self.pio = PioBus()
+        self.mmio = MmioBus()
+        self.serial = Uart16550(config.serial_out, on_output=self._on_serial)
+        self.pio.add(COM1_BASE, PORT_COUNT, self.serial)
+        self.pio.add(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._on_debug_exit))
+        self.fw_cfg = FwCfg(self.memory.size, config.smp, config.cmdline)
+        self.pio.add(FW_CFG_SELECTOR_PORT, FW_CFG_PORT_COUNT, self.fw_cfg)
+        pic = Pic8259Stub()
+        self.pio.add(PIC_MASTER, PIC_PORTS, pic)
+        self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
+        self.pio.add(POST_PORT, 1, Ignore())
+
+        self.timers = TimerService()
+        self.router = ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
+        self.vps: list[VirtualProcessor] = []
+        self.tsc_hz = 0
+        self.tsc_offset = 0
+        self.clock: HostClock | None = None
+
+    # -- construction ----------------------------------------------------------------
+    def _check_capabilities(self) -> None:
+        k = self.kvm
+        k.require(lib.KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY")
+        k.require(lib.KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR (user-space MSR exits)")
+        k.require(lib.KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER")
+        k.require(lib.KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT")
+        k.require(lib.KVM_CAP_GET_TSC_KHZ, "KVM_CAP_GET_TSC_KHZ")
+        max_vcpus = k.check_extension(lib.KVM_CAP_MAX_VCPUS) or 1
+        if self.config.smp > max_vcpus:
+            raise KvmUnavailable(f"this KVM supports at most {max_vcpus} vCPUs per VM, --smp asked for {self.config.smp}")
+
+    def _capabilities(self) -> dict[str, int]:
+        names = [n for n in dir(lib) if n.startswith("KVM_CAP_")]
+        return {n[len("KVM_CAP_") :].lower(): self.kvm.check_extension(getattr(lib, n)) for n in names}
+
+    def _create_vm(self) -> Vm:
+        vm = self.kvm.create_vm()
+        for setter, addr in ((vm.set_tss_addr, TSS_ADDR), (vm.set_identity_map_addr, IDENTITY_MAP_ADDR)):
+            try:
+                setter(addr)
+            except OSError:
+                pass  # not needed (or not offered) by every backend
+        reasons = 0
+        for name in MSR_EXIT_REASONS:
+            reasons |= getattr(lib, name)
+        vm.enable_cap(lib.KVM_CAP_X86_USER_SPACE_MSR, reasons)
+        return vm
+
+    def map_ram(self) -> None:
+        """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
+        host = self.memory.host_address()
+        for vm in self.vms:
+            for slot, r in enumerate(self.memory.ranges):
+                vm.set_memory_region(MemoryRegion(slot, r.gpa, r.size, host + r.offset))
+
+    def set_msr_filter(self, extra: list[tuple[int, int]] | None = None) -> None:
+        ranges = [(MSR_IA32_APIC_BASE, 1), (MSR_IA32_TSC_DEADLINE, 1)] + list(extra or [])
+        for vm in self.vms:
+            vm.set_msr_filter(ranges)
+
+    def cpuid_for(self, vp_index: int, vtl: int) -> list[tuple[int, int, int, int, int, int, int]]:
+        self.cpuid_policy.extra_leaves = list(self.extra_cpuid)
+        return build_cpuid(self.supported_cpuid, vp_index, self.config.smp, self.cpuid_policy)
+
+    def boot(self) -> None:
+        """Load the kernel and create the VPs (call once, before :meth:`run`)."""
+        cfg = self.config
+        self.map_ram()
+        self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
+        modules = [Module(p, str(p)) for p in cfg.initrds]
+        boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
+        self.vps = [VirtualProcessor(self, i) for i in range(cfg.smp)]
+        for vp in self.vps:
+            self.router.add(vp.apics[0])
+        apply_boot_state(self.vps[0].vcpus[0], boot)
+
+    # -- services for devices and layers ------------------------------------------------------
+    def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
+        sink = self.sink
+        if not sink.enabled:
+            return
+        if vp is None:
+            sink.emit(kind, 0, 0, 0, **fields)
+        else:
+            sink.emit(kind, vp.index, vp.vtl, vp.rip(), **fields)
+
+    def warn_once(self, key: object, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def init_clock(self, vcpu: Vcpu) -> None:
+        """Learn the guest TSC rate and offset from the first vCPU; every APIC needs them."""
+        self.tsc_hz = vcpu.tsc_khz() * 1000
+        guest_tsc = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+        self.tsc_offset = guest_tsc - int(lib.vsm_rdtsc())
+        self.clock = HostClock(self.tsc_hz)
+
+    def guest_tsc(self) -> int:
+        return int(lib.vsm_rdtsc()) + self.tsc_offset
+
+    def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
+        return self.memory.read(gpa, size)
+
+    def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
+        self.memory.write(gpa, data)
+
+    def vp(self, index: int) -> VirtualProcessor:
+        return self.vps[index]
+
+    @property
+    def vp_count(self) -> int:
+        return len(self.vps)
+
+    def assert_interrupt(self, vp_index: int, vtl: int, vector: int) -> None:
+        self.vps[vp_index].apics[vtl].accept_interrupt(vector)
+
+    # -- MSRs ------------------------------------------------------------------------------------
+    def msr_read(self, vp: VirtualProcessor, index: int) -> int:
+        apic = vp.apic
+        if index == MSR_IA32_APIC_BASE:
+            return apic.base_msr
+        if index == MSR_IA32_TSC_DEADLINE:
+            return apic.tsc_deadline
+        if MSR_X2APIC_FIRST <= index <= MSR_X2APIC_LAST:
+            return apic.msr_read(index)
+        for first, last, handler in self.msr_handlers:
+            if first <= index <= last:
+                return handler.msr_read(vp, index)
+        raise MsrFault(index)
+
+    def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
+        apic = vp.apic
+        if index == MSR_IA32_APIC_BASE:
+            apic.base_msr = value
+            return
+        if index == MSR_IA32_TSC_DEADLINE:
+            apic.tsc_deadline = value
+            return
+        if MSR_X2APIC_FIRST <= index <= MSR_X2APIC_LAST:
+            apic.msr_write(index, value)
+            return
+        for first, last, handler in self.msr_handlers:
+            if first <= index <= last:
+                handler.msr_write(vp, index, value)
+                return
+        raise MsrFault(index)
+
+    # -- APIC routing callbacks ----------------------------------------------------------------
+    def _route_init(self, apic_id: int) -> None:
+        if apic_id < len(self.vps):
+            self.vps[apic_id].on_init()
+
+    def _route_sipi(self, apic_id: int, vector: int) -> None:
+        if apic_id < len(self.vps):
+            self.vps[apic_id].on_sipi(vector)
+
+    def _route_nmi(self, apic_id: int) -> None:
+        if apic_id < len(self.vps):
+            vp = self.vps[apic_id]
+            vp.vcpu.nmi()
+            vp.kick()
+
+    # -- halts: detect a guest that can never run again ----------------------------------------
+    def note_halt(self, vp: VirtualProcessor, interruptible: bool) -> None:
+        if interruptible:
+            return
+        with self._halt_lock:
+            self.halted_no_if.add(vp.index)
+            stuck = all(
+                v.index in self.halted_no_if or v.state is VpState.WAIT_FOR_SIPI or v.state is VpState.STOPPED
+                for v in self.vps
+            )
+        if stuck and self.wake_hook is None:
+            self.request_stop(
+                EXIT_GUEST_FAULT,
+                f"guest halted with interrupts disabled on every VP (last: VP {vp.index} at rip={vp.rip():#x})",
+                vp=vp,
+            )
+
+    def note_wake(self, vp: VirtualProcessor) -> None:
+        with self._halt_lock:
+            self.halted_no_if.discard(vp.index)
+
+    # -- stopping ---------------------------------------------------------------------------------
+    def _on_debug_exit(self, value: int, status: int) -> None:
+        self.emit(EventKind.GUEST_EXIT, None, exit_status=status, message=f"isa-debug-exit {value:#x}")
+        self.request_stop(status, "")
+
+    def _on_serial(self, data: bytes) -> None:
+        if self.sink.enabled:
+            self.sink.emit(EventKind.SERIAL, 0, 0, 0, data=data)
+
+    def request_stop(self, status: int, message: str, vp: VirtualProcessor | None = None) -> None:
+        with self._stop_lock:
+            if self.exit_status is not None:
+                return
+            self.exit_status = status
+            self.stop_message = message
+            self.stopping = True
+        if message and status != EXIT_OK:
+            self.emit(EventKind.ERROR, None, message=message)
+        self.stop_event.set()
+        for v in self.vps:
+            v.kick()
+
+    def run(self) -> int:
+        """Run until the guest exits, fails, times out or the user interrupts; returns the exit status."""
+        if not self.vps:
+            self.boot()
+        self.timers_start()
+        for vp in self.vps:
+            vp.start()
+        deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
+        try:
+            while not self.stop_event.wait(0.1):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.request_stop(EXIT_TIMEOUT, f"guest still running after --timeout {self.config.timeout_s:g} s")
+                if all(v.state is VpState.STOPPED for v in self.vps):
+                    self.request_stop(EXIT_VMM_ERROR, "every VP stopped without an exit status")
+        except KeyboardInterrupt:
+            self.request_stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+        for vp in self.vps:
+            if vp.thread is not None:
+                vp.thread.join(timeout=5)
+        self.timers.stop()
+        assert self.exit_status is not None
+        return self.exit_status
+
+    def timers_start(self) -> None:
+        start = getattr(self.timers, "start", None)
+        if start is not None:
+            start()
+
+    def close(self) -> None:
+        for vm in self.vms:
+            vm.close()
+        self.memory.close()
+        self.kvm.close()
