@@ -1,0 +1,199 @@
+"""Open a trace, sealed or not, complete or torn, and hand out Arrow/Polars views of it.
+
+A trace file is either
+  * a sealed Arrow IPC *file* (magic ``ARROW1``, footer): what a clean close leaves;
+    read lazily with ``polars.scan_ipc``;
+  * an Arrow IPC *stream*: what the writer appends while recording. A killed writer
+    leaves a stream whose last message may be cut short (the "torn tail"); every
+    record batch before it is complete and readable, and so is a stream that is
+    still growing.
+Every failure to recognise a file becomes a one-line ``TraceFormatError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from recorder.errors import TraceFormatError
+from recorder.schema import METADATA_KEY, SCHEMA_VERSION
+
+FILE_MAGIC = b"ARROW1"
+CONTINUATION = b"\xff\xff\xff\xff"
+EOS_MARKER = CONTINUATION + b"\x00\x00\x00\x00"
+
+
+@dataclass
+class StreamScan:
+    """Where the complete part of an IPC stream ends, found by walking its message framing."""
+
+    schema: pa.Schema
+    data_end: int  # offset just past the last complete record batch (or the schema)
+    batches: int  # complete record batches
+    end_of_stream: bool  # the writer closed the stream (EOS marker right after data_end)
+    torn_offset: int | None  # offset where incomplete bytes start, or None
+
+
+def scan_stream(buf: pa.Buffer, label: str, base: int = 0) -> StreamScan:
+    """Walk the stream in ``buf`` message by message without decoding bodies.
+
+    ``base`` is added to reported offsets (an IPC file's embedded stream starts at 8).
+    """
+    reader = pa.BufferReader(buf)
+    try:
+        messages = ipc.MessageReader.open_stream(reader)
+        first = messages.read_next_message()
+    except StopIteration:
+        raise TraceFormatError(f"{label}: truncated before the schema ({buf.size} bytes of stream, no schema message)") from None
+    except (pa.ArrowException, OSError, ValueError):
+        raise TraceFormatError(f"{label}: truncated or corrupt before the schema ({buf.size} bytes)") from None
+    if first.type != "schema":
+        raise TraceFormatError(f"{label}: Arrow stream does not start with a schema (first message: {first.type})")
+    try:
+        schema = ipc.read_schema(first)
+    except (pa.ArrowException, OSError, ValueError):
+        raise TraceFormatError(f"{label}: unreadable schema message at byte {base}") from None
+    data_end = reader.tell()
+    batches = 0
+    while True:
+        try:
+            msg = messages.read_next_message()
+        except StopIteration:
+            break
+        except (pa.ArrowException, OSError, ValueError):
+            break  # a message cut short: everything from data_end on is the torn tail
+        if msg.type == "record batch":
+            batches += 1
+            data_end = reader.tell()
+    rest = buf.size - data_end
+    eos = rest == len(EOS_MARKER) and buf.slice(data_end).to_pybytes() == EOS_MARKER
+    torn = None if eos or rest == 0 else base + data_end
+    return StreamScan(schema, base + data_end, batches, eos, torn)
+
+
+def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
+    """The vsmtrace metadata of a schema, with the version checks every reader needs."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise TraceFormatError(f"{label}: Arrow IPC data but not a vsmtrace trace (no 'vsmtrace' schema metadata)")
+    try:
+        md = json.loads(raw)
+    except ValueError:
+        raise TraceFormatError(f"{label}: corrupt vsmtrace metadata (not JSON)") from None
+    version = md.get("schema_version") if isinstance(md, dict) else None
+    if not isinstance(version, int) or version < 1:
+        raise TraceFormatError(f"{label}: invalid vsmtrace schema version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise TraceFormatError(
+            f"{label}: trace schema version {version} is newer than this vsmtrace supports ({SCHEMA_VERSION}); upgrade vsmtrace"
+        )
+    return md
+
+
+@dataclass
+class Trace:
+    """An opened trace: a snapshot of the file as it was when opened."""
+
+    path: Path
+    metadata: dict[str, Any]
+    schema: pa.Schema
+    sealed: bool
+    torn_tail: bool
+    torn_offset: int | None  # byte offset where the torn tail starts
+    end_of_stream: bool  # sealed, or a stream the writer closed cleanly
+    file_size: int
+    batch_count: int
+    _buf: pa.Buffer = field(repr=False)
+    _stream_start: int = field(repr=False)  # where the IPC stream begins inside the file
+    _stream_end: int = field(repr=False)  # end of the last complete batch
+
+    @property
+    def state(self) -> str:
+        """One phrase for humans: sealed, cleanly closed stream, recovered, or still open."""
+        if self.sealed:
+            return "sealed"
+        if self.torn_tail:
+            return f"recovered: torn tail at byte {self.torn_offset} ({self.file_size - (self.torn_offset or 0)} bytes ignored)"
+        if self.end_of_stream:
+            return "unsealed stream, closed cleanly (sealing did not happen)"
+        return "unsealed stream, no end marker (writer killed between batches, or still recording)"
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Every complete record batch, in seq order."""
+        if self.sealed:
+            reader = ipc.open_file(self._buf)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        stream = ipc.open_stream(pa.BufferReader(self._buf.slice(self._stream_start, self._stream_end - self._stream_start)))
+        while True:
+            try:
+                yield stream.read_next_batch()
+            except StopIteration:
+                return
+
+    def table(self) -> pa.Table:
+        """All complete events as one pyarrow Table (chunks = batches)."""
+        return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
+    def lazy(self) -> pl.LazyFrame:
+        """A Polars LazyFrame; sealed traces are scanned lazily from disk, streams are read first."""
+        if self.sealed:
+            return pl.scan_ipc(self.path)
+        return pl.from_arrow(self.table()).lazy()  # type: ignore[union-attr]
+
+
+def open_trace(path: str | os.PathLike[str]) -> Trace:
+    """Open ``path`` as a vsmtrace trace; raise ``TraceFormatError`` (one line) if it is not one."""
+    p = Path(path)
+    label = str(p)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise TraceFormatError(f"{label}: no such file") from None
+    except OSError as e:
+        raise TraceFormatError(f"{label}: cannot access: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise TraceFormatError(f"{label}: is a directory, not a trace file")
+    if not stat.S_ISREG(st.st_mode):
+        raise TraceFormatError(f"{label}: not a regular file")
+    if st.st_size == 0:
+        raise TraceFormatError(f"{label}: empty file (0 bytes); recording never started")
+    try:
+        buf = pa.memory_map(label, "r").read_buffer()
+    except (OSError, pa.ArrowException) as e:
+        raise TraceFormatError(f"{label}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+    size = buf.size
+    head = buf.slice(0, 8).to_pybytes()
+    if head.startswith(FILE_MAGIC):
+        try:
+            reader = ipc.open_file(buf)
+            schema = reader.schema
+            nbatches = reader.num_record_batches
+        except (pa.ArrowException, OSError, ValueError):
+            # A sealed file cut short (e.g. a partial copy): its body is still a stream after the 8-byte magic.
+            if size <= 8:
+                raise TraceFormatError(f"{label}: truncated Arrow IPC file ({size} bytes)") from None
+            scan = scan_stream(buf.slice(8), label, base=8)
+            md = parse_metadata(scan.schema, label)
+            return Trace(p, md, scan.schema, False, True, scan.data_end, False, size, scan.batches, buf, 8, scan.data_end)
+        md = parse_metadata(schema, label)
+        return Trace(p, md, schema, True, False, None, True, size, nbatches, buf, 0, size)
+    if head[:4] != CONTINUATION:
+        if size < 8 and CONTINUATION.startswith(head[:4]):
+            raise TraceFormatError(f"{label}: truncated before the schema ({size} bytes)")
+        raise TraceFormatError(f"{label}: not an Arrow IPC trace (foreign file starting with {head!r})")
+    scan = scan_stream(buf, label)
+    md = parse_metadata(scan.schema, label)
+    return Trace(
+        p, md, scan.schema, False, scan.torn_offset is not None, scan.torn_offset, scan.end_of_stream, size, scan.batches, buf, 0, scan.data_end
+    )

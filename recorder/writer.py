@@ -1,0 +1,548 @@
+"""TraceWriter: the recorder's EventSink. Cheap to call from VP threads, safe to kill.
+
+Hot path: ``emit`` validates field names against the schema (a typo must not drop
+data silently), then appends one tuple to a pending list under a lock; the lock
+also makes the row's position its sequence number and keeps ``time_ns`` monotonic
+in ``seq`` order. No Arrow object is built per event.
+
+A background flusher turns pending rows into one compressed record batch when
+``batch_rows`` rows are pending or the oldest pending row is ``max_age_s / 2`` old,
+serialises it to memory and hands it to the kernel with one ``write`` call. A
+process killed at any moment therefore leaves an Arrow IPC stream whose complete
+batches are all readable (see ``recorder.reader``).
+
+``close()`` flushes, ends the stream, then *seals* it: the stream is rewritten as an
+Arrow IPC file (coalesced batches, final dictionaries, footer) into ``PATH.sealing``
+and atomically renamed over ``PATH``. A crash during sealing leaves the complete
+stream at ``PATH``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from recorder.errors import TraceError
+from recorder.metadata import build_metadata
+from recorder.reader import open_trace
+from recorder.schema import (
+    COLUMNS,
+    COMMON_COLUMNS,
+    FIELD_COLUMNS,
+    KIND_DICTIONARY,
+    KIND_FIELDS,
+    METADATA_KEY,
+    Column,
+    arrow_schema,
+)
+from vmm.events import EventKind
+
+_KIND_BY_VALUE = {k.value: k for k in EventKind}
+
+
+@dataclass
+class WriterStats:
+    """Counters for the bench, ``vsmtrace record`` summaries and tests."""
+
+    events: int = 0  # accepted by emit (= next seq)
+    dropped: int = 0  # emitted after recording stopped on an error
+    batches: int = 0  # record batches written (excluding the initial empty one)
+    flushed_events: int = 0  # events whose batch has been handed to the kernel
+    bytes_written: int = 0
+    value_errors: int = 0  # field values that did not fit their column (stored as null)
+    first_value_error: str | None = None
+    max_flush_lag_s: float = 0.0  # worst age of an event when its batch reached the kernel
+    seal_seconds: float = 0.0
+
+
+class _ByteSink:
+    """File-like target for pyarrow's stream writer: collects one batch's bytes in memory."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def write(self, data: Any) -> int:
+        self.buf += data
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+    def take(self) -> bytes:
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+
+class _Dictionary:
+    """An append-only string dictionary: indices stay valid, so batches only ever grow it."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.values: list[str] = []
+
+    def code(self, value: str) -> int:
+        i = self.index.get(value)
+        if i is None:
+            if not isinstance(value, str):
+                raise TypeError(f"expected str, got {type(value).__name__}")
+            i = self.index[value] = len(self.values)
+            self.values.append(value)
+        return i
+
+    def array(self) -> pa.Array:
+        return pa.array(self.values, pa.string())
+
+
+def _coerce(col: Column, value: Any) -> Any:
+    """Lenient per-cell conversion used only when a whole-column conversion failed."""
+    t = col.type
+    if pa.types.is_boolean(t):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise TypeError(f"expected bool, got {value!r}")
+    if pa.types.is_integer(t):
+        if isinstance(value, bool) or isinstance(value, float):
+            raise TypeError(f"expected int, got {value!r}")
+        return int(value.__index__())
+    if pa.types.is_binary(t):
+        return bytes(memoryview(value))
+    if pa.types.is_string(t):
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected str, got {type(value).__name__}")
+    return value
+
+
+class TraceWriter:
+    """Record events into an Arrow IPC trace at ``path``; implements ``vmm.events.EventSink``.
+
+    Raises ``TraceError`` right away if the destination cannot be written, so the VMM
+    can refuse to start the guest. A write error later (e.g. ENOSPC) stops recording:
+    ``enabled`` turns False, ``error`` holds a ``TraceError``, ``on_error`` is called
+    once, and what was recorded so far stays readable.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        batch_rows: int = 65536,
+        max_age_s: float = 0.2,
+        compression: str | None = "zstd",
+        compression_level: int | None = None,
+        on_error: Callable[[TraceError], None] | None = None,
+        seal: bool = True,
+        min_free_bytes: int = 16 << 20,
+        fsync_on_close: bool = True,
+    ) -> None:
+        if batch_rows < 1 or max_age_s <= 0:
+            raise ValueError("batch_rows must be >= 1 and max_age_s > 0")
+        self.path = Path(path)
+        self.batch_rows = batch_rows
+        self.max_age_s = max_age_s
+        self.on_error = on_error
+        self.seal = seal
+        self.fsync_on_close = fsync_on_close
+        self.enabled = True
+        self.error: TraceError | None = None
+        self.sealed = False
+        self.seal_error: str | None = None
+        self.stats = WriterStats()
+
+        self._t0 = time.monotonic_ns()
+        self.metadata = build_metadata(metadata, self._t0)
+        self.schema = arrow_schema(self.metadata)
+        self._lock = threading.Lock()  # guards _rows, _closing, stats.events
+        self._write_lock = threading.Lock()  # serialises batch building and writing
+        self._wake = threading.Event()
+        self._rows: list[tuple[int, Any, Any, Any, Any, dict[str, Any]]] = []
+        self._closing = False
+        self._closed = False
+        self._next_seq = 0
+        self._max_pending = batch_rows * 4
+        self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
+        self._fd = -1
+        self._offset = 0
+
+        self._check_destination(min_free_bytes)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise TraceError(f"cannot create trace {self.path}: {e.strerror}") from None
+        self._sink = _ByteSink()
+        codec = None if compression is None else pa.Codec(compression, compression_level)
+        self._ipc = ipc.new_stream(
+            self._sink, self.schema, options=ipc.IpcWriteOptions(compression=codec, emit_dictionary_deltas=True)
+        )
+        # Write the schema (and empty dictionaries) now: proves the file is writable before
+        # the guest starts, and makes even an event-less trace a valid, self-describing file.
+        self._ipc.write_batch(self._build_batch([], 0))
+        try:
+            self._write_out(self._sink.take())
+        except OSError as e:
+            os.close(self._fd)
+            self._fd = -1
+            raise TraceError(f"cannot write trace {self.path}: {e.strerror}") from None
+        self._thread = threading.Thread(target=self._flusher, name=f"trace-flusher:{self.path.name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> TraceWriter:
+        """Alias of the constructor that reads well at call sites: ``TraceWriter.open(path, md)``."""
+        return cls(path, metadata, **kwargs)
+
+    def _check_destination(self, min_free_bytes: int) -> None:
+        parent = self.path.parent
+        if not parent.exists():
+            raise TraceError(f"cannot record to {self.path}: directory {parent} does not exist")
+        if not parent.is_dir():
+            raise TraceError(f"cannot record to {self.path}: {parent} is not a directory")
+        if self.path.is_dir():
+            raise TraceError(f"cannot record to {self.path}: it is a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TraceError(f"cannot record to {self.path}: directory {parent} is not writable")
+        try:
+            st = os.statvfs(parent)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < min_free_bytes:
+            raise TraceError(
+                f"cannot record to {self.path}: only {free >> 20} MiB free on its filesystem (need {min_free_bytes >> 20} MiB)"
+            )
+
+    # ------------------------------------------------------------------ hot path
+
+    def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> None:
+        """Record one event. Unknown kinds or field names raise ``TypeError`` at the call site."""
+        if not self.enabled:
+            if self.error is not None:
+                self.stats.dropped += 1
+            return
+        allowed = KIND_FIELDS.get(kind)  # type: ignore[call-overload]
+        if allowed is None or (fields and not fields.keys() <= allowed.keys()):
+            self._reject(kind, fields)
+        with self._lock:
+            if self._closing:
+                return
+            rows = self._rows
+            rows.append((time.monotonic_ns(), kind, vp, vtl, rip, fields))
+            self.stats.events += 1
+            n = len(rows)
+        if n >= self.batch_rows:
+            self._wake.set()
+            if n >= self._max_pending:
+                self._flush_pending()  # backpressure: the emitting thread pays for the backlog
+
+    @staticmethod
+    def _reject(kind: Any, fields: Mapping[str, Any]) -> None:
+        k = _KIND_BY_VALUE.get(kind) if isinstance(kind, int) else None
+        if k is None:
+            raise TypeError(f"emit: unknown event kind {kind!r}")
+        bad = sorted(set(fields) - KIND_FIELDS[k].keys())
+        raise TypeError(f"emit({k.name}): unknown field(s) {', '.join(bad)}; allowed: {', '.join(sorted(KIND_FIELDS[k]))}")
+
+    # ------------------------------------------------------------------ flushing
+
+    def _flusher(self) -> None:
+        """Background loop: flush on size or age; poll every max_age/4 while idle."""
+        half = self.max_age_s / 2
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                n = len(self._rows)
+                oldest = self._rows[0][0] if n else 0
+            if n:
+                age = (time.monotonic_ns() - oldest) / 1e9
+                if n >= self.batch_rows or age >= half:
+                    self._flush_pending()
+                    continue
+                timeout = half - age
+            else:
+                timeout = self.max_age_s / 4
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _flush_pending(self) -> None:
+        """Take every pending row and write it as batches of at most ``batch_rows``."""
+        with self._write_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+                base = self._next_seq
+                self._next_seq += len(rows)
+            if not rows or self.error is not None or self._fd < 0:
+                return
+            try:
+                for start in range(0, len(rows), self.batch_rows):
+                    chunk = rows[start : start + self.batch_rows]
+                    self._ipc.write_batch(self._build_batch(chunk, base + start))
+                    self._write_out(self._sink.take())
+                    now = time.monotonic_ns()
+                    self.stats.batches += 1
+                    self.stats.flushed_events += len(chunk)
+                    lag = (now - chunk[0][0]) / 1e9
+                    if lag > self.stats.max_flush_lag_s:
+                        self.stats.max_flush_lag_s = lag
+            except OSError as e:
+                self._fail(e)
+            except Exception as e:  # a recorder bug must stop recording, not kill the VP thread
+                self._fail(e)
+
+    def _write_out(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            if n <= 0:
+                raise OSError(errno.EIO, "short write")
+            self._offset += n
+            self.stats.bytes_written += n
+            view = view[n:]
+
+    def _fail(self, exc: BaseException) -> None:
+        """Stop recording after a write error; keep what is on disk; tell the VMM once."""
+        if isinstance(exc, OSError):
+            what = f"[Errno {exc.errno}] {exc.strerror}"
+        else:
+            what = f"{type(exc).__name__}: {exc}"
+        self.error = TraceError(
+            f"trace recording stopped: writing {self.path} failed after {self.stats.flushed_events} events: {what}"
+        )
+        self.enabled = False
+        with self._lock:
+            self._rows = []
+        if self.on_error is not None:
+            try:
+                self.on_error(self.error)
+            except Exception:
+                pass
+
+    def _build_batch(self, rows: list[tuple[int, Any, Any, Any, Any, dict[str, Any]]], base_seq: int) -> pa.RecordBatch:
+        """Transpose pending rows into typed Arrow columns (runs on the flusher thread)."""
+        n = len(rows)
+        arrays: dict[str, pa.Array] = {}
+        arrays["seq"] = pa.array(range(base_seq, base_seq + n), pa.uint64()) if n else pa.array([], pa.uint64())
+        if n:
+            ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
+        else:
+            ts = kinds = vps = vtls = rips = fds = ()
+        cols = {c.name: c for c in COMMON_COLUMNS}
+        arrays["time_ns"] = pc.subtract(pa.array(ts, pa.int64()), pa.scalar(self._t0, pa.int64()))
+        arrays["vp"] = self._to_array(cols["vp"], list(vps), base_seq)
+        arrays["vtl"] = self._to_array(cols["vtl"], list(vtls), base_seq)
+        arrays["rip"] = self._to_array(cols["rip"], list(rips), base_seq)
+        kind_idx = pc.subtract(pa.array(kinds, pa.int8()), pa.scalar(1, pa.int8()))
+        arrays["kind"] = pa.DictionaryArray.from_arrays(kind_idx, KIND_DICTIONARY)
+
+        cells: dict[str, list[tuple[int, Any]]] = {}
+        for i, f in enumerate(fds):
+            if f:
+                colmap = KIND_FIELDS[kinds[i]]
+                for name, value in f.items():
+                    if value is not None:
+                        col = colmap[name]
+                        lst = cells.get(col)
+                        if lst is None:
+                            lst = cells[col] = []
+                        lst.append((i, value))
+        for c in FIELD_COLUMNS:
+            present = cells.get(c.name)
+            if c.is_dictionary:
+                d = self._dicts[c.name]
+                full: list[Any] = [None] * n
+                for i, v in present or ():
+                    try:
+                        full[i] = d.code(v)
+                    except TypeError as e:
+                        self._value_error(c, base_seq + i, v, e)
+                arrays[c.name] = pa.DictionaryArray.from_arrays(pa.array(full, c.type.index_type), d.array())
+            elif not present:
+                arrays[c.name] = pa.nulls(n, c.type)
+            else:
+                full = [None] * n
+                if c.name == "detail":
+                    for i, v in present:
+                        full[i] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+                else:
+                    for i, v in present:
+                        full[i] = v
+                arrays[c.name] = self._to_array(c, full, base_seq)
+        return pa.RecordBatch.from_arrays([arrays[c.name] for c in COLUMNS], schema=self.schema)
+
+    def _to_array(self, col: Column, values: list[Any], base_seq: int) -> pa.Array:
+        """Whole-column conversion; on failure, convert cell by cell and null what does not fit."""
+        try:
+            return pa.array(values, col.type)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            pass
+        fixed: list[Any] = []
+        for i, v in enumerate(values):
+            if v is None:
+                fixed.append(None)
+                continue
+            try:
+                cv = _coerce(col, v)
+                pa.array([cv], col.type)
+                fixed.append(cv)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError) as e:
+                self._value_error(col, base_seq + i, v, e)
+                fixed.append(None)
+        return pa.array(fixed, col.type)
+
+    def _value_error(self, col: Column, seq: int, value: Any, exc: BaseException) -> None:
+        self.stats.value_errors += 1
+        if self.stats.first_value_error is None:
+            self.stats.first_value_error = f"seq {seq} column {col.name} ({col.type}): bad value {value!r}: {exc}"
+
+    # ------------------------------------------------------------------ closing
+
+    def flush(self) -> None:
+        """Write everything pending now (tests, and the VMM before a guest-visible stop)."""
+        self._flush_pending()
+
+    def close(self) -> None:
+        """Flush, end the stream and seal it into an IPC file. Idempotent; later emits are no-ops."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._closing = True
+        self.enabled = False
+        self._wake.set()
+        self._thread.join()
+        self._flush_pending()  # rows appended before _closing was set
+        ok = self.error is None
+        with self._write_lock:
+            if ok:
+                try:
+                    self._ipc.close()  # writes the end-of-stream marker into the sink
+                    self._write_out(self._sink.take())
+                    if self.fsync_on_close:
+                        os.fsync(self._fd)
+                except OSError as e:
+                    self._fail(e)
+                    ok = False
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+        if ok and self.seal:
+            t = time.perf_counter()
+            try:
+                seal_trace(self.path, extra={"summary": self._summary()}, fsync=self.fsync_on_close)
+                self.sealed = True
+            except (OSError, pa.ArrowException, TraceError) as e:
+                self.seal_error = f"sealing {self.path} failed, left as stream: {e}"
+            self.stats.seal_seconds = time.perf_counter() - t
+
+    def _summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "events": s.flushed_events,
+            "dropped": s.dropped,
+            "value_errors": s.value_errors,
+            "first_value_error": s.first_value_error,
+            "end_time_ns": time.monotonic_ns() - self._t0,
+            "max_flush_lag_s": round(s.max_flush_lag_s, 6),
+        }
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def seal_trace(
+    path: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    target_rows: int = 65536,
+    compression: str = "zstd",
+    fsync: bool = True,
+) -> None:
+    """Rewrite the stream at ``path`` as an IPC file (what ``scan_ipc`` wants), atomically.
+
+    Batches are coalesced to about ``target_rows`` rows and every dictionary column is
+    given its final dictionary: the IPC file format allows one dictionary per column,
+    and the writer's dictionaries are append-only, so old indices stay valid.
+    Also usable on a recovered (killed) trace to make it scannable.
+    """
+    p = Path(path)
+    trace = open_trace(p)
+    if trace.sealed:
+        return
+    batches = list(trace.batches())
+    schema = trace.schema
+    dict_cols = [i for i, f in enumerate(schema) if pa.types.is_dictionary(f.type)]
+    final: dict[int, pa.Array] = {}
+    for i in dict_cols:
+        longest: pa.Array = pa.array([], pa.string())
+        for b in batches:
+            d = b.column(i).dictionary
+            if len(d) > len(longest):
+                longest = d
+        final[i] = longest
+    md = dict(trace.metadata)
+    md["sealed"] = True
+    if extra:
+        md.update(extra)
+    out_schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: json.dumps(md, sort_keys=True).encode()})
+    tmp = p.with_name(p.name + ".sealing")
+    options = ipc.IpcWriteOptions(compression=compression)
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, out_schema, options=options) as w:
+            group: list[pa.RecordBatch] = []
+            rows = 0
+            for b in batches:
+                if b.num_rows == 0:
+                    continue
+                cols = list(b.columns)
+                for i in dict_cols:
+                    cols[i] = pa.DictionaryArray.from_arrays(cols[i].indices, final[i])
+                group.append(pa.RecordBatch.from_arrays(cols, schema=out_schema))
+                rows += b.num_rows
+                if rows >= target_rows:
+                    _write_group(w, group, out_schema)
+                    group, rows = [], 0
+            if group:
+                _write_group(w, group, out_schema)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        dfd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _write_group(w: ipc.RecordBatchFileWriter, group: list[pa.RecordBatch], schema: pa.Schema) -> None:
+    table = pa.Table.from_batches(group, schema=schema).combine_chunks()
+    for b in table.to_batches():
+        w.write_batch(b)
+
