@@ -95,5 +95,23 @@ def run(
     sys.exit(status)
 
 
+@main.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+def info(trace_path: Path) -> None:
+    """Summarise TRACE: metadata, events per kind, time span, size, sealed or recovered."""
+    import pyarrow as pa
+
+    from recorder.errors import TraceError
+    from recorder.info import format_info, summarize
+
+    try:
+        summary = summarize(trace_path)
+    except TraceError as exc:
+        fail(str(exc))
+    except (pa.ArrowException, OSError, ValueError) as exc:  # never a pyarrow traceback
+        fail(f"{trace_path}: unreadable trace: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    click.echo(format_info(summary))
+
+
 if __name__ == "__main__":
     main()
