@@ -160,6 +160,10 @@ NORETURN void runtime_start(void);
 void runtime_start(void)
 {
     idt_load();
+    /* Mask both 8259 PICs: under QEMU the BIOS left IRQ0 (PIT) routed as vector 8,
+     * which would look like a #DF as soon as a test enables interrupts. */
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
     int rc = kmain(boot_magic, boot_mbi);
     qemu_exit((uint32_t)rc);
 }
