@@ -1,0 +1,30 @@
+"""Hyper-V emulation (everything a Hyper-V-aware guest uses except VSM).
+
+Entry point: :class:`vmm.hyperv.facade.HyperV` (see its module docstring for the interface
+the machine uses). Constants and layouts: :mod:`vmm.hyperv.hvdef`.
+"""
+
+from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
+from vmm.hyperv.errors import GpFault, GuestCrash, GuestCrashReport, GuestResetRequest
+from vmm.hyperv.facade import HyperV, TlbFlusher
+from vmm.hyperv.hypercall import HypercallOutcome
+from vmm.hyperv.msrs import ApicAccess
+from vmm.hyperv.reference_time import ReferenceClock, TscPageParams
+from vmm.hyperv.stimer import ManualTimerService, TimerService
+
+__all__ = [
+    "ApicAccess",
+    "GpFault",
+    "GuestCrash",
+    "GuestCrashReport",
+    "GuestResetRequest",
+    "HyperV",
+    "HypercallOutcome",
+    "HypervPolicy",
+    "ManualTimerService",
+    "ReferenceClock",
+    "TimerService",
+    "TlbFlusher",
+    "TscPageParams",
+    "hyperv_cpuid_leaves",
+]

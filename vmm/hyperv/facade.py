@@ -1,0 +1,228 @@
+"""``HyperV``: the Hyper-V layer of one partition, as the machine sees it.
+
+Construction (the machine, once per partition)::
+
+    hv = HyperV(partition, policy, timers=..., apic=..., tlb=..., sink=...,
+                tsc_page=clock.tsc_page_params, tsc_frequency_hz=..., apic_frequency_hz=...)
+
+Calls from the run loop (all thread-safe; one partition lock serializes them with
+timer callbacks):
+
+* ``cpuid_leaves() -> list[(leaf, subleaf, eax, ebx, ecx, edx)]`` - add to the VP's CPUID
+  table (and set CPUID.1:ECX[31] iff ``policy.enabled``).
+* ``handles_msr(msr) -> bool`` - route RDMSR/WRMSR of this index here.
+* ``msr_read(vp, vtl, msr) -> int`` / ``msr_write(vp, vtl, msr, value)`` - may raise
+  ``GpFault`` (inject #GP, do not complete), ``GuestCrash`` (show ``report.describe()``,
+  stop with non-zero status), ``GuestResetRequest``.
+* ``port_is_trap(port) -> bool`` - an OUT to this port is a hypercall; then call
+  ``hypercall(vp, vtl) -> HypercallOutcome`` (registers are read and written through the VP
+  interface; if ``outcome.retry`` the guest must re-execute the OUT; if ``outcome.exception``
+  it was already queued with ``VpAccess.inject_exception``; ``outcome.vtl_action`` is the
+  VSM hook's result).
+* ``on_apic_eoi(vp, vtl)`` - after any guest EOI at that VTL's APIC (SynIC rescans queues).
+* ``is_auto_eoi(vp, vtl, vector) -> bool`` - the APIC asks when it accepts a vector; True
+  means "do not set ISR" (auto-EOI SINT).
+
+Services for the VSM stage: ``synic(vp, vtl)``, ``stimers(vp, vtl)``, ``msrs(vp, vtl)``,
+``vp_assist_page_gpa(vp, vtl)``, ``hypercall_page_enabled(vtl)``,
+``dispatcher.register(spec)`` / ``dispatcher.set_vtl_hook(hook)``, ``post_intercept(...)``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmm.events import EventKind, EventSink, NullSink
+from vmm.hyperv.connections import Connections
+from vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leaves
+from vmm.hyperv.errors import GpFault, GuestCrash
+from vmm.hyperv.handlers import register_default_handlers
+from vmm.hyperv.hvdef import (
+    HV_HYPERCALL_TRAP_PORT,
+    HV_PAGE_MASK,
+    HV_SYNIC_INTERCEPTION_SINT_INDEX,
+    HV_X64_MSR_RANGE_FIRST,
+    HV_X64_MSR_RANGE_LAST,
+    VSMTRACE_PARTITION_ID,
+    HvMessage,
+    HvStatus,
+)
+from vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
+from vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
+from vmm.hyperv.reference_time import TscPageParams
+from vmm.hyperv.stimer import SyntheticTimers, TimerService
+from vmm.hyperv.synic import Synic
+from vmm.hyperv.vtl_array import VtlArray
+from vmm.vp import PartitionAccess
+
+
+class TlbFlusher(Protocol):
+    """Machine service: after ``flush_vps`` returns no listed VP at ``vtl`` uses a stale translation."""
+
+    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None: ...
+
+
+@dataclass
+class VpVtlState:
+    """Everything Hyper-V keeps for one VP at one VTL."""
+
+    synic: Synic
+    stimers: SyntheticTimers
+    msrs: SyntheticMsrs
+
+
+class HyperV:
+    """Owns SynICs, timers, MSRs and hypercall dispatch for every (VP, VTL) of a partition."""
+
+    def __init__(
+        self,
+        partition: PartitionAccess,
+        policy: HypervPolicy,
+        *,
+        timers: TimerService,
+        apic: ApicAccess,
+        tlb: TlbFlusher,
+        sink: EventSink | None = None,
+        tsc_page: Callable[[], TscPageParams | None] | None = None,
+        tsc_frequency_hz: int | None = None,
+        apic_frequency_hz: int | None = None,
+        connections: Connections | None = None,
+        partition_id: int = VSMTRACE_PARTITION_ID,
+        vtl_count: int | None = None,
+    ) -> None:
+        self.partition = partition
+        self.policy = policy.normalized()
+        self.sink: EventSink = sink or NullSink()
+        self.tlb = tlb
+        self.apic = apic
+        self.partition_id = partition_id
+        self.connections = connections if connections is not None else Connections.with_loopback()
+        self.vp_count = partition.vp_count
+        self.vtl_count = vtl_count or self.policy.vtl_count
+        self.lock = threading.RLock()
+        self.on_long_spin_wait: Callable[[int, int], None] | None = None
+        self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
+        self._vtl_msrs = [VtlPartitionMsrs() for _ in range(self.vtl_count)]
+        self._env = MsrEnvironment(
+            partition=partition,
+            policy=self.policy,
+            apic=apic,
+            vtl_msrs=self._vtl_msrs,
+            crash=CrashMsrs(),
+            tsc_page=tsc_page or (lambda: None),
+            tsc_frequency_hz=tsc_frequency_hz,
+            apic_frequency_hz=apic_frequency_hz,
+        )
+        self._vps: list[VtlArray[VpVtlState]] = [
+            VtlArray(self.vtl_count, lambda vtl, vp=vp: self._make_vp_vtl(vp, vtl, timers))
+            for vp in range(self.vp_count)
+        ]
+        if self.policy.enabled:
+            register_default_handlers(self)
+
+    def _make_vp_vtl(self, vp: int, vtl: int, timers: TimerService) -> VpVtlState:
+        synic = Synic(self.partition, vp, vtl, self.sink)
+        stimers = SyntheticTimers(
+            self.partition, vp, vtl, synic, timers, self.sink, self.lock, direct_mode_allowed=self.policy.stimer_direct
+        )
+        return VpVtlState(synic, stimers, SyntheticMsrs(self._env, vp, vtl, synic, stimers))
+
+    # -- per (VP, VTL) accessors ------------------------------------------------------------
+
+    def state(self, vp: int, vtl: int) -> VpVtlState:
+        return self._vps[vp][vtl]
+
+    def synic(self, vp: int, vtl: int) -> Synic:
+        return self._vps[vp][vtl].synic
+
+    def stimers(self, vp: int, vtl: int) -> SyntheticTimers:
+        return self._vps[vp][vtl].stimers
+
+    def msrs(self, vp: int, vtl: int) -> SyntheticMsrs:
+        return self._vps[vp][vtl].msrs
+
+    def vtl_msrs(self, vtl: int) -> VtlPartitionMsrs:
+        return self._vtl_msrs[vtl]
+
+    def hypercall_page_enabled(self, vtl: int) -> bool:
+        return self._vtl_msrs[vtl].hypercall_enabled
+
+    def vp_assist_page_gpa(self, vp: int, vtl: int) -> int | None:
+        msrs = self.msrs(vp, vtl)
+        return msrs.vp_assist_page & HV_PAGE_MASK if msrs.vp_assist_enabled else None
+
+    def vp_index_from_apic_id(self, apic_id: int) -> int | None:
+        """APIC ID → VP index. In this VMM APIC ID == VP index; kept as a method so it can change."""
+        return apic_id if 0 <= apic_id < self.vp_count else None
+
+    # -- CPUID -------------------------------------------------------------------------------
+
+    def cpuid_leaves(self) -> list[CpuidLeaf]:
+        return hyperv_cpuid_leaves(self.policy, self.vp_count)
+
+    # -- MSRs --------------------------------------------------------------------------------
+
+    def handles_msr(self, msr: int) -> bool:
+        return self.policy.enabled and HV_X64_MSR_RANGE_FIRST <= msr <= HV_X64_MSR_RANGE_LAST
+
+    def msr_read(self, vp: int, vtl: int, msr: int) -> int:
+        with self.lock:
+            try:
+                value = self.msrs(vp, vtl).read(msr)
+            except GpFault:
+                self._emit_msr(vp, vtl, msr, 0, is_write=False, fault=True)
+                raise
+            self._emit_msr(vp, vtl, msr, value, is_write=False, fault=False)
+            return value
+
+    def msr_write(self, vp: int, vtl: int, msr: int, value: int) -> None:
+        with self.lock:
+            try:
+                self.msrs(vp, vtl).write(msr, value)
+            except GpFault:
+                self._emit_msr(vp, vtl, msr, value, is_write=True, fault=True)
+                raise
+            except GuestCrash:
+                self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
+                raise
+            self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
+
+    def _emit_msr(self, vp: int, vtl: int, msr: int, value: int, *, is_write: bool, fault: bool) -> None:
+        if not self.sink.enabled:
+            return
+        rip = int(self.partition.vp(vp).get_register(vtl, "rip"))  # type: ignore[arg-type]
+        self.sink.emit(EventKind.MSR, vp, vtl, rip, msr=msr, value=value, is_write=is_write, fault=fault)
+
+    # -- hypercalls --------------------------------------------------------------------------
+
+    def port_is_trap(self, port: int) -> bool:
+        return self.policy.enabled and self.policy.hypercalls and port == HV_HYPERCALL_TRAP_PORT
+
+    def hypercall(self, vp: int, vtl: int) -> HypercallOutcome:
+        with self.lock:
+            return self.dispatcher.dispatch(vp, vtl, page_enabled=self.hypercall_page_enabled(vtl))
+
+    # -- interrupts --------------------------------------------------------------------------
+
+    def on_apic_eoi(self, vp: int, vtl: int) -> None:
+        with self.lock:
+            self.synic(vp, vtl).on_eoi()
+
+    def is_auto_eoi(self, vp: int, vtl: int, vector: int) -> bool:
+        with self.lock:
+            return self.synic(vp, vtl).is_auto_eoi(vector)
+
+    def post_intercept(self, vp: int, vtl: int, message: HvMessage) -> HvStatus:
+        """Queue a hypervisor (intercept) message to SINT0 of (vp, vtl) - used by VSM."""
+        with self.lock:
+            return self.synic(vp, vtl).post(HV_SYNIC_INTERCEPTION_SINT_INDEX, message)
+
+    def shutdown(self) -> None:
+        """Cancel every armed synthetic timer."""
+        with self.lock:
+            for per_vtl in self._vps:
+                for state in per_vtl:
+                    state.stimers.cancel_all()

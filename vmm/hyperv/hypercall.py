@@ -1,0 +1,504 @@
+"""Hypercall ABI decoding and dispatch (the part OpenVMM calls ``hv1_hypercall``).
+
+Only the calling convention lives here; what a call *does* is a handler registered in one
+table keyed by :class:`~vmm.hyperv.hvdef.HypercallCode`. For every call the dispatcher:
+
+1. checks the caller's mode: real mode or CPL > 0 → #UD (``VpAccess.inject_exception``);
+   a VTL whose hypercall page is not enabled → #UD.
+2. decodes the input value (x64: RCX; x86: EDX:EAX): unknown or unadvertised code →
+   INVALID_HYPERCALL_CODE; missing privilege → ACCESS_DENIED; reserved/nested bits, a rep
+   count on a simple call, a zero rep count or rep start >= rep count on a rep call, or a
+   variable header on a call without one → INVALID_HYPERCALL_INPUT.
+3. gathers input. Memory calls: input GPA (RDX / EBX:ECX) and output GPA (R8 / EDI:ESI)
+   must be 8-byte aligned, must not cross a page and must not overlap →
+   INVALID_ALIGNMENT. Input is read through ``PartitionAccess.read_gpa(caller_vtl, ...)`` and
+   the output range is probed with ``Access.WRITE`` *before* the handler runs; a
+   ``VtlAccessDenied`` becomes ACCESS_DENIED (so a lower VTL cannot use a hypercall as a
+   confused deputy), a GPA outside RAM INVALID_ALIGNMENT. Fast calls: the same byte layout
+   is taken from register pairs (RDX:R8, then XMM0..XMM5, low qword first); more than 16
+   bytes needs XMM fast input (#UD if not advertised), more than 112 →
+   INVALID_HYPERCALL_INPUT. Output of a fast call goes to the pairs after the input
+   (``ceil(in/16)``), which needs XMM fast output (#UD if not advertised). 32-bit callers
+   have a single pair (EBX:ECX, EDI:ESI) and no XMM.
+4. calls the handler with a :class:`HypercallInput` (fixed header, variable header, the rep
+   elements from rep start on) and writes its :class:`HypercallResult`: simple output, or rep
+   output elements at their absolute positions; result value = status | reps completed << 32
+   in RAX (EDX:EAX). A rep handler that stops early with SUCCESS is continued the TLFS way:
+   RCX gets the new rep start, RAX is untouched and ``HypercallOutcome.retry`` tells the
+   machine not to advance RIP (re-execute the trapping ``out``).
+5. emits one HYPERCALL event (fields: code, name, control, fast, rep_count, rep_start,
+   reps_done, status, status_name, input, output, regs_in, regs_out). ``regs_in``/``regs_out``
+   are the little-endian concatenation of every register read/written, in order (8 bytes per
+   GPR, 16 per XMM). ``status`` is -1 when no result was written (#UD, VTL call/return).
+
+VTL call and VTL return (0x11/0x12) do not return a result (RAX is shared state): they go
+to the hook installed with :meth:`HypercallDispatcher.set_vtl_hook` (the VSM stage). Without
+a hook they are unknown codes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmm.events import EventKind, EventSink
+from vmm.hyperv.cpuid import HypervPolicy
+from vmm.hyperv.hvdef import (
+    HV_HYPERCALL_ALIGNMENT,
+    HV_PAGE_SIZE,
+    HV_X64_FAST_INPUT_MAX,
+    HV_X64_REGISTER_PAIR_SIZE,
+    HV_X86_FAST_INPUT_MAX,
+    HvPartitionPrivilege,
+    HvStatus,
+    HypercallCode,
+    HypercallControl,
+    X86Exception,
+    hypercall_result,
+)
+from vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
+
+_U32 = 0xFFFF_FFFF
+_U64 = (1 << 64) - 1
+_QWORD = 8
+NO_STATUS = -1  # HYPERCALL event status when no result value was written
+
+
+@dataclass
+class HypercallInput:
+    """A decoded hypercall as a handler sees it."""
+
+    vp: int
+    vtl: int
+    code: HypercallCode
+    control: int
+    fast: bool
+    header: bytes
+    var_header: bytes
+    rep_start: int
+    rep_count: int
+    rep_elements: list[bytes]
+    is_64bit: bool
+
+    @property
+    def is_rep(self) -> bool:
+        return self.rep_count > 0
+
+
+@dataclass
+class HypercallResult:
+    """A handler's answer.
+
+    ``rep_outputs[j]`` is the output of element ``rep_start + j``. ``reps_done`` is absolute;
+    if omitted it is ``rep_count`` on success and ``rep_start + len(rep_outputs)`` on failure.
+    """
+
+    status: HvStatus = HvStatus.HV_STATUS_SUCCESS
+    output: bytes = b""
+    rep_outputs: list[bytes] = field(default_factory=list)
+    reps_done: int | None = None
+
+
+Handler = Callable[[HypercallInput], HypercallResult]
+
+
+@dataclass(frozen=True)
+class HypercallSpec:
+    """How to decode one call: sizes, kind, gating; and the handler that implements it."""
+
+    code: HypercallCode
+    handler: Handler
+    input_size: int = 0
+    output_size: int = 0
+    rep: bool = False
+    rep_input_size: int = 0
+    rep_output_size: int = 0
+    variable_header: bool = False
+    privilege: HvPartitionPrivilege | None = None
+    advertised: Callable[[HypervPolicy], bool] = lambda policy: True
+
+
+@dataclass
+class VtlCallRequest:
+    """What the VSM hook gets for HvCallVtlCall / HvCallVtlReturn."""
+
+    vp: int
+    vtl: int
+    code: HypercallCode
+    control: int
+    vtl_input: int  # RAX (x64) / ECX (x86) at the trap
+    is_64bit: bool
+
+
+@dataclass
+class HypercallOutcome:
+    """What the machine needs to know after :meth:`HyperV.hypercall`.
+
+    ``status`` is None when no result was written (#UD, VTL call/return). ``retry`` means the
+    trapping instruction must execute again (RIP not advanced). ``vtl_action`` is whatever
+    the VSM hook returned (e.g. a VTL switch for the run loop to perform).
+    """
+
+    code: int
+    status: HvStatus | None = None
+    reps_done: int = 0
+    exception: int | None = None
+    retry: bool = False
+    vtl_action: Any = None
+
+
+VtlHook = Callable[[VtlCallRequest], HypercallOutcome]
+
+
+class HypercallInternalError(Exception):
+    """A handler raised: a VMM bug. The machine stops the guest with this message."""
+
+
+class _Registers:
+    """Hypercall register conventions for one call, recording every access for the event."""
+
+    def __init__(self, vp: VpAccess, vtl: int, is_64bit: bool) -> None:
+        self.vp = vp
+        self.vtl = vtl
+        self.is_64bit = is_64bit
+        self.read_log = bytearray()
+        self.write_log = bytearray()
+
+    def _get(self, name: str) -> int:
+        value = int(self.vp.get_register(self.vtl, name)) & _U64  # type: ignore[arg-type]
+        self.read_log += value.to_bytes(8, "little")
+        return value
+
+    def _set(self, name: str, value: int) -> None:
+        self.vp.set_register(self.vtl, name, value & _U64)
+        self.write_log += (value & _U64).to_bytes(8, "little")
+
+    def _pair(self, high: str, low: str) -> int:
+        return ((self._get(high) & _U32) << 32) | (self._get(low) & _U32)
+
+    def _set_pair(self, high: str, low: str, value: int) -> None:
+        self._set(high, (value >> 32) & _U32)
+        self._set(low, value & _U32)
+
+    def control(self) -> int:
+        return self._get("rcx") if self.is_64bit else self._pair("rdx", "rax")
+
+    def set_control(self, value: int) -> None:
+        if self.is_64bit:
+            self._set("rcx", value)
+        else:
+            self._set_pair("rdx", "rax", value)
+
+    def input_param(self) -> int:
+        return self._get("rdx") if self.is_64bit else self._pair("rbx", "rcx")
+
+    def output_param(self) -> int:
+        return self._get("r8") if self.is_64bit else self._pair("rdi", "rsi")
+
+    def set_input_param(self, value: int) -> None:
+        if self.is_64bit:
+            self._set("rdx", value)
+        else:
+            self._set_pair("rbx", "rcx", value)
+
+    def set_output_param(self, value: int) -> None:
+        if self.is_64bit:
+            self._set("r8", value)
+        else:
+            self._set_pair("rdi", "rsi", value)
+
+    def set_result(self, value: int) -> None:
+        if self.is_64bit:
+            self._set("rax", value)
+        else:
+            self._set_pair("rdx", "rax", value)
+
+    def vtl_input(self) -> int:
+        return self._get("rax") if self.is_64bit else self._get("rcx") & _U32
+
+    def read_pairs(self, count: int) -> bytes:
+        """Fast input: pair 0 = input/output params, pair n = XMM(n-1)."""
+        out = bytearray()
+        for pair in range(count):
+            if pair == 0:
+                out += struct.pack("<QQ", self.input_param(), self.output_param())
+            else:
+                value = self.vp.get_xmm(self.vtl, pair - 1)
+                self.read_log += value.to_bytes(16, "little")
+                out += value.to_bytes(16, "little")
+        return bytes(out)
+
+    def write_pairs(self, first_pair: int, data: bytes) -> None:
+        data = data.ljust(-(-len(data) // HV_X64_REGISTER_PAIR_SIZE) * HV_X64_REGISTER_PAIR_SIZE, b"\0")
+        for i in range(len(data) // HV_X64_REGISTER_PAIR_SIZE):
+            chunk = data[i * HV_X64_REGISTER_PAIR_SIZE : (i + 1) * HV_X64_REGISTER_PAIR_SIZE]
+            pair = first_pair + i
+            if pair == 0:
+                low, high = struct.unpack("<QQ", chunk)
+                self.set_input_param(low)
+                self.set_output_param(high)
+            else:
+                self.vp.set_xmm(self.vtl, pair - 1, int.from_bytes(chunk, "little"))
+                self.write_log += chunk
+
+
+class _Fail(Exception):
+    """Internal: stop processing with a status (or an exception vector)."""
+
+    def __init__(self, status: HvStatus | None = None, exception: int | None = None) -> None:
+        super().__init__(status, exception)
+        self.status = status
+        self.exception = exception
+
+
+def _pairs(size: int) -> int:
+    return -(-size // HV_X64_REGISTER_PAIR_SIZE)
+
+
+def _check_block(gpa: int, size: int) -> None:
+    if size == 0:
+        return
+    if gpa % HV_HYPERCALL_ALIGNMENT or (gpa % HV_PAGE_SIZE) + size > HV_PAGE_SIZE:
+        raise _Fail(HvStatus.HV_STATUS_INVALID_ALIGNMENT)
+
+
+def _memory_status(exc: Exception) -> HvStatus:
+    return HvStatus.HV_STATUS_ACCESS_DENIED if isinstance(exc, VtlAccessDenied) else HvStatus.HV_STATUS_INVALID_ALIGNMENT
+
+
+class HypercallDispatcher:
+    """The hypercall table plus the ABI. One per partition."""
+
+    def __init__(self, partition: PartitionAccess, policy: HypervPolicy, sink: EventSink) -> None:
+        self.partition = partition
+        self.policy = policy
+        self.sink = sink
+        self.table: dict[HypercallCode, HypercallSpec] = {}
+        self.vtl_hook: VtlHook | None = None
+
+    def register(self, spec: HypercallSpec, *, replace: bool = False) -> None:
+        """Add a handler (the VSM stage adds its calls the same way)."""
+        if spec.code in self.table and not replace:
+            raise ValueError(f"{spec.code.name} already has a handler")
+        self.table[spec.code] = spec
+
+    def set_vtl_hook(self, hook: VtlHook | None) -> None:
+        self.vtl_hook = hook
+
+    # -- dispatch ----------------------------------------------------------------------------
+
+    def dispatch(self, vp_index: int, vtl: int, page_enabled: bool) -> HypercallOutcome:
+        vp = self.partition.vp(vp_index)
+        mode = vp.mode(vtl)
+        rip = int(vp.get_register(vtl, "rip")) if self.sink.enabled else 0  # type: ignore[arg-type]
+        if mode == CpuMode.REAL or vp.cpl(vtl) != 0 or not page_enabled:
+            vp.inject_exception(vtl, X86Exception.UD)
+            self._emit(vp_index, vtl, rip, code=0, control=0, status=None, regs=None)
+            return HypercallOutcome(code=0, exception=X86Exception.UD)
+        regs = _Registers(vp, vtl, is_64bit=mode == CpuMode.LONG)
+        control = regs.control()
+        decoded = HypercallControl.decode(control)
+
+        if decoded.code in (HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn) and self.vtl_hook is not None:
+            request = VtlCallRequest(
+                vp_index, vtl, HypercallCode(decoded.code), control, regs.vtl_input(), regs.is_64bit
+            )
+            outcome = self.vtl_hook(request)
+            self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=outcome.status, regs=regs,
+                       decoded=decoded)  # fmt: skip
+            return outcome
+
+        state = _CallState()
+        try:
+            status = self._run(vp_index, vtl, regs, control, decoded, state)
+        except _Fail as fail:
+            if fail.exception is not None:
+                vp.inject_exception(vtl, fail.exception)
+                self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=None, regs=regs,
+                           decoded=decoded, state=state)  # fmt: skip
+                return HypercallOutcome(code=decoded.code, exception=fail.exception)
+            assert fail.status is not None
+            status = fail.status
+            state.reps_done = decoded.rep_start if state.rep_call else 0
+
+        outcome = HypercallOutcome(code=decoded.code, status=status, reps_done=state.reps_done)
+        if state.retry:
+            regs.set_control(HypercallControl.with_rep_start(control, state.reps_done))
+            outcome.retry = True
+        else:
+            regs.set_result(hypercall_result(status, state.reps_done))
+        self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=status, regs=regs, decoded=decoded,
+                   state=state)  # fmt: skip
+        return outcome
+
+    def _run(
+        self, vp_index: int, vtl: int, regs: _Registers, control: int, c: HypercallControl, state: _CallState
+    ) -> HvStatus:
+        try:
+            code = HypercallCode(c.code)
+        except ValueError:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE) from None
+        spec = self.table.get(code)
+        if spec is None or not spec.advertised(self.policy):
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
+        if spec.privilege is not None and not self.policy.privileges() & spec.privilege:
+            raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
+        state.rep_call = spec.rep
+        if c.reserved or c.nested:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        if spec.rep:
+            if c.rep_count == 0 or c.rep_start >= c.rep_count:
+                raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        elif c.rep_count or c.rep_start:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        if c.var_header_qwords and not spec.variable_header:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+
+        var_size = c.var_header_qwords * _QWORD
+        in_size = spec.input_size + var_size + c.rep_count * spec.rep_input_size
+        out_size = spec.output_size + c.rep_count * spec.rep_output_size
+
+        if c.fast:
+            data = self._fast_input(regs, in_size, out_size)
+            out_gpa = 0
+        else:
+            in_gpa = regs.input_param() if in_size else 0
+            out_gpa = regs.output_param() if out_size else 0
+            _check_block(in_gpa, in_size)
+            _check_block(out_gpa, out_size)
+            if in_size and out_size and in_gpa < out_gpa + out_size and out_gpa < in_gpa + in_size:
+                raise _Fail(HvStatus.HV_STATUS_INVALID_ALIGNMENT)
+            try:
+                data = self.partition.read_gpa(vtl, in_gpa, in_size) if in_size else b""
+                if out_size:
+                    self.partition.read_gpa(vtl, out_gpa, out_size, Access.WRITE)
+            except (VtlAccessDenied, GuestMemoryError) as exc:
+                raise _Fail(_memory_status(exc)) from None
+        state.input = data
+
+        elements_at = spec.input_size + var_size
+        hc_input = HypercallInput(
+            vp=vp_index,
+            vtl=vtl,
+            code=code,
+            control=control,
+            fast=c.fast,
+            header=data[: spec.input_size],
+            var_header=data[spec.input_size : elements_at],
+            rep_start=c.rep_start,
+            rep_count=c.rep_count,
+            rep_elements=[
+                data[elements_at + i * spec.rep_input_size : elements_at + (i + 1) * spec.rep_input_size]
+                for i in range(c.rep_start, c.rep_count)
+            ],
+            is_64bit=regs.is_64bit,
+        )
+        try:
+            result = spec.handler(hc_input)
+        except Exception as exc:  # a VMM bug, not a guest error
+            raise HypercallInternalError(f"{code.name} handler failed: {exc!r}") from exc
+
+        status = HvStatus(result.status)
+        if spec.rep:
+            done = result.reps_done
+            if done is None:
+                done = c.rep_count if status == HvStatus.HV_STATUS_SUCCESS else c.rep_start + len(result.rep_outputs)
+            done = max(c.rep_start, min(done, c.rep_count))
+            state.reps_done = done
+            if status == HvStatus.HV_STATUS_SUCCESS and done < c.rep_count:
+                state.retry = True
+            outputs = result.rep_outputs[: done - c.rep_start]
+            output = b"".join(o.ljust(spec.rep_output_size, b"\0")[: spec.rep_output_size] for o in outputs)
+            out_offset = c.rep_start * spec.rep_output_size
+        else:
+            output = result.output[: spec.output_size] if status == HvStatus.HV_STATUS_SUCCESS else b""
+            out_offset = 0
+        if output:
+            if c.fast:
+                # XMM output starts at the first pair after the input; byte offset within it.
+                self._write_fast_output(regs, in_size, out_offset, output)
+            else:
+                try:
+                    self.partition.write_gpa(vtl, out_gpa + out_offset, output)
+                except (VtlAccessDenied, GuestMemoryError) as exc:
+                    raise _Fail(_memory_status(exc)) from None
+        state.output = output
+        return status
+
+    def _fast_input(self, regs: _Registers, in_size: int, out_size: int) -> bytes:
+        limit = HV_X64_FAST_INPUT_MAX if regs.is_64bit else HV_X86_FAST_INPUT_MAX
+        if regs.is_64bit and in_size > HV_X64_REGISTER_PAIR_SIZE and not self.policy.xmm_input:
+            raise _Fail(exception=X86Exception.UD)
+        if in_size > limit:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        if out_size:
+            if regs.is_64bit and not self.policy.xmm_output:
+                raise _Fail(exception=X86Exception.UD)
+            if _pairs(in_size) * HV_X64_REGISTER_PAIR_SIZE + out_size > limit:
+                raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        return regs.read_pairs(_pairs(in_size))[:in_size]
+
+    @staticmethod
+    def _write_fast_output(regs: _Registers, in_size: int, out_offset: int, output: bytes) -> None:
+        start = _pairs(in_size) * HV_X64_REGISTER_PAIR_SIZE + out_offset
+        first_pair = start // HV_X64_REGISTER_PAIR_SIZE
+        lead = start % HV_X64_REGISTER_PAIR_SIZE
+        if lead:
+            # A rep continuation resumes mid-pair: keep the bytes already in that pair.
+            existing = regs.read_pairs(first_pair + 1)[first_pair * HV_X64_REGISTER_PAIR_SIZE :]
+            output = existing[:lead] + output
+        regs.write_pairs(first_pair, output)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _emit(
+        self,
+        vp: int,
+        vtl: int,
+        rip: int,
+        *,
+        code: int,
+        control: int,
+        status: HvStatus | None,
+        regs: _Registers | None,
+        decoded: HypercallControl | None = None,
+        state: _CallState | None = None,
+    ) -> None:
+        if not self.sink.enabled:
+            return
+        try:
+            name = HypercallCode(code).name
+        except ValueError:
+            name = f"unknown_{code:#06x}"
+        self.sink.emit(
+            EventKind.HYPERCALL,
+            vp,
+            vtl,
+            rip,
+            code=code,
+            name=name,
+            control=control,
+            fast=bool(decoded.fast) if decoded else False,
+            rep_count=decoded.rep_count if decoded else 0,
+            rep_start=decoded.rep_start if decoded else 0,
+            reps_done=state.reps_done if state else 0,
+            status=NO_STATUS if status is None else int(status),
+            status_name="NONE" if status is None else HvStatus(status).name,
+            input=state.input if state else b"",
+            output=state.output if state else b"",
+            regs_in=bytes(regs.read_log) if regs else b"",
+            regs_out=bytes(regs.write_log) if regs else b"",
+        )
+
+
+@dataclass
+class _CallState:
+    """Bookkeeping of one dispatch, for the result and the event."""
+
+    rep_call: bool = False
+    reps_done: int = 0
+    retry: bool = False
+    input: bytes = b""
+    output: bytes = b""
