@@ -19,7 +19,6 @@ stream at ``PATH``.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import threading
@@ -37,6 +36,7 @@ from recorder.errors import TraceError
 from recorder.metadata import build_metadata
 from recorder.reader import open_trace
 from recorder.schema import (
+    COLUMN_BY_NAME,
     COLUMNS,
     COMMON_COLUMNS,
     FIELD_COLUMNS,
@@ -49,6 +49,7 @@ from recorder.schema import (
 from vmm.events import EventKind
 
 _KIND_BY_VALUE = {k.value: k for k in EventKind}
+monotonic_ns = time.monotonic_ns
 
 
 @dataclass
@@ -64,27 +65,6 @@ class WriterStats:
     first_value_error: str | None = None
     max_flush_lag_s: float = 0.0  # worst age of an event when its batch reached the kernel
     seal_seconds: float = 0.0
-
-
-class _ByteSink:
-    """File-like target for pyarrow's stream writer: collects one batch's bytes in memory."""
-
-    closed = False
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def write(self, data: Any) -> int:
-        self.buf += data
-        return len(data)
-
-    def flush(self) -> None:
-        return None
-
-    def take(self) -> bytes:
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
 
 
 class _Dictionary:
@@ -105,6 +85,13 @@ class _Dictionary:
 
     def array(self) -> pa.Array:
         return pa.array(self.values, pa.string())
+
+
+def _os_reason(e: OSError) -> str:
+    """``[Errno 28] No space left on device`` from Python's or pyarrow's OSError."""
+    if e.errno:
+        return f"[Errno {e.errno}] {os.strerror(e.errno)}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _coerce(col: Column, value: Any) -> Any:
@@ -143,7 +130,7 @@ class TraceWriter:
         path: str | os.PathLike[str],
         metadata: Mapping[str, Any] | None = None,
         *,
-        batch_rows: int = 65536,
+        batch_rows: int = 16384,
         max_age_s: float = 0.2,
         compression: str | None = "zstd",
         compression_level: int | None = None,
@@ -177,29 +164,31 @@ class TraceWriter:
         self._closed = False
         self._next_seq = 0
         self._max_pending = batch_rows * 4
+        self._inline_age_ns = int(max_age_s * 0.5e9)
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
-        self._fd = -1
-        self._offset = 0
+        self._building = False  # a batch is being built: emitters wait at the gate
+        self._gate = threading.Event()
+        self._gate.set()
 
         self._check_destination(min_free_bytes)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            # OSFile writes straight to the kernel from C++ (no Python callbacks, no GIL
+            # handoffs per buffer); what a killed process leaves is a torn tail at worst.
+            self._file = pa.OSFile(str(self.path), "wb")
         except OSError as e:
-            raise TraceError(f"cannot create trace {self.path}: {e.strerror}") from None
-        self._sink = _ByteSink()
+            raise TraceError(f"cannot create trace {self.path}: {_os_reason(e)}") from None
         codec = None if compression is None else pa.Codec(compression, compression_level)
-        self._ipc = ipc.new_stream(
-            self._sink, self.schema, options=ipc.IpcWriteOptions(compression=codec, emit_dictionary_deltas=True)
-        )
-        # Write the schema (and empty dictionaries) now: proves the file is writable before
-        # the guest starts, and makes even an event-less trace a valid, self-describing file.
-        self._ipc.write_batch(self._build_batch([], 0))
         try:
-            self._write_out(self._sink.take())
+            self._ipc = ipc.new_stream(
+                self._file, self.schema, options=ipc.IpcWriteOptions(compression=codec, emit_dictionary_deltas=True)
+            )
+            # Write the schema (and empty dictionaries) now: proves the file is writable before
+            # the guest starts, and makes even an event-less trace a valid, self-describing file.
+            self._ipc.write_batch(self._build_batch([], 0))
+            self.stats.bytes_written = self._file.tell()
         except OSError as e:
-            os.close(self._fd)
-            self._fd = -1
-            raise TraceError(f"cannot write trace {self.path}: {e.strerror}") from None
+            self._file.close()
+            raise TraceError(f"cannot write trace {self.path}: {_os_reason(e)}") from None
         self._thread = threading.Thread(target=self._flusher, name=f"trace-flusher:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -239,17 +228,20 @@ class TraceWriter:
         allowed = KIND_FIELDS.get(kind)  # type: ignore[call-overload]
         if allowed is None or (fields and not fields.keys() <= allowed.keys()):
             self._reject(kind, fields)
+        if self._building:
+            self._gate.wait()
         with self._lock:
             if self._closing:
                 return
             rows = self._rows
-            rows.append((time.monotonic_ns(), kind, vp, vtl, rip, fields))
-            self.stats.events += 1
+            now = monotonic_ns()
+            rows.append((now, kind, vp, vtl, rip, fields))
             n = len(rows)
-        if n >= self.batch_rows:
-            self._wake.set()
-            if n >= self._max_pending:
-                self._flush_pending()  # backpressure: the emitting thread pays for the backlog
+            first = rows[0][0]
+        # Busy VPs flush inline: a background thread would wait for the GIL behind them
+        # after every pyarrow call that releases it, and fall seconds behind.
+        if n >= self.batch_rows or now - first >= self._inline_age_ns:
+            self._flush_pending(blocking=n >= self._max_pending)
 
     @staticmethod
     def _reject(kind: Any, fields: Mapping[str, Any]) -> None:
@@ -262,64 +254,69 @@ class TraceWriter:
     # ------------------------------------------------------------------ flushing
 
     def _flusher(self) -> None:
-        """Background loop: flush on size or age; poll every max_age/4 while idle."""
-        half = self.max_age_s / 2
+        """Background loop for quiet periods: flush what a VP left pending once it is 0.6 x max_age old."""
+        deadline = self.max_age_s * 0.6
         while True:
             with self._lock:
                 if self._closing:
                     return
-                n = len(self._rows)
-                oldest = self._rows[0][0] if n else 0
-            if n:
+                oldest = self._rows[0][0] if self._rows else 0
+            if oldest:
                 age = (time.monotonic_ns() - oldest) / 1e9
-                if n >= self.batch_rows or age >= half:
-                    self._flush_pending()
+                if age >= deadline:
+                    self._flush_pending(blocking=False)
                     continue
-                timeout = half - age
+                timeout = deadline - age
             else:
                 timeout = self.max_age_s / 4
             self._wake.wait(timeout)
             self._wake.clear()
 
-    def _flush_pending(self) -> None:
-        """Take every pending row and write it as batches of at most ``batch_rows``."""
-        with self._write_lock:
+    def _flush_pending(self, blocking: bool = True) -> None:
+        """Take every pending row and write it as batches of at most ``batch_rows``.
+
+        Non-blocking callers skip if another thread is already writing; it will pick up
+        their rows on its next pass or they will be caught by the next emit.
+        """
+        if not self._write_lock.acquire(blocking):
+            return
+        try:
             with self._lock:
                 rows, self._rows = self._rows, []
                 base = self._next_seq
                 self._next_seq += len(rows)
-            if not rows or self.error is not None or self._fd < 0:
+                self.stats.events = self._next_seq
+            if not rows or self.error is not None or self._file.closed:
                 return
             try:
                 for start in range(0, len(rows), self.batch_rows):
                     chunk = rows[start : start + self.batch_rows]
-                    self._ipc.write_batch(self._build_batch(chunk, base + start))
-                    self._write_out(self._sink.take())
+                    # Building is pure Python + short GIL-releasing Arrow calls; with VP threads
+                    # competing it would crawl, so they wait at the gate for these milliseconds.
+                    self._gate.clear()
+                    self._building = True
+                    try:
+                        batch = self._build_batch(chunk, base + start)
+                    finally:
+                        self._building = False
+                        self._gate.set()
+                    self._ipc.write_batch(batch)  # compresses and writes without the GIL
                     now = time.monotonic_ns()
+                    self.stats.bytes_written = self._file.tell()
                     self.stats.batches += 1
                     self.stats.flushed_events += len(chunk)
                     lag = (now - chunk[0][0]) / 1e9
                     if lag > self.stats.max_flush_lag_s:
                         self.stats.max_flush_lag_s = lag
-            except OSError as e:
+            except Exception as e:  # OSError (disk full...) or a recorder bug: stop recording, never kill the VP thread
                 self._fail(e)
-            except Exception as e:  # a recorder bug must stop recording, not kill the VP thread
-                self._fail(e)
-
-    def _write_out(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            if n <= 0:
-                raise OSError(errno.EIO, "short write")
-            self._offset += n
-            self.stats.bytes_written += n
-            view = view[n:]
+        finally:
+            self._write_lock.release()
 
     def _fail(self, exc: BaseException) -> None:
         """Stop recording after a write error; keep what is on disk; tell the VMM once."""
         if isinstance(exc, OSError):
-            what = f"[Errno {exc.errno}] {exc.strerror}"
+            what = _os_reason(exc)
         else:
             what = f"{type(exc).__name__}: {exc}"
         self.error = TraceError(
@@ -335,58 +332,104 @@ class TraceWriter:
                 pass
 
     def _build_batch(self, rows: list[tuple[int, Any, Any, Any, Any, dict[str, Any]]], base_seq: int) -> pa.RecordBatch:
-        """Transpose pending rows into typed Arrow columns (runs on the flusher thread)."""
-        n = len(rows)
-        arrays: dict[str, pa.Array] = {}
-        arrays["seq"] = pa.array(range(base_seq, base_seq + n), pa.uint64()) if n else pa.array([], pa.uint64())
-        if n:
-            ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
-        else:
-            ts = kinds = vps = vtls = rips = fds = ()
-        cols = {c.name: c for c in COMMON_COLUMNS}
-        arrays["time_ns"] = pc.subtract(pa.array(ts, pa.int64()), pa.scalar(self._t0, pa.int64()))
-        arrays["vp"] = self._to_array(cols["vp"], list(vps), base_seq)
-        arrays["vtl"] = self._to_array(cols["vtl"], list(vtls), base_seq)
-        arrays["rip"] = self._to_array(cols["rip"], list(rips), base_seq)
-        kind_idx = pc.subtract(pa.array(kinds, pa.int8()), pa.scalar(1, pa.int8()))
-        arrays["kind"] = pa.DictionaryArray.from_arrays(kind_idx, KIND_DICTIONARY)
+        """Transpose pending rows into typed Arrow columns (runs on the flusher thread).
 
-        cells: dict[str, list[tuple[int, Any]]] = {}
-        for i, f in enumerate(fds):
-            if f:
-                colmap = KIND_FIELDS[kinds[i]]
-                for name, value in f.items():
-                    if value is not None:
-                        col = colmap[name]
-                        lst = cells.get(col)
-                        if lst is None:
-                            lst = cells[col] = []
-                        lst.append((i, value))
-        for c in FIELD_COLUMNS:
-            present = cells.get(c.name)
-            if c.is_dictionary:
-                d = self._dicts[c.name]
-                full: list[Any] = [None] * n
-                for i, v in present or ():
-                    try:
-                        full[i] = d.code(v)
-                    except TypeError as e:
-                        self._value_error(c, base_seq + i, v, e)
-                arrays[c.name] = pa.DictionaryArray.from_arrays(pa.array(full, c.type.index_type), d.array())
-            elif not present:
-                arrays[c.name] = pa.nulls(n, c.type)
-            else:
-                full = [None] * n
-                if c.name == "detail":
-                    for i, v in present:
-                        full[i] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        Rows are grouped by kind (a stable Arrow sort), each kind's fields are pulled out
+        with one list comprehension per field, the columns are assembled in kind order
+        and the batch is put back into seq order with one ``take``: Python touches only
+        the cells that exist, everything per-row runs in Arrow.
+        """
+        n = len(rows)
+        if n == 0:
+            return pa.RecordBatch.from_arrays(
+                [pa.array([], c.type) if not c.is_dictionary else pa.DictionaryArray.from_arrays(pa.array([], c.type.index_type), KIND_DICTIONARY if c.name == "kind" else pa.array([], pa.string())) for c in COLUMNS],
+                schema=self.schema,
+            )
+        ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
+        kind_arr = pa.array(kinds, pa.int8())
+        order = pc.sort_indices(kind_arr)  # stable: seq order within each kind
+        order_list: list[int] = order.to_pylist()
+        sorted_fds = [fds[i] for i in order_list]
+        sorted_kinds = kind_arr.take(order)
+        groups: list[tuple[EventKind, int, int]] = []
+        pos = 0
+        for item in pc.value_counts(sorted_kinds):  # sorted input: counts come out in kind order
+            k, cnt = item["values"].as_py(), item["counts"].as_py()
+            groups.append((_KIND_BY_VALUE[k], pos, pos + cnt))
+            pos += cnt
+        groups.sort(key=lambda g: g[1])
+
+        common = {c.name: c for c in COMMON_COLUMNS}
+        arrays: dict[str, pa.Array] = {
+            "seq": pa.array(range(base_seq, base_seq + n), pa.uint64()),
+            "time_ns": pc.subtract(pa.array(ts, pa.int64()), pa.scalar(self._t0, pa.int64())),
+            "vp": self._to_array(common["vp"], list(vps), base_seq, None),
+            "vtl": self._to_array(common["vtl"], list(vtls), base_seq, None),
+            "rip": self._to_array(common["rip"], list(rips), base_seq, None),
+            "kind": pa.DictionaryArray.from_arrays(pc.subtract(kind_arr, pa.scalar(1, pa.int8())), KIND_DICTIONARY),
+        }
+        pieces: dict[str, list[pa.Array | None]] = {}
+        for gi, (kind, lo, hi) in enumerate(groups):
+            sub = sorted_fds[lo:hi]
+            if not any(sub):
+                continue
+            orig = order_list[lo:hi]
+            for emit_name, col_name in KIND_FIELDS[kind].items():
+                vals = [f.get(emit_name) for f in sub]
+                col = COLUMN_BY_NAME[col_name]
+                if col.is_dictionary:
+                    arr = self._dict_codes(col, vals, base_seq, orig)
                 else:
-                    for i, v in present:
-                        full[i] = v
-                arrays[c.name] = self._to_array(c, full, base_seq)
+                    if col_name == "detail":
+                        vals = [v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for v in vals]
+                    arr = self._to_array(col, vals, base_seq, orig)
+                if arr.null_count == len(arr):
+                    continue
+                plist = pieces.get(col_name)
+                if plist is None:
+                    plist = pieces[col_name] = [None] * len(groups)
+                plist[gi] = arr
+        # Assemble the columns that have data in kind order, then restore seq order with one take.
+        names = [c.name for c in FIELD_COLUMNS if c.name in pieces]
+        if names:
+            kind_order: list[pa.Array] = []
+            for name in names:
+                c = COLUMN_BY_NAME[name]
+                value_type = c.type.index_type if c.is_dictionary else c.type
+                parts = [a if a is not None else pa.nulls(g[2] - g[1], value_type) for a, g in zip(pieces[name], groups, strict=True)]
+                kind_order.append(pa.concat_arrays(parts))
+            restored = pa.RecordBatch.from_arrays(kind_order, names=names).take(pc.sort_indices(order))
+            for name, arr in zip(names, restored.columns, strict=True):
+                arrays[name] = arr
+        for c in FIELD_COLUMNS:
+            data = arrays.get(c.name)
+            if data is None:
+                data = pa.nulls(n, c.type.index_type if c.is_dictionary else c.type)
+            if c.is_dictionary:
+                data = pa.DictionaryArray.from_arrays(data, self._dicts[c.name].array())
+            arrays[c.name] = data
         return pa.RecordBatch.from_arrays([arrays[c.name] for c in COLUMNS], schema=self.schema)
 
-    def _to_array(self, col: Column, values: list[Any], base_seq: int) -> pa.Array:
+    def _dict_codes(self, col: Column, vals: list[Any], base_seq: int, orig: list[int]) -> pa.Array:
+        """Dictionary indices for a list of strings, growing the append-only dictionary."""
+        d = self._dicts[col.name]
+        try:
+            for v in set(vals):
+                if v is not None:
+                    d.code(v)
+            return pc.index_in(pa.array(vals, pa.string()), value_set=d.array()).cast(col.type.index_type)
+        except (TypeError, pa.ArrowException):
+            pass
+        out: list[int | None] = []
+        for i, v in enumerate(vals):
+            try:
+                out.append(None if v is None else d.code(v))
+            except TypeError as e:
+                self._value_error(col, base_seq + orig[i], v, e)
+                out.append(None)
+        return pa.array(out, col.type.index_type)
+
+    def _to_array(self, col: Column, values: list[Any], base_seq: int, orig: list[int] | None) -> pa.Array:
         """Whole-column conversion; on failure, convert cell by cell and null what does not fit."""
         try:
             return pa.array(values, col.type)
@@ -402,7 +445,7 @@ class TraceWriter:
                 pa.array([cv], col.type)
                 fixed.append(cv)
             except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError) as e:
-                self._value_error(col, base_seq + i, v, e)
+                self._value_error(col, base_seq + (orig[i] if orig is not None else i), v, e)
                 fixed.append(None)
         return pa.array(fixed, col.type)
 
@@ -432,16 +475,16 @@ class TraceWriter:
         with self._write_lock:
             if ok:
                 try:
-                    self._ipc.close()  # writes the end-of-stream marker into the sink
-                    self._write_out(self._sink.take())
+                    self._ipc.close()  # writes the end-of-stream marker
                     if self.fsync_on_close:
-                        os.fsync(self._fd)
+                        os.fsync(self._file.fileno())
                 except OSError as e:
                     self._fail(e)
                     ok = False
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            try:
+                self._file.close()
+            except OSError:
+                pass
         if ok and self.seal:
             t = time.perf_counter()
             try:
