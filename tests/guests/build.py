@@ -126,9 +126,7 @@ def _run(cmd: list[str], what: str) -> None:
     """Run a build command; failures raise with the full stderr."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise GuestBuildError(
-            f"{what} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{proc.stderr}{proc.stdout}"
-        )
+        raise GuestBuildError(f"{what} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{proc.stderr}{proc.stdout}")
 
 
 def _atomic_output(dest: Path, produce: Callable[[Path], None]) -> Path:
