@@ -321,7 +321,6 @@ class HypercallDispatcher:
                 return HypercallOutcome(code=decoded.code, exception=fail.exception)
             assert fail.status is not None
             status = fail.status
-            state.reps_done = decoded.rep_start if state.rep_call else 0
 
         outcome = HypercallOutcome(code=decoded.code, status=status, reps_done=state.reps_done)
         if state.retry:
@@ -345,7 +344,6 @@ class HypercallDispatcher:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
         if spec.privilege is not None and not self.policy.privileges() & spec.privilege:
             raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
-        state.rep_call = spec.rep
         if c.reserved or c.nested:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
         if spec.rep:
@@ -355,6 +353,7 @@ class HypercallDispatcher:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
         if c.var_header_qwords and not spec.variable_header:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        state.reps_done = c.rep_start  # a later failure reports the reps completed before this call
 
         var_size = c.var_header_qwords * _QWORD
         in_size = spec.input_size + var_size + c.rep_count * spec.rep_input_size
@@ -497,7 +496,6 @@ class HypercallDispatcher:
 class _CallState:
     """Bookkeeping of one dispatch, for the result and the event."""
 
-    rep_call: bool = False
     reps_done: int = 0
     retry: bool = False
     input: bytes = b""
