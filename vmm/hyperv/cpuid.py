@@ -19,6 +19,7 @@ from vmm.hyperv.hvdef import (
     HV_CPUID_INTERFACE_SIGNATURE,
     HV_CPUID_MAX_LEAF,
     HV_CPUID_VENDOR,
+    HV_DEFAULT_SPIN_RETRIES,
     HV_SPIN_RETRY_NEVER,
     HV_VERSION_BUILD,
     HV_VERSION_MAJOR,
@@ -72,7 +73,7 @@ class HypervPolicy:
     vp_registers: bool = False  # AccessVpRegisters (Get/SetVpRegisters, VSM stage)
     start_vp: bool = False  # StartVirtualProcessor privilege (VSM stage)
     create_partitions: bool = False  # never granted by this VMM; here so the bit has a name
-    spin_retries: int = 0x1000
+    spin_retries: int = HV_DEFAULT_SPIN_RETRIES
     max_vps: int = 0  # 0: report the machine's VP count
 
     #: Switch name (CLI) -> field name. ``hyperv`` turns the whole interface off.
@@ -220,7 +221,7 @@ class HypervPolicy:
 
 
 def _vendor_regs(text: bytes) -> tuple[int, int, int]:
-    padded = text.ljust(12, b"\0")
+    padded = text.ljust(len(HV_CPUID_VENDOR), b"\0")
     return (
         int.from_bytes(padded[0:4], "little"),
         int.from_bytes(padded[4:8], "little"),

@@ -465,6 +465,8 @@ HV_VERSION_MINOR = 0
 HV_VERSION_MAJOR_SHIFT = 16
 #: 0x40000004 EBX: "never notify on long spin wait".
 HV_SPIN_RETRY_NEVER = 0xFFFF_FFFF
+#: 0x40000004 EBX default: spins before HvCallNotifyLongSpinWait (the value Hyper-V reports).
+HV_DEFAULT_SPIN_RETRIES = 0x1000
 
 
 class HvPartitionPrivilege(enum.IntFlag):
@@ -1092,6 +1094,7 @@ class HvGenericSetFormat(enum.IntEnum):
 
 
 HV_VP_SET_BANK_SIZE = 64  # VPs per bank
+HV_PROCESSOR_MASK_BITS = 64  # VPs a non-Ex ProcessorMask can name
 HV_VP_SET_MAX_BANKS = 64
 
 
@@ -1206,6 +1209,8 @@ class HvMessageType(enum.IntEnum):
 HV_MESSAGE_TYPE_HYPERVISOR_MASK = 0x80000000
 HV_MESSAGE_SIZE = 256
 HV_MESSAGE_HEADER_SIZE = 16
+HV_MESSAGE_TYPE_SIZE = 4  # MessageType u32 at offset 0: non-zero marks a SIM slot full
+HV_MESSAGE_FLAGS_OFFSET = 5  # MessageFlags u8 (bit 0 MessagePending)
 HV_MESSAGE_MAX_PAYLOAD = 240
 HV_SYNIC_INTERCEPTION_SINT_INDEX = 0
 HV_EVENT_FLAGS_BYTE_COUNT = 256

@@ -226,8 +226,8 @@ class _Registers:
                 out += struct.pack("<QQ", self.input_param(), self.output_param())
             else:
                 value = self.vp.get_xmm(self.vtl, pair - 1)
-                self.read_log += value.to_bytes(16, "little")
-                out += value.to_bytes(16, "little")
+                self.read_log += value.to_bytes(HV_X64_REGISTER_PAIR_SIZE, "little")
+                out += value.to_bytes(HV_X64_REGISTER_PAIR_SIZE, "little")
         return bytes(out)
 
     def write_pairs(self, first_pair: int, data: bytes) -> None:
@@ -396,8 +396,11 @@ class HypercallDispatcher:
         )
         try:
             result = spec.handler(hc_input)
-        except Exception as exc:  # a VMM bug, not a guest error
-            raise HypercallInternalError(f"{code.name} handler failed: {exc!r}") from exc
+        except Exception as exc:  # a VMM bug, not a guest error: report it and stop the guest cleanly
+            message = f"{code.name} handler failed: {exc!r}"
+            if self.sink.enabled:
+                self.sink.emit(EventKind.ERROR, vp_index, vtl, 0, message=message)
+            raise HypercallInternalError(message) from exc
 
         status = HvStatus(result.status)
         if spec.rep:

@@ -38,7 +38,9 @@ from vmm.hyperv.errors import GpFault
 from vmm.hyperv.hvdef import (
     HV_EVENT_FLAGS_BYTE_COUNT,
     HV_EVENT_FLAGS_COUNT,
+    HV_MESSAGE_FLAGS_OFFSET,
     HV_MESSAGE_SIZE,
+    HV_MESSAGE_TYPE_SIZE,
     HV_PAGE_MASK,
     HV_PAGE_SIZE,
     HV_SYNIC_SINT_COUNT,
@@ -52,9 +54,6 @@ from vmm.hyperv.hvdef import (
     HvStatus,
 )
 from vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
-
-_MESSAGE_TYPE_SIZE = 4
-_MESSAGE_FLAGS_OFFSET = 5
 
 
 @dataclass
@@ -210,21 +209,21 @@ class Synic:
             return
         slot = self.simp_gpa + sint * HV_MESSAGE_SIZE
         try:
-            (slot_type,) = struct.unpack("<I", self.partition.read_gpa(self.vtl, slot, _MESSAGE_TYPE_SIZE))
+            (slot_type,) = struct.unpack("<I", self.partition.read_gpa(self.vtl, slot, HV_MESSAGE_TYPE_SIZE))
             if slot_type != 0:
-                flags = self.partition.read_gpa(self.vtl, slot + _MESSAGE_FLAGS_OFFSET, 1)[0]
+                flags = self.partition.read_gpa(self.vtl, slot + HV_MESSAGE_FLAGS_OFFSET, 1)[0]
                 if not flags & HvMessageFlags.MESSAGE_PENDING:
                     self.partition.write_gpa(
-                        self.vtl, slot + _MESSAGE_FLAGS_OFFSET, bytes((flags | HvMessageFlags.MESSAGE_PENDING,))
+                        self.vtl, slot + HV_MESSAGE_FLAGS_OFFSET, bytes((flags | HvMessageFlags.MESSAGE_PENDING,))
                     )
                 return
             item = queue[0]
             data = bytearray(item.message)
             if len(queue) > 1:
-                data[_MESSAGE_FLAGS_OFFSET] |= HvMessageFlags.MESSAGE_PENDING
+                data[HV_MESSAGE_FLAGS_OFFSET] |= HvMessageFlags.MESSAGE_PENDING
             # Payload and header tail first, message type last: the type marks the slot full.
-            self.partition.write_gpa(self.vtl, slot + _MESSAGE_TYPE_SIZE, bytes(data[_MESSAGE_TYPE_SIZE:]))
-            self.partition.write_gpa(self.vtl, slot, bytes(data[:_MESSAGE_TYPE_SIZE]))
+            self.partition.write_gpa(self.vtl, slot + HV_MESSAGE_TYPE_SIZE, bytes(data[HV_MESSAGE_TYPE_SIZE:]))
+            self.partition.write_gpa(self.vtl, slot, bytes(data[:HV_MESSAGE_TYPE_SIZE]))
         except (GuestMemoryError, VtlAccessDenied):
             return  # page unreachable: keep the message queued
         queue.popleft()

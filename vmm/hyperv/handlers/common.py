@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from vmm.hyperv.hvdef import (
     HV_PARTITION_ID_SELF,
+    HV_PROCESSOR_MASK_BITS,
     HvGenericSetFormat,
     HvInputVtl,
     HvStatus,
@@ -43,7 +44,7 @@ def vp_set_from(hv: HyperV, set_format: int, valid_banks_mask: int, var_header: 
 
 def vp_mask_members(hv: HyperV, mask: int) -> list[int]:
     """VP indices named by a 64-bit processor mask (bits beyond the partition are ignored)."""
-    return [vp for vp in range(min(hv.vp_count, 64)) if mask & (1 << vp)]
+    return [vp for vp in range(min(hv.vp_count, HV_PROCESSOR_MASK_BITS)) if mask & (1 << vp)]
 
 
 def target_vtl(hv: HyperV, caller_vtl: int, raw: int) -> int:
