@@ -173,7 +173,7 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
     except (OSError, pa.ArrowException) as e:
         raise TraceFormatError(f"{label}: cannot read: {getattr(e, 'strerror', None) or e}") from None
     size = buf.size
-    head = buf.slice(0, 8).to_pybytes()
+    head = buf.slice(0, min(8, size)).to_pybytes()
     if head.startswith(FILE_MAGIC):
         try:
             reader = ipc.open_file(buf)
