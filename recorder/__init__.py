@@ -1,0 +1,12 @@
+"""The recorder: events from the VMM into crash-safe Arrow IPC traces, and back.
+
+``TraceWriter`` (an ``EventSink``) writes, ``open_trace`` reads, ``recorder.schema``
+defines the one schema both use; see docs/trace-format.md.
+"""
+
+from recorder.errors import TraceError, TraceFormatError
+from recorder.reader import Trace, open_trace
+from recorder.schema import SCHEMA_VERSION
+from recorder.writer import TraceWriter, WriterStats, seal_trace
+
+__all__ = ["SCHEMA_VERSION", "Trace", "TraceError", "TraceFormatError", "TraceWriter", "WriterStats", "open_trace", "seal_trace"]
