@@ -241,7 +241,10 @@ class TraceWriter:
         # Busy VPs flush inline: a background thread would wait for the GIL behind them
         # after every pyarrow call that releases it, and fall seconds behind.
         if n >= self.batch_rows or now - first >= self._inline_age_ns:
-            self._flush_pending(blocking=n >= self._max_pending)
+            # Full batch: flush unless someone else is at it. Old events: wait for the
+            # writer (backpressure), so no event outlives max_age_s in memory.
+            late = now - first >= self._inline_age_ns
+            self._flush_pending(blocking=late or n >= self._max_pending, only_if_due=True)
 
     @staticmethod
     def _reject(kind: Any, fields: Mapping[str, Any]) -> None:
@@ -264,7 +267,7 @@ class TraceWriter:
             if oldest:
                 age = (time.monotonic_ns() - oldest) / 1e9
                 if age >= deadline:
-                    self._flush_pending(blocking=False)
+                    self._flush_pending(blocking=False, only_if_due=True)
                     continue
                 timeout = deadline - age
             else:
@@ -272,16 +275,23 @@ class TraceWriter:
             self._wake.wait(timeout)
             self._wake.clear()
 
-    def _flush_pending(self, blocking: bool = True) -> None:
+    def _flush_pending(self, blocking: bool = True, only_if_due: bool = False) -> None:
         """Take every pending row and write it as batches of at most ``batch_rows``.
 
-        Non-blocking callers skip if another thread is already writing; it will pick up
-        their rows on its next pass or they will be caught by the next emit.
+        Non-blocking callers skip if another thread is already writing. ``only_if_due``
+        re-checks the size/age trigger after getting the lock, so threads that queued
+        behind a flush do not each write a tiny batch.
         """
         if not self._write_lock.acquire(blocking):
             return
         try:
             with self._lock:
+                if only_if_due:
+                    pending = self._rows
+                    if not pending or (
+                        len(pending) < self.batch_rows and monotonic_ns() - pending[0][0] < self._inline_age_ns
+                    ):
+                        return
                 rows, self._rows = self._rows, []
                 base = self._next_seq
                 self._next_seq += len(rows)
