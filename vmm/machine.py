@@ -22,7 +22,7 @@ from typing import Any
 from vmm.config import MachineConfig
 from vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
 from vmm.cpuid import CpuidPolicy, build_cpuid
-from vmm.devices.apic import ApicGpFault, ApicRouter, HostClock, LocalApic
+from vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vmm.devices.bus import ALL_ONES, MmioBus, PioBus
 from vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
@@ -92,6 +92,7 @@ class VirtualProcessor:
         self.thread_id = 0
         self.in_guest = False
         self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
+        self.last_cr8 = 0
         self.sipi_vector: int | None = None
         self.pending_exceptions: list[tuple[int, int, int | None]] = []  # (vtl, vector, error code)
         self.apics: list[LocalApic] = [
@@ -100,12 +101,12 @@ class VirtualProcessor:
                 bsp=index == 0,
                 clock=machine.clock,
                 timers=machine.timers,
-                bus=machine.router,
+                bus=machine.routers[vtl],
                 on_pending=self.kick,
                 tsc_hz=machine.tsc_hz,
                 timer_hz=APIC_TIMER_HZ,
             )
-            for _ in machine.vms
+            for vtl in range(len(machine.vms))
         ]
         for vtl, vcpu in enumerate(self.vcpus):
             vcpu.set_cpuid(machine.cpuid_for(index, vtl))
@@ -247,6 +248,11 @@ class VirtualProcessor:
                 if r in (-errno.EINTR, -errno.EAGAIN):
                     continue
                 raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+            cr8 = run.cr8
+            if cr8 != self.last_cr8:  # the guest wrote CR8 (= TPR[7:4]) in long mode
+                self.last_cr8 = cr8
+                self.apic.set_tpr_from_cr8(cr8)
+                self.interrupt_hint = True
             handler = handlers.get(run.exit_reason)
             if handler is None:
                 self.on_unhandled()
@@ -317,11 +323,13 @@ class VirtualProcessor:
         if hook is not None and hook(self, gpa, length, is_write):
             return  # VSM protections completed or intercepted it
         apic = self.apic
-        if APIC_MMIO_BASE <= gpa < APIC_MMIO_BASE + APIC_MMIO_SIZE and apic.xapic_mmio_enabled():
-            offset = gpa - APIC_MMIO_BASE
+        if apic.mmio_decoded and apic.mmio_base <= gpa < apic.mmio_base + APIC_MMIO_SIZE:
+            offset = gpa - apic.mmio_base
+            self.interrupt_hint = True  # EOI, TPR or SVR may have changed what is deliverable
             if is_write:
                 value = int.from_bytes(bytes(mmio.data[0:length]), "little")
                 apic.mmio_write(offset, length, value)
+                run.cr8 = self.last_cr8 = apic.cr8
             else:
                 value = apic.mmio_read(offset, length)
                 ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
@@ -419,6 +427,23 @@ class VirtualProcessor:
         raise GuestStop(EXIT_VMM_ERROR, f"unhandled KVM exit {exit_name(reason)} on VP {self.index}")
 
 
+class GuestClock:
+    """Host monotonic time, and the guest's real TSC (host TSC + KVM's offset).
+
+    TSC-deadline timers compare against the TSC the guest reads, so the clock
+    must return exactly that, not a TSC made up from elapsed time.
+    """
+
+    def __init__(self, tsc_offset: int) -> None:
+        self.tsc_offset = tsc_offset
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def tsc(self) -> int:
+        return (int(lib.vsm_rdtsc()) + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
+
+
 class MsrFault(Exception):
     """An MSR access that must raise #GP in the guest."""
 
@@ -468,12 +493,15 @@ class Machine:
         self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
         self.pio.add(POST_PORT, 1, Ignore())
 
-        self.timers = TimerService()
-        self.router = ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
+        self.timers: TimerService | None = None
+        self.routers = [
+            ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
+            for _ in self.vms
+        ]
         self.vps: list[VirtualProcessor] = []
         self.tsc_hz = 0
         self.tsc_offset = 0
-        self.clock: HostClock | None = None
+        self.clock: GuestClock | None = None
 
     # -- construction ----------------------------------------------------------------
     def _check_capabilities(self) -> None:
@@ -529,7 +557,8 @@ class Machine:
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
         self.vps = [VirtualProcessor(self, i) for i in range(cfg.smp)]
         for vp in self.vps:
-            self.router.add(vp.apics[0])
+            for vtl, apic in enumerate(vp.apics):
+                self.routers[vtl].add(apic)
         apply_boot_state(self.vps[0].vcpus[0], boot)
 
     # -- services for devices and layers ------------------------------------------------------
@@ -552,7 +581,8 @@ class Machine:
         self.tsc_hz = vcpu.tsc_khz() * 1000
         guest_tsc = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
         self.tsc_offset = guest_tsc - int(lib.vsm_rdtsc())
-        self.clock = HostClock(self.tsc_hz)
+        self.clock = GuestClock(self.tsc_offset)
+        self.timers = TimerService(self.clock)
 
     def guest_tsc(self) -> int:
         return int(lib.vsm_rdtsc()) + self.tsc_offset
@@ -591,12 +621,15 @@ class Machine:
         apic = vp.apic
         if index == MSR_IA32_APIC_BASE:
             apic.base_msr = value
+            vp.interrupt_hint = True
             return
         if index == MSR_IA32_TSC_DEADLINE:
             apic.tsc_deadline = value
             return
         if MSR_X2APIC_FIRST <= index <= MSR_X2APIC_LAST:
             apic.msr_write(index, value)
+            vp.interrupt_hint = True
+            vp.vcpu.run_struct.cr8 = vp.last_cr8 = apic.cr8
             return
         for first, last, handler in self.msr_handlers:
             if first <= index <= last:
@@ -666,7 +699,6 @@ class Machine:
         """Run until the guest exits, fails, times out or the user interrupts; returns the exit status."""
         if not self.vps:
             self.boot()
-        self.timers_start()
         for vp in self.vps:
             vp.start()
         deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
@@ -681,14 +713,11 @@ class Machine:
         for vp in self.vps:
             if vp.thread is not None:
                 vp.thread.join(timeout=5)
-        self.timers.stop()
+        if self.timers is not None:
+            self.timers.stop()
         assert self.exit_status is not None
         return self.exit_status
 
-    def timers_start(self) -> None:
-        start = getattr(self.timers, "start", None)
-        if start is not None:
-            start()
 
     def close(self) -> None:
         for vm in self.vms:

@@ -15,9 +15,11 @@
     .globl _start
 _start:
     mov $COUNT, %ecx
+    jecxz 2f
 1:  out %al, $0x80
     dec %ecx
     jnz 1b
+2:
     xor %eax, %eax
     out %eax, $0xf4
     hlt
