@@ -46,6 +46,7 @@ class CpuidPolicy:
     hide_xsave: bool = True
     hide_popcnt: bool = True
     hide_monitor: bool = True
+    hypervisor_bit: bool = False  # CPUID.1:ECX[31]: set when a hypervisor interface is offered
     extra_leaves: list[CpuidEntry] = field(default_factory=list)  # e.g. Hyper-V leaves
 
 
@@ -57,7 +58,8 @@ def build_cpuid(supported: list[CpuidEntry], vp_index: int, vp_count: int, polic
         if fn == LEAF_XSAVE and policy.hide_xsave:
             continue
         if fn == LEAF_FEATURES:
-            c |= ECX_X2APIC | ECX_TSC_DEADLINE | ECX_HYPERVISOR
+            c |= ECX_X2APIC | ECX_TSC_DEADLINE
+            c = c | ECX_HYPERVISOR if policy.hypervisor_bit else c & ~ECX_HYPERVISOR
             d |= EDX_APIC
             if policy.hide_xsave:
                 c &= ~(ECX_XSAVE | ECX_OSXSAVE)

@@ -94,7 +94,7 @@ class VirtualProcessor:
         self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
         self.last_cr8 = 0
         self.sipi_vector: int | None = None
-        self.pending_exceptions: list[tuple[int, int, int | None]] = []  # (vtl, vector, error code)
+        self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
         self.apics: list[LocalApic] = [
             LocalApic(
                 index,
@@ -105,6 +105,7 @@ class VirtualProcessor:
                 on_pending=self.kick,
                 tsc_hz=machine.tsc_hz,
                 timer_hz=APIC_TIMER_HZ,
+                on_eoi=lambda vector, vtl=vtl: machine.apic_eoi(index, vtl, vector),
             )
             for vtl in range(len(machine.vms))
         ]
@@ -184,9 +185,45 @@ class VirtualProcessor:
                 lib.vsm_kick_thread(self.thread_id)
 
     def wait(self, predicate: Callable[[], bool]) -> None:
+        while True:
+            if self.requests:
+                self.service_requests()
+            with self.cond:
+                if predicate() or self.machine.stopping:
+                    return
+                if not self.requests:
+                    self.cond.wait(0.5)
+
+    # -- work other threads need done on this VP's thread (vCPU ioctls, TLB flushes) --------------
+    def call_on_thread(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on this VP's thread before its next guest entry, and wait for it.
+
+        A vCPU's ioctls would block while its thread is inside KVM_RUN, so cross-VP work
+        (a TLB flush for another VP) is queued here instead. While waiting, the caller
+        keeps serving its own queue, so two VPs flushing each other cannot deadlock.
+        """
+        if self.thread is None or self.state is VpState.STOPPED or threading.current_thread() is self.thread:
+            fn()
+            return
+        done = threading.Event()
         with self.cond:
-            while not predicate() and not self.machine.stopping:
-                self.cond.wait(0.5)
+            self.requests.append((fn, done))
+        self.kick()
+        caller = self.machine.current_vp()
+        while not done.wait(0.0005):
+            if self.machine.stopping or self.state is VpState.STOPPED:
+                return
+            if caller is not None and caller.requests:
+                caller.service_requests()
+
+    def service_requests(self) -> None:
+        with self.cond:
+            requests, self.requests = self.requests, []
+        for fn, done in requests:
+            try:
+                fn()
+            finally:
+                done.set()
 
     # -- INIT / SIPI -------------------------------------------------------------------
     def on_init(self) -> None:
@@ -235,6 +272,8 @@ class VirtualProcessor:
                 self.wait_for_sipi()
                 run = self.vcpu.run_struct
                 continue
+            if self.requests:
+                self.service_requests()
             if self.interrupt_hint:
                 self.deliver_interrupts(run)
             self.in_guest = True
@@ -281,6 +320,8 @@ class VirtualProcessor:
         if run.ready_for_interrupt_injection and run.if_flag:
             vector = apic.acknowledge()
             self.vcpu.interrupt(vector)
+            if self.machine.on_interrupt_acknowledged is not None:
+                self.machine.on_interrupt_acknowledged(self, vector)
             self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="apic")
             run.request_interrupt_window = 1 if apic.pending_vector() is not None else 0
         else:
@@ -476,6 +517,13 @@ class Machine:
         self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = None
         self.wake_hook: Callable[[VirtualProcessor], bool] | None = None
         self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
+        self.reference_clock: Callable[[], int] | None = None
+        self.on_vps_created: list[Callable[[], None]] = []
+        self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = None
+        self.vtl_action_hook: Callable[[VirtualProcessor, Any], None] | None = None
+        self.on_apic_eoi: Callable[[int, int, int], None] | None = None
+        self.on_stop: list[Callable[[], None]] = []
+        self.apic_timer_hz = APIC_TIMER_HZ
         self.cpuid_policy = CpuidPolicy()
 
         self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
@@ -499,6 +547,11 @@ class Machine:
             for _ in self.vms
         ]
         self.vps: list[VirtualProcessor] = []
+        self.hyperv: Any = None
+        if config.hyperv is not None and config.hyperv.enabled:
+            from vmm.hyperv_backend import HypervBackend
+
+            self.hyperv = HypervBackend(self, config.hyperv)
         self.tsc_hz = 0
         self.tsc_offset = 0
         self.clock: GuestClock | None = None
@@ -559,6 +612,8 @@ class Machine:
         for vp in self.vps:
             for vtl, apic in enumerate(vp.apics):
                 self.routers[vtl].add(apic)
+        for hook in self.on_vps_created:
+            hook()
         apply_boot_state(self.vps[0].vcpus[0], boot)
 
     # -- services for devices and layers ------------------------------------------------------
@@ -595,6 +650,23 @@ class Machine:
 
     def vp(self, index: int) -> VirtualProcessor:
         return self.vps[index]
+
+    def apic_eoi(self, vp_index: int, vtl: int, vector: int) -> None:
+        if self.on_apic_eoi is not None:
+            self.on_apic_eoi(vp_index, vtl, vector)
+
+    def current_vp(self) -> VirtualProcessor | None:
+        """The VP whose thread is calling, if any."""
+        current = threading.current_thread()
+        for vp in self.vps:
+            if vp.thread is current:
+                return vp
+        return None
+
+    def reference_time(self) -> int:
+        if self.reference_clock is None:
+            raise RuntimeError("no reference clock without Hyper-V")
+        return self.reference_clock()
 
     @property
     def vp_count(self) -> int:
@@ -713,6 +785,8 @@ class Machine:
         for vp in self.vps:
             if vp.thread is not None:
                 vp.thread.join(timeout=5)
+        for hook in self.on_stop:
+            hook()
         if self.timers is not None:
             self.timers.stop()
         assert self.exit_status is not None

@@ -37,6 +37,23 @@ def main(verbose: bool) -> None:
     )
 
 
+def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """The Hyper-V policy the run options ask for (one-line error for an unknown feature)."""
+    from vmm.hyperv.cpuid import HypervPolicy
+
+    if not enabled:
+        return HypervPolicy.disabled()
+    if "list" in disable:
+        click.echo("Hyper-V features that --hv-disable can hide:")
+        for name in sorted(HypervPolicy.SWITCHES):
+            click.echo(f"  {name}")
+        sys.exit(0)
+    try:
+        return HypervPolicy.from_switches(list(disable))
+    except ValueError as exc:
+        fail(str(exc))
+
+
 @main.command()
 @click.argument("kernel", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--smp", type=click.IntRange(1, 64), default=1, show_default=True, help="Number of virtual processors.")
@@ -45,6 +62,8 @@ def main(verbose: bool) -> None:
 @click.option("--initrd", "initrds", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="A Multiboot module (repeatable).")
 @click.option("--serial", "serial_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the serial console here instead of stdout.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (exit status 124).")
+@click.option("--hyperv/--no-hyperv", default=True, show_default=True, help="Offer the Hyper-V interface (CPUID 0x40000000+, synthetic MSRs, hypercalls).")
+@click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
 def run(
     kernel: Path,
     smp: int,
@@ -53,6 +72,8 @@ def run(
     initrds: tuple[Path, ...],
     serial_path: Path | None,
     timeout_s: float | None,
+    hyperv: bool,
+    hv_disable: tuple[str, ...],
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     from vmm.config import MachineConfig
@@ -60,6 +81,7 @@ def run(
     from vmm.loader.elf import LoaderError
     from vmm.machine import Machine
 
+    policy = hyperv_policy(hyperv, hv_disable)
     if not kernel.exists():
         fail(f"kernel {kernel} does not exist")
     for path in initrds:
@@ -80,6 +102,7 @@ def run(
         serial_out=serial_out,
         serial_in_interactive=sys.stdin.isatty(),
         timeout_s=timeout_s,
+        hyperv=policy,
     )
     try:
         machine = Machine(config)

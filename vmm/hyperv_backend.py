@@ -1,0 +1,201 @@
+"""Wires the Hyper-V layer (``vmm/hyperv``) into the KVM machine.
+
+The Hyper-V code only knows the VP interface; this module supplies the rest of
+what it needs from the machine — the local APICs behind the synthetic APIC
+MSRs, real TLB flushes, host timers on the reference clock — and installs the
+machine hooks: the hypercall trap port, the synthetic MSR range and the CPUID
+leaves 0x40000000+.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from vmm.hyperv import HyperV
+from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
+from vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
+from vmm.hyperv.hvdef import (
+    HV_HYPERCALL_TRAP_INSN_LEN,
+    HV_HYPERCALL_TRAP_PORT,
+    HV_X64_MSR_RANGE_FIRST,
+    HV_X64_MSR_RANGE_LAST,
+)
+from vmm.hyperv.hypercall import HypercallInternalError
+from vmm.hyperv.reference_time import ReferenceClock
+from vmm.timers import TimerHandle, TimerService
+
+if TYPE_CHECKING:
+    from vmm.machine import Machine, VirtualProcessor
+
+PAGE_OFFSET_MASK = 0xFFF
+
+
+class MachineApics:
+    """``ApicAccess`` over the machine's per-(VP, VTL) local APICs."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def _apic(self, vp: int, vtl: int):  # type: ignore[no-untyped-def]
+        return self.machine.vps[vp].apics[vtl]
+
+    def eoi(self, vp: int, vtl: int) -> None:
+        self._apic(vp, vtl).eoi()
+        self.machine.vps[vp].interrupt_hint = True
+
+    def read_icr(self, vp: int, vtl: int) -> int:
+        return int(self._apic(vp, vtl).read_icr())
+
+    def write_icr(self, vp: int, vtl: int, value: int) -> None:
+        self._apic(vp, vtl).write_icr(value)
+
+    def read_tpr(self, vp: int, vtl: int) -> int:
+        return int(self._apic(vp, vtl).tpr)
+
+    def write_tpr(self, vp: int, vtl: int, value: int) -> None:
+        apic = self._apic(vp, vtl)
+        apic.tpr = value
+        owner = self.machine.vps[vp]
+        owner.interrupt_hint = True
+        if owner.vtl == vtl:
+            owner.vcpu.run_struct.cr8 = owner.last_cr8 = apic.cr8
+
+
+class MachineTlb:
+    """``TlbFlusher``: reloading a vCPU's special registers makes KVM drop its cached translations.
+
+    The reload runs on each target VP's own thread before its next guest entry, and
+    ``flush_vps`` returns only when every target has done it.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
+        for index in vp_indices:
+            if 0 <= index < len(self.machine.vps):
+                vp = self.machine.vps[index]
+                vp.call_on_thread(lambda vp=vp: flush_vcpu_tlb(vp, vtl))
+
+
+def flush_vcpu_tlb(vp: VirtualProcessor, vtl: int) -> None:
+    vcpu = vp.vcpus[vtl]
+    vcpu.flush_regs()
+    vcpu.set_sregs(vcpu.get_sregs())
+
+
+class ReferenceTimers:
+    """Timers whose deadlines are partition reference time in ns, on host timers.
+
+    The host timer service counts host monotonic ns; the Hyper-V layer counts
+    reference time (derived from the guest TSC). Converting at arm time keeps
+    both honest: they advance at the same rate and differ only by an offset.
+    """
+
+    def __init__(self, host: TimerService, reference_ns: Callable[[], int]) -> None:
+        self.host = host
+        self.reference_ns = reference_ns
+
+    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> TimerHandle:
+        delta = deadline_ns - self.reference_ns()
+        return self.host.arm(time.monotonic_ns() + max(delta, 0), callback)
+
+    def cancel(self, handle: object) -> None:
+        assert isinstance(handle, TimerHandle)
+        self.host.cancel(handle)
+
+
+class HypervBackend:
+    """Installs Hyper-V into a machine before boot; creates the :class:`HyperV` once VPs exist."""
+
+    def __init__(self, machine: Machine, policy: HypervPolicy) -> None:
+        self.machine = machine
+        self.policy = policy.normalized()
+        self.hv: HyperV | None = None
+        self.lock = threading.Lock()
+        machine.extra_cpuid = [
+            (leaf, subleaf, 0, a, b, c, d) for leaf, subleaf, a, b, c, d in hyperv_cpuid_leaves(self.policy, machine.config.smp)
+        ]
+        machine.cpuid_policy.hypervisor_bit = True
+        machine.msr_handlers.append((HV_X64_MSR_RANGE_FIRST, HV_X64_MSR_RANGE_LAST, self))
+        machine.on_vps_created.append(self._create)
+
+    def _create(self) -> None:
+        m = self.machine
+        assert m.clock is not None and m.timers is not None
+        self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+        m.reference_clock = self.reference.reference_time
+        self.hv = HyperV(
+            m,
+            self.policy,
+            timers=ReferenceTimers(m.timers, self.reference.reference_time_ns),
+            apic=MachineApics(m),
+            tlb=MachineTlb(m),
+            sink=m.sink,
+            tsc_page=lambda: self.reference.tsc_page_params,
+            tsc_frequency_hz=m.tsc_hz,
+            apic_frequency_hz=m.apic_timer_hz,
+            vtl_count=len(m.vms),
+        )
+        m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
+        m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
+        m.on_apic_eoi = self._on_eoi
+        m.on_stop.append(self.shutdown)
+
+    # -- machine hooks -----------------------------------------------------------------------
+    def msr_read(self, vp: VirtualProcessor, index: int) -> int:
+        assert self.hv is not None
+        try:
+            return self.hv.msr_read(vp.index, vp.vtl, index)
+        except GpFault as exc:
+            from vmm.machine import MsrFault
+
+            raise MsrFault(index) from exc
+
+    def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
+        from vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
+
+        assert self.hv is not None
+        try:
+            self.hv.msr_write(vp.index, vp.vtl, index, value)
+        except GpFault as exc:
+            raise MsrFault(index) from exc
+        except GuestCrash as crash:
+            raise GuestStop(EXIT_GUEST_FAULT, crash.report.describe()) from None
+        except GuestResetRequest as reset:
+            raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
+
+    def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
+        from vmm.machine import EXIT_VMM_ERROR, GuestStop
+
+        assert self.hv is not None
+        try:
+            outcome = self.hv.hypercall(vp.index, vp.vtl)
+        except HypercallInternalError as exc:
+            raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
+        if outcome.retry:
+            # Re-execute the trapping OUT: rewind RIP if KVM already stepped over it.
+            regs = vp.vcpu.get_regs()
+            if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
+                regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
+                vp.vcpu.set_regs(regs)
+        vp.interrupt_hint = True
+        action = outcome.vtl_action
+        if action is not None and self.machine.vtl_action_hook is not None:
+            self.machine.vtl_action_hook(vp, action)
+
+    def on_interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
+        hv = self.hv
+        if hv is not None and hv.is_auto_eoi(vp.index, vp.vtl, vector):
+            vp.apic.eoi()
+
+    def _on_eoi(self, vp: int, vtl: int, vector: int) -> None:
+        if self.hv is not None:
+            self.hv.on_apic_eoi(vp, vtl)
+
+    def shutdown(self) -> None:
+        if self.hv is not None:
+            self.hv.shutdown()
