@@ -127,13 +127,14 @@ class HypervBackend:
         m = self.machine
         assert m.clock is not None and m.timers is not None
         self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+        m.hyperv_tlb = MachineTlb(m)
         m.reference_clock = self.reference.reference_time
         self.hv = HyperV(
             m,
             self.policy,
             timers=ReferenceTimers(m.timers, self.reference.reference_time_ns),
             apic=MachineApics(m),
-            tlb=MachineTlb(m),
+            tlb=m.hyperv_tlb,
             sink=m.sink,
             tsc_page=lambda: self.reference.tsc_page_params,
             tsc_frequency_hz=m.tsc_hz,
@@ -176,8 +177,9 @@ class HypervBackend:
             outcome = self.hv.hypercall(vp.index, vp.vtl)
         except HypercallInternalError as exc:
             raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
-        if outcome.retry:
-            # Re-execute the trapping OUT: rewind RIP if KVM already stepped over it.
+        if outcome.retry or outcome.exception is not None:
+            # Re-execute the trapping OUT (rep continuation), or report the #UD/#GP at it
+            # (a fault's RIP is the faulting instruction): rewind RIP if KVM stepped over it.
             regs = vp.vcpu.get_regs()
             if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
                 regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN

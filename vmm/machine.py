@@ -31,11 +31,11 @@ from vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
 from vmm.events import EventKind, EventSink, NullSink
 from vmm.guest_errors import describe_internal_error
 from vmm.kvm.exits import exit_name
-from vmm.kvm.system import Kvm, KvmUnavailable, MemoryRegion, Vcpu, Vm, ffi, lib
+from vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
 from vmm.loader.multiboot import Module, load_kernel
 from vmm.memory import GuestMemory
 from vmm.timers import TimerService
-from vmm.vp import Access, CpuMode, Segment, Table
+from vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
 
 log = logging.getLogger("vsmtrace.machine")
 
@@ -94,6 +94,8 @@ class VirtualProcessor:
         self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
         self.last_cr8 = 0
         self.sipi_vector: int | None = None
+        self.start_vtl: int | None = None  # HvCallStartVirtualProcessor: start in this VTL, context already loaded
+        self.started = index == 0
         self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
         self.apics: list[LocalApic] = [
             LocalApic(
@@ -240,6 +242,14 @@ class VirtualProcessor:
                 self.sipi_vector = vector
                 self.cond.notify_all()
 
+    def start_in_vtl(self, vtl: int) -> None:
+        """Start a VP that waits for SIPI directly in ``vtl`` (its context was loaded already)."""
+        with self.cond:
+            if self.state is VpState.WAIT_FOR_SIPI:
+                self.start_vtl = vtl
+                self.started = True
+                self.cond.notify_all()
+
     # -- the run loop ----------------------------------------------------------------------
     def start(self) -> None:
         self.thread = threading.Thread(target=self.thread_main, name=f"vp{self.index}", daemon=True)
@@ -275,7 +285,7 @@ class VirtualProcessor:
             if self.requests:
                 self.service_requests()
             if self.interrupt_hint:
-                self.deliver_interrupts(run)
+                run = self.deliver_interrupts(run)
             self.in_guest = True
             if machine.stopping:
                 break
@@ -300,23 +310,37 @@ class VirtualProcessor:
             run = self.vcpu.run_struct
 
     def wait_for_sipi(self) -> None:
-        self.wait(lambda: self.sipi_vector is not None)
+        self.wait(lambda: self.sipi_vector is not None or self.start_vtl is not None)
         if self.machine.stopping:
             return
-        vector = self.sipi_vector
-        assert vector is not None
-        self.sipi_vector = None
-        apply_sipi(self.vcpu, vector)
+        if self.start_vtl is not None:
+            self.vtl, self.start_vtl = self.start_vtl, None
+        else:
+            vector = self.sipi_vector
+            assert vector is not None
+            self.sipi_vector = None
+            apply_sipi(self.vcpu, vector)
+        self.started = True
+        self.last_cr8 = self.vcpu.run_struct.cr8
+        self.interrupt_hint = True
         self.state = VpState.RUNNING
 
-    def deliver_interrupts(self, run: Any) -> None:
-        """Inject the highest deliverable APIC vector, or ask KVM for an interrupt window."""
+    def deliver_interrupts(self, run: Any) -> Any:
+        """Inject the highest deliverable APIC vector, or ask KVM for an interrupt window.
+
+        Returns the kvm_run of the VTL that will run (a higher VTL's pending interrupt
+        may switch the VP first).
+        """
+        hook = self.machine.pre_entry_hook
+        if hook is not None:
+            hook(self)
+            run = self.vcpu.run_struct
         apic = self.apic
         vector = apic.pending_vector()
         if vector is None:
             self.interrupt_hint = False
             run.request_interrupt_window = 0
-            return
+            return run
         if run.ready_for_interrupt_injection and run.if_flag:
             vector = apic.acknowledge()
             self.vcpu.interrupt(vector)
@@ -326,6 +350,7 @@ class VirtualProcessor:
             run.request_interrupt_window = 1 if apic.pending_vector() is not None else 0
         else:
             run.request_interrupt_window = 1
+        return run
 
     # -- exit handlers ------------------------------------------------------------------------
     def on_nothing(self) -> None:
@@ -516,6 +541,10 @@ class Machine:
         self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = None
         self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = None
         self.wake_hook: Callable[[VirtualProcessor], bool] | None = None
+        self.pre_entry_hook: Callable[[VirtualProcessor], None] | None = None
+        self.views: list[Any] = []  # vmm.vsm.memory_view.MemoryView per VTL
+        self.vsm: Any = None
+        self.hyperv_tlb: Any = None
         self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
         self.reference_clock: Callable[[], int] | None = None
         self.on_vps_created: list[Callable[[], None]] = []
@@ -552,6 +581,10 @@ class Machine:
             from vmm.hyperv_backend import HypervBackend
 
             self.hyperv = HypervBackend(self, config.hyperv)
+            if config.vtls > 1:
+                from vmm.vsm.backend import VsmBackend
+
+                self.vsm = VsmBackend(self)
         self.tsc_hz = 0
         self.tsc_offset = 0
         self.clock: GuestClock | None = None
@@ -587,10 +620,11 @@ class Machine:
 
     def map_ram(self) -> None:
         """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
-        host = self.memory.host_address()
-        for vm in self.vms:
-            for slot, r in enumerate(self.memory.ranges):
-                vm.set_memory_region(MemoryRegion(slot, r.gpa, r.size, host + r.offset))
+        from vmm.vsm.memory_view import MemoryView
+
+        self.views = [MemoryView(vm, self.memory, vtl) for vtl, vm in enumerate(self.vms)]
+        for view in self.views:
+            view.apply()
 
     def set_msr_filter(self, extra: list[tuple[int, int]] | None = None) -> None:
         ranges = [(MSR_IA32_APIC_BASE, 1), (MSR_IA32_TSC_DEADLINE, 1)] + list(extra or [])
@@ -643,9 +677,14 @@ class Machine:
         return int(lib.vsm_rdtsc()) + self.tsc_offset
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
+        """Guest memory as ``vtl`` may see it: a hypercall can never reach past the caller's protections."""
+        if self.views and not self.views[vtl].check(gpa, size, access):
+            raise VtlAccessDenied(vtl, gpa, access)
         return self.memory.read(gpa, size)
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
+        if self.views and not self.views[vtl].check(gpa, len(data), Access.WRITE):
+            raise VtlAccessDenied(vtl, gpa, Access.WRITE)
         self.memory.write(gpa, data)
 
     def vp(self, index: int) -> VirtualProcessor:

@@ -63,6 +63,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--serial", "serial_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the serial console here instead of stdout.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (exit status 124).")
 @click.option("--hyperv/--no-hyperv", default=True, show_default=True, help="Offer the Hyper-V interface (CPUID 0x40000000+, synthetic MSRs, hypercalls).")
+@click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
 def run(
     kernel: Path,
@@ -73,6 +74,7 @@ def run(
     serial_path: Path | None,
     timeout_s: float | None,
     hyperv: bool,
+    vsm: bool,
     hv_disable: tuple[str, ...],
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
@@ -82,6 +84,9 @@ def run(
     from vmm.machine import Machine
 
     policy = hyperv_policy(hyperv, hv_disable)
+    vsm = vsm and hyperv
+    if vsm:
+        policy = policy.with_vsm()
     if not kernel.exists():
         fail(f"kernel {kernel} does not exist")
     for path in initrds:
@@ -103,6 +108,7 @@ def run(
         serial_in_interactive=sys.stdin.isatty(),
         timeout_s=timeout_s,
         hyperv=policy,
+        vtls=2 if vsm else 1,
     )
     try:
         machine = Machine(config)

@@ -317,6 +317,26 @@ class Vcpu:
     def tsc_khz(self) -> int:
         return _check("KVM_GET_TSC_KHZ", lib.ioctl(self.fd, lib.KVM_GET_TSC_KHZ, ffi.cast("int", 0)))
 
+    def _tsc_attr(self, value: Any) -> Any:
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = lib.KVM_VCPU_TSC_CTRL
+        attr.attr = lib.KVM_VCPU_TSC_OFFSET
+        attr.addr = int(ffi.cast("uintptr_t", value))
+        return attr
+
+    def has_tsc_offset_attr(self) -> bool:
+        attr = self._tsc_attr(ffi.new("__u64 *"))
+        return lib.ioctl(self.fd, lib.KVM_HAS_DEVICE_ATTR, attr) == 0
+
+    def get_tsc_offset(self) -> int:
+        value = ffi.new("__u64 *")
+        _check("KVM_GET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)", lib.ioctl(self.fd, lib.KVM_GET_DEVICE_ATTR, self._tsc_attr(value)))
+        return int(value[0])
+
+    def set_tsc_offset(self, offset: int) -> None:
+        value = ffi.new("__u64 *", offset & 0xFFFFFFFFFFFFFFFF)
+        _check("KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)", lib.ioctl(self.fd, lib.KVM_SET_DEVICE_ATTR, self._tsc_attr(value)))
+
     def close(self) -> None:
         try:
             self._map.close()

@@ -1,0 +1,361 @@
+"""VSM over stock KVM: the machine side of ``vmm/vsm``.
+
+Implements :class:`vmm.vsm.services.VsmServices` and installs the machine hooks
+VSM needs:
+
+* **VTL switches** — the VP's active vCPU changes; shared state is copied
+  (``vtl_switch.SharedStateCopier``) and the entry reason is written by the VSM
+  logic into the entered VTL's VP assist page.
+* **Protections** — each VTL's VM has a :class:`MemoryView` whose memslots encode
+  the permissions the higher VTL set.
+* **Secure memory intercepts** — a denied access (MMIO exit from a hole or a
+  read-only slot, or an instruction-fetch failure) is undone (``rewind``), turned
+  into an HvMessageTypeGpaIntercept for SINT0 of the next higher VTL, and the VP
+  switches there.
+* **Interrupts for higher VTLs** — before every entry of a lower VTL, and while it
+  halts, a deliverable interrupt in a higher VTL's APIC pulls the VP up.
+* **No confused deputy** — hypercall buffers are read and written through the
+  caller VTL's view.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from vmm.events import EventKind
+from vmm.kvm.system import ffi, lib
+from vmm.memory import PAGE_SHIFT
+from vmm.vp import Access, CpuMode, GuestMemoryError, Segment
+from vmm.vsm.memory_view import MemoryView
+from vmm.vsm.rewind import Located, decode_at, locate_write, read_target
+from vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
+from vmm.vsm.vtl_switch import SharedStateCopier
+
+if TYPE_CHECKING:
+    from vmm.machine import Machine, VirtualProcessor
+
+log = logging.getLogger("vsmtrace.vsm")
+
+GPR_FIELDS = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
+)  # fmt: skip
+ENTRY_REASON = {
+    SwitchReason.CALL: EntryReason.VTL_CALL,
+    SwitchReason.INTERRUPT: EntryReason.INTERRUPT,
+    SwitchReason.INTERCEPT: EntryReason.INTERRUPT,  # intercepts arrive as the SINT0 interrupt
+}
+ACCESS_NAMES = {Access.READ: "read", Access.WRITE: "write", Access.EXECUTE: "execute"}
+
+
+class VsmBackend:
+    """One per machine with VSM: owns the memory views and performs VTL switches."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.vsm: Any = None  # vmm.vsm.Vsm, created once the VPs (and Hyper-V) exist
+        self.enabled_vtls = {0}
+        self.copiers: dict[int, SharedStateCopier] = {}
+        machine.mmio_hook = self.on_mmio
+        machine.internal_error_hook = self.on_internal_error
+        machine.wake_hook = self.higher_vtl_pending
+        machine.pre_entry_hook = self.pre_entry
+        machine.on_vps_created.append(self._create)
+
+    # -- construction ---------------------------------------------------------------------
+    def _create(self) -> None:
+        try:
+            from vmm.vsm import Vsm
+        except ImportError:  # the VSM logic layer is not in this tree yet
+            log.debug("VSM logic unavailable; running without VSM")
+            self.machine.mmio_hook = self.machine.internal_error_hook = None
+            self.machine.wake_hook = self.machine.pre_entry_hook = None
+            return
+        m = self.machine
+        hv = m.hyperv.hv
+        self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in m.vps}
+        self.sync_tsc()
+        self.vsm = Vsm(hv, m, self, vtl_count=len(m.vms), sink=m.sink)
+
+    def sync_tsc(self) -> None:
+        """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
+        for vp in self.machine.vps:
+            base = vp.vcpus[0]
+            if not base.has_tsc_offset_attr():
+                continue
+            offset = base.get_tsc_offset()
+            for vcpu in vp.vcpus[1:]:
+                vcpu.set_tsc_offset(offset)
+
+    @property
+    def views(self) -> list[MemoryView]:
+        return self.machine.views
+
+    # -- VsmServices -------------------------------------------------------------------------
+    def create_vtl(self, vtl: int) -> None:
+        if vtl >= len(self.machine.vms):
+            raise ValueError(f"VTL{vtl} is beyond the {len(self.machine.vms)} VTLs this machine was built with")
+        self.enabled_vtls.add(vtl)
+
+    def load_vp_context(self, vp: int, vtl: int, context: InitialVpContext) -> None:
+        target = self.machine.vps[vp]
+
+        def load() -> None:
+            regs = target.regfiles[vtl]
+            for name, value in context.registers.items():
+                regs.set(name, value)  # type: ignore[arg-type]
+
+        target.call_on_thread(load)
+
+    def start_vp(self, vp: int, vtl: int) -> None:
+        self.machine.vps[vp].start_in_vtl(vtl)
+
+    def vp_started(self, vp: int) -> bool:
+        return self.machine.vps[vp].started
+
+    def request_transition(self, transition: VtlTransition) -> None:
+        vp = self.machine.vps[transition.vp]
+        self.switch(vp, transition.to_vtl, transition.reason, transition.return_rax_rcx)
+
+    def set_protections(self, target_vtl: int, protections: Sequence[PageProtection]) -> None:
+        view = self.views[target_vtl]
+        for p in protections:
+            view.set_pages(p.first_page, p.count, p.allowed)
+
+    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
+        self.machine.hyperv_tlb.flush_vps(vp_indices, vtl)
+
+    # -- VTL switches --------------------------------------------------------------------------
+    def switch(
+        self, vp: VirtualProcessor, to_vtl: int, reason: SwitchReason, return_rax_rcx: tuple[int, int] | None = None
+    ) -> None:
+        from_vtl = vp.vtl
+        if to_vtl == from_vtl:
+            return
+        src = vp.vcpus[from_vtl]
+        complete_pending_io(src)
+        self.copiers[vp.index].copy(from_vtl, to_vtl)
+        dst = vp.vcpus[to_vtl]
+        if return_rax_rcx is not None:
+            regs = dst.get_regs()
+            regs.rax, regs.rcx = return_rax_rcx
+            dst.set_regs(regs)
+        rip = int(src.get_regs().rip)
+        vp.vtl = to_vtl
+        vp.last_cr8 = dst.run_struct.cr8
+        vp.interrupt_hint = True
+        if to_vtl > from_vtl and self.vsm is not None:
+            self.vsm.on_vtl_entry(vp.index, to_vtl, ENTRY_REASON[reason], from_vtl)
+        sink = self.machine.sink
+        if sink.enabled:
+            sink.emit(EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value)
+
+    def highest_enabled(self, vp: VirtualProcessor) -> int:
+        if self.vsm is None:
+            return 0
+        return int(self.vsm.highest_enabled_vtl(vp.index))
+
+    def higher_vtl_pending(self, vp: VirtualProcessor) -> bool:
+        """A higher VTL of this VP has a deliverable interrupt (RFLAGS.IF of the lower VTL is irrelevant)."""
+        top = self.highest_enabled(vp)
+        return any(vp.apics[v].pending_vector() is not None for v in range(top, vp.vtl, -1))
+
+    def pre_entry(self, vp: VirtualProcessor) -> None:
+        """Called before entering the guest when interrupts may have changed."""
+        top = self.highest_enabled(vp)
+        for vtl in range(top, vp.vtl, -1):
+            if vp.apics[vtl].pending_vector() is not None:
+                self.switch(vp, vtl, SwitchReason.INTERRUPT)
+                return
+
+    # -- protections: MMIO exits and fetch failures --------------------------------------------
+    def on_mmio(self, vp: VirtualProcessor, gpa: int, length: int, is_write: bool) -> bool:
+        memory = self.machine.memory
+        if not memory.is_ram(gpa, length):
+            return False  # a device, not a protection
+        view = self.views[vp.vtl]
+        access = Access.WRITE if is_write else Access.READ
+        mmio = vp.vcpu.run_struct.mmio
+        if view.check(gpa, length, access):
+            if is_write:
+                memory.write(gpa, bytes(mmio.data[0:length]))
+            else:
+                ffi.memmove(mmio.data, memory.read(gpa, length), length)
+            self.machine.emit(EventKind.MMIO, vp, address=gpa, size=length, is_write=is_write, data=_as_int(mmio, length))
+            return True
+        self.intercept(vp, gpa, access, length)
+        return True
+
+    def on_internal_error(self, vp: VirtualProcessor) -> bool:
+        """An instruction fetch from a hole is the execute intercept (RIP is at the target)."""
+        vcpu = vp.vcpu
+        rip = int(vcpu.get_regs().rip)
+        linear = (int(vcpu.get_sregs().cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
+        try:
+            gpa, valid, _ = vcpu.translate(linear)
+        except OSError:
+            return False
+        if not valid or not self.machine.memory.is_ram(gpa):
+            return False
+        if self.views[vp.vtl].check(gpa, 1, Access.EXECUTE):
+            return False  # not a protection: a genuine emulation failure
+        self.intercept(vp, gpa, Access.EXECUTE, 1, gva=linear)
+        return True
+
+    def intercept(self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None) -> None:
+        from vmm.machine import EXIT_GUEST_FAULT, GuestStop
+
+        machine = self.machine
+        vtl = vp.vtl
+        target_vtl = self._next_higher(vp)
+        if target_vtl is None:
+            raise GuestStop(
+                EXIT_GUEST_FAULT,
+                f"VP {vp.index} VTL{vtl} {ACCESS_NAMES[access]} of protected {gpa:#x} with no higher VTL to intercept it",
+            )
+        vcpu = vp.vcpu
+        sregs = vcpu.get_sregs()
+        mode = _mode(sregs)
+        regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_FIELDS}
+        bases = {"fs": int(sregs.fs.base), "gs": int(sregs.gs.base), "es": int(sregs.es.base)}
+        read_code = lambda linear, n: self._read_linear(vp, linear, n)  # noqa: E731
+        translate = lambda linear: self._translate(vp, linear)  # noqa: E731
+        located: Located | None
+        if access is Access.WRITE:
+            located = locate_write(regs["rip"], regs, mode, read_code, translate, gpa, bases)
+            if located is None:
+                raise GuestStop(
+                    EXIT_GUEST_FAULT,
+                    f"VP {vp.index} VTL{vtl}: denied write to {gpa:#x} by an instruction vsmtrace cannot locate "
+                    f"(rip={regs['rip']:#x}); cannot deliver an exact intercept",
+                )
+            located.bytes = located.bytes or read_code(located.rip, located.length)
+            restored = vcpu.get_regs()
+            for name, value in located.before.items():
+                setattr(restored, name, value & 0xFFFFFFFFFFFFFFFF)
+            vcpu.set_regs(restored)
+            regs.update({k: v & 0xFFFFFFFFFFFFFFFF for k, v in located.before.items()})
+        elif access is Access.READ:
+            located = decode_at(read_code, regs["rip"], mode)
+            if located is not None:
+                located.gva = read_target(located, regs, mode, read_code, bases) or 0
+            discard_pending_read(vp)
+        else:
+            located = Located(regs["rip"], 0, self._read_ram(gpa, 16), "", gva or regs["rip"], {})
+        message = self.vsm.build_intercept(
+            vp=vp.index,
+            intercepted_vtl=vtl,
+            access=access,
+            gpa=gpa,
+            gva=located.gva if located is not None and located.gva else gva,
+            insn_bytes=(located.bytes if located is not None else b"")[:16],
+            insn_length=located.length if located is not None else 0,
+            regs=regs,
+            segments={name: _segment(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
+            cr0=int(sregs.cr0),
+            efer=int(sregs.efer),
+            cpl=int(sregs.cs.dpl),
+            mode=mode,
+        )
+        machine.emit(
+            EventKind.INTERCEPT,
+            vp,
+            access=ACCESS_NAMES[access],
+            gpa=gpa,
+            gva=located.gva if located is not None and located.gva else gva,
+            insn_bytes=(located.bytes if located is not None else b"")[:16],
+            message=message.pack(),
+        )
+        machine.hyperv.hv.post_intercept(vp.index, target_vtl, message)
+        if vp.apics[target_vtl].pending_vector() is None:
+            raise GuestStop(
+                EXIT_GUEST_FAULT,
+                f"VP {vp.index}: VTL{vtl} {ACCESS_NAMES[access]} of {gpa:#x} was intercepted, but VTL{target_vtl} "
+                "cannot take the intercept message (SynIC SIMP/SINT0 not set up, or SINT0 masked)",
+            )
+        self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
+
+    def _next_higher(self, vp: VirtualProcessor) -> int | None:
+        top = self.highest_enabled(vp)
+        return vp.vtl + 1 if vp.vtl < top else None
+
+    # -- guest memory as the VP sees it ------------------------------------------------------------
+    def _translate(self, vp: VirtualProcessor, linear: int) -> int | None:
+        try:
+            gpa, valid, _ = vp.vcpu.translate(linear & 0xFFFFFFFFFFFFFFFF)
+        except OSError:
+            return None
+        return int(gpa) if valid else None
+
+    def _read_linear(self, vp: VirtualProcessor, linear: int, size: int) -> bytes:
+        out = bytearray()
+        addr = linear
+        while len(out) < size:
+            gpa = self._translate(vp, addr)
+            if gpa is None:
+                break
+            chunk = min(size - len(out), 0x1000 - (addr & 0xFFF))
+            try:
+                out += self.machine.memory.read(gpa, chunk)
+            except GuestMemoryError:
+                break
+            addr += chunk
+        return bytes(out)
+
+    def _read_ram(self, gpa: int, size: int) -> bytes:
+        try:
+            return self.machine.memory.read(gpa, size)
+        except GuestMemoryError:
+            return b""
+
+    # -- confused deputy ---------------------------------------------------------------------------
+    def check_access(self, vtl: int, gpa: int, size: int, access: Access) -> bool:
+        return self.views[vtl].check(gpa, size, access)
+
+
+def complete_pending_io(vcpu: Any) -> None:
+    """Finish a pending PIO/MMIO completion without running guest code (api.rst, KVM_EXIT_MMIO note).
+
+    On hosts where KVM advances RIP only when the exit completes, this makes the
+    vCPU's state final before another vCPU of the VP takes over.
+    """
+    run = vcpu.run_struct
+    if run.exit_reason not in (lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO):
+        return
+    vcpu.flush_regs()
+    run.immediate_exit = 1
+    vcpu.run()
+    run.immediate_exit = 0
+
+
+def discard_pending_read(vp: VirtualProcessor) -> None:
+    """Complete a pending MMIO read, then put every register back: the read never happened."""
+    vcpu = vp.vcpu
+    saved = ffi.new("struct kvm_regs *")
+    ffi.memmove(saved, vcpu.get_regs(), ffi.sizeof("struct kvm_regs"))
+    fpu = vcpu.get_fpu()
+    complete_pending_io(vcpu)
+    vcpu.set_regs(saved)
+    vcpu.flush_regs()
+    vcpu.set_fpu(fpu)
+
+
+def _as_int(mmio: Any, length: int) -> int:
+    return int.from_bytes(bytes(mmio.data[0:length]), "little")
+
+
+def _mode(sregs: Any) -> CpuMode:
+    from vmm.cpu_state import cpu_mode
+
+    return cpu_mode(sregs)
+
+
+def _segment(s: Any) -> Segment:
+    from vmm.cpu_state import segment_from_kvm
+
+    return segment_from_kvm(s)
+
+
+PAGE = 1 << PAGE_SHIFT

@@ -1,0 +1,149 @@
+"""A VTL's view of guest RAM, expressed as a KVM memslot layout.
+
+Stock KVM has no per-page permissions, so a lower VTL's protections become the
+shape of its VM's memslots (DESIGN.md, "VTL protections as memslot layouts"):
+
+* every access allowed            → RAM slot (KVM runs the guest natively);
+* read and execute, no write      → read-only slot (stores exit as MMIO);
+* anything else                   → hole (every access exits; the VMM completes
+  allowed reads/writes against RAM, and an instruction fetch fails, which is
+  the execute intercept).
+
+Only pages that differ from "everything allowed" are stored, so an unprotected
+view costs nothing, and a change rebuilds only the slots it touches.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+
+from vmm.kvm.system import MemoryRegion, Vm
+from vmm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from vmm.vp import Access
+
+ALL_ACCESS = Access.READ | Access.WRITE | Access.EXECUTE
+READ_EXECUTE = Access.READ | Access.EXECUTE
+
+
+class SlotKind(enum.Enum):
+    RAM = "ram"
+    READONLY = "readonly"
+    HOLE = "hole"
+
+
+def slot_kind(allowed: Access) -> SlotKind:
+    if allowed == ALL_ACCESS:
+        return SlotKind.RAM
+    if allowed == READ_EXECUTE:
+        return SlotKind.READONLY
+    return SlotKind.HOLE
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive pages with the same slot kind."""
+
+    first_page: int
+    pages: int
+    kind: SlotKind
+
+    @property
+    def gpa(self) -> int:
+        return self.first_page << PAGE_SHIFT
+
+    @property
+    def size(self) -> int:
+        return self.pages << PAGE_SHIFT
+
+
+class MemoryView:
+    """The memslots of one VTL's KVM VM, kept equal to its page permissions."""
+
+    def __init__(self, vm: Vm, memory: GuestMemory, vtl: int) -> None:
+        self.vm = vm
+        self.memory = memory
+        self.vtl = vtl
+        self.lock = threading.RLock()
+        self.restricted: dict[int, Access] = {}  # page → allowed (only pages != ALL_ACCESS)
+        self.slots: dict[Run, int] = {}
+        self.next_slot = 0
+        self.free_slots: list[int] = []
+        self.host = memory.host_address()
+
+    # -- queries (any thread) --------------------------------------------------------------
+    def allowed(self, page: int) -> Access:
+        return self.restricted.get(page, ALL_ACCESS)
+
+    def check(self, gpa: int, size: int, access: Access) -> bool:
+        """Whether every page of ``[gpa, gpa + size)`` allows ``access`` in this view."""
+        if not self.restricted:
+            return True
+        first, last = gpa >> PAGE_SHIFT, (gpa + max(size, 1) - 1) >> PAGE_SHIFT
+        return all(access & ~self.allowed(p) == 0 for p in range(first, last + 1))
+
+    # -- layout ----------------------------------------------------------------------------------
+    def runs(self) -> list[Run]:
+        """The slot layout the current permissions call for, covering all RAM."""
+        out: list[Run] = []
+        special = sorted(self.restricted)
+        for r in self.memory.ranges:
+            start, end = r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT
+            cursor = start
+            for page in special:
+                if page < start or page >= end:
+                    continue
+                if page > cursor:
+                    out.append(Run(cursor, page - cursor, SlotKind.RAM))
+                kind = slot_kind(self.restricted[page])
+                if out and out[-1].kind is kind and out[-1].first_page + out[-1].pages == page and kind is not SlotKind.RAM:
+                    last = out.pop()
+                    out.append(Run(last.first_page, last.pages + 1, kind))
+                else:
+                    out.append(Run(page, 1, kind))
+                cursor = page + 1
+            if cursor < end:
+                out.append(Run(cursor, end - cursor, SlotKind.RAM))
+        return out
+
+    def apply(self) -> None:
+        """Make KVM's memslots match :meth:`runs` (only the slots that changed move)."""
+        with self.lock:
+            wanted = {run for run in self.runs() if run.kind is not SlotKind.HOLE}
+            stale = [run for run in self.slots if run not in wanted]
+            for run in stale:
+                slot = self.slots.pop(run)
+                self.vm.set_memory_region(MemoryRegion(slot, run.gpa, 0, 0))
+                self.free_slots.append(slot)
+            for run in sorted(wanted - set(self.slots), key=lambda r: r.first_page):
+                slot = self.free_slots.pop() if self.free_slots else self._new_slot()
+                offset = self._ram_offset(run.gpa)
+                self.vm.set_memory_region(
+                    MemoryRegion(slot, run.gpa, run.size, self.host + offset, readonly=run.kind is SlotKind.READONLY)
+                )
+                self.slots[run] = slot
+
+    def _new_slot(self) -> int:
+        slot = self.next_slot
+        self.next_slot += 1
+        return slot
+
+    def _ram_offset(self, gpa: int) -> int:
+        for r in self.memory.ranges:
+            if r.gpa <= gpa < r.end:
+                return r.offset + (gpa - r.gpa)
+        raise ValueError(f"{gpa:#x} is not RAM")
+
+    def set_pages(self, first_page: int, count: int, allowed: Access) -> None:
+        """Change the permissions of ``count`` pages and update the memslots."""
+        with self.lock:
+            for page in range(first_page, first_page + count):
+                if allowed == ALL_ACCESS:
+                    self.restricted.pop(page, None)
+                else:
+                    self.restricted[page] = allowed
+            self.apply()
+
+    def is_ram_page(self, page: int) -> bool:
+        return self.memory.is_ram(page << PAGE_SHIFT, PAGE_SIZE)

@@ -1,0 +1,67 @@
+"""Moving a VP from one VTL's vCPU to another's.
+
+Each VTL of a VP is its own KVM vCPU, so private state (RIP, RSP, RFLAGS, control
+and segment registers, EFER, syscall MSRs, PAT, APIC, synthetic MSRs) never
+moves: it stays in its vCPU. A switch copies only the state the TLFS calls shared
+(vsm-facts §4.1): the general registers except RSP, CR2, DR0-DR3 and DR6, and the
+x87/SSE state. GPRs travel through the ``kvm_run`` sync-regs area, so they cost no
+ioctl; the rest is copied only when it differs from what the target already holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmm.kvm.system import Vcpu, ffi
+
+SHARED_GPRS = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+)  # fmt: skip
+FPU_SIZE = ffi.sizeof("struct kvm_fpu")
+
+
+class SharedStateCopier:
+    """Copies shared registers between the vCPUs of one VP, remembering what each holds.
+
+    ``fpu_cache[vtl]`` is the x87/SSE image last read from or written to that vCPU;
+    when the source image equals the target's, the KVM_SET_FPU is skipped.
+    """
+
+    def __init__(self, vcpus: list[Vcpu]) -> None:
+        self.vcpus = vcpus
+        self.fpu_cache: list[bytes | None] = [None] * len(vcpus)
+
+    def copy(self, src_vtl: int, dst_vtl: int) -> None:
+        src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
+        s_regs: Any = src.get_regs()
+        d_regs: Any = dst.get_regs()
+        for name in SHARED_GPRS:
+            setattr(d_regs, name, getattr(s_regs, name))
+        dst.set_regs(d_regs)
+
+        s_sregs = src.get_sregs()
+        d_sregs = dst.get_sregs()
+        if s_sregs.cr2 != d_sregs.cr2:
+            d_sregs.cr2 = s_sregs.cr2
+            dst.flush_regs()
+            dst.set_sregs(d_sregs)
+
+        s_dbg = src.get_debugregs()
+        d_dbg = dst.get_debugregs()
+        if list(s_dbg.db) != list(d_dbg.db) or s_dbg.dr6 != d_dbg.dr6:
+            for i in range(4):
+                d_dbg.db[i] = s_dbg.db[i]
+            d_dbg.dr6 = s_dbg.dr6
+            dst.set_debugregs(d_dbg)
+
+        fpu = src.get_fpu()
+        image = bytes(ffi.buffer(fpu, FPU_SIZE))
+        self.fpu_cache[src_vtl] = image
+        if self.fpu_cache[dst_vtl] != image:
+            dst.set_fpu(fpu)
+            self.fpu_cache[dst_vtl] = image
+
+    def forget(self, vtl: int) -> None:
+        """The vCPU's FPU changed behind our back (e.g. SetVpRegisters of an XMM register)."""
+        self.fpu_cache[vtl] = None
