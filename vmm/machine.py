@@ -526,6 +526,7 @@ class Machine:
         self.capabilities = self._capabilities()
         self.memory = GuestMemory(config.memory_mib)
         self.stopping = False
+        self.booted = False
         self.stop_event = threading.Event()
         self.exit_status: int | None = None
         self.stop_message = ""
@@ -588,6 +589,12 @@ class Machine:
         self.tsc_hz = 0
         self.tsc_offset = 0
         self.clock: GuestClock | None = None
+        # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
+        # lets later layers (Hyper-V, VSM) attach, after a recorder may have been plugged in.
+        self.vps = [VirtualProcessor(self, i) for i in range(config.smp)]
+        for vp in self.vps:
+            for vtl, apic in enumerate(vp.apics):
+                self.routers[vtl].add(apic)
 
     # -- construction ----------------------------------------------------------------
     def _check_capabilities(self) -> None:
@@ -642,13 +649,10 @@ class Machine:
         self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
         modules = [Module(p, str(p)) for p in cfg.initrds]
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
-        self.vps = [VirtualProcessor(self, i) for i in range(cfg.smp)]
-        for vp in self.vps:
-            for vtl, apic in enumerate(vp.apics):
-                self.routers[vtl].add(apic)
         for hook in self.on_vps_created:
             hook()
         apply_boot_state(self.vps[0].vcpus[0], boot)
+        self.booted = True
 
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
@@ -808,7 +812,7 @@ class Machine:
 
     def run(self) -> int:
         """Run until the guest exits, fails, times out or the user interrupts; returns the exit status."""
-        if not self.vps:
+        if not self.booted:
             self.boot()
         for vp in self.vps:
             vp.start()

@@ -63,6 +63,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--serial", "serial_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the serial console here instead of stdout.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (exit status 124).")
 @click.option("--hyperv/--no-hyperv", default=True, show_default=True, help="Offer the Hyper-V interface (CPUID 0x40000000+, synthetic MSRs, hypercalls).")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), help="Record every event into this Arrow trace.")
 @click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
 def run(
@@ -76,6 +77,7 @@ def run(
     hyperv: bool,
     vsm: bool,
     hv_disable: tuple[str, ...],
+    record_path: Path | None,
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     from vmm.config import MachineConfig
@@ -110,18 +112,43 @@ def run(
         hyperv=policy,
         vtls=2 if vsm else 1,
     )
+    status, message = run_machine(config, record_path)
+    if message and status != 0:
+        click.echo(f"vsmtrace: {message}", err=True)
+    serial_out.flush()
+    sys.exit(status)
+
+
+def run_machine(config, record_path: Path | None) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Build, boot and run a machine (recording if asked); one-line errors for bad input."""
+    from recorder.errors import TraceError
+    from recorder.writer import TraceWriter
+    from vmm.kvm.system import KvmError, KvmUnavailable
+    from vmm.loader.elf import LoaderError
+    from vmm.machine import Machine
+    from vmm.trace_metadata import machine_metadata
+
+    writer = None
     try:
         machine = Machine(config)
+        if record_path is not None:
+            writer = TraceWriter(record_path, machine_metadata(machine))
+            machine.sink = writer
         machine.boot()
-    except (KvmUnavailable, LoaderError, ValueError) as exc:
+    except (KvmUnavailable, LoaderError, ValueError, TraceError) as exc:
+        if writer is not None:
+            writer.close()
         fail(str(exc))
     except KvmError as exc:
         fail(f"KVM refused to set up the guest: {exc}")
     status = machine.run()
-    if machine.stop_message and status != 0:
-        click.echo(f"vsmtrace: {machine.stop_message}", err=True)
-    serial_out.flush()
-    sys.exit(status)
+    message = machine.stop_message
+    if writer is not None:
+        writer.close()
+        if writer.error is not None:
+            message = f"{message}; recording stopped early: {writer.error}" if message else f"recording stopped early: {writer.error}"
+            status = status or 1
+    return status, message
 
 
 @main.command()

@@ -1,0 +1,36 @@
+"""What a trace records about the machine that produced it (VM configuration, KVM capabilities).
+
+The replayer rebuilds the emulation from exactly this, so everything that
+shapes an emulation decision (VP and VTL counts, the Hyper-V policy, clock
+rates) must be here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmm.machine import Machine
+
+
+def machine_metadata(machine: Machine) -> dict[str, Any]:
+    cfg = machine.config
+    policy = cfg.hyperv
+    return {
+        "guest_image": str(cfg.kernel),
+        "vm_config": {
+            "vps": cfg.smp,
+            "memory_mib": cfg.memory_mib,
+            "ram_bytes": machine.memory.size,
+            "cmdline": cfg.cmdline,
+            "initrds": [str(p) for p in cfg.initrds],
+            "vtls": cfg.vtls,
+            "deterministic": cfg.deterministic,
+            "hyperv_policy": dataclasses.asdict(policy) if policy is not None else None,
+            "apic_timer_hz": machine.apic_timer_hz,
+            "tsc_hz": machine.tsc_hz,
+            "cpuid_policy": dataclasses.asdict(machine.cpuid_policy),
+        },
+        "kvm_capabilities": machine.capabilities,
+    }
