@@ -81,9 +81,6 @@ def run(
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     from vmm.config import MachineConfig
-    from vmm.kvm.system import KvmError, KvmUnavailable
-    from vmm.loader.elf import LoaderError
-    from vmm.machine import Machine
 
     policy = hyperv_policy(hyperv, hv_disable)
     vsm = vsm and hyperv
