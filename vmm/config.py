@@ -24,6 +24,7 @@ class MachineConfig:
     hyperv: Any = None  # vmm.hyperv.cpuid.HypervPolicy, or None for no Hyper-V
     timeout_s: float | None = None
     deterministic: bool = False
+    kvm_device: str = "/dev/kvm"  # the CLI's hidden --kvm-device / VSMTRACE_KVM_DEVICE, for error-path tests
 
     def validate(self) -> None:
         if not 1 <= self.smp <= MAX_VPS:

@@ -36,6 +36,7 @@ from vmm.loader.multiboot import Module, load_kernel
 from vmm.memory import GuestMemory
 from vmm.timers import TimerService
 from vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
+from vsmtrace import __version__
 
 log = logging.getLogger("vsmtrace.machine")
 
@@ -49,6 +50,7 @@ MSR_X2APIC_FIRST = 0x800
 MSR_X2APIC_LAST = 0x8FF
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
+FW_CFG_VERSION_FILE = "etc/vsmtrace/version"
 MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER")
 
 # vsmtrace's own exit statuses (the guest's isa-debug-exit statuses are always odd).
@@ -517,11 +519,11 @@ class MsrFault(Exception):
 class Machine:
     """A partition: guest RAM, one KVM VM per VTL, VPs, devices and the event sink."""
 
-    def __init__(self, config: MachineConfig, sink: EventSink | None = None, *, kvm_path: str = "/dev/kvm") -> None:
+    def __init__(self, config: MachineConfig, sink: EventSink | None = None, *, kvm_path: str | None = None) -> None:
         config.validate()
         self.config = config
         self.sink: EventSink = sink if sink is not None else NullSink()
-        self.kvm = Kvm(kvm_path)
+        self.kvm = Kvm(kvm_path or config.kvm_device)
         self._check_capabilities()
         self.capabilities = self._capabilities()
         self.memory = GuestMemory(config.memory_mib)
@@ -565,6 +567,7 @@ class Machine:
         self.pio.add(COM1_BASE, PORT_COUNT, self.serial)
         self.pio.add(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._on_debug_exit))
         self.fw_cfg = FwCfg(self.memory.size, config.smp, config.cmdline)
+        self.fw_cfg.add_file(FW_CFG_VERSION_FILE, __version__.encode())  # lets a guest tell it runs under vsmtrace
         self.pio.add(FW_CFG_SELECTOR_PORT, FW_CFG_PORT_COUNT, self.fw_cfg)
         pic = Pic8259Stub()
         self.pio.add(PIC_MASTER, PIC_PORTS, pic)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -25,7 +26,27 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CliGroup(click.Group):
+    """Turns click's usage errors (bad option values, missing arguments) into one `vsmtrace: error:` line.
+
+    Click would print the usage text and a hint; users and scripts get the same
+    one-line form, status 2, as every other vsmtrace error instead.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[no-untyped-def]
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise UserError(exc.format_message()) from None
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise UserError(exc.format_message()) from None
+
+
+@click.group(cls=CliGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vsmtrace")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the VMM does (warnings are always shown).")
 def main(verbose: bool) -> None:
@@ -66,6 +87,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), help="Record every event into this Arrow trace.")
 @click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
+@click.option("--kvm-device", "kvm_device", default="/dev/kvm", envvar="VSMTRACE_KVM_DEVICE", hidden=True, help="KVM device node (tests point it elsewhere).")
 def run(
     kernel: Path,
     smp: int,
@@ -77,10 +99,15 @@ def run(
     hyperv: bool,
     vsm: bool,
     hv_disable: tuple[str, ...],
+    kvm_device: str,
     record_path: Path | None,
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     from vmm.config import MachineConfig
+
+    # Ctrl-C must stop the guest even when our parent started us with SIGINT ignored
+    # (a background job of a non-interactive shell): Machine.run turns it into status 130.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     policy = hyperv_policy(hyperv, hv_disable)
     vsm = vsm and hyperv
@@ -108,6 +135,7 @@ def run(
         timeout_s=timeout_s,
         hyperv=policy,
         vtls=2 if vsm else 1,
+        kvm_device=kvm_device,
     )
     status, message = run_machine(config, record_path)
     if message and status != 0:

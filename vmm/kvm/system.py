@@ -63,8 +63,14 @@ class Kvm:
             raise KvmUnavailable(
                 f"no permission to open {path}: run as root or add your user to the 'kvm' group"
             ) from None
+        except OSError as exc:  # a directory, a device without a driver, ...: still a one-line error
+            raise KvmUnavailable(f"cannot open {path}: {exc.strerror}") from None
         version = lib.ioctl(self.fd, lib.KVM_GET_API_VERSION, ffi.cast("int", 0))
+        if version < 0:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path} is not a KVM device (KVM_GET_API_VERSION failed: {os.strerror(ffi.errno)})")
         if version != KVM_API_VERSION:
+            os.close(self.fd)
             raise KvmUnavailable(f"{path} speaks KVM API {version}, vsmtrace needs {KVM_API_VERSION}")
         self.vcpu_mmap_size = _check(
             "KVM_GET_VCPU_MMAP_SIZE", lib.ioctl(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, ffi.cast("int", 0))

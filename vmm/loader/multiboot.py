@@ -46,6 +46,9 @@ BIOS_AREA = 0xF0000
 ONE_MIB = 0x100000
 BOOTLOADER_NAME = "vsmtrace"
 
+ELF_TYPE_EXEC = 2
+ELF_TYPE_NAMES = {1: "relocatable object (ET_REL)", 3: "shared object or PIE program (ET_DYN)", 4: "core dump (ET_CORE)"}
+
 # Raw 64-bit kernels: boot GDT and identity page tables (4 GiB with 2 MiB pages).
 RAW_GDT_ADDR = 0x500
 RAW_PML4_ADDR = 0x10000
@@ -208,6 +211,11 @@ def load_raw64(path: Path, memory: GuestMemory, *, cmdline: str = "") -> BootSta
         image = path.read_bytes()
     except OSError as exc:
         raise LoaderError(f"cannot read kernel {name}: {exc.strerror}") from None
+    if image.startswith(ELF_MAGIC) and len(image) >= 18:
+        e_type = struct.unpack_from("<H", image, 16)[0]
+        if e_type != ELF_TYPE_EXEC:  # a program, shared object or .o would be "loaded" at 0 and crash
+            kind = ELF_TYPE_NAMES.get(e_type, f"type {e_type}")
+            raise LoaderError(f"{name}: not a kernel: an ELF {kind} with no Multiboot header (kernels are ET_EXEC)")
     loaded = load_elf(image, memory, name)
     if loaded.elf_class != 64:
         raise LoaderError(f"{name}: a raw kernel must be ELF64 (ELF32 kernels need a Multiboot header)")
