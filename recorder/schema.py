@@ -108,10 +108,12 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("output", pa.binary(), "bytes", ("HYPERCALL",), "Bytes the VMM wrote to the output page (slow calls)."),
     Column("regs_in", pa.binary(), "bytes", ("HYPERCALL",), "Packed little-endian register values read for fast calls (RDX, R8, XMM0-5 as used)."),
     Column("regs_out", pa.binary(), "bytes", ("HYPERCALL",), "Packed register values written for fast calls with output."),
+    Column("duration_ns", pa.int64(), "ns", ("HYPERCALL",), "Time the VMM spent serving the call (trap to result written); null if not measured."),
     # VTL_SWITCH (reason also used by VP_STOP)
     Column("from_vtl", pa.uint8(), "VTL", ("VTL_SWITCH",), "VTL left."),
     Column("to_vtl", pa.uint8(), "VTL", ("VTL_SWITCH",), "VTL entered."),
     Column("reason", _dict_string(), "name", ("VTL_SWITCH", "VP_STOP"), "VTL_SWITCH: call, return, interrupt, intercept. VP_STOP: why the VP stopped."),
+    Column("args", pa.list_(pa.uint64()), "values", ("VTL_SWITCH",), "Caller's register arguments at a VTL call (RCX, RDX, R8, R9 as captured; a secure call's service code is conventionally args[0]); null if not captured."),
     # INTERCEPT (message also used by SYNIC_MESSAGE)
     Column("access", _dict_string(), "name", ("INTERCEPT",), "Denied access type: read, write, execute."),
     Column("gpa", pa.uint64(), "GPA", ("INTERCEPT",), "Guest-physical address accessed."),
@@ -132,6 +134,12 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("exit_status", pa.int32(), "status", ("GUEST_EXIT",), "Guest exit status (isa-debug-exit: the value written; -1 triple fault)."),
     Column("text", pa.string(), "text", ("GUEST_EXIT", "ERROR"), "Human-readable message (emit field `message`)."),
     Column("serial_data", pa.binary(), "bytes", ("SERIAL",), "Bytes the guest wrote to the UART (emit field `data`)."),
+    # EMULATION (replay inputs and outputs; see vmm/emulation_io.py)
+    Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept."),
+    Column("emu_order", pa.uint64(), "count", ("EMULATION",), "Order in which entries started (entries nest: an entry's event is written when it ends)."),
+    Column("emu_args", pa.binary(), "JSON", ("EMULATION",), "Arguments of the entry (JSON, vmm.emulation_io.encode)."),
+    Column("emu_io", pa.binary(), "JSON", ("EMULATION",), "Every call the emulation made out of the entry, in order: [op, args, result]; reads carry their result (inputs), writes their arguments (outputs), `emit` the seq of the event emitted."),
+    Column("emu_result", pa.binary(), "JSON", ("EMULATION",), "What the entry returned (or the exception it raised), JSON."),
     Column("detail", pa.string(), "JSON", ("EXIT", "VP_START", "VP_STOP", "VTL_ENABLE", "GUEST_EXIT", "ERROR"), "Rare-kind extras as a JSON object (emit a dict or a JSON string)."),
 )
 

@@ -219,12 +219,15 @@ class TraceWriter:
 
     # ------------------------------------------------------------------ hot path
 
-    def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> None:
-        """Record one event. Unknown kinds or field names raise ``TypeError`` at the call site."""
+    def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int | None:
+        """Record one event and return its sequence number (None if recording is off).
+
+        Unknown kinds or field names raise ``TypeError`` at the call site.
+        """
         if not self.enabled:
             if self.error is not None:
                 self.stats.dropped += 1
-            return
+            return None
         allowed = KIND_FIELDS.get(kind)  # type: ignore[call-overload]
         if allowed is None or (fields and not fields.keys() <= allowed.keys()):
             self._reject(kind, fields)
@@ -232,9 +235,10 @@ class TraceWriter:
             self._gate.wait()
         with self._lock:
             if self._closing:
-                return
+                return None
             rows = self._rows
             now = monotonic_ns()
+            seq = self._next_seq + len(rows)
             rows.append((now, kind, vp, vtl, rip, fields))
             n = len(rows)
             first = rows[0][0]
@@ -245,6 +249,7 @@ class TraceWriter:
             # writer (backpressure), so no event outlives max_age_s in memory.
             late = now - first >= self._inline_age_ns
             self._flush_pending(blocking=late or n >= self._max_pending, only_if_due=True)
+        return seq
 
     @staticmethod
     def _reject(kind: Any, fields: Mapping[str, Any]) -> None:

@@ -34,6 +34,7 @@ class EventKind(enum.IntEnum):
     GUEST_EXIT = 16  # isa-debug-exit, triple fault, crash MSRs
     ERROR = 17  # VMM error or guest stop with a message
     SERIAL = 18  # bytes written to the UART (for analysis and replay)
+    EMULATION = 19  # one call into the Hyper-V/VSM emulation, with its I/O log (vmm/emulation_io.py)
 
 
 class EventSink(Protocol):
@@ -41,7 +42,9 @@ class EventSink(Protocol):
 
     enabled: bool
 
-    def emit(self, kind: EventKind, vp: int, vtl: int, rip: int, **fields: Any) -> None: ...
+    def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int | None:
+        """Record an event; a recording sink returns the event's sequence number."""
+        ...
 
     def close(self) -> None: ...
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
 from vmm.hyperv import HyperV
 from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 from vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
@@ -67,8 +68,8 @@ class MachineApics:
 class MachineTlb:
     """``TlbFlusher``: reloading a vCPU's special registers makes KVM drop its cached translations.
 
-    The reload runs on each target VP's own thread before its next guest entry, and
-    ``flush_vps`` returns only when every target has done it.
+    Each target VP reloads before its next guest entry; ``flush_vps`` returns once no
+    target can run guest code without having done so (see VirtualProcessor.request_tlb_flush).
     """
 
     def __init__(self, machine: Machine) -> None:
@@ -77,14 +78,7 @@ class MachineTlb:
     def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
         for index in vp_indices:
             if 0 <= index < len(self.machine.vps):
-                vp = self.machine.vps[index]
-                vp.call_on_thread(lambda vp=vp: flush_vcpu_tlb(vp, vtl))
-
-
-def flush_vcpu_tlb(vp: VirtualProcessor, vtl: int) -> None:
-    vcpu = vp.vcpus[vtl]
-    vcpu.flush_regs()
-    vcpu.set_sregs(vcpu.get_sregs())
+                self.machine.vps[index].request_tlb_flush(vtl)
 
 
 class ReferenceTimers:
@@ -129,18 +123,36 @@ class HypervBackend:
         self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
         m.hyperv_tlb = MachineTlb(m)
         m.reference_clock = self.reference.reference_time
+        # Everything the emulation reads or writes goes through the recorded boundary
+        # (a pass-through when nothing records), so a trace can be replayed without KVM.
+        self.boundary = boundary = Boundary(m.sink, threading.RLock())
+        recording = boundary.recording
+        self.partition = RecordedPartition(m, boundary) if recording else m
+        apic: Any = MachineApics(m)
+        tlb: Any = m.hyperv_tlb
+        timers: Any = ReferenceTimers(m.timers, self.reference.reference_time_ns)
+        sink: Any = m.sink
+        tsc_page = self.reference.tsc_page_params
+        if recording:
+            apic = RecordedService(apic, boundary, "apic", frozenset({"read_icr", "read_tpr"}))
+            tlb = RecordedService(tlb, boundary, "tlb", frozenset())
+            timers = RecordedTimers(timers, boundary)
+            sink = RecordedSink(m.sink, boundary)
+            tsc_page = RecordedService(self.reference, boundary, "clock", frozenset({"tsc_page_params"})).tsc_page_params
+        self.sink = sink
         self.hv = HyperV(
-            m,
+            self.partition,
             self.policy,
-            timers=ReferenceTimers(m.timers, self.reference.reference_time_ns),
-            apic=MachineApics(m),
-            tlb=m.hyperv_tlb,
-            sink=m.sink,
-            tsc_page=lambda: self.reference.tsc_page_params,
+            timers=timers,
+            apic=apic,
+            tlb=tlb,
+            sink=sink,
+            tsc_page=tsc_page,
             tsc_frequency_hz=m.tsc_hz,
             apic_frequency_hz=m.apic_timer_hz,
             vtl_count=len(m.vms),
         )
+        boundary.lock = self.hv.lock
         m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
         m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
         m.on_apic_eoi = self._on_eoi
@@ -149,8 +161,9 @@ class HypervBackend:
     # -- machine hooks -----------------------------------------------------------------------
     def msr_read(self, vp: VirtualProcessor, index: int) -> int:
         assert self.hv is not None
+        hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            return self.hv.msr_read(vp.index, vp.vtl, index)
+            return int(self.boundary.entry("msr_read", i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
         except GpFault as exc:
             from vmm.machine import MsrFault
 
@@ -160,8 +173,9 @@ class HypervBackend:
         from vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
 
         assert self.hv is not None
+        hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            self.hv.msr_write(vp.index, vp.vtl, index, value)
+            self.boundary.entry("msr_write", i, vtl, [i, vtl, index, value], lambda: hv.msr_write(i, vtl, index, value))
         except GpFault as exc:
             raise MsrFault(index) from exc
         except GuestCrash as crash:
@@ -173,8 +187,9 @@ class HypervBackend:
         from vmm.machine import EXIT_VMM_ERROR, GuestStop
 
         assert self.hv is not None
+        hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            outcome = self.hv.hypercall(vp.index, vp.vtl)
+            outcome = self.boundary.entry("hypercall", i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
         except HypercallInternalError as exc:
             raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
         if outcome.retry or outcome.exception is not None:
@@ -191,12 +206,16 @@ class HypervBackend:
 
     def on_interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
         hv = self.hv
-        if hv is not None and hv.is_auto_eoi(vp.index, vp.vtl, vector):
+        if hv is None:
+            return
+        i, vtl = vp.index, vp.vtl
+        if self.boundary.entry("auto_eoi", i, vtl, [i, vtl, vector], lambda: hv.is_auto_eoi(i, vtl, vector)):
             vp.apic.eoi()
 
     def _on_eoi(self, vp: int, vtl: int, vector: int) -> None:
-        if self.hv is not None:
-            self.hv.on_apic_eoi(vp, vtl)
+        hv = self.hv
+        if hv is not None:
+            self.boundary.entry("eoi", vp, vtl, [vp, vtl], lambda: hv.on_apic_eoi(vp, vtl))
 
     def shutdown(self) -> None:
         if self.hv is not None:

@@ -99,6 +99,8 @@ class VirtualProcessor:
         self.start_vtl: int | None = None  # HvCallStartVirtualProcessor: start in this VTL, context already loaded
         self.started = index == 0
         self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
+        self.pending_flush: set[int] = set()  # VTLs whose cached translations must go before the next entry
+        self.exit_count = 0
         self.apics: list[LocalApic] = [
             LocalApic(
                 index,
@@ -220,6 +222,34 @@ class VirtualProcessor:
             if caller is not None and caller.requests:
                 caller.service_requests()
 
+    def request_tlb_flush(self, vtl: int) -> None:
+        """Make this VP drop cached translations of ``vtl`` before it next runs guest code.
+
+        Returns once that is guaranteed: immediately if the VP is outside KVM_RUN (it
+        flushes before re-entering), else after a kick has made it leave KVM_RUN. Never
+        waits for a lock the target might hold, so flushes cannot deadlock.
+        """
+        with self.cond:
+            self.pending_flush.add(vtl)
+        if threading.current_thread() is self.thread or not self.in_guest:
+            return
+        seen = self.exit_count
+        self.kick()
+        deadline = time.monotonic() + 5.0
+        while self.in_guest and self.exit_count == seen and not self.machine.stopping:
+            if time.monotonic() > deadline:
+                self.kick()
+                deadline = time.monotonic() + 5.0
+            time.sleep(0.00005)
+
+    def flush_tlb(self) -> None:
+        with self.cond:
+            vtls, self.pending_flush = self.pending_flush, set()
+        for vtl in vtls:
+            vcpu = self.vcpus[vtl]
+            vcpu.flush_regs()
+            vcpu.set_sregs(vcpu.get_sregs())  # KVM resets the MMU context: no stale translation survives
+
     def service_requests(self) -> None:
         with self.cond:
             requests, self.requests = self.requests, []
@@ -286,6 +316,8 @@ class VirtualProcessor:
                 continue
             if self.requests:
                 self.service_requests()
+            if self.pending_flush:
+                self.flush_tlb()
             if self.interrupt_hint:
                 run = self.deliver_interrupts(run)
             self.in_guest = True
@@ -293,6 +325,7 @@ class VirtualProcessor:
                 break
             r = lib.vsm_kvm_run(self.vcpu.fd)
             self.in_guest = False
+            self.exit_count += 1
             if run.immediate_exit:
                 run.immediate_exit = 0
             if r < 0:

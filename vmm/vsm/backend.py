@@ -101,13 +101,16 @@ class VsmBackend:
 
     def load_vp_context(self, vp: int, vtl: int, context: InitialVpContext) -> None:
         target = self.machine.vps[vp]
+        regs = target.regfiles[vtl]
 
         def load() -> None:
-            regs = target.regfiles[vtl]
             for name, value in context.registers.items():
                 regs.set(name, value)  # type: ignore[arg-type]
 
-        target.call_on_thread(load)
+        if target.vtl == vtl and target.started:
+            target.call_on_thread(load)  # that vCPU may be inside KVM_RUN right now
+        else:
+            load()  # a VTL that is not running on its VP: its vCPU is idle
 
     def start_vp(self, vp: int, vtl: int) -> None:
         self.machine.vps[vp].start_in_vtl(vtl)
