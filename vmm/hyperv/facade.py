@@ -104,6 +104,9 @@ class HyperV:
         self.vtl_count = vtl_count or self.policy.vtl_count
         self.lock = threading.RLock()
         self.on_long_spin_wait: Callable[[int, int], None] | None = None
+        #: VSM TLB locks: ``(caller_vp, caller_vtl, target_vps, target_vtls) -> locked``. A flush
+        #: hypercall that hits a lock returns ``retry`` (re-executed once the lock is released).
+        self.tlb_lock_check: Callable[[int, int, Sequence[int], Sequence[int]], bool] | None = None
         self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
         self._vtl_msrs = [VtlPartitionMsrs() for _ in range(self.vtl_count)]
         self._env = MsrEnvironment(

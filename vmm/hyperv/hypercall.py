@@ -93,12 +93,15 @@ class HypercallResult:
 
     ``rep_outputs[j]`` is the output of element ``rep_start + j``. ``reps_done`` is absolute;
     if omitted it is ``rep_count`` on success and ``rep_start + len(rep_outputs)`` on failure.
+    ``retry`` means "not now": no result or output is written (RCX keeps its value) and the outcome
+    tells the machine to re-execute the trapping instruction later (VSM TLB locks).
     """
 
     status: HvStatus = HvStatus.HV_STATUS_SUCCESS
     output: bytes = b""
     rep_outputs: list[bytes] = field(default_factory=list)
     reps_done: int | None = None
+    retry: bool = False
 
 
 Handler = Callable[[HypercallInput], HypercallResult]
@@ -403,6 +406,10 @@ class HypercallDispatcher:
             raise HypercallInternalError(message) from exc
 
         status = HvStatus(result.status)
+        if result.retry:
+            state.retry = True
+            state.reps_done = c.rep_start
+            return status
         if spec.rep:
             done = result.reps_done
             if done is None:

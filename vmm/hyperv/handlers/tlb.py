@@ -46,25 +46,27 @@ def _target_vtls(hv: HyperV, caller_vtl: int, flags: int, is_list: bool) -> list
     return vtls
 
 
-def _flush(hv: HyperV, vps: list[int], vtls: list[int]) -> None:
+def _flush(hv: HyperV, inp: HypercallInput, vps: list[int], vtls: list[int]) -> HypercallResult:
+    """Flush, unless a higher VTL locked a target's TLB (VSM): then the caller waits and retries."""
+    if hv.tlb_lock_check is not None and hv.tlb_lock_check(inp.vp, inp.vtl, vps, vtls):
+        return HypercallResult(retry=True)
     for vtl in vtls:
         hv.tlb.flush_vps(vps, vtl)
+    return HypercallResult()
 
 
 def flush_space(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     req = HvInputFlushVirtualAddressSpace.unpack(inp.header)
     vtls = _target_vtls(hv, inp.vtl, req.flags, is_list=False)
     vps = list(range(hv.vp_count)) if req.flags & HvFlushFlags.ALL_PROCESSORS else vp_mask_members(hv, req.processor_mask)
-    _flush(hv, vps, vtls)
-    return HypercallResult()
+    return _flush(hv, inp, vps, vtls)
 
 
 def flush_list(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     req = HvInputFlushVirtualAddressSpace.unpack(inp.header)
     vtls = _target_vtls(hv, inp.vtl, req.flags, is_list=True)
     vps = list(range(hv.vp_count)) if req.flags & HvFlushFlags.ALL_PROCESSORS else vp_mask_members(hv, req.processor_mask)
-    _flush(hv, vps, vtls)
-    return HypercallResult()
+    return _flush(hv, inp, vps, vtls)
 
 
 def flush_space_ex(hv: HyperV, inp: HypercallInput) -> HypercallResult:
@@ -73,8 +75,7 @@ def flush_space_ex(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     vps = vp_set_from(hv, req.vp_set_format, req.valid_banks_mask, inp.var_header)
     if req.flags & HvFlushFlags.ALL_PROCESSORS:
         vps = list(range(hv.vp_count))
-    _flush(hv, vps, vtls)
-    return HypercallResult()
+    return _flush(hv, inp, vps, vtls)
 
 
 def flush_list_ex(hv: HyperV, inp: HypercallInput) -> HypercallResult:
@@ -83,8 +84,7 @@ def flush_list_ex(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     vps = vp_set_from(hv, req.vp_set_format, req.valid_banks_mask, inp.var_header)
     if req.flags & HvFlushFlags.ALL_PROCESSORS:
         vps = list(range(hv.vp_count))
-    _flush(hv, vps, vtls)
-    return HypercallResult()
+    return _flush(hv, inp, vps, vtls)
 
 
 def specs(hv: HyperV) -> list[HypercallSpec]:
