@@ -153,12 +153,12 @@ def enable_vp_vtl(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
     state = vsm.state
     if target not in state.enabled_vtls:
         raise HandlerError(S.HV_STATUS_INVALID_VTL_STATE)
+    if state.vp_vtl(vp, target).enabled:
+        raise HandlerError(S.HV_STATUS_VTL_ALREADY_ENABLED)
     if target > inp.vtl:
         first = not any(state.vp_vtl(v, target).enabled for v in range(state.vp_count))
         if not first or _highest_enabled_below(vsm, target) != inp.vtl:
             raise HandlerError(S.HV_STATUS_ACCESS_DENIED)
-    if state.vp_vtl(vp, target).enabled:
-        raise HandlerError(S.HV_STATUS_VTL_ALREADY_ENABLED)
     vsm.enable_vp_vtl(inp.vp, inp.vtl, vp, target, decode_context(req.context))
     return HypercallResult()
 
