@@ -47,6 +47,10 @@ def encode(value: Any) -> Any:
         return {"S": [value.base, value.limit, value.selector, value.attributes]}
     if isinstance(value, Table):
         return {"T": [value.base, value.limit]}
+    if isinstance(value, VtlAccessDenied):
+        return {"X": "VtlAccessDenied", "a": [value.vtl, value.gpa, int(value.access)]}
+    if isinstance(value, GuestMemoryError):
+        return {"X": "GuestMemoryError", "a": [value.gpa, value.size]}
     if isinstance(value, BaseException):
         return {"X": type(value).__name__, "a": [encode(a) for a in value.args]}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -81,7 +85,18 @@ def decode_value(data: Any) -> Any:
         return Table(*data["T"])
     if "M" in data:
         return {decode_value(k): decode_value(v) for k, v in data["M"]}
+    if "D" in data:
+        cls = input_types().get(data["D"])
+        if cls is not None:
+            return cls(**{k: decode_value(v) for k, v in data["f"].items()})
     return data
+
+
+def input_types() -> dict[str, type]:
+    """Dataclasses the machine hands *to* the emulation (so replay must rebuild them)."""
+    from vmm.hyperv.reference_time import TscPageParams
+
+    return {"TscPageParams": TscPageParams}
 
 
 def decode_exception(data: Any) -> BaseException | None:

@@ -194,5 +194,127 @@ def info(trace_path: Path) -> None:
     click.echo(format_info(summary))
 
 
+# ----------------------------------------------------------------------------- analysis (report, export, diff)
+
+
+def _load_trace(trace_path: Path):  # type: ignore[no-untyped-def]
+    """Open TRACE for analysis; any reason it is not a readable trace is one user error line."""
+    import pyarrow as pa
+
+    from analysis import load
+    from recorder.errors import TraceError
+
+    try:
+        return load(trace_path)
+    except TraceError as exc:
+        fail(str(exc))
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        fail(f"{trace_path}: unreadable trace: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+def _analysis_errors():  # type: ignore[no-untyped-def]
+    """Exceptions a damaged trace can raise once queries run (reported as one line, not a traceback)."""
+    import polars as pl
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError, ValueError, pl.exceptions.PolarsError)
+
+
+@main.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("report"), show_default=True,
+              help="Directory for the figures.")
+@click.option("--format", "formats", type=click.Choice(["png", "svg"]), multiple=True, default=("png",), show_default=True,
+              help="Figure format (repeatable).")
+@click.option("--no-figures", is_flag=True, help="Print the text summary only.")
+def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures: bool) -> None:
+    """Print a summary of TRACE (events, VTL transitions, residency, hypercalls, intercepts, errors) and write figures."""
+    from analysis.figures import write_figures
+    from analysis.report import format_report, summarize
+
+    lf = _load_trace(trace_path)
+    try:
+        text = format_report(summarize(lf), str(trace_path))
+        paths = [] if no_figures else write_figures(lf, out_dir, formats)
+    except _analysis_errors() as exc:
+        fail(f"{trace_path}: cannot analyse: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    click.echo(text, nl=False)
+    if paths:
+        click.echo(f"\nfigures in {out_dir}: {', '.join(p.name for p in paths)}")
+
+
+@main.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["chrome"]), default="chrome", show_default=True, help="Output format.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: TRACE.json).")
+def export(trace_path: Path, fmt: str, output: Path | None) -> None:
+    """Export TRACE as Chrome trace-event JSON (Perfetto, chrome://tracing): a track per VP, a slice per VTL stint."""
+    from analysis.chrome import export_chrome
+
+    lf = _load_trace(trace_path)
+    out = output or trace_path.with_name(trace_path.name + ".json")
+    try:
+        n = export_chrome(lf, out)
+    except _analysis_errors() as exc:
+        fail(f"{trace_path}: cannot export to {out}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    click.echo(f"wrote {n} trace events to {out}")
+
+
+@main.command()
+@click.argument("trace_a", metavar="A", type=click.Path(path_type=Path))
+@click.argument("trace_b", metavar="B", type=click.Path(path_type=Path))
+@click.option("--ignore", "ignore", multiple=True, help="Also ignore this column when looking for the divergence (repeatable).")
+def diff(trace_a: Path, trace_b: Path, ignore: tuple[str, ...]) -> None:
+    """Compare traces A and B (counts, latencies) and name the first event where they diverge; exit 1 if they do."""
+    from analysis.diff import NONDETERMINISTIC, diff_traces, format_diff
+
+    la, lb = _load_trace(trace_a), _load_trace(trace_b)
+    try:
+        d = diff_traces(la, lb, ignore=(*NONDETERMINISTIC, *ignore))
+    except _analysis_errors() as exc:
+        fail(f"cannot compare {trace_a} and {trace_b}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    click.echo(format_diff(d, str(trace_a), str(trace_b)), nl=False)
+    sys.exit(0 if d.divergence is None else 1)
+
+
+@main.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(path_type=Path))
+@click.option("--state", "state_seq", type=click.IntRange(min=0), metavar="SEQ", help="Print the reconstructed state right after event SEQ.")
+@click.option("--json", "as_json", is_flag=True, help="With --state: print the state as JSON.")
+@click.option("--break-at", type=click.IntRange(min=0), metavar="SEQ", help="Stop in the debugger (pdb) before the emulation entry that produced event SEQ.")
+@click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: when stderr is a terminal).")
+def replay(trace_path: Path, state_seq: int | None, as_json: bool, break_at: int | None, progress: bool | None) -> None:
+    """Replay TRACE's Hyper-V/VSM emulation offline and verify every output bit for bit.
+
+    Exit status 0 when the replay reproduces the trace, 1 on a divergence (the
+    first differing event and field are printed), 2 when the trace cannot be replayed.
+    """
+    from replayer.engine import VmmReplayer, format_report, to_json
+    from replayer.errors import Divergence, ReplayError
+
+    try:
+        replayer = VmmReplayer(trace_path, break_at=break_at)
+    except ReplayError as exc:
+        fail(str(exc))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if state_seq is not None:
+        try:
+            state = replayer.state_at(state_seq)
+        except Divergence as div:
+            click.echo(f"vsmtrace: replay diverged before event {state_seq}: {div}", err=True)
+            sys.exit(1)
+        except ReplayError as exc:
+            fail(str(exc))
+        click.echo(to_json(state.to_dict()) if as_json else state.format_text())
+        return
+    try:
+        report = replayer.run(progress=progress)
+    except ReplayError as exc:
+        fail(str(exc))
+    click.echo(format_report(report))
+    sys.exit(0 if report.divergence is None else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -63,7 +63,6 @@ from vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess,
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
 _QWORD = 8
-NO_STATUS = -1  # HYPERCALL event status when no result value was written
 
 
 @dataclass
@@ -493,7 +492,7 @@ class HypercallDispatcher:
             rep_count=decoded.rep_count if decoded else 0,
             rep_start=decoded.rep_start if decoded else 0,
             reps_done=state.reps_done if state else 0,
-            status=NO_STATUS if status is None else int(status),
+            status=None if status is None else int(status),  # null: no result value was written
             status_name="NONE" if status is None else HvStatus(status).name,
             input=state.input if state else b"",
             output=state.output if state else b"",

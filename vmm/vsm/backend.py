@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from vmm.emulation_io import RecordedService
 from vmm.events import EventKind
 from vmm.kvm.system import ffi, lib
 from vmm.memory import PAGE_SHIFT
@@ -77,7 +78,15 @@ class VsmBackend:
         hv = m.hyperv.hv
         self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in m.vps}
         self.sync_tsc()
-        self.vsm = Vsm(hv, m, self, vtl_count=len(m.vms), sink=m.sink)
+        hyperv = m.hyperv
+        self.boundary = hyperv.boundary
+        services: Any = self
+        if self.boundary.recording:
+            services = RecordedService(self, self.boundary, "vsm", frozenset({"vp_started"}))
+        self.vsm = Vsm(
+            hv, hyperv.partition, services, vtl_count=len(m.vms), sink=hyperv.sink,
+            ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
+        )  # fmt: skip
 
     def sync_tsc(self) -> None:
         """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
@@ -150,7 +159,11 @@ class VsmBackend:
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
         if to_vtl > from_vtl and self.vsm is not None:
-            self.vsm.on_vtl_entry(vp.index, to_vtl, ENTRY_REASON[reason], from_vtl)
+            vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
+            self.boundary.entry(
+                "vtl_entry", i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
+                lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
+            )
         sink = self.machine.sink
         if sink.enabled:
             sink.emit(EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value)
@@ -271,7 +284,11 @@ class VsmBackend:
             insn_bytes=(located.bytes if located is not None else b"")[:16],
             message=message.pack(),
         )
-        machine.hyperv.hv.post_intercept(vp.index, target_vtl, message)
+        hv, i = machine.hyperv.hv, vp.index
+        self.boundary.entry(
+            "post_intercept", i, target_vtl, [i, target_vtl, message.pack()],
+            lambda: hv.post_intercept(i, target_vtl, message),
+        )
         if vp.apics[target_vtl].pending_vector() is None:
             raise GuestStop(
                 EXIT_GUEST_FAULT,

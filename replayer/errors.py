@@ -1,0 +1,21 @@
+"""Replay errors: a divergence (behaviour changed) or a trace that cannot be replayed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ReplayError(Exception):
+    """The trace cannot be replayed (missing inputs, unsupported version...); one line for the user."""
+
+
+class Divergence(Exception):
+    """Replayed emulation differs from the recording: the first differing event and field."""
+
+    def __init__(self, seq: int, kind: str, field: str, recorded: Any, replayed: Any) -> None:
+        super().__init__(f"event {seq} ({kind}): {field}: recorded {recorded!r}, replayed {replayed!r}")
+        self.seq = seq
+        self.kind = kind
+        self.field = field
+        self.recorded = recorded
+        self.replayed = replayed

@@ -1,0 +1,196 @@
+"""What the replayer reconstructs at any event: registers, VSM, SynIC, timers, protections.
+
+Registers are "as last seen": the emulation only sees what it asked for (a
+hypercall reads RCX, RDX, ...), so each register carries the event at which it
+was last read or written. Everything else comes from the replayed Hyper-V and
+VSM objects themselves, which are in exactly the state the live ones were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vmm.emulation_io import decode_value
+from vmm.vp import Access, Segment, Table
+
+ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
+
+
+def access_text(allowed: int) -> str:
+    return "".join(letter if allowed & flag else "-" for flag, letter in ACCESS_LETTERS)
+
+
+@dataclass
+class ReplayState:
+    vps: int
+    vtls: int
+    seq: int = -1
+    entries: int = 0
+    registers: dict[tuple[int, int], dict[str, tuple[Any, int]]] = field(default_factory=dict)  # (vp, vtl) → name → (value, seq)
+    rips: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    active_vtl: dict[int, int] = field(default_factory=dict)
+    enabled_vtls: set[int] = field(default_factory=lambda: {0})
+    protections: dict[int, dict[int, int]] = field(default_factory=dict)  # target VTL → page → allowed
+    hv: Any = None
+    vsm: Any = None
+    _current_seq: int = -1
+
+    @classmethod
+    def for_config(cls, config: dict[str, Any]) -> ReplayState:
+        return cls(vps=int(config["vps"]), vtls=int(config.get("vtls", 1)))
+
+    def attach(self, hv: Any, vsm: Any) -> None:
+        self.hv, self.vsm = hv, vsm
+
+    # -- fed by the replay ------------------------------------------------------------------------
+    def on_io(self, op: str, args: list[Any], result: Any) -> None:
+        if op == "get_register":
+            vp, vtl, name = args
+            self.registers.setdefault((vp, vtl), {})[name] = (decode_value(result), self._current_seq)
+        elif op == "set_register":
+            vp, vtl, name, value = args
+            self.registers.setdefault((vp, vtl), {})[name] = (decode_value(value), self._current_seq)
+        elif op == "vsm.create_vtl":
+            self.enabled_vtls.add(int(args[0]))
+        elif op == "vsm.set_protections":
+            target, runs = args
+            pages = self.protections.setdefault(int(target), {})
+            for run in runs:
+                f = run["f"]
+                for page in range(f["first_page"], f["first_page"] + f["count"]):
+                    pages[page] = int(f["allowed"])
+        elif op == "vsm.request_transition":
+            f = args[0]["f"]
+            self.active_vtl[int(f["vp"])] = int(f["to_vtl"])
+
+    def before_entry(self, seq: int) -> None:
+        self._current_seq = seq
+
+    def after_entry(self, entry: Any) -> None:
+        self.seq = entry.seq
+        self.entries += 1
+
+    def finish_at(self, table: pa.Table, seq: int) -> None:
+        """Fill in the last RIP of every (VP, VTL) from the events up to ``seq``."""
+        self.seq = seq
+        upto = table.filter(pc.less_equal(table.column("seq"), seq)).select(["seq", "vp", "vtl", "rip"])
+        upto = upto.filter(pc.is_valid(upto.column("rip")))
+        for r in upto.to_pylist():
+            if r["rip"]:
+                self.rips[(r["vp"], r["vtl"])] = (r["rip"], r["seq"])
+
+    # -- views ------------------------------------------------------------------------------------------
+    def protection_runs(self, target_vtl: int) -> list[tuple[int, int, str]]:
+        """(first page, count, "RWX") runs of pages whose access differs from full access."""
+        pages = sorted(p for p, a in self.protections.get(target_vtl, {}).items() if a != int(Access.READ | Access.WRITE | Access.EXECUTE))
+        runs: list[tuple[int, int, str]] = []
+        for p in pages:
+            text = access_text(self.protections[target_vtl][p])
+            if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][2] == text:
+                first, count, _ = runs[-1]
+                runs[-1] = (first, count + 1, text)
+            else:
+                runs.append((p, 1, text))
+        return runs
+
+    def synic_state(self, vp: int, vtl: int) -> dict[str, Any]:
+        synic = self.hv.synic(vp, vtl)
+        timers = self.hv.stimers(vp, vtl)
+        msrs = self.hv.msrs(vp, vtl)
+        return {
+            "scontrol": synic.scontrol,
+            "simp": synic.simp,
+            "siefp": synic.siefp,
+            "sints": list(synic.sints),
+            "queued_messages": [len(q) for q in synic.queues],
+            "stimers": [
+                {"config": t.config, "count": t.count, "deadline": t.deadline} for t in timers.timers
+            ],
+            "vp_assist_page": getattr(msrs, "vp_assist_page", 0),
+        }
+
+    def vsm_state(self) -> Any:
+        if self.vsm is None:
+            return None
+        for attr in ("snapshot", "to_dict"):
+            fn = getattr(self.vsm, attr, None)
+            if callable(fn):
+                return fn()
+        state = getattr(self.vsm, "state", None)
+        if state is not None and dataclasses.is_dataclass(state):
+            return _plain(dataclasses.asdict(state))
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        vps: dict[str, Any] = {}
+        for vp in range(self.vps):
+            per_vtl: dict[str, Any] = {}
+            for vtl in range(self.vtls):
+                regs = {name: {"value": _plain(v), "seq": s} for name, (v, s) in sorted(self.registers.get((vp, vtl), {}).items())}
+                rip = self.rips.get((vp, vtl))
+                entry: dict[str, Any] = {"registers": regs, "last_rip": None if rip is None else {"value": rip[0], "seq": rip[1]}}
+                if self.hv is not None:
+                    entry["synic"] = self.synic_state(vp, vtl)
+                per_vtl[f"vtl{vtl}"] = entry
+            vps[f"vp{vp}"] = {"active_vtl": self.active_vtl.get(vp, 0), **per_vtl}
+        return {
+            "seq": self.seq,
+            "entries_replayed": self.entries,
+            "enabled_vtls": sorted(self.enabled_vtls),
+            "vps": vps,
+            "vsm": self.vsm_state(),
+            "protections": {
+                f"vtl{t}": [{"first_gpa": p << 12, "pages": n, "allowed": a} for p, n, a in self.protection_runs(t)]
+                for t in sorted(self.protections)
+            },
+        }
+
+    def format_text(self) -> str:
+        d = self.to_dict()
+        lines = [f"state after event {d['seq']} ({d['entries_replayed']} emulation entries replayed)"]
+        lines.append(f"enabled VTLs: {', '.join(f'VTL{v}' for v in d['enabled_vtls'])}")
+        for vp_name, vp in d["vps"].items():
+            lines.append(f"{vp_name}: active VTL{vp['active_vtl']}")
+            for vtl_name in sorted(k for k in vp if k.startswith("vtl")):
+                v = vp[vtl_name]
+                rip = v["last_rip"]
+                lines.append(f"  {vtl_name}: last rip {rip['value']:#x} (event {rip['seq']})" if rip else f"  {vtl_name}: not seen")
+                for name, reg in v["registers"].items():
+                    value = reg["value"]
+                    shown = f"{value:#x}" if isinstance(value, int) else value
+                    lines.append(f"    {name:<10} {shown}  (event {reg['seq']})")
+                syn = v.get("synic")
+                if syn and (syn["scontrol"] or syn["simp"] or syn["siefp"]):
+                    lines.append(f"    synic: scontrol={syn['scontrol']:#x} simp={syn['simp']:#x} siefp={syn['siefp']:#x}")
+                    active = [f"sint{i}={s:#x}" for i, s in enumerate(syn["sints"]) if s != 0x10000]
+                    if active:
+                        lines.append(f"      {' '.join(active)}")
+                    for i, t in enumerate(syn["stimers"]):
+                        if t["config"]:
+                            lines.append(f"      stimer{i}: config={t['config']:#x} count={t['count']} deadline={t['deadline']}")
+        for vtl_name, runs in d["protections"].items():
+            lines.append(f"protections of {vtl_name}'s view ({len(runs)} runs):")
+            for r in runs[:50]:
+                lines.append(f"  {r['first_gpa']:#014x} +{r['pages']:<6} pages {r['allowed']}")
+        if d["vsm"] is not None:
+            lines.append(f"vsm: {d['vsm']}")
+        return "\n".join(lines)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Segment):
+        return {"base": value.base, "limit": value.limit, "selector": value.selector, "attributes": value.attributes}
+    if isinstance(value, Table):
+        return {"base": value.base, "limit": value.limit}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
