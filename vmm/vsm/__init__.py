@@ -28,6 +28,7 @@ from vmm.hyperv.hvdef import (
     HV_PAGE_SHIFT,
     HV_PAGE_SIZE,
     HV_VINA_STATUS_ASSERTED,
+    VSM_PARTITION_CONFIG_PROTECTION_MASK_SHIFT,
     HvInputVtl,
     HvMapGpaFlags,
     HvStatus,
@@ -228,10 +229,10 @@ class Vsm:
         was_enabled = config.protection_enabled
         if was_enabled:
             value = (value & ~int(_STICKY_CONFIG)) | (config.value & int(_STICKY_CONFIG))
-        config.value = value
-        if not was_enabled and config.protection_enabled and not valid_mask(config.default_mask):
-            config.value = 0
+        mask = (value & VsmPartitionConfig.DEFAULT_VTL_PROTECTION_MASK) >> VSM_PARTITION_CONFIG_PROTECTION_MASK_SHIFT
+        if not was_enabled and value & VsmPartitionConfig.ENABLE_VTL_PROTECTION and not valid_mask(mask):
             raise HandlerError(S.HV_STATUS_INVALID_REGISTER_VALUE)
+        config.value = value
         if not was_enabled and config.protection_enabled:
             for target in range(owner):
                 self._apply_default(caller_vp, caller_vtl, target, config.default_mask)
