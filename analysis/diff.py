@@ -1,0 +1,170 @@
+"""``vsmtrace diff``: compare two traces side by side and find where they first diverge.
+
+Two runs of the same guest should make the same requests in the same order; timing
+differs. So the divergence search compares, row by row in seq order, every column
+except the timing ones (``NONDETERMINISTIC``: seq, time_ns, duration_ns, deadline_ns and
+the EMULATION I/O log, which records time reads): kind, vp, vtl, rip and each kind's fields. Dictionary columns are compared as strings (two
+traces number their dictionaries independently). Rows are compared in chunks, so two
+large traces are never held in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from analysis import tables as T
+
+__all__ = ["NONDETERMINISTIC", "Divergence", "TraceDiff", "diff_traces", "first_divergence", "format_diff"]
+
+#: Columns that legitimately differ between two runs of the same guest: timing, and the
+#: EMULATION I/O log (it carries every time source read, so it differs wherever time does).
+NONDETERMINISTIC = ("seq", "time_ns", "duration_ns", "deadline_ns", "emu_args", "emu_io", "emu_result")
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Divergence:
+    """The first row (0-based position in seq order) where two traces differ."""
+
+    index: int
+    seq_a: int | None
+    seq_b: int | None
+    columns: list[str]  # differing columns; ["<end of A>"] / ["<end of B>"] when one trace is shorter
+    a: dict[str, Any] = field(default_factory=dict)  # the differing columns' values (plus kind, vp, vtl)
+    b: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TraceDiff:
+    counts: pl.DataFrame  # kind, a, b, delta
+    hypercalls: pl.DataFrame  # name, count_a, count_b, p50_ns_a, p50_ns_b, p99_ns_a, p99_ns_b
+    transitions: pl.DataFrame  # reason, count_a, count_b, p50_ns_a, ...
+    divergence: Divergence | None
+    events_a: int
+    events_b: int
+
+
+def _comparable(lf: pl.LazyFrame, ignore: Sequence[str]) -> tuple[pl.LazyFrame, list[str]]:
+    schema = lf.collect_schema()
+    cols = [c for c in schema if c not in ignore and c != "seq"]
+    exprs = [pl.col(c).cast(pl.String) if isinstance(schema[c], pl.Categorical | pl.Enum) else pl.col(c) for c in cols]
+    return lf.select("seq", *exprs), cols
+
+
+def first_divergence(
+    a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC, chunk: int = _CHUNK
+) -> Divergence | None:
+    """The first row where the compared columns differ, or where one trace ends early; None if equal.
+
+    ``ignore`` names the columns not compared (default ``NONDETERMINISTIC``).
+    """
+    la, cols_a = _comparable(a, ignore)
+    lb, cols_b = _comparable(b, ignore)
+    cols = [c for c in cols_a if c in cols_b]
+    na = la.select(pl.len()).collect().item()
+    nb = lb.select(pl.len()).collect().item()
+    for off in range(0, max(na, nb), chunk):
+        da = la.slice(off, chunk).collect()
+        db = lb.slice(off, chunk).collect()
+        n = min(da.height, db.height)
+        if n:
+            x, y = da.head(n), db.head(n)
+            diff = pl.DataFrame({c: x[c].ne_missing(y[c]) for c in cols})
+            bad = diff.select(pl.any_horizontal(pl.all()).arg_true().first()).item()
+            if bad is not None:
+                which = [c for c in cols if diff[c][bad]]
+                show = list(dict.fromkeys(["kind", "vp", "vtl", *which]))
+                return Divergence(off + bad, x["seq"][bad], y["seq"][bad], which,
+                                  {c: x[c][bad] for c in show}, {c: y[c][bad] for c in show})  # fmt: skip
+        if da.height != db.height:
+            i = off + n
+            ra = da.row(n, named=True) if da.height > n else None
+            rb = db.row(n, named=True) if db.height > n else None
+            short = "<end of A>" if ra is None else "<end of B>"
+            keep = ("kind", "vp", "vtl", "rip")
+            return Divergence(i, ra and ra["seq"], rb and rb["seq"], [short],
+                              {k: ra[k] for k in keep} if ra else {}, {k: rb[k] for k in keep} if rb else {})  # fmt: skip
+    return None
+
+
+def _side_by_side(a: pl.DataFrame, b: pl.DataFrame, key: list[str], cols: list[str]) -> pl.DataFrame:
+    j = a.select(*key, *cols).join(b.select(*key, *cols), on=key, how="full", coalesce=True, suffix="_b", nulls_equal=True)
+    j = j.rename({c: f"{c}_a" for c in cols})
+    order = [*key] + [f"{c}_{s}" for c in cols for s in ("a", "b")]
+    return j.select(order).sort(key, nulls_last=True)
+
+
+def diff_traces(a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC) -> TraceDiff:
+    """Counts and latencies of A and B side by side, and their first divergence."""
+    ca, cb = T.event_counts(a).collect(), T.event_counts(b).collect()
+    counts = (
+        ca.rename({"events": "a"})
+        .join(cb.rename({"events": "b"}), on="kind", how="full", coalesce=True)
+        .with_columns(pl.col("a").fill_null(0).cast(pl.Int64), pl.col("b").fill_null(0).cast(pl.Int64))
+        .with_columns((pl.col("b") - pl.col("a")).alias("delta"))
+        .sort(["a", "kind"], descending=[True, False])
+    )
+    lat = ["count", "p50_ns", "p99_ns"]
+    hc = _side_by_side(
+        T.hypercall_stats(T.hypercalls(a, bound_fallback=False), by=("name",)).collect(),
+        T.hypercall_stats(T.hypercalls(b, bound_fallback=False), by=("name",)).collect(),
+        ["name"], lat,
+    )  # fmt: skip
+    tr = _side_by_side(
+        T.transition_latency(T.vtl_transitions(a), by=("reason",)).collect(),
+        T.transition_latency(T.vtl_transitions(b), by=("reason",)).collect(),
+        ["reason"], lat,
+    )  # fmt: skip
+    return TraceDiff(counts, hc, tr, first_divergence(a, b, ignore), int(ca["events"].sum()), int(cb["events"].sum()))
+
+
+def _v(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bytes):
+        return v[:16].hex() + ("..." if len(v) > 16 else "") + f" ({len(v)} bytes)"
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0xFFFF:
+        return f"{v:#x}"
+    return str(v)
+
+
+def format_diff(d: TraceDiff, name_a: str = "A", name_b: str = "B") -> str:
+    """The diff as text: counts table, latency tables, and the divergence verdict."""
+    from analysis.report import _ns  # one duration formatter for every text output
+
+    out = [f"A = {name_a} ({d.events_a} events)", f"B = {name_b} ({d.events_b} events)", "", "events per kind"]
+    w = max([len("kind"), *(len(k) for k in d.counts["kind"].to_list())])
+    out.append(f"  {'kind'.ljust(w)}  {'A':>10}  {'B':>10}  {'B-A':>8}")
+    for r in d.counts.iter_rows(named=True):
+        out.append(f"  {r['kind'].ljust(w)}  {r['a']:>10}  {r['b']:>10}  {r['delta']:>+8}")
+    for title, df, key in (("hypercalls", d.hypercalls, "name"), ("VTL transitions (entry reason)", d.transitions, "reason")):
+        out += ["", f"{title}: count and latency, A vs B"]
+        if df.height == 0:
+            out.append("  (none in either trace)")
+            continue
+        w = max([len(key), *(len(str(k)) for k in df[key].to_list())])
+        out.append(f"  {key.ljust(w)}  {'count A':>8}  {'count B':>8}  {'p50 A':>9}  {'p50 B':>9}  {'p99 A':>9}  {'p99 B':>9}")
+        for r in df.iter_rows(named=True):
+            out.append(
+                f"  {str(r[key]).ljust(w)}  {_v(r['count_a']):>8}  {_v(r['count_b']):>8}  {_ns(r['p50_ns_a']):>9}  {_ns(r['p50_ns_b']):>9}"
+                f"  {_ns(r['p99_ns_a']):>9}  {_ns(r['p99_ns_b']):>9}"
+            )
+    out.append("")
+    v = d.divergence
+    if v is None:
+        out.append("identical: every event matches in kind, vp, vtl, rip and fields (timing ignored)")
+    elif v.columns[0].startswith("<end of"):
+        shorter = "A" if v.columns[0] == "<end of A>" else "B"
+        longer = v.b if shorter == "A" else v.a
+        out.append(f"first divergence at event #{v.index}: {shorter} ends there; the other trace continues with "
+                   + ", ".join(f"{k}={_v(x)}" for k, x in longer.items()))  # fmt: skip
+    else:
+        out.append(f"first divergence at event #{v.index} (seq A={v.seq_a}, B={v.seq_b}) in {', '.join(v.columns)}:")
+        for c in v.a:
+            mark = "*" if c in v.columns else " "
+            out.append(f"  {mark} {c}: A={_v(v.a[c])}  B={_v(v.b[c])}")
+    return "\n".join(out) + "\n"
