@@ -1030,6 +1030,17 @@ def test_intercept_message_layout() -> None:
     assert HvMessage.unpack(raw).header.payload_size == 240
 
 
+def test_intercept_message_from_register_dict() -> None:
+    """The machine's form: RIP/RFLAGS inside ``regs``, EFER given explicitly."""
+    regs = {"rip": 0x7000, "rflags": 0x202, "rax": 5}
+    raw = build_intercept(vp=1, intercepted_vtl=0, access=Access.READ, gpa=0x9000, gva=0x9000, insn_bytes=b"\x8b\x00",
+                          insn_length=2, regs=regs, segments={"cs": Segment(), "es": Segment()}, cr0=0x80000001,
+                          efer=0, cpl=0, mode=CpuMode.LONG).pack()  # fmt: skip
+    assert struct.unpack_from("<QQ", raw, 0x28) == (0x7000, 0x202)
+    assert struct.unpack_from("<H", raw, 0x16)[0] == 1 << 2  # PE; LMA follows the explicit EFER
+    assert struct.unpack_from("<Q", raw, 0x80)[0] == 5 and raw[0x3C] == 2
+
+
 def test_intercept_message_variants() -> None:
     msg = build_intercept(0, 1, Access.EXECUTE, 0x5000, None, b"", {}, {}, rip=0x5000, rflags=2, insn_length=0,
                           cpl=3, mode=CpuMode.PROTECTED)  # fmt: skip

@@ -31,6 +31,7 @@ from vmm.vp import Access, CpuMode, Segment
 #: Architectural x86 bits the execution state reports (not Hyper-V numbers).
 _CR0_PE = 1 << 0
 _CR0_AM = 1 << 18
+_EFER_LMA = 1 << 10
 _MAX_INSN_BYTES = 16
 _U64 = (1 << 64) - 1
 
@@ -81,29 +82,39 @@ def build_intercept(
     insn_bytes: bytes,
     regs: Mapping[str, int],
     segments: Mapping[str, Segment],
-    rip: int,
-    rflags: int,
-    insn_length: int,
-    cpl: int,
-    mode: CpuMode,
+    rip: int | None = None,
+    rflags: int | None = None,
+    insn_length: int = 0,
+    cpl: int = 0,
+    mode: CpuMode = CpuMode.LONG,
     *,
     cr0: int | None = None,
+    efer: int | None = None,
     debug_active: bool = False,
     interruption_pending: bool = False,
     tlb_locked: bool = False,
 ) -> HvMessage:
     """Build the GPA-intercept message for a denied access of ``intercepted_vtl`` on ``vp``.
 
-    ``regs`` holds RAX..R15 (missing names read as 0), ``segments`` CS, DS, SS. ``rip`` is
-    the faulting instruction (not advanced). Pass empty ``insn_bytes`` when the fetch itself
+    ``regs`` holds RAX..R15 (missing names read as 0) and, unless ``rip`` / ``rflags`` are
+    given, RIP and RFLAGS; ``segments`` CS, DS, SS (others ignored). RIP is the faulting
+    instruction (not advanced). ``cr0`` gives CR0.PE/AM (else PE follows ``mode``), ``efer``
+    gives EFER.LMA (else it follows ``mode``). Pass empty ``insn_bytes`` when the fetch itself
     failed (execute intercepts); at most 16 bytes are reported.
     """
+    rip = regs.get("rip", 0) if rip is None else rip
+    rflags = regs.get("rflags", 0) if rflags is None else rflags
+    state = execution_state(cpl, mode, intercepted_vtl, cr0=cr0, debug_active=debug_active,
+                            interruption_pending=interruption_pending)  # fmt: skip
+    if efer is not None:
+        state &= ~HvX64VpExecutionState.EFER_LMA
+        if efer & _EFER_LMA:
+            state |= HvX64VpExecutionState.EFER_LMA
     header = HvX64InterceptMessageHeader(
         vp_index=vp,
         instruction_length=insn_length,
         intercept_access_type=access_type(access),
-        execution_state=execution_state(cpl, mode, intercepted_vtl, cr0=cr0, debug_active=debug_active,
-                                        interruption_pending=interruption_pending),  # fmt: skip
+        execution_state=state,
         cs=_segment(segments.get("cs")),
         rip=rip & _U64,
         rflags=rflags & _U64,
