@@ -813,12 +813,23 @@ class Machine:
                 v.index in self.halted_no_if or v.state is VpState.WAIT_FOR_SIPI or v.state is VpState.STOPPED
                 for v in self.vps
             )
-        if stuck and self.wake_hook is None:
+        if stuck and not self._woken_from_outside():
             self.request_stop(
                 EXIT_GUEST_FAULT,
                 f"guest halted with interrupts disabled on every VP (last: VP {vp.index} at rip={vp.rip():#x})",
                 vp=vp,
             )
+
+    def _woken_from_outside(self) -> bool:
+        """Whether anything but the halted VTL's own interrupts could still wake a VP.
+
+        With VSM that is an interrupt for a higher VTL, which needs a higher VTL to
+        be enabled; until the guest enables one, a halt with IF=0 everywhere is final.
+        """
+        if self.wake_hook is None:
+            return False
+        enabled = getattr(self.vsm, "enabled_vtls", None)
+        return enabled is None or len(enabled) > 1
 
     def note_wake(self, vp: VirtualProcessor) -> None:
         with self._halt_lock:

@@ -7,9 +7,12 @@ waits; received bytes (from an interactive stdin) set "data ready".
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from collections.abc import Callable
 from typing import BinaryIO
+
+log = logging.getLogger("vsmtrace.serial")
 
 COM1_BASE = 0x3F8
 COM1_IRQ = 4
@@ -37,7 +40,7 @@ class Uart16550:
     """Enough of a 16550 for console output and polled input."""
 
     def __init__(self, out: BinaryIO, on_output: Callable[[bytes], None] | None = None) -> None:
-        self.out = out
+        self.out: BinaryIO | None = out
         self.on_output = on_output
         self.lock = threading.Lock()
         self.rx: collections.deque[int] = collections.deque()
@@ -79,8 +82,13 @@ class Uart16550:
         value &= 0xFF
         if reg == RBR_THR and not self.lcr & LCR_DLAB:
             byte = bytes((value,))
-            self.out.write(byte)
-            self.out.flush()
+            if self.out is not None:
+                try:
+                    self.out.write(byte)
+                    self.out.flush()
+                except OSError as exc:  # e.g. `vsmtrace run ... | head`: the guest must not crash the VMM
+                    self.out = None
+                    log.warning("serial console output stopped (%s); the guest keeps running", exc.strerror or exc)
             if self.on_output is not None:
                 self.on_output(byte)
             return
