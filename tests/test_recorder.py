@@ -49,10 +49,10 @@ SAMPLES: list[tuple[K, int, int, int | None, dict[str, Any]]] = [
             "code": 0xFFFF, "name": "HvCallModifyVtlProtectionMask", "control": 0x0004_0000_0001_004C, "fast": False,
             "rep_count": 4095, "rep_start": 1, "reps_done": 4095, "status": 0x11, "status_name": "HV_STATUS_INVALID_VTL_STATE",
             "input_gpa": 0x7000, "output_gpa": 0x8000, "input": bytes(range(24)), "output": b"", "regs_in": b"\x00" * 8,
-            "regs_out": bytes(range(112)),
+            "regs_out": bytes(range(112)), "duration_ns": 12_345,
         },
     ),
-    (K.VTL_SWITCH, 0, 0, 0x6000, {"from_vtl": 0, "to_vtl": 1, "reason": "call"}),
+    (K.VTL_SWITCH, 0, 0, 0x6000, {"from_vtl": 0, "to_vtl": 1, "reason": "call", "args": (0x11, 1 << 63, 0, 7)}),
     (K.INTERCEPT, 0, 0, 0x7000, {"access": "execute", "gpa": 0x20_0000, "gva": None, "insn_bytes": b"\xe8\x00\x00\x00\x00", "message": bytes(256)}),
     (K.PROTECTION, 0, 1, 0x8000, {"target_vtl": 0, "gpa_start": 0x20_0000, "pages": 1 << 40, "old_mask": None, "new_mask": 0x5}),
     (K.SYNIC_MESSAGE, 0, 1, None, {"sint": 15, "message_type": 0x8000_0001, "message": b"\x01" * 256}),
@@ -61,6 +61,13 @@ SAMPLES: list[tuple[K, int, int, int | None, dict[str, Any]]] = [
     (K.GUEST_EXIT, 0, 0, 0xA000, {"exit_status": -1, "message": "triple fault ✗"}),
     (K.ERROR, 0, 1, 0xB000, {"message": "VMM bug in HvCallGetVpRegisters", "detail": {"exception": "KeyError"}}),
     (K.VP_STOP, 0, 0, 0xC000, {"reason": "guest-exit"}),
+    (
+        K.EMULATION,
+        1,
+        1,
+        0xD000,
+        {"entry": "hypercall", "emu_order": 7, "emu_args": b'{"code": 17}', "emu_io": b'[["get_register", ["rcx"], 17]]', "emu_result": b"0"},
+    ),
 ]
 
 
@@ -75,6 +82,8 @@ def _write(path: Path, events=SAMPLES, **kw: Any) -> TraceWriter:
 def _expected_cell(kind: K, field: str, value: Any) -> Any:
     if isinstance(value, bytearray):
         return bytes(value)
+    if isinstance(value, tuple):
+        return list(value)
     if field == "detail" and isinstance(value, dict):
         return json.dumps(value, sort_keys=True)
     return value
@@ -533,3 +542,11 @@ def test_vsmtrace_info_reports_sealed_and_recovered(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_main, ["info", str(torn)])
     assert result.exit_code == 0, result.output
     assert "recovered: torn tail at byte" in result.output and "events       100" in result.output
+
+
+def test_emit_returns_the_sequence_number(tmp_path: Path) -> None:
+    w = TraceWriter(tmp_path / "t.vsmt", {}, batch_rows=3)
+    seqs = [w.emit(K.PIO, 0, 0, i, address=0x80, size=1, is_write=True, data=i) for i in range(10)]
+    w.close()
+    assert seqs == list(range(10)) and w.emit(K.PIO, 0, 0, 0) is None
+    assert [r["data"] for r in _rows(tmp_path / "t.vsmt")] == list(range(10))
