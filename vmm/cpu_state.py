@@ -215,6 +215,38 @@ class RegisterFile:
             return
         raise KeyError(f"unknown register {name!r}")
 
+    def set_many(self, values: dict[str, int | Segment | Table]) -> None:
+        """Set several registers at once; control/segment registers go in one KVM_SET_SREGS.
+
+        Loading a whole context one register at a time would pass through states KVM
+        rejects (e.g. CR0.PG with EFER.LME before CR4.PAE), so they are applied together.
+        """
+        gprs = {n: v for n, v in values.items() if n in GPR_NAMES}
+        special = {n: v for n, v in values.items() if n in CONTROL_NAMES or n in SEGMENT_NAMES or n in TABLE_NAMES or n == "apic_base"}
+        rest = {n: v for n, v in values.items() if n not in gprs and n not in special}
+        if special:
+            self.vcpu.flush_regs()
+            s = self.vcpu.get_sregs()
+            for name, value in special.items():
+                if name in CONTROL_NAMES or name == "apic_base":
+                    setattr(s, name, value)
+                elif name in SEGMENT_NAMES:
+                    assert isinstance(value, Segment)
+                    segment_to_kvm(value, getattr(s, SEGMENT_NAMES[name]))
+                else:
+                    assert isinstance(value, Table)
+                    t = getattr(s, TABLE_NAMES[name])
+                    t.base, t.limit = value.base, value.limit
+            self.vcpu.set_sregs(s)
+        if gprs:
+            regs = self.vcpu.get_regs()
+            for name, value in gprs.items():
+                setattr(regs, name, value)
+            self.vcpu.set_regs(regs)
+            self.vcpu.flush_regs()
+        for name, value in rest.items():
+            self.set(name, value)
+
     def get_xmm(self, index: int) -> int:
         fpu = self.vcpu.get_fpu()
         return int.from_bytes(bytes(ffi.buffer(fpu.xmm[index], 16)), "little")

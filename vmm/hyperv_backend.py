@@ -199,6 +199,9 @@ class HypervBackend:
             if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
                 regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
                 vp.vcpu.set_regs(regs)
+            vsm = self.machine.vsm
+            if outcome.retry and vsm is not None:
+                vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
         vp.interrupt_hint = True
         action = outcome.vtl_action
         if action is not None and self.machine.vtl_action_hook is not None:

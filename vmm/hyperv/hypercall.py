@@ -39,6 +39,7 @@ a hook they are unknown codes.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,6 +293,7 @@ class HypercallDispatcher:
     # -- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self, vp_index: int, vtl: int, page_enabled: bool) -> HypercallOutcome:
+        self._started_ns = time.perf_counter_ns()  # for the event's duration_ns (not an emulation input)
         vp = self.partition.vp(vp_index)
         mode = vp.mode(vtl)
         rip = int(vp.get_register(vtl, "rip")) if self.sink.enabled else 0  # type: ignore[arg-type]
@@ -487,6 +489,7 @@ class HypercallDispatcher:
             rip,
             code=code,
             name=name,
+            duration_ns=time.perf_counter_ns() - getattr(self, "_started_ns", time.perf_counter_ns()),
             control=control,
             fast=bool(decoded.fast) if decoded else False,
             rep_count=decoded.rep_count if decoded else 0,

@@ -87,6 +87,7 @@ class VsmBackend:
             hv, hyperv.partition, services, vtl_count=len(m.vms), sink=hyperv.sink,
             ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
         )  # fmt: skip
+        self.vsm.on_tlb_unlock = self._tlb_unlocked
 
     def sync_tsc(self) -> None:
         """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
@@ -113,8 +114,7 @@ class VsmBackend:
         regs = target.regfiles[vtl]
 
         def load() -> None:
-            for name, value in context.registers.items():
-                regs.set(name, value)  # type: ignore[arg-type]
+            regs.set_many(dict(context.registers))  # type: ignore[arg-type]
 
         if target.vtl == vtl and target.started:
             target.call_on_thread(load)  # that vCPU may be inside KVM_RUN right now
@@ -154,7 +154,9 @@ class VsmBackend:
             regs = dst.get_regs()
             regs.rax, regs.rcx = return_rax_rcx
             dst.set_regs(regs)
-        rip = int(src.get_regs().rip)
+        src_regs = src.get_regs()
+        rip = int(src_regs.rip)
+        args = (int(src_regs.rcx), int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9)) if reason is SwitchReason.CALL else None
         vp.vtl = to_vtl
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
@@ -166,7 +168,9 @@ class VsmBackend:
             )
         sink = self.machine.sink
         if sink.enabled:
-            sink.emit(EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value)
+            sink.emit(
+                EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value, args=args
+            )
 
     def highest_enabled(self, vp: VirtualProcessor) -> int:
         if self.vsm is None:
@@ -298,8 +302,21 @@ class VsmBackend:
         self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
 
     def _next_higher(self, vp: VirtualProcessor) -> int | None:
-        top = self.highest_enabled(vp)
-        return vp.vtl + 1 if vp.vtl < top else None
+        if self.vsm is None:
+            return None
+        higher = self.vsm.next_higher_vtl(vp.index, vp.vtl)
+        return None if higher is None else int(higher)
+
+    def tlb_wait(self, vp: VirtualProcessor) -> None:
+        """Park a VP whose flush hit a TLB lock until the locking VTL returns (then it retries)."""
+        vsm = self.vsm
+        if vsm is not None and vsm.tlb_wait_pending(vp.index):
+            vp.wait(lambda: not vsm.tlb_wait_pending(vp.index))
+
+    def _tlb_unlocked(self, vps: list[int]) -> None:
+        for index in vps:
+            if 0 <= index < len(self.machine.vps):
+                self.machine.vps[index].kick()
 
     # -- guest memory as the VP sees it ------------------------------------------------------------
     def _translate(self, vp: VirtualProcessor, linear: int) -> int | None:
