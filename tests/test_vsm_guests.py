@@ -1,0 +1,110 @@
+"""Two-VTL guests on real KVM: enablement, shared/private state, interrupts, protections, SMP.
+
+Each guest (tests/guests/vsm_*.c, framework in tests/guests/runtime/vsm.{h,c}) prints one
+``ok <check>`` or ``FAIL <check>: ...`` line per check and exits 0 only if every check
+passed. The tests assert the exit status and that every expected check printed ``ok``, so a
+guest that dies early, hangs (``--timeout``) or skips checks fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import run_vsmtrace
+from tests.guests.build import build_guest
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the system gcc")
+
+GUEST_TIMEOUT = 60  # seconds inside vsmtrace (--timeout); the subprocess gets a little more
+OK = re.compile(r"^ok (\S+)", re.M)
+FAIL = re.compile(r"^FAIL (\S+).*$", re.M)
+
+# Checks each guest must report as ok (a representative, stable subset per area; the
+# guest's exit status covers the rest).
+EXPECTED: dict[str, list[str]] = {
+    "vsm_enable": [
+        "cpuid_access_vsm", "code_page_offsets_point_at_code", "vtl_call_before_enable_ud",
+        "vtl_return_from_vtl0_ud", "enable_partition_vtl_bad_partition", "partition_status_enabled_set",
+        "enable_vp_vtl_bad_vp", "enable_vp_vtl_again", "vp_status_enabled_set", "first_vtl_call_reaches_vtl1",
+        "entry_reason_vtl_call", "vtl1_vp_status_active_vtl", "vtl0_get_vtl1_register_denied",
+        "vtl1_protect_before_enable_protection", "partition_config_protection_write_once", "vtl1_protect_non_ram",
+    ],
+    "vsm_state": [
+        "shared_to_vtl1_rbx", "shared_to_vtl1_r15", "shared_to_vtl1_xmm15", "shared_to_vtl0_rdx",
+        "shared_to_vtl0_xmm0", "nonfast_return_rax", "nonfast_return_rcx", "fast_return_rax_not_reloaded",
+        "fast_return_rcx_not_reloaded", "fast_return_shared_r12", "private_msr_lstar_vtl0",
+        "private_msr_lstar_vtl1", "private_idtr", "shared_cr2_to_vtl1", "shared_cr2_to_vtl0",
+        "private_cr8", "private_simp", "private_hypercall_msr", "shared_vp_index",
+    ],
+    "vsm_interrupts": [
+        "timer_hlt_if0_fired", "timer_hlt_if0_entry_reason", "timer_hlt_if0_regs_intact",
+        "pv_ipi_to_vtl1_status", "pv_ipi_to_vtl1_delivered", "pv_ipi_to_vtl0_delivered",
+        "pv_ipi_bad_vector", "vtl1_tpr_holds_interrupt", "vtl1_tpr_release_delivers",
+        "apic_self_ipi_stays_in_vtl1", "apic_self_ipi_stays_in_vtl0",
+    ],
+    "vsm_protect": [
+        f"{mask}_{access}_{what}"
+        for mask in ("none", "r", "rw", "rx", "rwx")
+        for access in ("read", "write", "push", "movsb_w", "movsb_r", "add")
+        for what in ("intercepts", "result")
+    ]
+    + [f"{mask}_exec_{what}" for mask in ("none", "r", "rw", "rx", "rwx") for what in ("intercepts", "result")]
+    + [
+        "none_read_message", "r_write_message", "r_push_message", "rx_movsb_w_message", "rw_exec_message",
+        "skip_write_no_effect", "emulate_read_value", "inject_gp_seen", "inject_gp_error_code",
+        "inject_ud_seen", "set_rip_exec_recovers",
+    ],
+    "vsm_misc": [
+        "xlate_identity_status", "xlate_identity_gpa", "xlate_not_present", "xlate_gpa_unmapped",
+        "xlate_no_read", "xlate_no_write", "xlate_overlay_hypercall_page", "xlate_vtl0_for_vtl1_denied",
+        "deputy_output_into_protected_page", "deputy_page_unchanged", "deputy_input_from_noaccess_page",
+        "deputy_vp_registers_output", "vtl1_reads_protected_page", "tlb_lock_set", "tlb_lock_released_on_return",
+        "tlb_lock_vtl0_cannot_read",
+    ],
+    "vsm_smp": [
+        "vtl1_enables_vp1", "start_vp1_in_vtl0", "vp1_vtl1_ready", "concurrent_calls_vp0", "concurrent_calls_vp1",
+        "concurrent_intercept_vp0", "concurrent_intercept_vp1", "apic_ipi_vtl1_to_vtl1", "apic_ipi_vtl1_not_vtl0",
+        "apic_ipi_vtl0_to_vtl0", "apic_ipi_vtl0_not_vtl1", "pv_ipi_cross_vp_vtl1", "tlb_lock_blocks_remote_flush",
+        "remote_flush_completes_after_return",
+    ],
+}  # fmt: skip
+SMP = {"vsm_smp": 2}
+
+
+def _run(name: str) -> tuple[int, str, str]:
+    kernel = build_guest(name)
+    args = ["run", str(kernel), "--timeout", str(GUEST_TIMEOUT), "--smp", str(SMP.get(name, 1))]
+    result = run_vsmtrace(args, timeout=GUEST_TIMEOUT + 30)
+    return result.status, result.stdout, result.stderr
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vsm_guest(name: str) -> None:
+    status, out, err = _run(name)
+    tail = f"\n--- stdout ---\n{out[-4000:]}\n--- stderr ---\n{err[-2000:]}"
+    failed = FAIL.findall(out)
+    assert not failed, f"{name}: guest checks failed: {failed}{tail}"
+    passed = set(OK.findall(out))
+    missing = [c for c in EXPECTED[name] if c not in passed]
+    assert not missing, f"{name}: checks never reported ok: {missing}{tail}"
+    assert status == 1, f"{name}: exit status {status} (want 1 = guest exit code 0){tail}"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_vsm_guest_avoids_unemulated_instructions(name: str) -> None:
+    """Same rule as test_guest_build: nothing KVM's instruction emulator lacks."""
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump")
+    forbidden = ("cmpxchg16b", "xrstor", "xsave", "int3", "clac", "stac", "popcnt", "fwait", "endbr64")
+    path = build_guest(name)
+    env = {**os.environ, "LC_ALL": "C"}
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True, env=env)
+    assert asm.returncode == 0, asm.stderr
+    bad = [ln for ln in asm.stdout.splitlines() if any(f"\t{m}" in ln or f" {m} " in ln for m in forbidden)]
+    assert not bad, "instructions KVM's emulator lacks:\n" + "\n".join(bad[:20])
