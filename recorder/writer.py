@@ -546,17 +546,16 @@ def seal_trace(
     trace = open_trace(p)
     if trace.sealed:
         return
-    batches = list(trace.batches())
     schema = trace.schema
     dict_cols = [i for i, f in enumerate(schema) if pa.types.is_dictionary(f.type)]
-    final: dict[int, pa.Array] = {}
-    for i in dict_cols:
-        longest: pa.Array = pa.array([], pa.string())
-        for b in batches:
+    # Two streaming passes (one batch in memory at a time): find each column's final
+    # dictionary, then rewrite. Holding every batch would need the whole trace in RAM.
+    final: dict[int, pa.Array] = {i: pa.array([], pa.string()) for i in dict_cols}
+    for b in trace.batches():
+        for i in dict_cols:
             d = b.column(i).dictionary
-            if len(d) > len(longest):
-                longest = d
-        final[i] = longest
+            if len(d) > len(final[i]):
+                final[i] = d
     md = dict(trace.metadata)
     md["sealed"] = True
     if extra:
@@ -568,7 +567,7 @@ def seal_trace(
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, out_schema, options=options) as w:
             group: list[pa.RecordBatch] = []
             rows = 0
-            for b in batches:
+            for b in trace.batches():
                 if b.num_rows == 0:
                     continue
                 cols = list(b.columns)
