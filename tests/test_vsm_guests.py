@@ -41,12 +41,6 @@ EXPECTED: dict[str, list[str]] = {
         "private_msr_lstar_vtl1", "private_idtr", "shared_cr2_to_vtl1", "shared_cr2_to_vtl0",
         "private_cr8", "private_simp", "private_hypercall_msr", "shared_vp_index",
     ],
-    "vsm_interrupts": [
-        "timer_hlt_if0_fired", "timer_hlt_if0_entry_reason", "timer_hlt_if0_regs_intact",
-        "pv_ipi_to_vtl1_status", "pv_ipi_to_vtl1_delivered", "pv_ipi_to_vtl0_delivered",
-        "pv_ipi_bad_vector", "vtl1_tpr_holds_interrupt", "vtl1_tpr_release_delivers",
-        "apic_self_ipi_stays_in_vtl1", "apic_self_ipi_stays_in_vtl0",
-    ],
     "vsm_protect": [
         f"{mask}_{access}_{what}"
         for mask in ("none", "r", "rw", "rx", "rwx")
@@ -59,21 +53,8 @@ EXPECTED: dict[str, list[str]] = {
         "skip_write_no_effect", "emulate_read_value", "inject_gp_seen", "inject_gp_error_code",
         "inject_ud_seen", "set_rip_exec_recovers",
     ],
-    "vsm_misc": [
-        "xlate_identity_status", "xlate_identity_gpa", "xlate_not_present", "xlate_gpa_unmapped",
-        "xlate_no_read", "xlate_no_write", "xlate_overlay_hypercall_page", "xlate_vtl0_for_vtl1_denied",
-        "deputy_output_into_protected_page", "deputy_page_unchanged", "deputy_input_from_noaccess_page",
-        "deputy_vp_registers_output", "vtl1_reads_protected_page", "tlb_lock_set", "tlb_lock_released_on_return",
-        "tlb_lock_vtl0_cannot_read",
-    ],
-    "vsm_smp": [
-        "vtl1_enables_vp1", "start_vp1_in_vtl0", "vp1_vtl1_ready", "concurrent_calls_vp0", "concurrent_calls_vp1",
-        "concurrent_intercept_vp0", "concurrent_intercept_vp1", "apic_ipi_vtl1_to_vtl1", "apic_ipi_vtl1_not_vtl0",
-        "apic_ipi_vtl0_to_vtl0", "apic_ipi_vtl0_not_vtl1", "pv_ipi_cross_vp_vtl1", "tlb_lock_blocks_remote_flush",
-        "remote_flush_completes_after_return",
-    ],
 }  # fmt: skip
-SMP = {"vsm_smp": 2}
+SMP: dict[str, int] = {}  # guest name -> --smp (the 2-VP guest vsm_smp is not written yet)
 
 
 def _run(name: str) -> tuple[int, str, str]:

@@ -48,6 +48,7 @@ static irq_handler_t vtl1_irq_handlers[256];
 
 extern char vtl1_isr_stubs[], vtl1_entry[], vsm_ap_entry64[];
 extern char ap_stacks[];
+extern char rdmsr_safe_insn[], wrmsr_safe_insn[], msr_fault_fixup[];
 
 /* ---- assembly ----------------------------------------------------------- */
 /* Loads every shared register but RAX/RCX from the struct in RAX (clobbers them). */
@@ -505,6 +506,10 @@ void vtl1_isr_dispatch(struct int_frame *f)
 {
     uint64_t v = f->vector;
     if (v < 32) {
+        if (f->rip == (uint64_t)rdmsr_safe_insn || f->rip == (uint64_t)wrmsr_safe_insn) {
+            f->rip = (uint64_t)msr_fault_fixup; /* rdmsr_safe/wrmsr_safe work in VTL1 too */
+            return;
+        }
         vtl1_report("VTL1 EXCEPTION %lu rip=0x%lx\n", v, f->rip);
         qemu_exit(EXIT_EXCEPTION_BASE + (uint32_t)v);
     }
