@@ -45,6 +45,11 @@ MSR_REGISTERS = {
     "tsc_aux": MSR_TSC_AUX,
 }
 
+# XSAVE area (SDM vol. 1, 13.4): legacy region XMM registers and the header's XSTATE_BV.
+XSAVE_XMM_OFFSET = 160
+XSAVE_XSTATE_BV_OFFSET = 512
+XSTATE_SSE = 1 << 1
+
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
 CR0_ET = 1 << 4
@@ -252,6 +257,11 @@ class RegisterFile:
         return int.from_bytes(bytes(ffi.buffer(fpu.xmm[index], 16)), "little")
 
     def set_xmm(self, index: int, value: int) -> None:
-        fpu = self.vcpu.get_fpu()
-        ffi.memmove(fpu.xmm[index], value.to_bytes(16, "little"), 16)
-        self.vcpu.set_fpu(fpu)
+        """Through KVM_SET_XSAVE: a KVM_SET_FPU leaves XSTATE_BV.SSE clear, and the guest
+        then sees the SSE init state instead (observed on this backend)."""
+        xsave = self.vcpu.get_xsave()
+        area = ffi.cast("uint8_t *", xsave.region)
+        ffi.memmove(area + XSAVE_XMM_OFFSET + 16 * index, value.to_bytes(16, "little"), 16)
+        bv = int.from_bytes(bytes(ffi.buffer(area + XSAVE_XSTATE_BV_OFFSET, 8)), "little") | XSTATE_SSE
+        ffi.memmove(area + XSAVE_XSTATE_BV_OFFSET, bv.to_bytes(8, "little"), 8)
+        self.vcpu.set_xsave(xsave)

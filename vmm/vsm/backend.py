@@ -244,12 +244,13 @@ class VsmBackend:
         translate = lambda linear: self._translate(vp, linear)  # noqa: E731
         located: Located | None
         if access is Access.WRITE:
-            located = locate_write(regs["rip"], regs, mode, read_code, translate, gpa, bases)
+            located = locate_write(regs["rip"], regs, mode, read_code, translate, gpa, bases, size=length)
             if located is None:
                 raise GuestStop(
                     EXIT_GUEST_FAULT,
-                    f"VP {vp.index} VTL{vtl}: denied write to {gpa:#x} by an instruction vsmtrace cannot locate "
-                    f"(rip={regs['rip']:#x}); cannot deliver an exact intercept",
+                    f"VP {vp.index} VTL{vtl}: denied {length}-byte write to {gpa:#x} by an instruction vsmtrace cannot "
+                    f"locate (rip={regs['rip']:#x}, bytes before rip: {read_code(regs['rip'] - 16, 16).hex()}); "
+                    "cannot deliver an exact intercept",
                 )
             located.bytes = located.bytes or read_code(located.rip, located.length)
             restored = vcpu.get_regs()
@@ -261,7 +262,8 @@ class VsmBackend:
             located = decode_at(read_code, regs["rip"], mode)
             if located is not None:
                 located.gva = read_target(located, regs, mode, read_code, bases) or 0
-            discard_pending_read(vp)
+            clobbered = self._string_store_target(vp, located, regs, bases)
+            discard_pending_read(vp, clobbered)
         else:
             located = Located(regs["rip"], 0, self._read_ram(gpa, 16), "", gva or regs["rip"], {})
         message = self.vsm.build_intercept(
@@ -300,6 +302,18 @@ class VsmBackend:
                 "cannot take the intercept message (SynIC SIMP/SINT0 not set up, or SINT0 masked)",
             )
         self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
+
+    def _string_store_target(
+        self, vp: VirtualProcessor, located: Located | None, regs: dict[str, int], bases: dict[str, int]
+    ) -> tuple[int, bytes] | None:
+        """For a ``movs`` whose source read is being discarded: the destination element it would store."""
+        if located is None or not located.string_move_size:
+            return None
+        size = located.string_move_size
+        gpa = self._translate(vp, (regs["rdi"] + bases.get("es", 0)) & 0xFFFFFFFFFFFFFFFF)
+        if gpa is None or not self.machine.memory.is_ram(gpa, size):
+            return None
+        return gpa, self.machine.memory.read(gpa, size)
 
     def _next_higher(self, vp: VirtualProcessor) -> int | None:
         if self.vsm is None:
@@ -367,16 +381,28 @@ def complete_pending_io(vcpu: Any) -> None:
     run.immediate_exit = 0
 
 
-def discard_pending_read(vp: VirtualProcessor) -> None:
-    """Complete a pending MMIO read, then put every register back: the read never happened."""
+def discard_pending_read(vp: VirtualProcessor, clobbered: tuple[int, bytes] | None = None) -> None:
+    """Complete a pending MMIO read, then put every register back: the read never happened.
+
+    KVM can only finish the read, not cancel it. A ``rep movs`` would go on to its next
+    element, so RCX is cut to 1 first; the one destination element the completion
+    stores (``clobbered``: its GPA and old bytes) is written back afterwards.
+    """
     vcpu = vp.vcpu
     saved = ffi.new("struct kvm_regs *")
-    ffi.memmove(saved, vcpu.get_regs(), ffi.sizeof("struct kvm_regs"))
-    fpu = vcpu.get_fpu()
+    ffi.memmove(saved, ffi.addressof(vcpu.get_regs()) if vcpu.sync_regs else vcpu.get_regs(), ffi.sizeof("struct kvm_regs"))
+    xsave = vcpu.get_xsave()
+    run = vcpu.run_struct
+    ffi.memmove(run.mmio.data, bytes(8), 8)  # the completing read sees zeros, never protected data
+    regs = vcpu.get_regs()
+    regs.rcx = 1
+    vcpu.set_regs(regs)
     complete_pending_io(vcpu)
     vcpu.set_regs(saved)
     vcpu.flush_regs()
-    vcpu.set_fpu(fpu)
+    vcpu.set_xsave(xsave)
+    if clobbered is not None:
+        vp.machine.memory.write(clobbered[0], clobbered[1])
 
 
 def _as_int(mmio: Any, length: int) -> int:

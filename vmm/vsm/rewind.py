@@ -28,6 +28,7 @@ from vmm.vp import CpuMode
 
 MAX_INSN = 15
 RFLAGS_DF = 1 << 10
+RFLAGS_RF = 1 << 16  # KVM sets it while a rep string instruction is part-way through
 WRITE_ACCESSES = frozenset(
     {iced_x86.OpAccess.WRITE, iced_x86.OpAccess.READ_WRITE, iced_x86.OpAccess.COND_WRITE, iced_x86.OpAccess.READ_COND_WRITE}
 )
@@ -59,6 +60,7 @@ class Located:
     text: str
     gva: int  # linear address it accessed
     before: dict[str, int] = field(default_factory=dict)  # registers to restore (name → value)
+    string_move_size: int = 0  # element size if this is a movs (its destination may need restoring)
 
 
 def _bitness(mode: CpuMode) -> int:
@@ -115,8 +117,13 @@ def locate_write(
     translate: Callable[[int], int | None],
     gpa: int,
     seg_bases: dict[str, int],
+    size: int = 0,
 ) -> Located | None:
     """Find the retired instruction that wrote ``gpa``; ``regs`` are the post-instruction GPRs.
+
+    Several byte sequences ending at RIP may decode to a store to the same address
+    (``48 89 37`` and its suffix ``89 37``); the store width must then match the
+    exit's access ``size``, and among equals the longest decoding wins.
 
     ``read_code(linear, n)`` returns up to ``n`` bytes at a linear address (fewer if
     unmapped); ``translate(linear)`` gives its GPA or None.
@@ -128,6 +135,7 @@ def locate_write(
         found = _check_string(here, regs, translate, gpa, seg_bases, rep=True)
         if found is not None:
             return found
+    best: Located | None = None
     for length in range(1, MAX_INSN + 1):
         start = rip - length
         insn = _decode_at(read_code, start, bitness)
@@ -135,9 +143,9 @@ def locate_write(
             continue
         if insn.is_string_instruction:
             found = _check_string(insn, regs, translate, gpa, seg_bases, rep=insn.has_rep_prefix)
-            if found is not None:
+            if found is not None and (not size or _mem_size(insn) == size):
                 found.before["rip"] = start
-                return found
+                best = found
             continue
         before = dict(regs)
         if insn.stack_pointer_increment:
@@ -147,18 +155,17 @@ def locate_write(
             if mem.access not in WRITE_ACCESSES:
                 continue
             seg = _segment_base(mem.segment, seg_bases)
-            if mem.base in (iced_x86.Register.RSP, iced_x86.Register.ESP) and insn.stack_pointer_increment:
-                linear = (regs["rsp"] + mem.displacement) & 0xFFFFFFFFFFFFFFFF  # push/call: post-RSP is the slot
-            else:
-                linear = effective_address(insn, mem, before, seg)
+            linear = effective_address(insn, mem, before, seg)  # push/call: iced gives [pre-RSP - size]
             if linear is None:
                 continue
-            if translate(linear) == gpa:
+            width = int(iced_x86.MemorySizeExt.size(mem.memory_size))
+            if translate(linear) == gpa and (not size or width == size):
                 located = Located(start, length, read_code(start, length), _format(insn), linear, {"rip": start})
                 if insn.stack_pointer_increment:
                     located.before["rsp"] = before["rsp"]
-                return located
-    return None
+                best = located
+                break
+    return best
 
 
 def _check_string(
@@ -179,7 +186,7 @@ def _check_string(
     linear = (rdi + seg_bases.get("es", 0)) & 0xFFFFFFFFFFFFFFFF
     if translate(linear) != gpa:
         return None
-    before = {"rdi": rdi, "rip": insn.ip}
+    before = {"rdi": rdi, "rip": insn.ip, "rflags": regs.get("rflags", 0) & ~RFLAGS_RF}
     if insn.mnemonic in STRING_MOVES:
         before["rsi"] = (regs["rsi"] - delta) & 0xFFFFFFFFFFFFFFFF
     if rep:
@@ -210,7 +217,10 @@ def decode_at(read_code: Callable[[int, int], bytes], linear: int, mode: CpuMode
     insn = _decode_at(read_code, linear, _bitness(mode))
     if insn is None:
         return None
-    return Located(linear, insn.len, read_code(linear, insn.len), _format(insn), 0, {})
+    located = Located(linear, insn.len, read_code(linear, insn.len), _format(insn), 0, {})
+    if insn.mnemonic in STRING_MOVES:
+        located.string_move_size = _mem_size(insn)
+    return located
 
 
 def read_target(

@@ -4,7 +4,7 @@ Each VTL of a VP is its own KVM vCPU, so private state (RIP, RSP, RFLAGS, contro
 and segment registers, EFER, syscall MSRs, PAT, APIC, synthetic MSRs) never
 moves: it stays in its vCPU. A switch copies only the state the TLFS calls shared
 (vsm-facts §4.1): the general registers except RSP, CR2, DR0-DR3 and DR6, and the
-x87/SSE state. GPRs travel through the ``kvm_run`` sync-regs area, so they cost no
+x87/SSE/AVX state. GPRs travel through the ``kvm_run`` sync-regs area, so they cost no
 ioctl; the rest is copied only when it differs from what the target already holds.
 """
 
@@ -18,7 +18,7 @@ SHARED_GPRS = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
 )  # fmt: skip
-FPU_SIZE = ffi.sizeof("struct kvm_fpu")
+XSAVE_SIZE = ffi.sizeof("struct kvm_xsave")
 
 
 class SharedStateCopier:
@@ -55,11 +55,13 @@ class SharedStateCopier:
             d_dbg.dr6 = s_dbg.dr6
             dst.set_debugregs(d_dbg)
 
-        fpu = src.get_fpu()
-        image = bytes(ffi.buffer(fpu, FPU_SIZE))
+        # x87/SSE/AVX travel as one XSAVE image (KVM_SET_FPU would leave XSTATE_BV.SSE
+        # clear, and the guest would see the SSE init state).
+        xsave = src.get_xsave()
+        image = bytes(ffi.buffer(xsave, XSAVE_SIZE))
         self.fpu_cache[src_vtl] = image
         if self.fpu_cache[dst_vtl] != image:
-            dst.set_fpu(fpu)
+            dst.set_xsave(xsave)
             self.fpu_cache[dst_vtl] = image
 
     def forget(self, vtl: int) -> None:
