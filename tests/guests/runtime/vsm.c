@@ -1,7 +1,7 @@
 /*
  * vsm.c - the two-VTL guest framework (see vsm.h).
  *
- * Linked into every guest (the build globs runtime/*.c) but inert unless a
+ * Linked into every guest (the build takes every runtime .c file) but inert unless a
  * guest calls vsm_init(): it only adds .bss pages and code.
  *
  * Shared registers: every GPR but RSP, and XMM, are shared between VTLs, so a
