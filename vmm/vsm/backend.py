@@ -156,7 +156,9 @@ class VsmBackend:
             dst.set_regs(regs)
         src_regs = src.get_regs()
         rip = int(src_regs.rip)
-        args = (int(src_regs.rcx), int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9)) if reason is SwitchReason.CALL else None
+        # RAX/RCX carry the VTL call itself (the stub puts the control in RAX and the call code
+        # in RCX), so a secure call's own arguments start at RDX.
+        args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if reason is SwitchReason.CALL else None
         vp.vtl = to_vtl
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
