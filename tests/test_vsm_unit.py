@@ -360,6 +360,12 @@ def test_enable_partition_vtl_negative(env: Env) -> None:
     assert env.call(code, HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0x80).pack())[0] == S.HV_STATUS_INVALID_PARAMETER
     assert env.enable_partition(vtl=2) == S.HV_STATUS_INVALID_PARAMETER
     assert env.enable_partition(vtl=0) == S.HV_STATUS_VTL_ALREADY_ENABLED
+    good = HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0).pack()
+    for offset in range(10, 16):  # RsvdZ[6]
+        bad = bytearray(good)
+        bad[offset] = 1
+        assert env.call(code, bytes(bad))[0] == S.HV_STATUS_INVALID_PARAMETER, offset
+        assert env.fast(code, bytes(bad))[0] == S.HV_STATUS_INVALID_PARAMETER, offset  # R8 bits 63:16
     assert not env.services.named("create_vtl")
     # fast form: RDX = partition id, R8 = vtl | flags << 8
     assert env.fast(code, HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0).pack()) == (S.HV_STATUS_SUCCESS, 0)

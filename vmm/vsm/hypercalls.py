@@ -8,9 +8,9 @@ size limits). Handlers here only decide.
 Statuses per call (TLFS where it speaks; otherwise the choice is noted):
 
 * EnablePartitionVtl (simple; memory or fast): foreign partition → INVALID_PARTITION_ID;
-  any flag (EnableMbec included: MBEC is not offered) or a VTL number beyond the
-  partition's → INVALID_PARAMETER; a target above the caller when the caller is not the
-  highest enabled VTL below it → ACCESS_DENIED; already enabled → VTL_ALREADY_ENABLED
+  any flag (EnableMbec included: MBEC is not offered), a non-zero RsvdZ byte (offsets
+  10-15) or a VTL number beyond the partition's → INVALID_PARAMETER; a target above the
+  caller when the caller is not the highest enabled VTL below it → ACCESS_DENIED; already enabled → VTL_ALREADY_ENABLED
   (OpenVMM; the seed says INVALID_PARAMETER).
 * EnableVpVtl (memory only: 240 bytes): bad partition / VP → INVALID_PARTITION_ID /
   INVALID_VP_INDEX; VTL out of range → INVALID_PARAMETER; VTL not enabled for the
@@ -86,6 +86,7 @@ _TRANSLATE_FLAGS = (
     | HvTranslateGvaControlFlags.OVERRIDE_SMAP
 )
 _U64 = (1 << 64) - 1
+_ENABLE_PARTITION_VTL_RSVD = 10  # offset of RsvdZ[6] in HvInputEnablePartitionVtl
 
 
 def decode_context(raw: bytes, *, force_lma: bool = False) -> InitialVpContext:
@@ -134,6 +135,8 @@ def _highest_enabled_below(vsm: Vsm, vtl: int) -> int:
 def enable_partition_vtl(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
     req = HvInputEnablePartitionVtl.unpack(inp.header)
     check_partition_id(vsm.hv, req.partition_id)
+    if any(inp.header[_ENABLE_PARTITION_VTL_RSVD:HvInputEnablePartitionVtl.SIZE]):
+        raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)  # RsvdZ[6] at offsets 10-15 (R8 bits 63:16 when fast)
     if req.flags:
         raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)  # MBEC and friends are not offered
     target = _vtl_number(vsm, req.target_vtl)
