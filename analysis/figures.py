@@ -191,22 +191,49 @@ def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
         if pp.height == 0:
             _empty(ax, "VTL protection changes")
             return save(fig, path)
-        if pp.height > MAX_STINTS:
-            pp = pp.gather(pl.int_range(0, MAX_STINTS, eager=True) * (pp.height - 1) // (MAX_STINTS - 1))
+        # One bar per run of consecutive pages that share a mask and a lifetime: enabling
+        # protections touches every page of RAM at once, and a bar per page would be
+        # tens of thousands of artists.
+        keys = ["new_mask", "time_ns", "until_ns"]
+        runs = (
+            pp.with_columns(pl.col("until_ns").fill_null(t_end))
+            .sort([*keys, "page"])
+            .with_columns((pl.col("page") - pl.int_range(pl.len()).over(keys)).alias("run"))
+            .group_by([*keys, "run"])
+            .agg(pl.col("page").min().alias("first"), pl.len().alias("pages"))
+            .sort([*keys, "first"])
+        )
+        # Full-access pages are the background; what a reader wants to see is where access
+        # is restricted, so the y axis spans the restricted pages (with some margin).
+        restricted = runs.filter(~pl.col("new_mask").is_in(list(FULL_ACCESS_MASKS)))
+        if restricted.height:
+            runs = restricted
+        if runs.height > MAX_STINTS:
+            runs = runs.gather(pl.int_range(0, MAX_STINTS, eager=True) * (runs.height - 1) // (MAX_STINTS - 1))
         div, unit = _time_unit(float(max(t_end, 1)))
-        masks = sorted(pp["new_mask"].unique().to_list())
+        masks = sorted(runs["new_mask"].unique().to_list())
         cmap = plt.get_cmap("viridis", max(2, len(masks)))
+        page_mib = 4096 / (1 << 20)
         for i, m in enumerate(masks):
-            s = pp.filter(pl.col("new_mask") == m).with_columns(pl.col("until_ns").fill_null(t_end))
+            s = runs.filter(pl.col("new_mask") == m)
             x0 = (s["time_ns"] / div).to_list()
             w = ((s["until_ns"] - s["time_ns"]) / div).to_list()
-            y = (s["page"].cast(pl.Float64) * 4096 / (1 << 20)).to_list()
-            ax.barh(y, w, left=x0, height=4096 / (1 << 20), color=cmap(i), label=f"mask {m:#x} ({_mask_name(m)})", linewidth=0)
+            y = (s["first"].cast(pl.Float64) * page_mib).to_list()
+            h = (s["pages"].cast(pl.Float64) * page_mib).to_list()
+            ax.barh(y, w, left=x0, height=h, align="edge", color=cmap(i), label=f"mask {m:#x} ({_mask_name(m)})", linewidth=0)
+        lo = float(runs["first"].min()) * page_mib  # type: ignore[arg-type]
+        hi = float((runs["first"] + runs["pages"]).max()) * page_mib  # type: ignore[operator]
+        margin = max((hi - lo) * 0.1, 4 * page_mib)
+        ax.set_ylim(lo - margin, hi + margin)
         ax.set_xlabel(f"time since trace start ({unit})")
         ax.set_ylabel("guest-physical address (MiB)")
-        ax.set_title("VTL protection map (pages changed, by mask; one row per 4 KiB page)")
+        ax.set_title("VTL protection map: pages with restricted access, by mask" if restricted.height else "VTL protection map")
         ax.legend(fontsize=7, loc="upper right")
         return save(fig, path)
+
+
+#: HV_MAP_GPA masks that allow everything (with and without user-execute).
+FULL_ACCESS_MASKS = (0x7, 0xF)
 
 
 def _mask_name(mask: int) -> str:
