@@ -904,6 +904,28 @@ def test_translate_protections_overlays_and_bits(vtl1: Env) -> None:
     assert entry(vtl1, PT) & (A | D) == A | D
 
 
+def test_translate_walks_page_tables_through_the_target_view(vtl1: Env) -> None:
+    """Page tables in pages VTL1 protected from VTL0: the walk must neither read nor update them."""
+    long_mode_tables(vtl1)
+    put(vtl1, PT + 6 * 8, 0x7E25BC7E20000 | P | RW)  # a "secret" qword that looks like a PTE
+    vtl1.enable_protections()
+    vtl1.protect([PT >> 12], 0x0)  # VTL0 may not read its own PT page any more
+    for caller in (0, 1):  # VTL0 for itself, VTL1 in VTL0's context
+        status, result, page = translate(vtl1, 0x406000, caller_vtl=caller)
+        assert status == S.HV_STATUS_SUCCESS
+        assert result & 0xFFFFFFFF == Xr.GPA_NO_READ_ACCESS and page == 0, (caller, hex(result), hex(page))
+    # A 1 GiB page does not touch the PT page: unaffected
+    assert translate(vtl1, 0x40000000 + 0x123000, caller_vtl=0)[1:] == ((6 << 32), 0x123)
+    # Read-only page tables: the walk works, accessed/dirty bits are not written
+    vtl1.protect([PT >> 12], 0x1)
+    put(vtl1, PT, 0x200000 | P | RW | US)
+    assert translate(vtl1, 0x400000, Fl.VALIDATE_READ, caller_vtl=0)[1] & 0xFFFFFFFF == Xr.SUCCESS
+    before = entry(vtl1, PT)
+    result = translate(vtl1, 0x400000, Fl.VALIDATE_WRITE | Fl.SET_PAGE_TABLE_BITS, caller_vtl=0)[1]
+    assert result & 0xFFFFFFFF == Xr.GPA_NO_WRITE_ACCESS
+    assert entry(vtl1, PT) == before
+
+
 def test_translate_other_modes_and_statuses(vtl1: Env) -> None:
     regs = vtl1.part.vps[0].regs[0]
     regs.update(cr0=0x11, cr4=0, efer=0)

@@ -267,7 +267,7 @@ def translate_virtual_address(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
         vtl,
         (req.gva_page << HV_PAGE_SHIFT) & _U64,
         flags,
-        reader_vtl=vsm.hypervisor_vtl(),
+        reader_vtl=vtl,  # the target VTL's own view: its protections apply to its page walks
         allowed=lambda page: vsm.lower_vtl_allowed(vtl, page),
         is_ram=vsm.is_ram_page,
         overlay_pages=overlays,

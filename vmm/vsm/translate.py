@@ -1,8 +1,12 @@
 """GVA → GPA translation for HvCallTranslateVirtualAddress, walking a VTL's own page tables.
 
 The walk uses the target (VP, VTL)'s CR0/CR3/CR4/EFER (VTL-private state) and reads page
-tables as the hypervisor does: through ``read_gpa`` of the partition's highest VTL, which
-no VTL protection restricts. Supported: no paging, 32-bit (4 KiB / 4 MiB with CR4.PSE),
+tables through the target VTL's own view, as that VTL's MMU would: a page-table page the
+target VTL may not read ends the walk with GpaNoReadAccess (nothing of it is reported),
+and with SET_PAGE_TABLE_BITS an accessed/dirty update the target VTL may not write is
+not made and the result is GpaNoWriteAccess. Otherwise a lower VTL could learn a higher
+VTL's protected bytes (as PTEs, through the result code and GpaPage) or have them
+modified (A/D bits) just by pointing its page tables at them. Supported: no paging, 32-bit (4 KiB / 4 MiB with CR4.PSE),
 PAE, 4-level and 5-level long mode with 2 MiB / 1 GiB pages.
 
 Access validation (only for the VALIDATE_* flags the caller set):
@@ -119,8 +123,12 @@ class _Reader:
         self.touched.append((address, size, value))
         return value
 
-    def set_bits(self, dirty: bool) -> None:
-        """Set Accessed in every entry used, Dirty in the leaf (last) entry for a write."""
+    def set_bits(self, dirty: bool) -> bool:
+        """Set Accessed in every entry used, Dirty in the leaf (last) entry for a write.
+
+        False if the reader's view does not allow writing one of the entries (that one and
+        the ones after it are left alone).
+        """
         for i, (address, size, value) in enumerate(self.touched):
             new = value | PTE_A
             if dirty and i == len(self.touched) - 1:
@@ -128,8 +136,11 @@ class _Reader:
             if new != value:
                 try:
                     self.partition.write_gpa(self.vtl, address, new.to_bytes(size, "little"))
-                except (GuestMemoryError, VtlAccessDenied):
+                except GuestMemoryError:
                     pass
+                except VtlAccessDenied:
+                    return False
+        return True
 
 
 def _accumulate(walk: _Walk, entry: int, nxe: bool) -> None:
@@ -259,7 +270,8 @@ def translate_gva(
     """Translate ``gva`` in the context of (``vp``, ``vtl``) and validate per ``flags``.
 
     ``allowed(page)`` gives the VTL protections of ``vtl``'s view; ``overlay_pages`` and
-    ``hypercall_page`` are GPA page numbers.
+    ``hypercall_page`` are GPA page numbers. Page tables are read and updated through
+    ``reader_vtl``'s view (the handler passes the target VTL).
     """
     cr0 = _reg(vp, vtl, "cr0")
     cr4 = _reg(vp, vtl, "cr4")
@@ -302,6 +314,6 @@ def translate_gva(
         return Translation(Code.GPA_NO_WRITE_ACCESS, page, overlay)
     if flags & F.VALIDATE_EXECUTE and not rights & Access.EXECUTE:
         return Translation(Code.INTERCEPT, page, overlay)
-    if flags & F.SET_PAGE_TABLE_BITS and cr0 & CR0_PG:
-        reader.set_bits(dirty=bool(flags & F.VALIDATE_WRITE))
+    if flags & F.SET_PAGE_TABLE_BITS and cr0 & CR0_PG and not reader.set_bits(dirty=bool(flags & F.VALIDATE_WRITE)):
+        return Translation(Code.GPA_NO_WRITE_ACCESS, page, overlay)
     return Translation(Code.SUCCESS, page, overlay)
