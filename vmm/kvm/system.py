@@ -191,6 +191,7 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
+        self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
         self.sync_regs = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
@@ -198,6 +199,7 @@ class Vcpu:
     # -- running -------------------------------------------------------------
     def run(self) -> int:
         """KVM_RUN once; returns 0 or ``-errno`` (``-EINTR`` when kicked)."""
+        self._sregs = None
         r = lib.vsm_kvm_run(self.fd)
         if r < 0 and r != -errno.EINTR and r != -errno.EAGAIN:
             raise KvmError("KVM_RUN", -r)
@@ -234,12 +236,27 @@ class Vcpu:
             self.run_struct.kvm_dirty_regs &= ~lib.KVM_SYNC_X86_REGS
 
     def get_sregs(self) -> Any:
+        """Special registers, read once per exit: the copy is kept until the vCPU runs again.
+
+        Several handlers of one exit (mode, CPL, CR2...) each need them; one ioctl serves
+        all. Treat the result as read-only unless you hand it back to :meth:`set_sregs`.
+        """
+        cached = self._sregs
+        if cached is not None:
+            return cached
         s = ffi.new("struct kvm_sregs *")
         _check("KVM_GET_SREGS", lib.ioctl(self.fd, lib.KVM_GET_SREGS, s))
+        self._sregs = s
         return s
 
     def set_sregs(self, s: Any) -> None:
+        self._sregs = None
         _check("KVM_SET_SREGS", lib.ioctl(self.fd, lib.KVM_SET_SREGS, s))
+        self._sregs = s
+
+    def invalidate_cache(self) -> None:
+        """The vCPU ran (or KVM changed its state): cached register copies are stale."""
+        self._sregs = None
 
     def get_fpu(self) -> Any:
         f = ffi.new("struct kvm_fpu *")
