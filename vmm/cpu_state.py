@@ -188,37 +188,7 @@ class RegisterFile:
         raise KeyError(f"unknown register {name!r}")
 
     def set(self, name: str, value: int | Segment | Table) -> None:
-        if name in GPR_NAMES:
-            regs = self.vcpu.get_regs()
-            setattr(regs, name, value)
-            self.vcpu.set_regs(regs)
-            return
-        if name in CONTROL_NAMES or name in SEGMENT_NAMES or name in TABLE_NAMES or name == "apic_base":
-            s = self.vcpu.get_sregs()
-            if name in CONTROL_NAMES or name == "apic_base":
-                setattr(s, name, value)
-            elif name in SEGMENT_NAMES:
-                assert isinstance(value, Segment)
-                segment_to_kvm(value, getattr(s, SEGMENT_NAMES[name]))
-            else:
-                assert isinstance(value, Table)
-                t = getattr(s, TABLE_NAMES[name])
-                t.base, t.limit = value.base, value.limit
-            self.vcpu.flush_regs()
-            self.vcpu.set_sregs(s)
-            return
-        if name.startswith("dr"):
-            d = self.vcpu.get_debugregs()
-            if name in ("dr6", "dr7"):
-                setattr(d, name, value)
-            else:
-                d.db[int(name[2])] = value
-            self.vcpu.set_debugregs(d)
-            return
-        if name in MSR_REGISTERS:
-            self.vcpu.set_msrs({MSR_REGISTERS[name]: int(value)})  # type: ignore[arg-type]
-            return
-        raise KeyError(f"unknown register {name!r}")
+        self.set_many({name: value})
 
     def set_many(self, values: dict[str, int | Segment | Table]) -> None:
         """Set several registers at once; control/segment registers go in one KVM_SET_SREGS.
@@ -250,7 +220,17 @@ class RegisterFile:
             self.vcpu.set_regs(regs)
             self.vcpu.flush_regs()
         for name, value in rest.items():
-            self.set(name, value)
+            if name.startswith("dr"):
+                d = self.vcpu.get_debugregs()
+                if name in ("dr6", "dr7"):
+                    setattr(d, name, value)
+                else:
+                    d.db[int(name[2])] = value
+                self.vcpu.set_debugregs(d)
+            elif name in MSR_REGISTERS:
+                self.vcpu.set_msrs({MSR_REGISTERS[name]: int(value)})  # type: ignore[arg-type]
+            else:
+                raise KeyError(f"unknown register {name!r}")
 
     def get_xmm(self, index: int) -> int:
         fpu = self.vcpu.get_fpu()

@@ -26,28 +26,36 @@ SUBERRORS = {
 MAX_INSN = 15
 
 
-def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
-    """(rip, up to 15 bytes at rip), translating through the guest's page tables."""
+def read_linear(vp: VirtualProcessor, vtl: int, linear: int, size: int) -> bytes:
+    """Up to ``size`` bytes at a guest linear address of (vp, vtl), through its page tables.
+
+    Stops early (returns fewer bytes) at an unmapped page or a page outside RAM.
+    """
     vcpu = vp.vcpus[vtl]
-    rip = int(vcpu.get_regs().rip)
-    sregs = vcpu.get_sregs()
-    linear = (int(sregs.cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
     out = bytearray()
-    addr = linear
-    while len(out) < MAX_INSN:
+    addr = linear & 0xFFFFFFFFFFFFFFFF
+    while len(out) < size:
         try:
             gpa, valid, _ = vcpu.translate(addr)
         except OSError:
             break
         if not valid:
             break
-        chunk = min(MAX_INSN - len(out), 0x1000 - (addr & 0xFFF))
+        chunk = min(size - len(out), 0x1000 - (addr & 0xFFF))
         try:
             out += vp.machine.memory.read(gpa, chunk)
         except GuestMemoryError:
             break
         addr += chunk
-    return rip, bytes(out)
+    return bytes(out)
+
+
+def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
+    """(rip, up to 15 bytes at rip), translating through the guest's page tables."""
+    vcpu = vp.vcpus[vtl]
+    rip = int(vcpu.get_regs().rip)
+    linear = int(vcpu.get_sregs().cs.base) + rip
+    return rip, read_linear(vp, vtl, linear, MAX_INSN)
 
 
 def decode(code: bytes, rip: int, mode: CpuMode) -> str | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmm.emulation_io import RecordedService
 from vmm.events import EventKind
+from vmm.guest_errors import read_linear
 from vmm.kvm.system import ffi, lib
 from vmm.memory import PAGE_SHIFT
 from vmm.vp import Access, CpuMode, GuestMemoryError, Segment
@@ -343,19 +344,7 @@ class VsmBackend:
         return int(gpa) if valid else None
 
     def _read_linear(self, vp: VirtualProcessor, linear: int, size: int) -> bytes:
-        out = bytearray()
-        addr = linear
-        while len(out) < size:
-            gpa = self._translate(vp, addr)
-            if gpa is None:
-                break
-            chunk = min(size - len(out), 0x1000 - (addr & 0xFFF))
-            try:
-                out += self.machine.memory.read(gpa, chunk)
-            except GuestMemoryError:
-                break
-            addr += chunk
-        return bytes(out)
+        return read_linear(vp, vp.vtl, linear, size)
 
     def _read_ram(self, gpa: int, size: int) -> bytes:
         try:
