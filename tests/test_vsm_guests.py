@@ -1,4 +1,5 @@
-"""Two-VTL guests on real KVM: enablement, shared/private state, interrupts, protections, SMP.
+"""Two-VTL guests on real KVM: enablement, shared/private state, interrupts, protections, translation,
+confused deputy, TLB lock, SMP.
 
 Each guest (tests/guests/vsm_*.c, framework in tests/guests/runtime/vsm.{h,c}) prints one
 ``ok <check>`` or ``FAIL <check>: ...`` line per check and exits 0 only if every check
@@ -82,8 +83,31 @@ EXPECTED: dict[str, list[str]] = {
         "tlb_vtl0_flush_after_release", "tlb_inhibit_sets_lock", "tlb_inhibit_released_by_return",
         "tlb_vtl0_flush_after_inhibit", "tlb_secure_config_reserved_rejected",
     ],
+    "vsm_smp": [
+        "vtl1_enable_vp1", "vtl1_enable_vp1_again", "vp1_status_from_vp0_vtl1", "start_vp1", "vp1_up",
+        "vp1_first_vtl_call", "vp1_vtl1_ready", "start_vp1_again",
+        "calls_vp1_done", "calls_vp0_results", "calls_vp1_results", "calls_vp0_count", "calls_vp1_count",
+        "calls_vp0_entries", "calls_vp1_entries", "calls_vtl1_private_stack", "calls_vtl1_vp_index",
+        "calls_vtl1_private_assist_page", "calls_shared_regs_per_vp",
+        "protect_intercept_page", "intercepts_vp1_done", "intercepts_vp0_count", "intercepts_vp1_count",
+        "intercepts_vp0_msg_vp_index", "intercepts_vp1_msg_vp_index", "intercepts_vp0_msg_gpa",
+        "intercepts_vp1_msg_gpa", "intercepts_vp0_no_effect", "intercepts_vp1_no_effect",
+        "apic_ipi_vtl1_cross_vp_delivered", "apic_ipi_vtl1_cross_vp_entry_reason", "apic_ipi_vtl0_cross_vp_delivered",
+        "apic_ipi_vtl1_vp1_to_vp0_delivered", "apic_ipi_vtl0_vector_a2_delivered", "apic_ipi_vtl1_stays_in_vtl1",
+        "apic_ipi_vtl1_stays_in_vtl1_vp0", "apic_ipi_vtl0_stays_in_vtl0", "apic_ipi_vtl1_exactly_once",
+        "pv_ipi_vtl1_to_vp1_vtl0_delivered", "pv_ipi_vtl1_to_vp1_vtl1_delivered", "pv_ipi_vtl0_to_vp1_vtl1_denied",
+        "pv_ipi_vtl0_to_vp1_delivered", "pv_ipi_vtl1_to_all_vtl0_vp0", "pv_ipi_vtl1_to_all_vtl0_vp1",
+        "pv_ipi_vtl0_to_vtl1_not_delivered", "pv_ipi_vtl1_to_vtl0_not_in_vtl1", "pv_ipi_exactly_once",
+        "tlb_vp1_vtl1_holds_lock", "tlb_vp1_lock_read_back", "tlb_vp0_vtl1_sees_vp1_lock",
+        "tlb_flush_other_vp_status", "tlb_flush_other_vp_not_blocked", "tlb_flush_locked_vp_status",
+        "tlb_flush_not_done_while_locked", "tlb_flush_order_issue_release_done", "tlb_flush_done_after_release_time",
+        "tlb_flush_waited", "tlb_vp1_lock_released", "tlb_flush_vp1_after_release",
+        "protect_cross_vp_status", "protect_cross_vp_writer_was_running", "protect_cross_vp_no_write_after_return",
+        "protect_cross_vp_intercepted", "protect_cross_vp_msg_gpa", "protect_cross_vp_msg_vp",
+        "protect_cross_vp_denied_value", "protect_cross_vp_restore",
+    ],
 }  # fmt: skip
-SMP: dict[str, int] = {}  # guest name -> --smp (the 2-VP guest vsm_smp is not written yet)
+SMP: dict[str, int] = {"vsm_smp": 2}  # guest name -> --smp
 
 
 def _run(name: str) -> tuple[int, str, str]:

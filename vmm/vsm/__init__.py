@@ -314,9 +314,14 @@ class Vsm:
             self.on_tlb_unlock(waiters)
 
     def tlb_wait_pending(self, vp: int) -> bool:
-        """Is ``vp`` waiting for a TLB lock (its flush hypercall returned ``retry``)?"""
-        with self.lock:
-            return vp in self.state.tlb_waiters
+        """Is ``vp`` waiting for a TLB lock (its flush hypercall returned ``retry``)?
+
+        Lock-free on purpose: the machine evaluates this as a wait predicate while holding
+        the VP's condition lock, and a VTL return releasing the lock kicks that VP (taking
+        the same condition lock) with the partition lock held; taking the partition lock
+        here would invert that order. A set membership test is atomic.
+        """
+        return vp in self.state.tlb_waiters
 
     def _tlb_lock_check(self, vp: int, vtl: int, target_vps: Sequence[int], target_vtls: Sequence[int]) -> bool:
         locked = any(self.state.tlb_locked(t, tv, vtl) for t in target_vps for tv in target_vtls)

@@ -20,8 +20,11 @@ VSM needs:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmm.emulation_io import RecordedService
@@ -134,8 +137,53 @@ class VsmBackend:
 
     def set_protections(self, target_vtl: int, protections: Sequence[PageProtection]) -> None:
         view = self.views[target_vtl]
-        for p in protections:
-            view.set_pages(p.first_page, p.count, p.allowed)
+        with self._other_vps_out_of_guest():
+            for p in protections:
+                view.set_pages(p.first_page, p.count, p.allowed)
+
+    @contextlib.contextmanager
+    def _other_vps_out_of_guest(self) -> Iterator[None]:
+        """Keep every other VP out of KVM_RUN while memslots are rebuilt.
+
+        A layout change deletes the old slots before it creates their replacements, so a
+        vCPU running in between finds RAM missing (seen: VP1 triple-faulted in VTL0 while
+        VP0's VTL1 protected a page). Each other VP gets a request that holds it at the top
+        of its run loop until the change is done; ``immediate_exit`` and a kick end a
+        KVM_RUN in progress. Only the return from KVM_RUN is awaited, never the handling of
+        that exit (which may need the partition lock the caller holds).
+        """
+        machine = self.machine
+        me = threading.current_thread()
+        others = [vp for vp in machine.vps if vp.thread is not None and vp.thread is not me and vp.started]
+        if not others:
+            yield
+            return
+        done = threading.Event()
+
+        def hold() -> None:
+            while not done.wait(0.05) and not machine.stopping:
+                pass
+
+        seen = {}
+        for vp in others:
+            with vp.cond:
+                vp.requests.append((hold, threading.Event()))
+            for vcpu in vp.vcpus:
+                if vcpu is not None:
+                    vcpu.run_struct.immediate_exit = 1
+            seen[vp.index] = vp.exit_count
+            vp.kick()
+        try:
+            for vp in others:
+                deadline = time.monotonic() + 1.0
+                while vp.in_guest and vp.exit_count == seen[vp.index] and not machine.stopping:
+                    if time.monotonic() > deadline:
+                        vp.kick()
+                        deadline = time.monotonic() + 1.0
+                    time.sleep(0.00005)
+            yield
+        finally:
+            done.set()
 
     def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
         self.machine.hyperv_tlb.flush_vps(vp_indices, vtl)
