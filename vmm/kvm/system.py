@@ -192,6 +192,7 @@ class Vcpu:
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
+        self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
         self.sync_regs = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
@@ -288,6 +289,7 @@ class Vcpu:
         return d
 
     def set_debugregs(self, d: Any) -> None:
+        self.debugregs_writes += 1  # lets callers that cache a stopped vCPU's debug registers notice
         _check("KVM_SET_DEBUGREGS", lib.ioctl(self.fd, lib.KVM_SET_DEBUGREGS, d))
 
     def get_events(self) -> Any:

@@ -31,6 +31,8 @@ class SharedStateCopier:
     def __init__(self, vcpus: list[Vcpu]) -> None:
         self.vcpus = vcpus
         self.fpu_cache: list[bytes | None] = [None] * len(vcpus)
+        # (vcpu.debugregs_writes, (DR0-3, DR6)) as that vCPU held them when it last stopped
+        self.dbg_cache: list[tuple[int, tuple[int, ...]] | None] = [None] * len(vcpus)
 
     def copy(self, src_vtl: int, dst_vtl: int) -> None:
         src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
@@ -47,13 +49,21 @@ class SharedStateCopier:
             dst.flush_regs()
             dst.set_sregs(d_sregs)
 
+        # The source's DR0-3/DR6 are read every time (the guest writes them without an
+        # exit); the target's are known from when it last stopped, unless someone has
+        # called KVM_SET_DEBUGREGS on it since.
         s_dbg = src.get_debugregs()
-        d_dbg = dst.get_debugregs()
-        if list(s_dbg.db) != list(d_dbg.db) or s_dbg.dr6 != d_dbg.dr6:
-            for i in range(4):
-                d_dbg.db[i] = s_dbg.db[i]
-            d_dbg.dr6 = s_dbg.dr6
-            dst.set_debugregs(d_dbg)
+        db = s_dbg.db
+        shared = (db[0], db[1], db[2], db[3], s_dbg.dr6)
+        self.dbg_cache[src_vtl] = (src.debugregs_writes, shared)
+        if self.dbg_cache[dst_vtl] != (dst.debugregs_writes, shared):
+            d_dbg = dst.get_debugregs()
+            if list(db) != list(d_dbg.db) or s_dbg.dr6 != d_dbg.dr6:
+                for i in range(4):
+                    d_dbg.db[i] = db[i]
+                d_dbg.dr6 = s_dbg.dr6
+                dst.set_debugregs(d_dbg)
+            self.dbg_cache[dst_vtl] = (dst.debugregs_writes, shared)
 
         # x87/SSE/AVX travel as one XSAVE image (KVM_SET_FPU would leave XSTATE_BV.SSE
         # clear, and the guest would see the SSE init state).
