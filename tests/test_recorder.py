@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One event per kind, every field filled with a value that exercises its type's range.
 SAMPLES: list[tuple[K, int, int, int | None, dict[str, Any]]] = [
     (K.VP_START, 0, 0, 0x100000, {"detail": {"entry": "multiboot"}}),
-    (K.EXIT, 1, 0, 0xFFFF_FFFF_FFFF_FFF0, {"exit_reason": "INTERNAL_ERROR", "exit_code": 17, "suberror": 1, "detail": '{"ndata": 2}'}),
+    (K.EXIT, 1, 0, 0xFFFF_FFFF_FFFF_FFF0, {"exit_reason": "INTERNAL_ERROR", "exit_code": 17, "suberror": 1, "detail": '{"ndata": 2}', "gprs": bytes(range(144)), "entry_flags": 1}),
     (K.PIO, 0, 0, 0x1000, {"address": 0x3F8, "size": 1, "is_write": True, "data": 0x41}),
     (K.MMIO, 0, 1, 0x2000, {"address": 0xFEE0_00B0, "size": 4, "is_write": False, "data": 0xFFFF_FFFF_FFFF_FFFF}),
     (K.MSR, 3, 1, 0x3000, {"msr": 0x4000_0070, "value": 1 << 63, "is_write": True, "fault": False}),

@@ -27,6 +27,7 @@ def machine_metadata(machine: Machine) -> dict[str, Any]:
             "initrds": [str(p) for p in cfg.initrds],
             "vtls": cfg.vtls,
             "deterministic": cfg.deterministic,
+            "clock_quantum_ns": machine.deterministic.quantum_ns if machine.deterministic is not None else None,
             "hyperv_policy": dataclasses.asdict(policy) if policy is not None else None,
             "apic_timer_hz": machine.apic_timer_hz,
             "tsc_hz": machine.tsc_hz,
