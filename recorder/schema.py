@@ -72,6 +72,8 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("exit_reason", _dict_string(), "name", ("EXIT",), "KVM exit reason name, e.g. HLT, SHUTDOWN, INTERNAL_ERROR."),
     Column("exit_code", pa.uint32(), "enum", ("EXIT",), "Raw KVM_EXIT_* number."),
     Column("suberror", pa.uint32(), "enum", ("EXIT",), "KVM internal-error suberror (KVM_INTERNAL_ERROR_*)."),
+    Column("gprs", pa.binary(), "bytes", ("EXIT",), "--deterministic: RAX..R15, RIP, RFLAGS at the exit as 18 little-endian u64 (vmm.deterministic.GPR_ORDER); what re-execution compares."),
+    Column("entry_flags", pa.uint8(), "bits", ("EXIT",), "--deterministic: what the VMM asked of the entry that ended in this exit (bit 0: interrupt window requested)."),
     # PIO / MMIO / MSR
     Column("address", pa.uint64(), "port or GPA", ("PIO", "MMIO"), "I/O port (PIO) or guest-physical address (MMIO)."),
     Column("size", pa.uint8(), "bytes", ("PIO", "MMIO"), "Access width."),
@@ -113,7 +115,7 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("from_vtl", pa.uint8(), "VTL", ("VTL_SWITCH",), "VTL left."),
     Column("to_vtl", pa.uint8(), "VTL", ("VTL_SWITCH",), "VTL entered."),
     Column("reason", _dict_string(), "name", ("VTL_SWITCH", "VP_STOP"), "VTL_SWITCH: call, return, interrupt, intercept. VP_STOP: why the VP stopped."),
-    Column("args", pa.list_(pa.uint64()), "values", ("VTL_SWITCH",), "Caller's register arguments at a VTL call (RCX, RDX, R8, R9 as captured; a secure call's service code is conventionally args[0]); null if not captured."),
+    Column("args", pa.list_(pa.uint64()), "values", ("VTL_SWITCH",), "Caller's argument registers at a VTL call: RDX, R8, R9, R10 (RAX/RCX hold the VTL call control and code); a secure call's service code is conventionally args[0]; null for other reasons."),
     # INTERCEPT (message also used by SYNIC_MESSAGE)
     Column("access", _dict_string(), "name", ("INTERCEPT",), "Denied access type: read, write, execute."),
     Column("gpa", pa.uint64(), "GPA", ("INTERCEPT",), "Guest-physical address accessed."),

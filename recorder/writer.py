@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -189,6 +190,9 @@ class TraceWriter:
         except OSError as e:
             self._file.close()
             raise TraceError(f"cannot write trace {self.path}: {_os_reason(e)}") from None
+        self._batches: queue.Queue[tuple[pa.RecordBatch, int, int] | None] = queue.Queue()
+        self._writer_thread = threading.Thread(target=self._writer, name=f"trace-writer:{self.path.name}", daemon=True)
+        self._writer_thread.start()
         self._thread = threading.Thread(target=self._flusher, name=f"trace-flusher:{self.path.name}", daemon=True)
         self._thread.start()
 
@@ -315,18 +319,38 @@ class TraceWriter:
                     finally:
                         self._building = False
                         self._gate.set()
-                    self._ipc.write_batch(batch)  # compresses and writes without the GIL
-                    now = time.monotonic_ns()
-                    self.stats.bytes_written = self._file.tell()
-                    self.stats.batches += 1
-                    self.stats.flushed_events += len(chunk)
-                    lag = (now - chunk[0][0]) / 1e9
-                    if lag > self.stats.max_flush_lag_s:
-                        self.stats.max_flush_lag_s = lag
-            except Exception as e:  # OSError (disk full...) or a recorder bug: stop recording, never kill the VP thread
+                    # Compressing and writing run on the writer thread (without the GIL), so
+                    # the VP thread that built the batch goes straight back to its guest.
+                    self._batches.put((batch, chunk[0][0], len(chunk)))
+            except Exception as e:  # a recorder bug: stop recording, never kill the VP thread
                 self._fail(e)
         finally:
             self._write_lock.release()
+
+    def _writer(self) -> None:
+        """Write built batches in order; an OSError (disk full...) stops recording cleanly."""
+        while True:
+            item = self._batches.get()
+            try:
+                if item is None:
+                    return
+                batch, first_ns, rows = item
+                if self.error is not None or self._file.closed:
+                    continue
+                try:
+                    self._ipc.write_batch(batch)  # compresses and writes without the GIL
+                except Exception as e:
+                    self._fail(e)
+                    continue
+                now = time.monotonic_ns()
+                self.stats.bytes_written = self._file.tell()
+                self.stats.batches += 1
+                self.stats.flushed_events += rows
+                lag = (now - first_ns) / 1e9
+                if lag > self.stats.max_flush_lag_s:
+                    self.stats.max_flush_lag_s = lag
+            finally:
+                self._batches.task_done()
 
     def _fail(self, exc: BaseException) -> None:
         """Stop recording after a write error; keep what is on disk; tell the VMM once."""
@@ -474,6 +498,7 @@ class TraceWriter:
     def flush(self) -> None:
         """Write everything pending now (tests, and the VMM before a guest-visible stop)."""
         self._flush_pending()
+        self._batches.join()
 
     def close(self) -> None:
         """Flush, end the stream and seal it into an IPC file. Idempotent; later emits are no-ops."""
@@ -486,6 +511,9 @@ class TraceWriter:
         self._wake.set()
         self._thread.join()
         self._flush_pending()  # rows appended before _closing was set
+        self._batches.join()
+        self._batches.put(None)
+        self._writer_thread.join()
         ok = self.error is None
         with self._write_lock:
             if ok:

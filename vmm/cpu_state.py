@@ -217,8 +217,7 @@ class RegisterFile:
             regs = self.vcpu.get_regs()
             for name, value in gprs.items():
                 setattr(regs, name, value)
-            self.vcpu.set_regs(regs)
-            self.vcpu.flush_regs()
+            self.vcpu.set_regs(regs)  # through kvm_run (sync regs): applied at the next KVM_RUN
         for name, value in rest.items():
             if name.startswith("dr"):
                 d = self.vcpu.get_debugregs()

@@ -33,8 +33,21 @@ from vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessD
 # -- value encoding ----------------------------------------------------------------------------
 
 
+_SELF_ENCODED = frozenset({int, str, bool, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def encode(value: Any) -> Any:
     """A JSON-able form of any value that crosses the boundary."""
+    if value.__class__ in _SELF_ENCODED:  # the common case, first (also on the replay hot path)
+        return value
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, enum.Enum):
@@ -54,7 +67,7 @@ def encode(value: Any) -> Any:
     if isinstance(value, BaseException):
         return {"X": type(value).__name__, "a": [encode(a) for a in value.args]}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"D": type(value).__name__, "f": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+        return {"D": type(value).__name__, "f": {name: encode(getattr(value, name)) for name in _field_names(type(value))}}
     if isinstance(value, dict):
         return {"M": [[encode(k), encode(v)] for k, v in value.items()]}
     if isinstance(value, list | tuple):

@@ -26,7 +26,7 @@ from vmm.hyperv.hvdef import (
 )
 from vmm.hyperv.hypercall import HypercallInternalError
 from vmm.hyperv.reference_time import ReferenceClock
-from vmm.timers import TimerHandle, TimerService
+from vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
     from vmm.machine import Machine, VirtualProcessor
@@ -89,13 +89,16 @@ class ReferenceTimers:
     both honest: they advance at the same rate and differ only by an offset.
     """
 
-    def __init__(self, host: TimerService, reference_ns: Callable[[], int]) -> None:
+    def __init__(
+        self, host: TimerScheduler, reference_ns: Callable[[], int], host_ns: Callable[[], int] = time.monotonic_ns
+    ) -> None:
         self.host = host
         self.reference_ns = reference_ns
+        self.host_ns = host_ns  # the clock ``host`` counts in (virtual time in --deterministic mode)
 
     def arm(self, deadline_ns: int, callback: Callable[[], None]) -> TimerHandle:
         delta = deadline_ns - self.reference_ns()
-        return self.host.arm(time.monotonic_ns() + max(delta, 0), callback)
+        return self.host.arm(self.host_ns() + max(delta, 0), callback)
 
     def cancel(self, handle: object) -> None:
         assert isinstance(handle, TimerHandle)
@@ -120,7 +123,12 @@ class HypervBackend:
     def _create(self) -> None:
         m = self.machine
         assert m.clock is not None and m.timers is not None
-        self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+        if m.deterministic is not None:
+            # Virtual time; the TSC page reads invalid so guests use TIME_REF_COUNT (an exit)
+            # instead of scaling a raw RDTSC that re-execution could not reproduce.
+            self.reference = ReferenceClock.from_monotonic(m.clock.now_ns, m.tsc_hz)
+        else:
+            self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
         m.hyperv_tlb = MachineTlb(m)
         m.reference_clock = self.reference.reference_time
         # Everything the emulation reads or writes goes through the recorded boundary
@@ -130,7 +138,7 @@ class HypervBackend:
         self.partition = RecordedPartition(m, boundary) if recording else m
         apic: Any = MachineApics(m)
         tlb: Any = m.hyperv_tlb
-        timers: Any = ReferenceTimers(m.timers, self.reference.reference_time_ns)
+        timers: Any = ReferenceTimers(m.timers, self.reference.reference_time_ns, m.clock.now_ns)
         sink: Any = m.sink
         tsc_page = self.reference.tsc_page_params
         if recording:
@@ -202,7 +210,8 @@ class HypervBackend:
             vsm = self.machine.vsm
             if outcome.retry and vsm is not None:
                 vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
-        vp.interrupt_hint = True
+        # No blanket interrupt re-check here: everything a hypercall can make deliverable
+        # (an IPI, a SynIC message, an EOI, a VTL switch) already sets interrupt_hint.
         action = outcome.vtl_action
         if action is not None and self.machine.vtl_action_hook is not None:
             self.machine.vtl_action_hook(vp, action)

@@ -22,6 +22,7 @@ from typing import Any
 from vmm.config import MachineConfig
 from vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
 from vmm.cpuid import CpuidPolicy, build_cpuid
+from vmm.deterministic import DeterministicTime
 from vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vmm.devices.bus import ALL_ONES, MmioBus, PioBus
 from vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
@@ -34,7 +35,7 @@ from vmm.kvm.exits import exit_name
 from vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
 from vmm.loader.multiboot import Module, load_kernel
 from vmm.memory import GuestMemory
-from vmm.timers import TimerService
+from vmm.timers import ManualClock, TimerService
 from vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
 from vsmtrace import __version__
 
@@ -115,8 +116,11 @@ class VirtualProcessor:
             )
             for vtl in range(len(machine.vms))
         ]
-        for vtl, vcpu in enumerate(self.vcpus):
-            vcpu.set_cpuid(machine.cpuid_for(index, vtl))
+        # KVM answers CPUID in the kernel (no exit), so the table each vCPU gets is what a
+        # trace records as its CPUID events (see Machine.boot).
+        self.cpuid_tables = [machine.cpuid_for(index, vtl) for vtl in range(len(self.vcpus))]
+        for vcpu, table in zip(self.vcpus, self.cpuid_tables, strict=True):
+            vcpu.set_cpuid(table)
         self.exit_handlers: dict[int, Callable[[], None]] = {
             lib.KVM_EXIT_IO: self.on_io,
             lib.KVM_EXIT_MMIO: self.on_mmio,
@@ -177,7 +181,10 @@ class VirtualProcessor:
         events.exception.error_code = error_code or 0
         self.vcpus[vtl].flush_regs()
         self.vcpus[vtl].set_events(events)
-        self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="exception")
+        sink = self.machine.sink
+        if sink.enabled:
+            rip = int(self.vcpus[vtl].get_regs().rip)
+            sink.emit(EventKind.INTERRUPT, self.index, vtl, rip, vector=vector, source="exception")
 
     # -- kicks and waiting -------------------------------------------------------------
     def kick(self) -> None:
@@ -323,7 +330,10 @@ class VirtualProcessor:
             self.in_guest = True
             if machine.stopping:
                 break
-            r = lib.vsm_kvm_run(self.vcpu.fd)
+            vcpu = self.vcpu
+            vcpu._sregs = None  # KVM may change them while the guest runs
+            r = lib.vsm_kvm_run(vcpu.fd)
+            vcpu.exited()
             self.in_guest = False
             self.exit_count += 1
             if run.immediate_exit:
@@ -337,6 +347,8 @@ class VirtualProcessor:
                 self.last_cr8 = cr8
                 self.apic.set_tpr_from_cr8(cr8)
                 self.interrupt_hint = True
+            if machine.deterministic is not None:
+                machine.deterministic.at_exit(self, run.exit_reason)
             handler = handlers.get(run.exit_reason)
             if handler is None:
                 self.on_unhandled()
@@ -455,7 +467,12 @@ class VirtualProcessor:
     def on_hlt(self) -> None:
         run = self.vcpu.run_struct
         machine = self.machine
+        machine.emit(EventKind.EXIT, self, exit_reason="HLT", exit_code=int(lib.KVM_EXIT_HLT))
         interruptible = bool(run.if_flag)
+        if machine.deterministic is not None:
+            machine.deterministic.halt(self, interruptible)
+            self.interrupt_hint = True
+            return
         self.state = VpState.HALTED
         machine.note_halt(self, interruptible)
         try:
@@ -500,6 +517,7 @@ class VirtualProcessor:
         self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=True, fault=fault)
 
     def on_shutdown(self) -> None:
+        self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
         raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
 
     def on_internal_error(self) -> None:
@@ -507,6 +525,10 @@ class VirtualProcessor:
         hook = self.machine.internal_error_hook
         if hook is not None and hook(self):
             return  # e.g. VSM: an execute intercept on a no-execute page
+        self.machine.emit(
+            EventKind.EXIT, self, exit_reason="INTERNAL_ERROR", exit_code=int(lib.KVM_EXIT_INTERNAL_ERROR),
+            suberror=int(run.internal.suberror),
+        )  # fmt: skip
         data = [int(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
         message = describe_internal_error(self, int(run.internal.suberror), data)
         raise GuestStop(EXIT_GUEST_FAULT, message)
@@ -624,7 +646,8 @@ class Machine:
                 self.vsm = VsmBackend(self)
         self.tsc_hz = 0
         self.tsc_offset = 0
-        self.clock: GuestClock | None = None
+        self.clock: GuestClock | ManualClock | None = None
+        self.deterministic: DeterministicTime | None = None  # --deterministic: time moves at exits only
         # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
         # lets later layers (Hyper-V, VSM) attach, after a recorder may have been plugged in.
         self.vps = [VirtualProcessor(self, i) for i in range(config.smp)]
@@ -687,6 +710,11 @@ class Machine:
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
         for hook in self.on_vps_created:
             hook()
+        if self.sink.enabled:
+            for vp in self.vps:
+                for vtl, table in enumerate(vp.cpuid_tables):
+                    for fn, idx, _flags, a, b, c, d in table:
+                        self.sink.emit(EventKind.CPUID, vp.index, vtl, None, leaf=fn, subleaf=idx, eax=a, ebx=b, ecx=c, edx=d)
         apply_boot_state(self.vps[0].vcpus[0], boot)
         self.booted = True
 
@@ -710,6 +738,10 @@ class Machine:
         self.tsc_hz = vcpu.tsc_khz() * 1000
         guest_tsc = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
         self.tsc_offset = guest_tsc - int(lib.vsm_rdtsc())
+        if self.config.deterministic:
+            self.deterministic = DeterministicTime(self)
+            self.clock, self.timers = self.deterministic.clock, self.deterministic.timers
+            return
         self.clock = GuestClock(self.tsc_offset)
         self.timers = TimerService(self.clock)
 
@@ -837,7 +869,8 @@ class Machine:
 
     # -- stopping ---------------------------------------------------------------------------------
     def _on_debug_exit(self, value: int, status: int) -> None:
-        self.emit(EventKind.GUEST_EXIT, None, exit_status=status, message=f"isa-debug-exit {value:#x}")
+        extra = {"detail": self.deterministic.exit_detail()} if self.deterministic is not None else {}
+        self.emit(EventKind.GUEST_EXIT, None, exit_status=value, message=f"isa-debug-exit {value:#x} (status {status})", **extra)
         self.request_stop(status, "")
 
     def _on_serial(self, data: bytes) -> None:

@@ -87,6 +87,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), help="Record every event into this Arrow trace.")
 @click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
+@click.option("--deterministic", is_flag=True, help="Virtual time advanced at exits, timers fired at exits, every exit recorded: a trace `vsmtrace replay --reexecute` can re-run (needs --smp 1).")
 @click.option("--kvm-device", "kvm_device", default="/dev/kvm", envvar="VSMTRACE_KVM_DEVICE", hidden=True, help="KVM device node (tests point it elsewhere).")
 def run(
     kernel: Path,
@@ -101,6 +102,7 @@ def run(
     hv_disable: tuple[str, ...],
     kvm_device: str,
     record_path: Path | None,
+    deterministic: bool = False,
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     from vmm.config import MachineConfig
@@ -115,6 +117,10 @@ def run(
         policy = policy.with_vsm()
     if not kernel.exists():
         fail(f"kernel {kernel} does not exist")
+    if deterministic and smp != 1:
+        fail(f"--deterministic needs --smp 1 (got {smp}): with several VPs, their interleaving is not decided at exits")
+    if deterministic:
+        kernel = kernel.resolve()  # the loader puts the path in the command line: re-execution must see the same bytes
     for path in initrds:
         if not path.exists():
             fail(f"module {path} does not exist")
@@ -136,6 +142,7 @@ def run(
         hyperv=policy,
         vtls=2 if vsm else 1,
         kvm_device=kvm_device,
+        deterministic=deterministic,
     )
     status, message = run_machine(config, record_path)
     if message and status != 0:
@@ -283,12 +290,30 @@ def diff(trace_a: Path, trace_b: Path, ignore: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --state: print the state as JSON.")
 @click.option("--break-at", type=click.IntRange(min=0), metavar="SEQ", help="Stop in the debugger (pdb) before the emulation entry that produced event SEQ.")
 @click.option("--progress/--no-progress", default=None, help="Show a progress bar (default: when stderr is a terminal).")
-def replay(trace_path: Path, state_seq: int | None, as_json: bool, break_at: int | None, progress: bool | None) -> None:
+@click.option("--reexecute", is_flag=True, help="Re-run the guest itself under KVM from its image, feeding recorded inputs back at each exit and checking every exit (needs a --deterministic trace).")
+@click.option("--dump-memory", "dump_specs", multiple=True, metavar="SEQ:GPA:LEN[:FILE]", help="With --reexecute: write LEN bytes of guest memory at GPA right after event SEQ (repeatable).")
+def replay(
+    trace_path: Path,
+    state_seq: int | None,
+    as_json: bool,
+    break_at: int | None,
+    progress: bool | None,
+    reexecute: bool = False,
+    dump_specs: tuple[str, ...] = (),
+) -> None:
     """Replay TRACE's Hyper-V/VSM emulation offline and verify every output bit for bit.
 
+    With --reexecute, re-run the guest under KVM instead (see docs/reexecute.md).
     Exit status 0 when the replay reproduces the trace, 1 on a divergence (the
     first differing event and field are printed), 2 when the trace cannot be replayed.
     """
+    if reexecute:
+        if state_seq is not None or break_at is not None:
+            fail("--state and --break-at belong to VMM replay, not --reexecute (use --dump-memory)")
+        reexecute_trace(trace_path, dump_specs)
+        return
+    if dump_specs:
+        fail("--dump-memory needs --reexecute")
     from replayer.engine import VmmReplayer, format_report, to_json
     from replayer.errors import Divergence, ReplayError
 
@@ -314,6 +339,43 @@ def replay(trace_path: Path, state_seq: int | None, as_json: bool, break_at: int
         fail(str(exc))
     click.echo(format_report(report))
     sys.exit(0 if report.divergence is None else 1)
+
+
+def reexecute_trace(trace_path: Path, dump_specs: tuple[str, ...]) -> NoReturn:
+    """``vsmtrace replay --reexecute``: one-line errors for traces that cannot be re-executed."""
+    from replayer.errors import ReplayError
+    from replayer.reexecute import MemoryDump, Reexecutor, format_report
+    from vmm.kvm.system import KvmError, KvmUnavailable
+    from vmm.loader.elf import LoaderError
+
+    try:
+        dumps = [MemoryDump.parse(spec, Path.cwd()) for spec in dump_specs]
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        report = Reexecutor(trace_path, dumps=dumps).run()
+    except (ReplayError, KvmUnavailable, LoaderError) as exc:
+        fail(str(exc))
+    except KvmError as exc:
+        fail(f"KVM refused to set up the guest: {exc}")
+    except OSError as exc:
+        fail(f"cannot re-execute {trace_path}: {exc}")
+    click.echo(format_report(report))
+    sys.exit(0 if report.divergence is None else 1)
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("vsmtrace-demo"), show_default=True, help="Directory for the trace, report and figures.")
+@click.option("--quiet", is_flag=True, help="Do not echo the guest's serial console.")
+def demo(out_dir: Path, quiet: bool) -> None:
+    """Build the bundled VBS-style guest, record it on 2 VPs, replay it, and write the report."""
+    from vsmtrace.demo import DemoError, print_summary, run_demo
+
+    try:
+        result = run_demo(out_dir, echo=not quiet)
+    except DemoError as exc:
+        fail(str(exc))
+    print_summary(result)
 
 
 if __name__ == "__main__":

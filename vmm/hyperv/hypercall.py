@@ -277,6 +277,7 @@ class HypercallDispatcher:
     def __init__(self, partition: PartitionAccess, policy: HypervPolicy, sink: EventSink) -> None:
         self.partition = partition
         self.policy = policy
+        self.privileges = policy.privileges()  # the policy is frozen: computed once, not per call
         self.sink = sink
         self.table: dict[HypercallCode, HypercallSpec] = {}
         self.vtl_hook: VtlHook | None = None
@@ -346,7 +347,7 @@ class HypercallDispatcher:
         spec = self.table.get(code)
         if spec is None or not spec.advertised(self.policy):
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
-        if spec.privilege is not None and not self.policy.privileges() & spec.privilege:
+        if spec.privilege is not None and not self.privileges & spec.privilege:
             raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
         if c.reserved or c.nested:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)

@@ -193,15 +193,21 @@ class Vcpu:
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
         self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
-        self.sync_regs = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS) & lib.KVM_SYNC_X86_REGS
+        sync = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
+        self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
+        # With KVM_SYNC_X86_SREGS the special registers arrive with every exit: reading
+        # CPL, mode or CR2 then costs no ioctl (each one is several µs on some backends).
+        self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS)
+        self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
         if self.sync_regs:
-            self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS
+            self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
 
     # -- running -------------------------------------------------------------
     def run(self) -> int:
         """KVM_RUN once; returns 0 or ``-errno`` (``-EINTR`` when kicked)."""
         self._sregs = None
         r = lib.vsm_kvm_run(self.fd)
+        self.exited()
         if r < 0 and r != -errno.EINTR and r != -errno.EAGAIN:
             raise KvmError("KVM_RUN", -r)
         return r
@@ -245,6 +251,9 @@ class Vcpu:
         cached = self._sregs
         if cached is not None:
             return cached
+        if self.sregs_exported:
+            self._sregs = ffi.addressof(self.run_struct.s.regs.sregs)
+            return self._sregs
         s = ffi.new("struct kvm_sregs *")
         _check("KVM_GET_SREGS", lib.ioctl(self.fd, lib.KVM_GET_SREGS, s))
         self._sregs = s
@@ -253,7 +262,19 @@ class Vcpu:
     def set_sregs(self, s: Any) -> None:
         self._sregs = None
         _check("KVM_SET_SREGS", lib.ioctl(self.fd, lib.KVM_SET_SREGS, s))
-        self._sregs = s
+        if self.sregs_exported:
+            mirror = ffi.addressof(self.run_struct.s.regs.sregs)
+            if s != mirror:
+                ffi.memmove(mirror, s, ffi.sizeof("struct kvm_sregs"))  # keep kvm_run's copy current
+            self._sregs = mirror
+        else:
+            self._sregs = s
+
+    def exited(self) -> None:
+        """KVM_RUN returned: registers KVM exported into kvm_run are current again."""
+        self._sregs = None
+        if self.sync_sregs:
+            self.sregs_exported = True
 
     def invalidate_cache(self) -> None:
         """The vCPU ran (or KVM changed its state): cached register copies are stale."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from vmm.emulation_io import RecordedService
 from vmm.events import EventKind
 from vmm.guest_errors import read_linear
+from vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
 from vmm.kvm.system import ffi, lib
 from vmm.memory import PAGE_SHIFT
 from vmm.vp import Access, CpuMode, GuestMemoryError, Segment
@@ -53,6 +54,7 @@ ENTRY_REASON = {
     SwitchReason.INTERCEPT: EntryReason.INTERRUPT,  # intercepts arrive as the SINT0 interrupt
 }
 ACCESS_NAMES = {Access.READ: "read", Access.WRITE: "write", Access.EXECUTE: "execute"}
+OUT_IMM8 = 0xE6  # ``out imm8, al``: the hypercall-page trap instruction
 
 
 class VsmBackend:
@@ -63,6 +65,7 @@ class VsmBackend:
         self.vsm: Any = None  # vmm.vsm.Vsm, created once the VPs (and Hyper-V) exist
         self.enabled_vtls = {0}
         self.copiers: dict[int, SharedStateCopier] = {}
+        self.trap_out_retired: bool | None = None  # see _trap_already_complete
         machine.mmio_hook = self.on_mmio
         machine.internal_error_hook = self.on_internal_error
         machine.wake_hook = self.higher_vtl_pending
@@ -196,7 +199,8 @@ class VsmBackend:
         if to_vtl == from_vtl:
             return
         src = vp.vcpus[from_vtl]
-        complete_pending_io(src)
+        if not self._trap_already_complete(vp, src):
+            complete_pending_io(src)
         self.copiers[vp.index].copy(from_vtl, to_vtl)
         dst = vp.vcpus[to_vtl]
         if return_rax_rcx is not None:
@@ -222,6 +226,27 @@ class VsmBackend:
             sink.emit(
                 EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value, args=args
             )
+
+    def _trap_already_complete(self, vp: VirtualProcessor, vcpu: Any) -> bool:
+        """Whether the exit is a hypercall-page trap (one OUT) that KVM has already completed.
+
+        A KVM that emulates the OUT (PVM) steps over it before exiting and leaves nothing
+        to complete; stock KVM's fast PIO path advances RIP only in the next KVM_RUN. Which
+        kind this host is gets learnt once, from the bytes around RIP at the first trap.
+        """
+        run = vcpu.run_struct
+        if run.exit_reason != lib.KVM_EXIT_IO:
+            return False
+        io = run.io
+        if io.direction != lib.KVM_EXIT_IO_OUT or io.port != HV_HYPERCALL_TRAP_PORT or io.count != 1:
+            return False
+        done = self.trap_out_retired
+        if done is None:
+            rip = int(vcpu.get_regs().rip)
+            trap = bytes((OUT_IMM8, HV_HYPERCALL_TRAP_PORT))
+            done = self._read_linear(vp, rip - len(trap), len(trap)) == trap and self._read_linear(vp, rip, len(trap)) != trap
+            self.trap_out_retired = done
+        return done
 
     def highest_enabled(self, vp: VirtualProcessor) -> int:
         if self.vsm is None:
