@@ -210,7 +210,9 @@ class Reexecutor:
                 rec = rows[i]
                 run.request_interrupt_window = 1 if (rec["entry_flags"] or 0) & ENTRY_IRQ_WINDOW else 0
                 while True:
+                    vcpu.invalidate_cache()
                     r = lib.vsm_kvm_run(vcpu.fd)
+                    vcpu.exited()  # registers KVM exports with the exit are current again
                     if r >= 0:
                         break
                     if r != -4:  # EINTR: nothing kicks us, but retry rather than fail
