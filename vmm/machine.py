@@ -91,6 +91,7 @@ class VirtualProcessor:
         self.vtl = 0
         self.state = VpState.RUNNING if index == 0 else VpState.WAIT_FOR_SIPI
         self.cond = threading.Condition()
+        self.wakeups = 0  # bumped by every notify; see wait()
         self.thread: threading.Thread | None = None
         self.thread_id = 0
         self.in_guest = False
@@ -191,6 +192,8 @@ class VirtualProcessor:
         """Make this VP look at its interrupts now (called from any thread)."""
         self.interrupt_hint = True
         with self.cond:
+            self.wakeups += 1
+            self.wakeups += 1
             self.cond.notify_all()
         if self.in_guest:
             self.vcpu.run_struct.immediate_exit = 1
@@ -198,13 +201,21 @@ class VirtualProcessor:
                 lib.vsm_kick_thread(self.thread_id)
 
     def wait(self, predicate: Callable[[], bool]) -> None:
+        """Block until ``predicate()`` holds (or the machine stops).
+
+        The predicate runs *without* the condition lock: it may take the emulation's lock
+        (is a higher VTL's interrupt pending?), while a thread holding that lock may be
+        kicking this VP. A wake-up counter read before the check closes the lost-wakeup race.
+        """
         while True:
             if self.requests:
                 self.service_requests()
             with self.cond:
-                if predicate() or self.machine.stopping:
-                    return
-                if not self.requests:
+                seen = self.wakeups
+            if predicate() or self.machine.stopping:
+                return
+            with self.cond:
+                if self.wakeups == seen and not self.requests:
                     self.cond.wait(0.5)
 
     # -- work other threads need done on this VP's thread (vCPU ioctls, TLB flushes) --------------
@@ -273,12 +284,14 @@ class VirtualProcessor:
         with self.cond:
             self.state = VpState.WAIT_FOR_SIPI
             self.sipi_vector = None
+            self.wakeups += 1
             self.cond.notify_all()
 
     def on_sipi(self, vector: int) -> None:
         with self.cond:
             if self.state is VpState.WAIT_FOR_SIPI:
                 self.sipi_vector = vector
+                self.wakeups += 1
                 self.cond.notify_all()
 
     def start_in_vtl(self, vtl: int) -> None:
@@ -287,6 +300,7 @@ class VirtualProcessor:
             if self.state is VpState.WAIT_FOR_SIPI:
                 self.start_vtl = vtl
                 self.started = True
+                self.wakeups += 1
                 self.cond.notify_all()
 
     # -- the run loop ----------------------------------------------------------------------
