@@ -19,3 +19,7 @@ class Divergence(Exception):
         self.field = field
         self.recorded = recorded
         self.replayed = replayed
+        #: The emulation entry being replayed when the difference showed (its EMULATION event
+        #: and entry name); set by the engine, differs from ``seq`` when an emitted event differs.
+        self.entry_seq: int | None = None
+        self.entry: str | None = None

@@ -19,6 +19,8 @@ from vmm.emulation_io import decode_value
 from vmm.vp import Access, Segment, Table
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
+#: The I/O ops :meth:`ReplayState.on_io` keeps track of (the replay skips the call for the others).
+TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections", "vsm.request_transition"})
 
 
 def access_text(allowed: int) -> str:
@@ -38,6 +40,7 @@ class ReplayState:
     protections: dict[int, dict[int, int]] = field(default_factory=dict)  # target VTL → page → allowed
     hv: Any = None
     vsm: Any = None
+    table: pa.Table | None = None  # the trace, for RIPs "as last seen" (set by the replayer)
     _current_seq: int = -1
 
     @classmethod
@@ -76,13 +79,21 @@ class ReplayState:
         self.entries += 1
 
     def finish_at(self, table: pa.Table, seq: int) -> None:
-        """Fill in the last RIP of every (VP, VTL) from the events up to ``seq``."""
+        """Make this the state right after event ``seq`` (RIPs come from the events up to it)."""
         self.seq = seq
-        upto = table.filter(pc.less_equal(table.column("seq"), seq)).select(["seq", "vp", "vtl", "rip"])
-        upto = upto.filter(pc.is_valid(upto.column("rip")))
-        for r in upto.to_pylist():
-            if r["rip"]:
-                self.rips[(r["vp"], r["vtl"])] = (r["rip"], r["seq"])
+        self.table = table
+
+    def last_rips(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(vp, vtl) -> (last RIP, its event) from the trace's events up to :attr:`seq`, computed on demand."""
+        if self.table is None:
+            return self.rips
+        upto = self.table.filter(pc.less_equal(self.table.column("seq"), self.seq)).select(["seq", "vp", "vtl", "rip"])
+        upto = upto.filter(pc.and_(pc.is_valid(upto.column("rip")), pc.not_equal(upto.column("rip"), 0)))
+        rips: dict[tuple[int, int], tuple[int, int]] = {}
+        for seq, vp, vtl, rip in zip(*(upto.column(c).to_pylist() for c in ("seq", "vp", "vtl", "rip")), strict=True):
+            rips[(vp, vtl)] = (rip, seq)
+        self.rips = rips
+        return rips
 
     # -- views ------------------------------------------------------------------------------------------
     def protection_runs(self, target_vtl: int) -> list[tuple[int, int, str]]:
@@ -114,6 +125,16 @@ class ReplayState:
             "vp_assist_page": getattr(msrs, "vp_assist_page", 0),
         }
 
+    def partition_state(self) -> dict[str, Any] | None:
+        """Partition-wide Hyper-V state: the partition id and each VTL's partition MSRs."""
+        if self.hv is None:
+            return None
+        vtls = {}
+        for vtl in range(self.vtls):
+            m = self.hv.vtl_msrs(vtl)
+            vtls[f"vtl{vtl}"] = {"guest_os_id": m.guest_os_id, "hypercall": m.hypercall, "reference_tsc": m.reference_tsc}
+        return {"partition_id": self.hv.partition_id, "msrs": vtls}
+
     def vsm_state(self) -> Any:
         if self.vsm is None:
             return None
@@ -128,11 +149,12 @@ class ReplayState:
 
     def to_dict(self) -> dict[str, Any]:
         vps: dict[str, Any] = {}
+        rips = self.last_rips()
         for vp in range(self.vps):
             per_vtl: dict[str, Any] = {}
             for vtl in range(self.vtls):
                 regs = {name: {"value": _plain(v), "seq": s} for name, (v, s) in sorted(self.registers.get((vp, vtl), {}).items())}
-                rip = self.rips.get((vp, vtl))
+                rip = rips.get((vp, vtl))
                 entry: dict[str, Any] = {"registers": regs, "last_rip": None if rip is None else {"value": rip[0], "seq": rip[1]}}
                 if self.hv is not None:
                     entry["synic"] = self.synic_state(vp, vtl)
@@ -142,6 +164,7 @@ class ReplayState:
             "seq": self.seq,
             "entries_replayed": self.entries,
             "enabled_vtls": sorted(self.enabled_vtls),
+            "partition": self.partition_state(),
             "vps": vps,
             "vsm": self.vsm_state(),
             "protections": {
@@ -154,6 +177,12 @@ class ReplayState:
         d = self.to_dict()
         lines = [f"state after event {d['seq']} ({d['entries_replayed']} emulation entries replayed)"]
         lines.append(f"enabled VTLs: {', '.join(f'VTL{v}' for v in d['enabled_vtls'])}")
+        part = d["partition"]
+        if part is not None:
+            lines.append(f"partition id {part['partition_id']:#x}")
+            for vtl_name, m in part["msrs"].items():
+                if any(m.values()):
+                    lines.append(f"  {vtl_name}: " + " ".join(f"{k}={v:#x}" for k, v in m.items()))
         for vp_name, vp in d["vps"].items():
             lines.append(f"{vp_name}: active VTL{vp['active_vtl']}")
             for vtl_name in sorted(k for k in vp if k.startswith("vtl")):
