@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,16 @@ TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 FW_CFG_VERSION_FILE = "etc/vsmtrace/version"
 MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER")
+
+# kvm_run fields the run loop reads on every exit, unpacked in one call each (a cffi
+# attribute read costs about as much as the struct unpack of all of them).
+EXIT_INFO = struct.Struct("<IBBHQ")  # exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8
+EXIT_INFO_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
+IO_INFO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+IO_INFO_OFFSET = ffi.offsetof("struct kvm_run", "io")
+IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
+IO_OUT = int(lib.KVM_EXIT_IO_OUT)
+assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 
 # vsmtrace's own exit statuses (the guest's isa-debug-exit statuses are always odd).
 EXIT_OK = 0
@@ -328,12 +339,17 @@ class VirtualProcessor:
         if self.state is VpState.WAIT_FOR_SIPI:
             self.wait_for_sipi()
         machine.emit(EventKind.VP_START, self)
-        run = self.vcpu.run_struct
+        vcpu = self.vcpu
+        run = vcpu.run_struct
         handlers = self.exit_handlers
+        waiting = VpState.WAIT_FOR_SIPI
+        kvm_run = lib.vsm_kvm_run
+        unpack_exit = EXIT_INFO.unpack_from
         while not machine.stopping:
-            if self.state is VpState.WAIT_FOR_SIPI:
+            if self.state is waiting:
                 self.wait_for_sipi()
-                run = self.vcpu.run_struct
+                vcpu = self.vcpu
+                run = vcpu.run_struct
                 continue
             if self.requests:
                 self.service_requests()
@@ -341,34 +357,36 @@ class VirtualProcessor:
                 self.flush_tlb()
             if self.interrupt_hint:
                 run = self.deliver_interrupts(run)
+                vcpu = self.vcpu
             self.in_guest = True
             if machine.stopping:
                 break
-            vcpu = self.vcpu
             vcpu._sregs = None  # KVM may change them while the guest runs
-            r = lib.vsm_kvm_run(vcpu.fd)
-            vcpu.exited()
+            r = kvm_run(vcpu.fd)
+            vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
-            if run.immediate_exit:
+            view = vcpu.run_view
+            if view[IMMEDIATE_EXIT_OFFSET]:
                 run.immediate_exit = 0
             if r < 0:
                 if r in (-errno.EINTR, -errno.EAGAIN):
                     continue
                 raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
-            cr8 = run.cr8
+            reason, _ready, _if, _flags, cr8 = unpack_exit(view, EXIT_INFO_OFFSET)
             if cr8 != self.last_cr8:  # the guest wrote CR8 (= TPR[7:4]) in long mode
                 self.last_cr8 = cr8
                 self.apic.set_tpr_from_cr8(cr8)
                 self.interrupt_hint = True
             if machine.deterministic is not None:
-                machine.deterministic.at_exit(self, run.exit_reason)
-            handler = handlers.get(run.exit_reason)
+                machine.deterministic.at_exit(self, reason)
+            handler = handlers.get(reason)
             if handler is None:
                 self.on_unhandled()
             else:
                 handler()
-            run = self.vcpu.run_struct
+            vcpu = self.vcpu  # a handler may have switched the VP to another VTL
+            run = vcpu.run_struct
 
     def wait_for_sipi(self) -> None:
         self.wait(lambda: self.sipi_vector is not None or self.start_vtl is not None)
@@ -418,27 +436,32 @@ class VirtualProcessor:
         return None
 
     def on_io(self) -> None:
-        run = self.vcpu.run_struct
-        io = run.io
-        port, size, count = io.port, io.size, io.count
-        data = ffi.cast("uint8_t *", run) + io.data_offset
+        view = self.vcpu.run_view
+        direction, size, port, count, offset = IO_INFO.unpack_from(view, IO_INFO_OFFSET)
         machine = self.machine
-        if port in machine.trap_ports:
-            machine.trap_ports[port](self, port, size, io.direction == lib.KVM_EXIT_IO_OUT)
+        trap = machine.trap_ports.get(port)
+        if trap is not None:
+            trap(self, port, size, direction == IO_OUT)
             return
         bus = machine.pio
-        sink = machine.sink
-        if io.direction == lib.KVM_EXIT_IO_OUT:
+        recording = machine.sink.enabled
+        if direction == IO_OUT:
+            device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
             for i in range(count):
-                value = int.from_bytes(ffi.buffer(data + i * size, size), "little")
-                if sink.enabled:
+                start = offset + i * size
+                value = int.from_bytes(view[start : start + size], "little")
+                if recording:
                     machine.emit(EventKind.PIO, self, address=port, size=size, is_write=True, data=value)
-                bus.write(port, size, value)
+                if device is None:
+                    bus.write(port, size, value)  # unclaimed: warns once
+                else:
+                    device.pio_write(port, size, value)
         else:
             for i in range(count):
                 value = bus.read(port, size)
-                ffi.memmove(data + i * size, value.to_bytes(size, "little"), size)
-                if sink.enabled:
+                start = offset + i * size
+                view[start : start + size] = value.to_bytes(size, "little")
+                if recording:
                     machine.emit(EventKind.PIO, self, address=port, size=size, is_write=False, data=value)
 
     def on_mmio(self) -> None:

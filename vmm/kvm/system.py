@@ -191,13 +191,14 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
+        self.run_view = memoryview(self._map)  # raw bytes of kvm_run, for struct-based hot paths
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
         self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
         sync = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
         self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
         # With KVM_SYNC_X86_SREGS the special registers arrive with every exit: reading
         # CPL, mode or CR2 then costs no ioctl (each one is several µs on some backends).
-        self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS)
+        self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS) and not os.environ.get("VSMTRACE_NO_SYNC_SREGS")
         self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
@@ -384,6 +385,7 @@ class Vcpu:
         _check("KVM_SET_DEVICE_ATTR(KVM_VCPU_TSC_OFFSET)", lib.ioctl(self.fd, lib.KVM_SET_DEVICE_ATTR, self._tsc_attr(value)))
 
     def close(self) -> None:
+        self.run_view.release()
         try:
             self._map.close()
         except BufferError:
