@@ -198,7 +198,7 @@ class Vcpu:
         self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
         # With KVM_SYNC_X86_SREGS the special registers arrive with every exit: reading
         # CPL, mode or CR2 then costs no ioctl (each one is several µs on some backends).
-        self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS) and not os.environ.get("VSMTRACE_NO_SYNC_SREGS")
+        self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS)
         self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
