@@ -366,9 +366,7 @@ class VmmReplayer:
             from tqdm import tqdm
 
             iterator = iter(tqdm(self.entries, desc="replay", unit="entry", leave=False))
-        collecting = gc.isenabled()
-        gc.disable()  # replay allocates fast and frees by reference counting; a full collection over the
-        try:  # loaded trace costs more than the little cyclic garbage it would find (collected afterwards)
+        try:
             for entry in iterator:
                 if stop_at is not None and entry.seq > stop_at:
                     continue
@@ -376,9 +374,6 @@ class VmmReplayer:
                 done += 1
         except Divergence as div:
             return ReplayReport(done, self.table.num_rows, div, self.context(div.seq), self.note, leaves)
-        finally:
-            if collecting:
-                gc.enable()
         return ReplayReport(done, self.table.num_rows, None, [], self.note, leaves)
 
     def check_cpuid(self) -> int:
