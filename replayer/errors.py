@@ -9,8 +9,12 @@ class ReplayError(Exception):
     """The trace cannot be replayed (missing inputs, unsupported version...); one line for the user."""
 
 
-class Divergence(Exception):
-    """Replayed emulation differs from the recording: the first differing event and field."""
+class Divergence(BaseException):
+    """Replayed emulation differs from the recording: the first differing event and field.
+
+    A BaseException on purpose: the emulation catches ``Exception`` around handlers (a
+    handler bug becomes an ERROR event), and a divergence must not be turned into one.
+    """
 
     def __init__(self, seq: int, kind: str, field: str, recorded: Any, replayed: Any) -> None:
         super().__init__(f"event {seq} ({kind}): {field}: recorded {recorded!r}, replayed {replayed!r}")

@@ -95,6 +95,22 @@ class ReplayState:
         self.rips = rips
         return rips
 
+    def active_vtls(self) -> dict[int, int]:
+        """VP -> the VTL it was in after event :attr:`seq`, from the VTL_SWITCH events.
+
+        Entries by interrupt or intercept never pass through the emulation's
+        request_transition, so the recorded switches are the authority.
+        """
+        if self.table is None:
+            return self.active_vtl
+        kinds = pc.cast(self.table.column("kind"), pa.string())
+        mask = pc.and_(pc.equal(kinds, "VTL_SWITCH"), pc.less_equal(self.table.column("seq"), self.seq))
+        switches = self.table.filter(mask).select(["vp", "to_vtl"])
+        active = dict(self.active_vtl)
+        for vp, to_vtl in zip(switches.column("vp").to_pylist(), switches.column("to_vtl").to_pylist(), strict=True):
+            active[vp] = to_vtl
+        return active
+
     # -- views ------------------------------------------------------------------------------------------
     def protection_runs(self, target_vtl: int) -> list[tuple[int, int, str]]:
         """(first page, count, "RWX") runs of pages whose access differs from full access."""
@@ -150,6 +166,7 @@ class ReplayState:
     def to_dict(self) -> dict[str, Any]:
         vps: dict[str, Any] = {}
         rips = self.last_rips()
+        active = self.active_vtls()
         for vp in range(self.vps):
             per_vtl: dict[str, Any] = {}
             for vtl in range(self.vtls):
@@ -159,7 +176,7 @@ class ReplayState:
                 if self.hv is not None:
                     entry["synic"] = self.synic_state(vp, vtl)
                 per_vtl[f"vtl{vtl}"] = entry
-            vps[f"vp{vp}"] = {"active_vtl": self.active_vtl.get(vp, 0), **per_vtl}
+            vps[f"vp{vp}"] = {"active_vtl": active.get(vp, 0), **per_vtl}
         return {
             "seq": self.seq,
             "entries_replayed": self.entries,

@@ -108,6 +108,9 @@ class ReferenceTimers:
 class HypervBackend:
     """Installs Hyper-V into a machine before boot; creates the :class:`HyperV` once VPs exist."""
 
+    #: The emulation emits its own MSR events (with fault reasons); the machine does not repeat them.
+    records_events = True
+
     def __init__(self, machine: Machine, policy: HypervPolicy) -> None:
         self.machine = machine
         self.policy = policy.normalized()

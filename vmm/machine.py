@@ -539,7 +539,8 @@ class VirtualProcessor:
             value = 0
             msr.error = 1
             fault = True
-        self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=False, fault=fault)
+        if not self.machine.msr_records_itself(index):
+            self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=False, fault=fault)
 
     def on_wrmsr(self) -> None:
         msr = self.vcpu.run_struct.msr
@@ -551,7 +552,8 @@ class VirtualProcessor:
         except (ApicGpFault, MsrFault):
             msr.error = 1
             fault = True
-        self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=True, fault=fault)
+        if not self.machine.msr_records_itself(index):
+            self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=True, fault=fault)
 
     def on_shutdown(self) -> None:
         self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
@@ -824,6 +826,13 @@ class Machine:
         self.vps[vp_index].apics[vtl].accept_interrupt(vector)
 
     # -- MSRs ------------------------------------------------------------------------------------
+    def msr_records_itself(self, index: int) -> bool:
+        """Is this MSR served by a layer that emits its own MSR event (the Hyper-V emulation)?"""
+        for first, last, handler in self.msr_handlers:
+            if first <= index <= last:
+                return bool(getattr(handler, "records_events", False))
+        return False
+
     def msr_read(self, vp: VirtualProcessor, index: int) -> int:
         apic = vp.apic
         if index == MSR_IA32_APIC_BASE:
@@ -912,7 +921,11 @@ class Machine:
 
     def _on_serial(self, data: bytes) -> None:
         if self.sink.enabled:
-            self.sink.emit(EventKind.SERIAL, 0, 0, 0, data=data)
+            vp = self.current_vp()
+            if vp is None:
+                self.sink.emit(EventKind.SERIAL, 0, 0, None, data=data)
+            else:
+                self.emit(EventKind.SERIAL, vp, data=data)
 
     def request_stop(self, status: int, message: str, vp: VirtualProcessor | None = None) -> None:
         with self._stop_lock:
