@@ -61,6 +61,7 @@ EXIT_INFO = struct.Struct("<IBBHQ")  # exit_reason, ready_for_interrupt_injectio
 EXIT_INFO_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
 IO_INFO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 IO_INFO_OFFSET = ffi.offsetof("struct kvm_run", "io")
+unpack_io = IO_INFO.unpack_from
 IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
@@ -345,6 +346,7 @@ class VirtualProcessor:
         waiting = VpState.WAIT_FOR_SIPI
         kvm_run = lib.vsm_kvm_run
         unpack_exit = EXIT_INFO.unpack_from
+        deterministic = machine.deterministic  # fixed once the machine is built
         while not machine.stopping:
             if self.state is waiting:
                 self.wait_for_sipi()
@@ -378,8 +380,8 @@ class VirtualProcessor:
                 self.last_cr8 = cr8
                 self.apic.set_tpr_from_cr8(cr8)
                 self.interrupt_hint = True
-            if machine.deterministic is not None:
-                machine.deterministic.at_exit(self, reason)
+            if deterministic is not None:
+                deterministic.at_exit(self, reason)
             handler = handlers.get(reason)
             if handler is None:
                 self.on_unhandled()
@@ -437,7 +439,7 @@ class VirtualProcessor:
 
     def on_io(self) -> None:
         view = self.vcpu.run_view
-        direction, size, port, count, offset = IO_INFO.unpack_from(view, IO_INFO_OFFSET)
+        direction, size, port, count, offset = unpack_io(view, IO_INFO_OFFSET)
         machine = self.machine
         trap = machine.trap_ports.get(port)
         if trap is not None:
@@ -447,6 +449,9 @@ class VirtualProcessor:
         recording = machine.sink.enabled
         if direction == IO_OUT:
             device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
+            if count == 1 and device is not None and not recording:
+                device.pio_write(port, size, int.from_bytes(view[offset : offset + size], "little"))
+                return
             for i in range(count):
                 start = offset + i * size
                 value = int.from_bytes(view[start : start + size], "little")
