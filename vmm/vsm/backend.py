@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vmm.emulation_io import RecordedService
@@ -316,8 +316,7 @@ class VsmBackend:
         mode = _mode(sregs)
         regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_FIELDS}
         bases = {"fs": int(sregs.fs.base), "gs": int(sregs.gs.base), "es": int(sregs.es.base)}
-        read_code = lambda linear, n: self._read_linear(vp, linear, n)  # noqa: E731
-        translate = lambda linear: self._translate(vp, linear)  # noqa: E731
+        translate, read_code = self._cached_walk(vp)
         located: Located | None
         if access is Access.WRITE:
             located = locate_write(regs["rip"], regs, mode, read_code, translate, gpa, bases, size=length)
@@ -415,6 +414,40 @@ class VsmBackend:
         except OSError:
             return None
         return int(gpa) if valid else None
+
+    def _cached_walk(
+        self, vp: VirtualProcessor
+    ) -> tuple[Callable[[int], int | None], Callable[[int, int], bytes]]:
+        """Translate and read guest-linear memory, each page translated once.
+
+        Locating an instruction decodes up to 16 candidates around RIP; without the
+        cache each would cost KVM_TRANSLATE ioctls (several µs each on some hosts).
+        """
+        pages: dict[int, int | None] = {}
+
+        def translate(linear: int) -> int | None:
+            page = (linear & 0xFFFFFFFFFFFFFFFF) >> PAGE_SHIFT
+            if page not in pages:
+                pages[page] = self._translate(vp, page << PAGE_SHIFT)
+            base = pages[page]
+            return None if base is None else base + (linear & (PAGE - 1))
+
+        def read(linear: int, size: int) -> bytes:
+            out = bytearray()
+            addr = linear
+            while len(out) < size:
+                gpa = translate(addr)
+                if gpa is None:
+                    break
+                chunk = min(size - len(out), PAGE - (addr & (PAGE - 1)))
+                try:
+                    out += self.machine.memory.read(gpa, chunk)
+                except GuestMemoryError:
+                    break
+                addr += chunk
+            return bytes(out)
+
+        return translate, read
 
     def _read_linear(self, vp: VirtualProcessor, linear: int, size: int) -> bytes:
         return read_linear(vp, vp.vtl, linear, size)
