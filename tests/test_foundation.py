@@ -357,3 +357,13 @@ def test_ctrl_c_stops_the_guest(guest, how: str) -> None:
     assert p.returncode == 130
     assert err.decode() == "vsmtrace: interrupted (Ctrl-C)\n"
     assert out == b""
+
+
+def test_serial_input_from_stdin(guest) -> None:  # type: ignore[no-untyped-def]
+    """--serial-input stdin: what the user types reaches the UART's receiver (LSR data ready, RBR)."""
+    from tests.conftest import run_vsmtrace
+
+    kernel = guest("echo")
+    r = run_vsmtrace(["run", "--timeout", TIMEOUT, "--serial-input", "stdin", str(kernel)], input=b"hello from the host\n")
+    assert r.status == 1, r.stderr
+    assert r.stdout == "type a line:\necho: hello from the host\n"

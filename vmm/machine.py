@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 import struct
 import threading
 import time
@@ -65,6 +66,9 @@ unpack_io = IO_INFO.unpack_from
 IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
+
+STDIN_FD = 0
+SERIAL_INPUT_CHUNK = 4096
 
 # vsmtrace's own exit statuses (the guest's isa-debug-exit statuses are always odd).
 EXIT_OK = 0
@@ -924,6 +928,17 @@ class Machine:
         self.emit(EventKind.GUEST_EXIT, None, exit_status=value, message=f"isa-debug-exit {value:#x} (status {status})", **extra)
         self.request_stop(status, "")
 
+    def _serial_input(self) -> None:
+        """Feed what the user types (stdin) to the UART's receiver until EOF or the machine stops."""
+        while not self.stopping:
+            try:
+                data = os.read(STDIN_FD, SERIAL_INPUT_CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            self.serial.feed(data)
+
     def _on_serial(self, data: bytes) -> None:
         if self.sink.enabled:
             vp = self.current_vp()
@@ -951,6 +966,8 @@ class Machine:
             self.boot()
         for vp in self.vps:
             vp.start()
+        if self.config.serial_in_interactive:
+            threading.Thread(target=self._serial_input, name="serial-input", daemon=True).start()
         deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
         try:
             while not self.stop_event.wait(0.1):

@@ -82,6 +82,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--append", "cmdline", default="", help="Kernel command line (Multiboot).")
 @click.option("--initrd", "initrds", multiple=True, type=click.Path(dir_okay=False, path_type=Path), help="A Multiboot module (repeatable).")
 @click.option("--serial", "serial_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the serial console here instead of stdout.")
+@click.option("--serial-input", type=click.Choice(["auto", "stdin", "none"]), default="auto", show_default=True, help="Feed stdin to the UART: auto = when stdin is a terminal.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), help="Stop the guest after this many seconds (exit status 124).")
 @click.option("--hyperv/--no-hyperv", default=True, show_default=True, help="Offer the Hyper-V interface (CPUID 0x40000000+, synthetic MSRs, hypercalls).")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), help="Record every event into this Arrow trace.")
@@ -96,6 +97,7 @@ def run(
     cmdline: str,
     initrds: tuple[Path, ...],
     serial_path: Path | None,
+    serial_input: str,
     timeout_s: float | None,
     hyperv: bool,
     vsm: bool,
@@ -137,7 +139,7 @@ def run(
         cmdline=cmdline,
         initrds=list(initrds),
         serial_out=serial_out,
-        serial_in_interactive=sys.stdin.isatty(),
+        serial_in_interactive=serial_input == "stdin" or (serial_input == "auto" and sys.stdin is not None and sys.stdin.isatty()),
         timeout_s=timeout_s,
         hyperv=policy,
         vtls=2 if vsm else 1,
