@@ -58,14 +58,14 @@ MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", 
 
 # kvm_run fields the run loop reads on every exit, unpacked in one call each (a cffi
 # attribute read costs about as much as the struct unpack of all of them).
-EXIT_INFO = struct.Struct("<IBBHQ")  # exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8
+# exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8, (apic_base skipped),
+# then the io member of the exit union: direction, size, port, count, data_offset.
+EXIT_INFO = struct.Struct("<IBBHQ8xBBHIQ")
 EXIT_INFO_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
-IO_INFO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-IO_INFO_OFFSET = ffi.offsetof("struct kvm_run", "io")
-unpack_io = IO_INFO.unpack_from
 IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
+assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
 
 STDIN_FD = 0
 SERIAL_INPUT_CHUNK = 4096
@@ -105,6 +105,8 @@ class VirtualProcessor:
             machine.init_clock(self.vcpus[0])
         assert machine.clock is not None
         self.vtl = 0
+        self.vcpu: Vcpu = self.vcpus[0]
+        self.exit_info: tuple[int, ...] = ()  # the current exit's kvm_run fields (see EXIT_IO)
         self.state = VpState.RUNNING if index == 0 else VpState.WAIT_FOR_SIPI
         self.cond = threading.Condition()
         self.wakeups = 0  # bumped by every notify; see wait()
@@ -153,9 +155,10 @@ class VirtualProcessor:
         }
 
     # -- the VTL currently running on this VP ---------------------------------------
-    @property
-    def vcpu(self) -> Vcpu:
-        return self.vcpus[self.vtl]
+    def set_vtl(self, vtl: int) -> None:
+        """Make ``vtl`` the running VTL of this VP (``vcpu`` is a plain attribute: it is read per exit)."""
+        self.vtl = vtl
+        self.vcpu = self.vcpus[vtl]
 
     @property
     def apic(self) -> LocalApic:
@@ -379,7 +382,9 @@ class VirtualProcessor:
                 if r in (-errno.EINTR, -errno.EAGAIN):
                     continue
                 raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
-            reason, _ready, _if, _flags, cr8 = unpack_exit(view, EXIT_INFO_OFFSET)
+            info = self.exit_info = unpack_exit(view, EXIT_INFO_OFFSET)
+            reason = info[0]
+            cr8 = info[4]
             if cr8 != self.last_cr8:  # the guest wrote CR8 (= TPR[7:4]) in long mode
                 self.last_cr8 = cr8
                 self.apic.set_tpr_from_cr8(cr8)
@@ -399,7 +404,8 @@ class VirtualProcessor:
         if self.machine.stopping:
             return
         if self.start_vtl is not None:
-            self.vtl, self.start_vtl = self.start_vtl, None
+            self.set_vtl(self.start_vtl)
+            self.start_vtl = None
         else:
             vector = self.sipi_vector
             assert vector is not None
@@ -443,7 +449,7 @@ class VirtualProcessor:
 
     def on_io(self) -> None:
         view = self.vcpu.run_view
-        direction, size, port, count, offset = unpack_io(view, IO_INFO_OFFSET)
+        _, _, _, _, _, direction, size, port, count, offset = self.exit_info
         machine = self.machine
         trap = machine.trap_ports.get(port)
         if trap is not None:

@@ -212,7 +212,7 @@ class VsmBackend:
         # RAX/RCX carry the VTL call itself (the stub puts the control in RAX and the call code
         # in RCX), so a secure call's own arguments start at RDX.
         args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if reason is SwitchReason.CALL else None
-        vp.vtl = to_vtl
+        vp.set_vtl(to_vtl)
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
         if to_vtl > from_vtl and self.vsm is not None:
