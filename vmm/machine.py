@@ -63,6 +63,8 @@ MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", 
 EXIT_INFO = struct.Struct("<IBBHQ8xBBHIQ")
 EXIT_INFO_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
 IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
+RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
+unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
@@ -169,7 +171,10 @@ class VirtualProcessor:
         return self.vtl
 
     def rip(self) -> int:
-        return int(self.vcpu.get_regs().rip)
+        vcpu = self.vcpu
+        if vcpu.sync_regs:  # straight from the kvm_run copy (events read it on every exit)
+            return unpack_rip(vcpu.run_view, RIP_OFFSET)[0]
+        return int(vcpu.get_regs().rip)
 
     # -- VP interface (vmm.vp.VpAccess) ---------------------------------------------
     def get_register(self, vtl: int, name: str) -> int | Segment | Table:
