@@ -319,6 +319,8 @@ class VmmReplayer:
             from vmm.vsm.services import EntryReason
 
             return lambda: self.vsm.on_vtl_entry(args[0], args[1], EntryReason(args[2]), args[3])
+        if name == "vina":
+            return lambda: self.vsm.notify_lower_vtl_interrupt(args[0], args[1])
         if name == "post_intercept":
             from vmm.hyperv.hvdef import HvMessage
 

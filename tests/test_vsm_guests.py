@@ -62,6 +62,10 @@ EXPECTED: dict[str, list[str]] = {
         "skip_write_no_effect", "emulate_read_value", "inject_gp_seen", "inject_gp_error_code",
         "inject_ud_seen", "set_rip_exec_recovers",
     ],
+    "vsm_vina": [
+        "vina_notified_once", "vina_asserted_seen_by_handler", "vtl0_interrupt_after_return",
+        "vina_auto_reset", "vina_disabled_no_notification", "vtl0_interrupt_without_vina",
+    ],
     "vsm_misc": [
         "xl_success_4k", "xl_page_not_present", "xl_pml4e_not_present", "xl_non_canonical",
         "xl_user_on_supervisor_page", "xl_user_on_supervisor_exempt", "xl_user_read_ro", "xl_user_write_ro",

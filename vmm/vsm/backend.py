@@ -65,6 +65,7 @@ class VsmBackend:
         self.vsm: Any = None  # vmm.vsm.Vsm, created once the VPs (and Hyper-V) exist
         self.enabled_vtls = {0}
         self.copiers: dict[int, SharedStateCopier] = {}
+        self.vina_notified: set[tuple[int, int]] = set()  # (vp, vtl) told of a lower-VTL interrupt
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
         machine.mmio_hook = self.on_mmio
         machine.internal_error_hook = self.on_internal_error
@@ -198,6 +199,8 @@ class VsmBackend:
         from_vtl = vp.vtl
         if to_vtl == from_vtl:
             return
+        if to_vtl < from_vtl:
+            self.vina_notified.discard((vp.index, from_vtl))  # the next lower-VTL interrupt notifies again
         src = vp.vcpus[from_vtl]
         if not self._trap_already_complete(vp, src):
             complete_pending_io(src)
@@ -265,6 +268,24 @@ class VsmBackend:
             if vp.apics[vtl].pending_vector() is not None:
                 self.switch(vp, vtl, SwitchReason.INTERRUPT)
                 return
+        if vp.vtl > 0:
+            self.check_vina(vp)
+
+    def check_vina(self, vp: VirtualProcessor) -> None:
+        """VINA: a lower VTL has an interrupt ready while a higher one runs.
+
+        The higher VTL is told once (VinaAsserted + its VINA vector) until it returns
+        to a lower VTL; the VSM logic decides whether VINA is on and asserts it.
+        """
+        vsm = self.vsm
+        key = (vp.index, vp.vtl)
+        if vsm is None or key in self.vina_notified or not vsm.state.vp_vtl(vp.index, vp.vtl).vina_enabled:
+            return
+        if not any(vp.apics[v].pending_vector() is not None for v in range(vp.vtl)):
+            return
+        self.vina_notified.add(key)
+        i, vtl = key
+        self.boundary.entry("vina", i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
 
     # -- protections: MMIO exits and fetch failures --------------------------------------------
     def on_mmio(self, vp: VirtualProcessor, gpa: int, length: int, is_write: bool) -> bool:
