@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from tests.fakes import FakeVp
 from vmm.events import EventKind, ListSink
 from vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy, ManualTimerService
 from vmm.hyperv.connections import EventPort, MessagePort
@@ -63,7 +64,7 @@ from vmm.hyperv.hypercall_page import (
 )
 from vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
 from vmm.hyperv.vtl_array import VtlArray
-from vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
+from vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
 
 RAM_SIZE = 1 << 20
 HC_PAGE = 0x10000
@@ -81,41 +82,6 @@ S = HvStatus
 # ---------------------------------------------------------------------------------------------
 # Fakes
 # ---------------------------------------------------------------------------------------------
-
-
-class FakeVp:
-    def __init__(self, index: int, vtl_count: int) -> None:
-        self.index = index
-        self.regs: list[dict[str, int | Segment | Table]] = [{} for _ in range(vtl_count)]
-        self.xmm: list[list[int]] = [[0] * 16 for _ in range(vtl_count)]
-        self.modes = [CpuMode.LONG] * vtl_count
-        self.cpls = [0] * vtl_count
-        self.exceptions: list[tuple[int, int]] = []
-
-    @property
-    def active_vtl(self) -> int:
-        return 0
-
-    def get_register(self, vtl: int, name: str) -> int | Segment | Table:
-        return self.regs[vtl].get(name, 0)
-
-    def set_register(self, vtl: int, name: str, value: int | Segment | Table) -> None:
-        self.regs[vtl][name] = value
-
-    def get_xmm(self, vtl: int, index: int) -> int:
-        return self.xmm[vtl][index]
-
-    def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self.xmm[vtl][index] = value
-
-    def cpl(self, vtl: int) -> int:
-        return self.cpls[vtl]
-
-    def mode(self, vtl: int) -> CpuMode:
-        return self.modes[vtl]
-
-    def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        self.exceptions.append((vtl, vector))
 
 
 class FakePartition:
@@ -494,7 +460,7 @@ def test_hypercall_page_disassembles() -> None:
 def test_mode_checks_inject_ud() -> None:
     e = Env()
     e.call(ctl(HypercallCode.HvCallGetPartitionId))  # page not enabled
-    assert e.part.vps[0].exceptions == [(0, X86Exception.UD)]
+    assert e.part.vps[0].exceptions == [(0, X86Exception.UD, None)]
     e.enable_hypercalls()
     e.part.vps[0].cpls[0] = 3
     e.call(ctl(HypercallCode.HvCallGetPartitionId))
@@ -659,7 +625,7 @@ def test_xmm_not_advertised_is_ud() -> None:
     hdr = HvInputSendSyntheticClusterIpiEx(vector=0x31, valid_banks_mask=1).pack()
     rdx, r8, _ = struct.unpack("<3Q", hdr)
     e.fast(ctl(HypercallCode.HvCallSendSyntheticClusterIpiEx), rdx, r8)
-    assert e.part.vps[0].exceptions == [(0, X86Exception.UD)]
+    assert e.part.vps[0].exceptions == [(0, X86Exception.UD, None)]
     e.fast(ctl(HypercallCode.HvCallGetPartitionId), 0, 0)  # needs fast output
     assert len(e.part.vps[0].exceptions) == 2
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from tests.fakes import FakeVp
 from vmm.events import EventKind, ListSink
 from vmm.hyperv import HyperV, HypervPolicy, ManualTimerService
 from vmm.hyperv.hvdef import (
@@ -73,47 +74,6 @@ VTL1 = HvInputVtl(1, True).encode()
 # ---------------------------------------------------------------------------------------------
 # Fakes
 # ---------------------------------------------------------------------------------------------
-
-
-class FakeVp:
-    def __init__(self, index: int, vtl_count: int) -> None:
-        self.index = index
-        self.regs: list[dict[str, int | Segment | Table]] = [{} for _ in range(vtl_count)]
-        self.xmm: list[list[int]] = [[0] * 16 for _ in range(vtl_count)]
-        self.modes = [CpuMode.LONG] * vtl_count
-        self.cpls = [0] * vtl_count
-        self.exceptions: list[tuple[int, int, int | None]] = []
-        self.vtl = 0
-
-    @property
-    def active_vtl(self) -> int:
-        return self.vtl
-
-    def get_register(self, vtl: int, name: str) -> int | Segment | Table:
-        default: int | Segment | Table = 0
-        if name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr"):
-            default = Segment()
-        elif name in ("gdtr", "idtr"):
-            default = Table()
-        return self.regs[vtl].get(name, default)
-
-    def set_register(self, vtl: int, name: str, value: int | Segment | Table) -> None:
-        self.regs[vtl][name] = value
-
-    def get_xmm(self, vtl: int, index: int) -> int:
-        return self.xmm[vtl][index]
-
-    def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self.xmm[vtl][index] = value
-
-    def cpl(self, vtl: int) -> int:
-        return self.cpls[vtl]
-
-    def mode(self, vtl: int) -> CpuMode:
-        return self.modes[vtl]
-
-    def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        self.exceptions.append((vtl, vector, error_code))
 
 
 class FakeServices:
