@@ -194,6 +194,7 @@ class Vcpu:
         self.run_view = memoryview(self._map)  # raw bytes of kvm_run, for struct-based hot paths
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
         self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
+        self.xsave_writes = 0  # KVM_SET_XSAVE / KVM_SET_FPU calls so far
         sync = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
         self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
         # With KVM_SYNC_X86_SREGS the special registers arrive with every exit: reading
@@ -287,6 +288,7 @@ class Vcpu:
         return f
 
     def set_fpu(self, f: Any) -> None:
+        self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
         _check("KVM_SET_FPU", lib.ioctl(self.fd, lib.KVM_SET_FPU, f))
 
     def get_xsave(self) -> Any:
@@ -295,6 +297,7 @@ class Vcpu:
         return x
 
     def set_xsave(self, x: Any) -> None:
+        self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
         _check("KVM_SET_XSAVE", lib.ioctl(self.fd, lib.KVM_SET_XSAVE, x))
 
     def get_xcrs(self) -> Any:

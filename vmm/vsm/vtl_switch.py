@@ -24,13 +24,16 @@ XSAVE_SIZE = ffi.sizeof("struct kvm_xsave")
 class SharedStateCopier:
     """Copies shared registers between the vCPUs of one VP, remembering what each holds.
 
-    ``fpu_cache[vtl]`` is the x87/SSE image last read from or written to that vCPU;
-    when the source image equals the target's, the KVM_SET_FPU is skipped.
+    ``fpu_cache[vtl]`` and ``dbg_cache[vtl]`` pair the value a vCPU held when it last
+    stopped with that vCPU's write counter at the time: anyone else writing it (e.g.
+    SetVpRegisters of an XMM register of a stopped VTL) bumps the counter and so
+    invalidates the entry. When the source's value equals the target's, the target's
+    KVM_SET_* is skipped.
     """
 
     def __init__(self, vcpus: list[Vcpu]) -> None:
         self.vcpus = vcpus
-        self.fpu_cache: list[bytes | None] = [None] * len(vcpus)
+        self.fpu_cache: list[tuple[int, bytes] | None] = [None] * len(vcpus)
         # (vcpu.debugregs_writes, (DR0-3, DR6)) as that vCPU held them when it last stopped
         self.dbg_cache: list[tuple[int, tuple[int, ...]] | None] = [None] * len(vcpus)
 
@@ -69,11 +72,7 @@ class SharedStateCopier:
         # clear, and the guest would see the SSE init state).
         xsave = src.get_xsave()
         image = bytes(ffi.buffer(xsave, XSAVE_SIZE))
-        self.fpu_cache[src_vtl] = image
-        if self.fpu_cache[dst_vtl] != image:
+        self.fpu_cache[src_vtl] = (src.xsave_writes, image)
+        if self.fpu_cache[dst_vtl] != (dst.xsave_writes, image):
             dst.set_xsave(xsave)
-            self.fpu_cache[dst_vtl] = image
-
-    def forget(self, vtl: int) -> None:
-        """The vCPU's FPU changed behind our back (e.g. SetVpRegisters of an XMM register)."""
-        self.fpu_cache[vtl] = None
+            self.fpu_cache[dst_vtl] = (dst.xsave_writes, image)
