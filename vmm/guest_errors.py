@@ -8,13 +8,16 @@ where, so the bytes at RIP are decoded with iced-x86.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import iced_x86
 
+from vmm.memory import PAGE_SIZE, GuestMemory
 from vmm.vp import CpuMode, GuestMemoryError
 
 if TYPE_CHECKING:
+    from vmm.kvm.system import Vcpu
     from vmm.machine import VirtualProcessor
 
 SUBERRORS = {
@@ -26,24 +29,33 @@ SUBERRORS = {
 MAX_INSN = 15
 
 
-def read_linear(vp: VirtualProcessor, vtl: int, linear: int, size: int) -> bytes:
-    """Up to ``size`` bytes at a guest linear address of (vp, vtl), through its page tables.
+def translator(vcpu: Vcpu) -> Callable[[int], int | None]:
+    """Guest-linear → guest-physical through the vCPU's own page tables (None: not mapped)."""
+
+    def translate(linear: int) -> int | None:
+        try:
+            gpa, valid, _ = vcpu.translate(linear & 0xFFFFFFFFFFFFFFFF)
+        except OSError:
+            return None
+        return int(gpa) if valid else None
+
+    return translate
+
+
+def read_linear(memory: GuestMemory, translate: Callable[[int], int | None], linear: int, size: int) -> bytes:
+    """Up to ``size`` bytes at a guest linear address, page by page through ``translate``.
 
     Stops early (returns fewer bytes) at an unmapped page or a page outside RAM.
     """
-    vcpu = vp.vcpus[vtl]
     out = bytearray()
     addr = linear & 0xFFFFFFFFFFFFFFFF
     while len(out) < size:
-        try:
-            gpa, valid, _ = vcpu.translate(addr)
-        except OSError:
+        gpa = translate(addr)
+        if gpa is None:
             break
-        if not valid:
-            break
-        chunk = min(size - len(out), 0x1000 - (addr & 0xFFF))
+        chunk = min(size - len(out), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
         try:
-            out += vp.machine.memory.read(gpa, chunk)
+            out += memory.read(gpa, chunk)
         except GuestMemoryError:
             break
         addr += chunk
@@ -55,7 +67,7 @@ def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
     vcpu = vp.vcpus[vtl]
     rip = int(vcpu.get_regs().rip)
     linear = int(vcpu.get_sregs().cs.base) + rip
-    return rip, read_linear(vp, vtl, linear, MAX_INSN)
+    return rip, read_linear(vp.machine.memory, translator(vcpu), linear, MAX_INSN)
 
 
 def decode(code: bytes, rip: int, mode: CpuMode) -> str | None:

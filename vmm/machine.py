@@ -650,7 +650,6 @@ class Machine:
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
         self.halted_no_if: set[int] = set()
-        self.seq_lock = threading.Lock()
 
         # Hooks later layers install (Hyper-V, VSM); None means "not present".
         self.trap_ports: dict[int, Callable[[VirtualProcessor, int, int, bool], None]] = {}

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmm.emulation_io import RecordedService
 from vmm.events import EventKind
-from vmm.guest_errors import read_linear
+from vmm.guest_errors import read_linear, translator
 from vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
 from vmm.kvm.system import ffi, lib
 from vmm.memory import PAGE_SHIFT
@@ -358,7 +358,7 @@ class VsmBackend:
             located = decode_at(read_code, regs["rip"], mode)
             if located is not None:
                 located.gva = read_target(located, regs, mode, read_code, bases) or 0
-            clobbered = self._string_store_target(vp, located, regs, bases)
+            clobbered = self._string_store_target(located, regs, bases, translate)
             discard_pending_read(vp, clobbered)
         else:
             located = Located(regs["rip"], 0, self._read_ram(gpa, 16), "", gva or regs["rip"], {})
@@ -400,13 +400,13 @@ class VsmBackend:
         self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
 
     def _string_store_target(
-        self, vp: VirtualProcessor, located: Located | None, regs: dict[str, int], bases: dict[str, int]
+        self, located: Located | None, regs: dict[str, int], bases: dict[str, int], translate: Callable[[int], int | None]
     ) -> tuple[int, bytes] | None:
         """For a ``movs`` whose source read is being discarded: the destination element it would store."""
         if located is None or not located.string_move_size:
             return None
         size = located.string_move_size
-        gpa = self._translate(vp, (regs["rdi"] + bases.get("es", 0)) & 0xFFFFFFFFFFFFFFFF)
+        gpa = translate(regs["rdi"] + bases.get("es", 0))
         if gpa is None or not self.machine.memory.is_ram(gpa, size):
             return None
         return gpa, self.machine.memory.read(gpa, size)
@@ -429,13 +429,6 @@ class VsmBackend:
                 self.machine.vps[index].kick()
 
     # -- guest memory as the VP sees it ------------------------------------------------------------
-    def _translate(self, vp: VirtualProcessor, linear: int) -> int | None:
-        try:
-            gpa, valid, _ = vp.vcpu.translate(linear & 0xFFFFFFFFFFFFFFFF)
-        except OSError:
-            return None
-        return int(gpa) if valid else None
-
     def _cached_walk(
         self, vp: VirtualProcessor
     ) -> tuple[Callable[[int], int | None], Callable[[int, int], bytes]]:
@@ -445,44 +438,26 @@ class VsmBackend:
         cache each would cost KVM_TRANSLATE ioctls (several µs each on some hosts).
         """
         pages: dict[int, int | None] = {}
+        walk = translator(vp.vcpu)
 
         def translate(linear: int) -> int | None:
             page = (linear & 0xFFFFFFFFFFFFFFFF) >> PAGE_SHIFT
             if page not in pages:
-                pages[page] = self._translate(vp, page << PAGE_SHIFT)
+                pages[page] = walk(page << PAGE_SHIFT)
             base = pages[page]
             return None if base is None else base + (linear & (PAGE - 1))
 
-        def read(linear: int, size: int) -> bytes:
-            out = bytearray()
-            addr = linear
-            while len(out) < size:
-                gpa = translate(addr)
-                if gpa is None:
-                    break
-                chunk = min(size - len(out), PAGE - (addr & (PAGE - 1)))
-                try:
-                    out += self.machine.memory.read(gpa, chunk)
-                except GuestMemoryError:
-                    break
-                addr += chunk
-            return bytes(out)
-
-        return translate, read
+        memory = self.machine.memory
+        return translate, lambda linear, size: read_linear(memory, translate, linear, size)
 
     def _read_linear(self, vp: VirtualProcessor, linear: int, size: int) -> bytes:
-        return read_linear(vp, vp.vtl, linear, size)
+        return read_linear(self.machine.memory, translator(vp.vcpu), linear, size)
 
     def _read_ram(self, gpa: int, size: int) -> bytes:
         try:
             return self.machine.memory.read(gpa, size)
         except GuestMemoryError:
             return b""
-
-    # -- confused deputy ---------------------------------------------------------------------------
-    def check_access(self, vtl: int, gpa: int, size: int, access: Access) -> bool:
-        return self.views[vtl].check(gpa, size, access)
-
 
 def complete_pending_io(vcpu: Any) -> None:
     """Finish a pending PIO/MMIO completion without running guest code (api.rst, KVM_EXIT_MMIO note).

@@ -47,7 +47,6 @@ _REGISTER_NAMES = {
     iced_x86.Register.EDX: "rdx", iced_x86.Register.ESI: "rsi", iced_x86.Register.EDI: "rdi",
     iced_x86.Register.ESP: "rsp", iced_x86.Register.EBP: "rbp", iced_x86.Register.EIP: "rip",
 }  # fmt: skip
-_WIDE = {n: getattr(iced_x86.Register, n.upper()) for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi")}
 
 
 @dataclass
