@@ -166,6 +166,7 @@ class VmmReplayer:
         self._check_inputs()
         self.cursor = OpCursor()
         self.state = ReplayState.for_config(self.config)
+        self.state.table = self.table
         self.cursor.on_io = self.state.on_io
         self.cursor.tracked_ops = TRACKED_OPS
         try:
@@ -410,7 +411,7 @@ class VmmReplayer:
         for entry in self.entries:
             if entry.seq <= seq:
                 self.replay_entry(entry)
-        self.state.finish_at(self.table, seq)
+        self.state.finish_at(seq)
         return self.state
 
     def context(self, seq: int, before: int = 5) -> list[dict[str, Any]]:

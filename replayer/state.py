@@ -20,7 +20,7 @@ from vmm.vp import Access, Segment, Table
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
 #: The I/O ops :meth:`ReplayState.on_io` keeps track of (the replay skips the call for the others).
-TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections", "vsm.request_transition"})
+TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections"})
 
 
 def access_text(allowed: int) -> str:
@@ -34,13 +34,11 @@ class ReplayState:
     seq: int = -1
     entries: int = 0
     registers: dict[tuple[int, int], dict[str, tuple[Any, int]]] = field(default_factory=dict)  # (vp, vtl) → name → (value, seq)
-    rips: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    active_vtl: dict[int, int] = field(default_factory=dict)
     enabled_vtls: set[int] = field(default_factory=lambda: {0})
     protections: dict[int, dict[int, int]] = field(default_factory=dict)  # target VTL → page → allowed
     hv: Any = None
     vsm: Any = None
-    table: pa.Table | None = None  # the trace, for RIPs "as last seen" (set by the replayer)
+    table: pa.Table | None = None  # the trace: last RIPs and active VTLs are derived from its events
     _current_seq: int = -1
 
     @classmethod
@@ -67,9 +65,6 @@ class ReplayState:
                 f = run["f"]
                 for page in range(f["first_page"], f["first_page"] + f["count"]):
                     pages[page] = int(f["allowed"])
-        elif op == "vsm.request_transition":
-            f = args[0]["f"]
-            self.active_vtl[int(f["vp"])] = int(f["to_vtl"])
 
     def before_entry(self, seq: int) -> None:
         self._current_seq = seq
@@ -78,21 +73,19 @@ class ReplayState:
         self.seq = entry.seq
         self.entries += 1
 
-    def finish_at(self, table: pa.Table, seq: int) -> None:
-        """Make this the state right after event ``seq`` (RIPs come from the events up to it)."""
+    def finish_at(self, seq: int) -> None:
+        """Make this the state right after event ``seq`` (RIPs and VTLs come from the events up to it)."""
         self.seq = seq
-        self.table = table
 
     def last_rips(self) -> dict[tuple[int, int], tuple[int, int]]:
         """(vp, vtl) -> (last RIP, its event) from the trace's events up to :attr:`seq`, computed on demand."""
         if self.table is None:
-            return self.rips
+            return {}
         upto = self.table.filter(pc.less_equal(self.table.column("seq"), self.seq)).select(["seq", "vp", "vtl", "rip"])
         upto = upto.filter(pc.and_(pc.is_valid(upto.column("rip")), pc.not_equal(upto.column("rip"), 0)))
         rips: dict[tuple[int, int], tuple[int, int]] = {}
         for seq, vp, vtl, rip in zip(*(upto.column(c).to_pylist() for c in ("seq", "vp", "vtl", "rip")), strict=True):
             rips[(vp, vtl)] = (rip, seq)
-        self.rips = rips
         return rips
 
     def active_vtls(self) -> dict[int, int]:
@@ -102,11 +95,11 @@ class ReplayState:
         request_transition, so the recorded switches are the authority.
         """
         if self.table is None:
-            return self.active_vtl
+            return {}
         kinds = pc.cast(self.table.column("kind"), pa.string())
         mask = pc.and_(pc.equal(kinds, "VTL_SWITCH"), pc.less_equal(self.table.column("seq"), self.seq))
         switches = self.table.filter(mask).select(["vp", "to_vtl"])
-        active = dict(self.active_vtl)
+        active: dict[int, int] = {}
         for vp, to_vtl in zip(switches.column("vp").to_pylist(), switches.column("to_vtl").to_pylist(), strict=True):
             active[vp] = to_vtl
         return active
