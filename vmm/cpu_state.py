@@ -188,6 +188,11 @@ class RegisterFile:
         raise KeyError(f"unknown register {name!r}")
 
     def set(self, name: str, value: int | Segment | Table) -> None:
+        if name in GPR_NAMES:  # the common case (hypercall results): no dicts to sort through
+            regs = self.vcpu.get_regs()
+            setattr(regs, name, value)
+            self.vcpu.set_regs(regs)
+            return
         self.set_many({name: value})
 
     def set_many(self, values: dict[str, int | Segment | Table]) -> None:

@@ -12,7 +12,9 @@ Structures are ``struct``-based dataclasses: ``pack() -> bytes`` and ``unpack(da
 from __future__ import annotations
 
 import enum
+import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
 
@@ -1150,6 +1152,10 @@ class HvVpSet:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Per PackedStruct subclass: a function giving its field values in FORMAT order.
+_FIELD_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+
+
 class PackedStruct:
     """Base for fixed-layout structures: subclasses are dataclasses whose fields follow ``FORMAT``.
 
@@ -1165,7 +1171,13 @@ class PackedStruct:
             cls.SIZE = struct.calcsize(cls.FORMAT)
 
     def pack(self) -> bytes:
-        return struct.pack(self.FORMAT, *(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+        cls = type(self)
+        getter = _FIELD_GETTERS.get(cls)
+        if getter is None:  # fields() is known only once the dataclass decorator has run
+            names = [f.name for f in fields(self)]  # type: ignore[arg-type]
+            get = operator.attrgetter(*names)
+            getter = _FIELD_GETTERS[cls] = (lambda obj: (get(obj),)) if len(names) == 1 else get
+        return struct.pack(self.FORMAT, *getter(self))
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:

@@ -247,6 +247,10 @@ class _Registers:
                 self.write_log += chunk
 
 
+#: HypercallCode by value, without the cost of an enum call (and its ValueError) per hypercall.
+_CODE_BY_VALUE: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
+
+
 class _Fail(Exception):
     """Internal: stop processing with a status (or an exception vector)."""
 
@@ -340,10 +344,9 @@ class HypercallDispatcher:
     def _run(
         self, vp_index: int, vtl: int, regs: _Registers, control: int, c: HypercallControl, state: _CallState
     ) -> HvStatus:
-        try:
-            code = HypercallCode(c.code)
-        except ValueError:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE) from None
+        code = _CODE_BY_VALUE.get(c.code)
+        if code is None:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
         spec = self.table.get(code)
         if spec is None or not spec.advertised(self.policy):
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
@@ -407,7 +410,7 @@ class HypercallDispatcher:
                 self.sink.emit(EventKind.ERROR, vp_index, vtl, 0, message=message)
             raise HypercallInternalError(message) from exc
 
-        status = HvStatus(result.status)
+        status = result.status if type(result.status) is HvStatus else HvStatus(result.status)
         if result.retry:
             state.retry = True
             state.reps_done = c.rep_start

@@ -19,6 +19,15 @@ SHARED_GPRS = (
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
 )  # fmt: skip
 XSAVE_SIZE = ffi.sizeof("struct kvm_xsave")
+REGS_SIZE = ffi.sizeof("struct kvm_regs")
+#: The kvm_regs fields each VTL keeps to itself; all the others are SHARED_GPRS.
+PRIVATE_REGS = ("rsp", "rip", "rflags")
+assert {name for name, _ in ffi.typeof("struct kvm_regs").fields} == set(SHARED_GPRS) | set(PRIVATE_REGS)
+
+
+def _pointer(regs: Any) -> Any:
+    """``get_regs`` gives the kvm_run struct itself with sync regs, else a pointer to a copy."""
+    return regs if ffi.typeof(regs).kind == "pointer" else ffi.addressof(regs)
 
 
 class SharedStateCopier:
@@ -41,8 +50,10 @@ class SharedStateCopier:
         src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
         s_regs: Any = src.get_regs()
         d_regs: Any = dst.get_regs()
-        for name in SHARED_GPRS:
-            setattr(d_regs, name, getattr(s_regs, name))
+        # Copy the whole struct in one move and put back the target's PRIVATE_REGS.
+        rsp, rip, rflags = d_regs.rsp, d_regs.rip, d_regs.rflags
+        ffi.memmove(_pointer(d_regs), _pointer(s_regs), REGS_SIZE)
+        d_regs.rsp, d_regs.rip, d_regs.rflags = rsp, rip, rflags
         dst.set_regs(d_regs)
 
         s_sregs = src.get_sregs()
