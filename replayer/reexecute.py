@@ -400,7 +400,7 @@ class Reexecutor:
             for page in range(first, first + row["pages"]):
                 got = views[row["target_vtl"]].allowed(page)
                 if got != want:
-                    raise Divergence(row["seq"], "PROTECTION", "new_mask", f"{want!r} at page {page:#x}", repr(got))
+                    raise Divergence(row["seq"], "PROTECTION", "new_mask", f"{_rwx(want)} at page {page:#x}", _rwx(got))
 
     # -- feeding one exit --------------------------------------------------------------------------
     @staticmethod
@@ -537,6 +537,13 @@ class Reexecutor:
         elif op == "vsm.start_vp":
             raise ReplayError(f"event {row['seq']}: the guest started another VP, which a 1-VP re-execution cannot do")
         # vsm.vp_started is an input: nothing to do
+
+
+def _rwx(allowed: Any) -> str:
+    """An allowed-access set as ``rwx`` letters (``-`` for each denied access)."""
+    from vmm.vp import Access
+
+    return "".join(c if allowed & a else "-" for c, a in zip("rwx", (Access.READ, Access.WRITE, Access.EXECUTE), strict=True))
 
 
 def exit_name_of(reason: int) -> str:
