@@ -53,7 +53,6 @@ COLUMNS = [
 #: VTL switches the emulation requests inside an entry (``vsm.request_transition``): the
 #: VTL_SWITCH event precedes the EMULATION event of that entry, the switch happens at the op.
 REQUESTED_SWITCHES = frozenset({"call", "return"})
-ACCESS_BY_NAME = {"read": "READ", "write": "WRITE", "execute": "EXECUTE"}
 
 
 @dataclass
@@ -146,6 +145,7 @@ class Reexecutor:
         if not any(r["kind"] == EventKind.EXIT.name for r in self.rows):
             raise ReplayError(f"{self.path}: trace was not recorded with --deterministic: it has no EXIT events")
         self.image = self._check_image(md.get("guest_image"))
+        self.machine: Any = None  # the re-executing vmm.machine.Machine, while run() runs
         self.dumps = sorted(dumps or [], key=lambda d: d.seq)
         last_time = table.column("time_ns")[table.num_rows - 1].as_py() if table.num_rows else 0
         self.recorded_seconds = (last_time or 0) / 1e9
@@ -321,6 +321,7 @@ class Reexecutor:
         ``transition`` is the VtlTransition of the ``vsm.request_transition`` op that asked
         for it (call/return), which also carries a non-fast return's RAX/RCX.
         """
+        from vmm.vsm.backend import ENTRY_REASON
         from vmm.vsm.services import SwitchReason
 
         seq, from_vtl, to_vtl = row["seq"], row["from_vtl"], row["to_vtl"]
@@ -342,6 +343,9 @@ class Reexecutor:
             if not pending.entries:
                 raise ReplayError(f"event {seq}: VTL_SWITCH into VTL{to_vtl} without its vtl_entry emulation entry: inconsistent trace")
             entry = pending.entries.pop(0)
+            entry_reason = int(ENTRY_REASON[SwitchReason(row["reason"])])
+            if loads(entry["emu_args"]) != [vp.index, to_vtl, entry_reason, from_vtl]:
+                raise ReplayError(f"event {entry['seq']}: vtl_entry {entry['emu_args']!r} does not match VTL_SWITCH event {seq}: inconsistent trace")
             self._emulation(entry, vp, pending)
 
     def _intercept(self, row: dict[str, Any], vp: Any, run: Any, reason: int) -> None:
@@ -350,9 +354,10 @@ class Reexecutor:
         from vmm.kvm.system import lib
         from vmm.machine import GuestStop
         from vmm.vp import Access
+        from vmm.vsm.backend import ACCESS_NAMES
 
         seq = row["seq"]
-        access = Access[ACCESS_BY_NAME[row["access"]]]
+        access = next(a for a, name in ACCESS_NAMES.items() if name == row["access"])
         backend = self.machine.vsm
         gva: int | None = None
         if access is Access.EXECUTE:
