@@ -14,13 +14,20 @@ the guest's writes against the recorded ones, and injects the recorded
 interrupts before re-entering. The first mismatch is a :class:`Divergence`.
 At the guest's exit the RAM hash must equal the recorded one.
 
-Scope: one VP (refused otherwise), and no VTL switches or protection changes
-(a VSM guest's VTL transitions are not re-driven yet; refused with the reason).
+VSM guests re-execute too: each VTL of the VP is its own vCPU, and the one the trace
+says is active runs. Recorded VTL switches, protection changes and secure memory
+intercepts are replayed with the live machine code (``VsmBackend.move_vp``,
+``set_protections``, ``undo_denied_access``) driven by the recorded emulation
+outputs; only the emulation itself (which VTL, which pages, which message) comes
+from the trace.
+
+Scope: one VP (refused otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -30,22 +37,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from recorder.errors import TraceError
 from recorder.reader import open_trace
 from replayer.errors import Divergence, ReplayError
-from vmm.emulation_io import decode_value, loads
+from vmm.emulation_io import decode_exception, decode_value, loads
 from vmm.events import EventKind
 
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
     "is_write", "data", "msr", "value", "fault", "vector", "source", "entry", "emu_io", "emu_result",
-    "exit_status", "detail", "serial_data",
+    "exit_status", "detail", "serial_data", "emu_args", "from_vtl", "to_vtl", "reason", "args", "access", "gpa", "gva",
+    "insn_bytes", "message", "target_vtl", "gpa_start", "pages", "new_mask",
 ]  # fmt: skip
 
-UNSUPPORTED_KINDS = {"VTL_SWITCH": "VTL switches", "PROTECTION": "VTL protection changes", "INTERCEPT": "secure memory intercepts"}
+#: VTL switches the emulation requests inside an entry (``vsm.request_transition``): the
+#: VTL_SWITCH event precedes the EMULATION event of that entry, the switch happens at the op.
+REQUESTED_SWITCHES = frozenset({"call", "return"})
+
+
+@dataclass
+class PendingVsm:
+    """VSM rows of one exit that wait for the point where the live machine acted on them."""
+
+    switches: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # VTL_SWITCH rows for call/return
+    entries: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # vtl_entry EMULATION rows
+    protections: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # PROTECTION rows, checked at the end
 
 
 @dataclass(frozen=True)
@@ -115,13 +131,10 @@ class Reexecutor:
                 "records, so the guest cannot be re-executed (record it with `vsmtrace run --deterministic --smp 1`)"
             )
         if int(cfg.get("vps", 0)) != 1:
-            raise ReplayError(f"{self.path}: re-execution needs a 1-VP trace, this one has {cfg.get('vps')} VPs")
-        kinds = pc.cast(table.column("kind"), pa.string())
-        for kind, what in UNSUPPORTED_KINDS.items():
-            hits = pc.indices_nonzero(pc.equal(kinds, kind))
-            if len(hits):
-                seq = table.column("seq")[int(hits[0].as_py())].as_py()
-                raise ReplayError(f"{self.path}: re-execution does not drive {what} yet (first at event {seq}); use `vsmtrace replay` (VMM replay)")
+            raise ReplayError(
+                f"{self.path}: re-execution needs a 1-VP trace, this one has {cfg.get('vps')} VPs (their interleaving "
+                "is not decided at exits); use `vsmtrace replay` (VMM replay)"
+            )
         have = set(table.column_names)
         self.rows: list[dict[str, Any]] = table.select([c for c in COLUMNS if c in have]).to_pylist()
         self.rows.sort(key=lambda r: r["seq"])
@@ -132,6 +145,7 @@ class Reexecutor:
         if not any(r["kind"] == EventKind.EXIT.name for r in self.rows):
             raise ReplayError(f"{self.path}: trace was not recorded with --deterministic: it has no EXIT events")
         self.image = self._check_image(md.get("guest_image"))
+        self.machine: Any = None  # the re-executing vmm.machine.Machine, while run() runs
         self.dumps = sorted(dumps or [], key=lambda d: d.seq)
         last_time = table.column("time_ns")[table.num_rows - 1].as_py() if table.num_rows else 0
         self.recorded_seconds = (last_time or 0) / 1e9
@@ -180,9 +194,8 @@ class Reexecutor:
         from vmm.kvm.system import lib
 
         machine = self._build_machine()
+        self.machine = machine
         vp = machine.vps[0]
-        vcpu = vp.vcpus[0]
-        run = vcpu.run_struct
         rows = self.rows
         dumps = list(self.dumps)
         written: list[Path] = []
@@ -208,6 +221,11 @@ class Reexecutor:
                 if i >= n:
                     break  # the recording ended (timeout, interrupt): everything recorded was reproduced
                 rec = rows[i]
+                seq = rec["seq"]
+                if rec["vtl"] != vp.vtl:  # the recorded exit came from another VTL's vCPU
+                    raise Divergence(seq, "EXIT", "vtl", rec["vtl"], vp.vtl)
+                vcpu = vp.vcpu
+                run = vcpu.run_struct
                 run.request_interrupt_window = 1 if (rec["entry_flags"] or 0) & ENTRY_IRQ_WINDOW else 0
                 while True:
                     vcpu.invalidate_cache()
@@ -215,12 +233,11 @@ class Reexecutor:
                     vcpu.exited()  # registers KVM exports with the exit are current again
                     if r >= 0:
                         break
-                    if r != -4:  # EINTR: nothing kicks us, but retry rather than fail
-                        raise ReplayError(f"KVM_RUN failed while re-executing event {rec['seq']}: errno {-r}")
+                    if r != -errno.EINTR:  # nothing kicks us, but retry rather than fail
+                        raise ReplayError(f"KVM_RUN failed while re-executing event {seq}: errno {-r}")
                 exits += 1
                 reason = int(run.exit_reason)
                 regs = vcpu.get_regs()
-                seq = rec["seq"]
                 if reason != rec["exit_code"]:
                     raise Divergence(seq, "EXIT", "exit_reason", rec["exit_reason"], exit_name(reason))
                 if int(regs.rip) != rec["rip"]:
@@ -234,6 +251,7 @@ class Reexecutor:
                     progress(i, n)
                 i += 1
                 pio_index = 0
+                pending = PendingVsm()
                 while i < n and rows[i]["kind"] != "EXIT":
                     row = rows[i]
                     kind = row["kind"]
@@ -241,15 +259,29 @@ class Reexecutor:
                         self._pio(row, run, reason, pio_index)
                         pio_index += 1
                     elif kind == "MMIO":
-                        self._mmio(row, run, reason)
+                        self._mmio(row, run, reason, machine.memory)
                     elif kind == "MSR":
                         self._msr(row, run, reason)
                     elif kind == "EMULATION":
-                        self._emulation(row, vp, vcpu)
+                        if row["entry"] == "vtl_entry":
+                            pending.entries.append(row)  # the switch it belongs to follows; it runs right after it
+                        else:
+                            self._emulation(row, vp, pending)
+                    elif kind == "VTL_SWITCH":
+                        if row["reason"] in REQUESTED_SWITCHES:
+                            pending.switches.append(row)  # performed at the entry's vsm.request_transition
+                        else:
+                            self._switch(row, vp, pending)
+                    elif kind == "INTERCEPT":
+                        self._intercept(row, vp, run, reason)
+                    elif kind == "PROTECTION":
+                        pending.protections.append(row)
                     elif kind == "INTERRUPT":
                         if row["source"] != "exception":  # exceptions come with their emulation entry's outputs
-                            vcpu.flush_regs()
-                            vcpu.interrupt(int(row["vector"]))
+                            if row["vtl"] != vp.vtl:
+                                raise Divergence(row["seq"], kind, "vtl", row["vtl"], vp.vtl)
+                            vp.vcpu.flush_regs()
+                            vp.vcpu.interrupt(int(row["vector"]))
                     elif kind == "SERIAL":
                         serial += row["serial_data"] or b""
                     elif kind == "GUEST_EXIT":
@@ -262,6 +294,7 @@ class Reexecutor:
                             ram_checked = True
                     dump_through(row["seq"])
                     i += 1
+                self._settle(pending, seq, vp)
                 if status is not None:
                     break
         except Divergence as div:
@@ -280,6 +313,99 @@ class Reexecutor:
             dumps=written,
             serial=bytes(serial),
         )
+
+    # -- VSM: switches, protections, intercepts ----------------------------------------------------
+    def _switch(self, row: dict[str, Any], vp: Any, pending: PendingVsm, transition: dict[str, Any] | None = None) -> None:
+        """Replay one VTL_SWITCH with the live switch code; an entry into a higher VTL then gets its vtl_entry outputs.
+
+        ``transition`` is the VtlTransition of the ``vsm.request_transition`` op that asked
+        for it (call/return), which also carries a non-fast return's RAX/RCX.
+        """
+        from vmm.vsm.backend import ENTRY_REASON
+        from vmm.vsm.services import SwitchReason
+
+        seq, from_vtl, to_vtl = row["seq"], row["from_vtl"], row["to_vtl"]
+        if from_vtl != vp.vtl:
+            raise Divergence(seq, "VTL_SWITCH", "from_vtl", from_vtl, vp.vtl)
+        return_rax_rcx = None
+        if transition is not None:
+            asked = (transition["from_vtl"], transition["to_vtl"], transition["reason"]["E"])
+            if asked != (from_vtl, to_vtl, row["reason"]):
+                raise ReplayError(f"event {seq}: VTL_SWITCH {from_vtl}->{to_vtl} ({row['reason']}) was requested as {asked}: inconsistent trace")
+            if transition["return_rax_rcx"] is not None:
+                return_rax_rcx = tuple(transition["return_rax_rcx"])
+        rip, args = self.machine.vsm.move_vp(vp, to_vtl, SwitchReason(row["reason"]), return_rax_rcx)
+        if rip != row["rip"]:
+            raise Divergence(seq, "VTL_SWITCH", "rip", hex(row["rip"]), hex(rip))
+        if list(args or []) != list(row["args"] or []):
+            raise Divergence(seq, "VTL_SWITCH", "args", row["args"], list(args or []))
+        if to_vtl > from_vtl:
+            if not pending.entries:
+                raise ReplayError(f"event {seq}: VTL_SWITCH into VTL{to_vtl} without its vtl_entry emulation entry: inconsistent trace")
+            entry = pending.entries.pop(0)
+            entry_reason = int(ENTRY_REASON[SwitchReason(row["reason"])])
+            if loads(entry["emu_args"]) != [vp.index, to_vtl, entry_reason, from_vtl]:
+                raise ReplayError(f"event {entry['seq']}: vtl_entry {entry['emu_args']!r} does not match VTL_SWITCH event {seq}: inconsistent trace")
+            self._emulation(entry, vp, pending)
+
+    def _intercept(self, row: dict[str, Any], vp: Any, run: Any, reason: int) -> None:
+        """The denied access exited again: undo it as live did, and check the intercept message."""
+        from vmm.kvm.exits import exit_name
+        from vmm.kvm.system import lib
+        from vmm.machine import GuestStop
+        from vmm.vp import Access
+        from vmm.vsm.backend import ACCESS_NAMES
+
+        seq = row["seq"]
+        access = next(a for a, name in ACCESS_NAMES.items() if name == row["access"])
+        backend = self.machine.vsm
+        gva: int | None = None
+        if access is Access.EXECUTE:
+            if reason != lib.KVM_EXIT_INTERNAL_ERROR:
+                raise Divergence(seq, "INTERCEPT", "exit", "internal_error", exit_name(reason))
+            target = backend.fetch_target(vp)
+            if target is None:
+                raise Divergence(seq, "INTERCEPT", "gpa", hex(row["gpa"]), "no RAM at RIP")
+            (gpa, gva), length = target, 1
+        else:
+            if reason != lib.KVM_EXIT_MMIO:
+                raise Divergence(seq, "INTERCEPT", "exit", "mmio", exit_name(reason))
+            mmio = run.mmio
+            gpa, length = int(mmio.phys_addr), int(mmio.len)
+            if bool(mmio.is_write) != (access is Access.WRITE):
+                raise Divergence(seq, "INTERCEPT", "access", row["access"], "write" if mmio.is_write else "read")
+        if gpa != row["gpa"]:
+            raise Divergence(seq, "INTERCEPT", "gpa", hex(row["gpa"]), hex(gpa))
+        if backend.views[vp.vtl].check(gpa, length, access):
+            raise Divergence(seq, "INTERCEPT", "access", f"{row['access']} denied", "allowed by the current protections")
+        try:
+            denied = backend.undo_denied_access(vp, gpa, access, length, gva)
+        except GuestStop as stop:
+            raise Divergence(seq, "INTERCEPT", "insn_bytes", (row["insn_bytes"] or b"").hex(), str(stop)) from None
+        for name, got in (("gva", denied.gva), ("insn_bytes", denied.insn_bytes), ("message", denied.message.pack())):
+            if got != row[name]:
+                show = (lambda v: v.hex()) if isinstance(got, bytes) else (lambda v: v if v is None else hex(v))
+                raise Divergence(seq, "INTERCEPT", name, show(row[name]), show(got))
+
+    def _settle(self, pending: PendingVsm, exit_seq: int, vp: Any) -> None:
+        """End of an exit's events: every deferred VSM row must have been acted on; protections as recorded."""
+        from vmm.memory import PAGE_SHIFT
+        from vmm.vsm.state import mask_to_access
+
+        left = pending.switches + pending.entries
+        if left:
+            raise ReplayError(
+                f"event {left[0]['seq']} ({left[0]['kind']}) after exit {exit_seq} was never acted on (no recorded entry "
+                "requested that VTL switch): inconsistent trace"
+            )
+        views = self.machine.views
+        for row in pending.protections:
+            want = mask_to_access(row["new_mask"])
+            first = row["gpa_start"] >> PAGE_SHIFT
+            for page in range(first, first + row["pages"]):
+                got = views[row["target_vtl"]].allowed(page)
+                if got != want:
+                    raise Divergence(row["seq"], "PROTECTION", "new_mask", f"{_rwx(want)} at page {page:#x}", _rwx(got))
 
     # -- feeding one exit --------------------------------------------------------------------------
     @staticmethod
@@ -306,7 +432,7 @@ class Reexecutor:
             ffi.memmove(data, int(row["data"]).to_bytes(size, "little"), size)
 
     @staticmethod
-    def _mmio(row: dict[str, Any], run: Any, reason: int) -> None:
+    def _mmio(row: dict[str, Any], run: Any, reason: int, memory: Any) -> None:
         from vmm.kvm.system import ffi, lib
 
         seq = row["seq"]
@@ -320,6 +446,8 @@ class Reexecutor:
             value = int.from_bytes(bytes(m.data[0 : m.len]), "little")
             if value != row["data"]:
                 raise Divergence(seq, "MMIO", "data", hex(row["data"]), hex(value))
+            if memory.is_ram(row["address"], row["size"]):  # RAM behind a VTL protection hole: the VMM completed it
+                memory.write(row["address"], bytes(m.data[0 : m.len]))
         else:
             ffi.memmove(m.data, int(row["data"]).to_bytes(m.len, "little"), m.len)
 
@@ -341,13 +469,20 @@ class Reexecutor:
             msr.data = int(row["value"] or 0)
         msr.error = 1 if row["fault"] else 0
 
-    @staticmethod
-    def _emulation(row: dict[str, Any], vp: Any, vcpu: Any) -> None:
-        """Apply what the recorded emulation entry wrote into the guest (registers, memory, exceptions)."""
+    def _emulation(self, row: dict[str, Any], vp: Any, pending: PendingVsm) -> None:
+        """Apply what the recorded emulation entry asked of the machine, in the recorded order.
+
+        Registers, XMM, guest memory, exceptions and TLB flushes go straight in; VSM service
+        calls (VTL creation, initial contexts, protections, VTL switches) go through the
+        live ``VsmBackend``.
+        """
         from vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_INSN_LEN
+        from vmm.hyperv_backend import PAGE_OFFSET_MASK
 
         memory = vp.machine.memory
-        for op, args, _result in loads(row["emu_io"]) or []:
+        for op, args, result in loads(row["emu_io"]) or []:
+            if decode_exception(result) is not None:
+                continue  # the machine refused this output (e.g. a write through a protected view): it had no effect
             if op == "set_register":
                 _vp, vtl, name, value = args
                 vp.regfiles[vtl].set(name, decode_value(value))
@@ -367,17 +502,53 @@ class Reexecutor:
                 events.exception.has_error_code = 1 if error_code is not None else 0
                 events.exception.error_code = error_code or 0
                 target.set_events(events)
-            elif op == "tlb.flush_vps":
-                vcpu.flush_regs()
-                vcpu.set_sregs(vcpu.get_sregs())
+            elif op in ("tlb.flush_vps", "vsm.flush_vps"):
+                _vps, vtl = args
+                target = vp.vcpus[vtl]
+                target.flush_regs()
+                target.set_sregs(target.get_sregs())  # as VirtualProcessor.flush_tlb
+            elif op.startswith("vsm."):
+                self._vsm_service(row, op, args, vp, pending)
         if row["entry"] == "hypercall":
             result = loads(row["emu_result"])
             fields = result.get("f", {}) if isinstance(result, dict) else {}
             if fields.get("retry") or fields.get("exception") is not None:
+                vcpu = vp.vcpu
                 regs = vcpu.get_regs()  # the backend rewinds onto the trapping OUT (see hyperv_backend.on_trap)
-                if regs.rip & 0xFFF == HV_HYPERCALL_TRAP_INSN_LEN:
+                if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
                     regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
                     vcpu.set_regs(regs)
+
+    def _vsm_service(self, row: dict[str, Any], op: str, args: list[Any], vp: Any, pending: PendingVsm) -> None:
+        """A ``VsmServices`` call the recorded entry made: performed by the live backend."""
+        from vmm.vp import Access
+        from vmm.vsm.services import InitialVpContext, PageProtection
+
+        backend = self.machine.vsm
+        if op == "vsm.request_transition":
+            if not pending.switches:
+                raise ReplayError(f"event {row['seq']}: a VTL switch was requested but no VTL_SWITCH event records it: inconsistent trace")
+            self._switch(pending.switches.pop(0), vp, pending, args[0]["f"])
+        elif op == "vsm.set_protections":
+            target, runs = args
+            backend.set_protections(
+                target, [PageProtection(r["f"]["first_page"], r["f"]["count"], Access(r["f"]["allowed"])) for r in runs]
+            )
+        elif op == "vsm.load_vp_context":
+            index, vtl, context = args
+            backend.load_vp_context(index, vtl, InitialVpContext(decode_value(context["f"]["registers"])))
+        elif op == "vsm.create_vtl":
+            backend.create_vtl(args[0])
+        elif op == "vsm.start_vp":
+            raise ReplayError(f"event {row['seq']}: the guest started another VP, which a 1-VP re-execution cannot do")
+        # vsm.vp_started is an input: nothing to do
+
+
+def _rwx(allowed: Any) -> str:
+    """An allowed-access set as ``rwx`` letters (``-`` for each denied access)."""
+    from vmm.vp import Access
+
+    return "".join(c if allowed & a else "-" for c, a in zip("rwx", (Access.READ, Access.WRITE, Access.EXECUTE), strict=True))
 
 
 def exit_name_of(reason: int) -> str:

@@ -1,4 +1,8 @@
-"""Guest re-execution (`vsmtrace replay --reexecute`) of `vsmtrace run --deterministic` traces, on real KVM."""
+"""Guest re-execution (`vsmtrace replay --reexecute`) of `vsmtrace run --deterministic` traces, on real KVM.
+
+VSM guests (two VTLs on one VP) are re-executed too: VTL switches, protection changes and
+secure memory intercepts are driven from the trace and every exit is checked.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import pyarrow.ipc as ipc
 import pytest
 
 from recorder.reader import open_trace
+from tests.conftest import _require_kvm, run_vsmtrace
+from tests.guests.build import build_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -21,6 +27,11 @@ CASES = [
     ("det_timer", "mode=periodic x2apic=1"),
     ("hv_stimer", ""),
 ]
+#: Two-VTL guests that run on one VP (vsm_smp needs two).
+VSM_GUESTS = ["vsm_enable", "vsm_state", "vsm_interrupts", "vsm_protect", "vsm_misc", "vsm_vina"]
+VSM_KINDS = ("VTL_SWITCH", "PROTECTION", "INTERCEPT")
+PATTERN = (0x1122334455667788).to_bytes(8, "little")  # vsm_protect.c: what its data page holds before each write
+VALUE = (0x0101010101010101).to_bytes(8, "little")  # vsm_protect.c: what VTL0 tries to write
 
 
 def record(vsmtrace, kernel: Path, trace: Path, append: str = "", *extra: str):  # type: ignore[no-untyped-def]
@@ -127,3 +138,136 @@ def test_dump_memory_at_an_event(vsmtrace, guest, tmp_path: Path) -> None:
     assert (0x1BADB002).to_bytes(4, "little") in data  # the loaded kernel's Multiboot header
     r = vsmtrace(["replay", "--reexecute", str(trace), "--dump-memory", "nonsense"])
     assert r.status == 2 and "SEQ:GPA:LEN" in r.stderr
+
+
+# -- VSM guests ----------------------------------------------------------------------------------
+
+
+def kinds(trace: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in open_trace(trace).table().column("kind").to_pylist():
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("name", VSM_GUESTS)
+def test_vsm_guest_reexecutes_every_exit(vsmtrace, guest, tmp_path: Path, name: str) -> None:
+    trace = tmp_path / "t.vsmt"
+    r = record(vsmtrace, guest(name), trace, "", "--smp", "1")
+    assert "FAIL" not in r.stdout, r.stdout[-2000:]
+    assert kinds(trace).get("VTL_SWITCH", 0) > 0
+    detail = guest_exit_detail(trace)
+    r = vsmtrace(["replay", "--reexecute", str(trace)], timeout=120)
+    assert r.status == 0, r.stdout + r.stderr
+    assert f"re-execution reproduced the trace: {detail['exits']} exits" in r.stdout
+    assert "guest RAM identical" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def protect_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """vsm_protect recorded once: protections, and intercepts of reads, writes and fetches."""
+    _require_kvm()
+    trace = tmp_path_factory.mktemp("protect") / "protect.vsmt"
+    record(run_vsmtrace, build_guest("vsm_protect"), trace)
+    counts = kinds(trace)
+    assert all(counts.get(k, 0) > 0 for k in VSM_KINDS), counts
+    return trace
+
+
+def test_vsm_recordings_are_identical(vsmtrace, protect_trace: Path, tmp_path: Path) -> None:
+    """Two deterministic recordings of a VSM guest: same exits, same virtual time, same RAM."""
+    again = tmp_path / "again.vsmt"
+    record(vsmtrace, build_guest("vsm_protect"), again)
+    assert guest_exit_detail(again) == guest_exit_detail(protect_trace)
+
+
+def test_intercepts_of_every_access_kind_are_reexecuted(protect_trace: Path) -> None:
+    from replayer.reexecute import Reexecutor
+
+    accesses = {r["access"] for r in open_trace(protect_trace).table().to_pylist() if r["kind"] == "INTERCEPT"}
+    assert accesses == {"read", "write", "execute"}
+    report = Reexecutor(protect_trace).run()
+    assert report.divergence is None, report.divergence
+    assert report.ram_checked and report.exit_status == 0
+
+
+def test_dump_after_a_protected_write_shows_the_unwritten_value(vsmtrace, protect_trace: Path, tmp_path: Path) -> None:
+    rows = open_trace(protect_trace).table().to_pylist()
+    # acc_write: `mov [rdi], rsi` into the read-only data page, VALUE over PATTERN
+    at = next(i for i, r in enumerate(rows) if r["kind"] == "INTERCEPT" and r["access"] == "write" and r["insn_bytes"] == bytes.fromhex("488937"))
+    intercept = rows[at]
+    after = next(r for r in rows[at:] if r["kind"] == "EXIT" and r["gprs"] is not None)
+    assert after["vtl"] == 1  # the next exit is in VTL1, which handles the intercept
+    dumps = {seq: tmp_path / f"{seq}.bin" for seq in (intercept["seq"], after["seq"])}
+    args = [a for seq, path in dumps.items() for a in ("--dump-memory", f"{seq}:{intercept['gpa']}:8:{path}")]
+    r = vsmtrace(["replay", "--reexecute", str(protect_trace), *args], timeout=120)
+    assert r.status == 0, r.stdout + r.stderr
+    for path in dumps.values():
+        assert path.read_bytes() == PATTERN != VALUE
+
+
+def rewrite_io(trace: Path, out: Path, edit) -> int:  # type: ignore[no-untyped-def]
+    """Rewrite the first emulation entry whose I/O log ``edit`` changes (returns True); its sequence number."""
+    table = open_trace(trace).table()
+    rows = table.to_pylist()
+    for index, row in enumerate(rows):
+        if row["kind"] != "EMULATION":
+            continue
+        io = json.loads(row["emu_io"])
+        if edit(row, io):
+            rewrite(trace, out, index, "emu_io", json.dumps(io).encode())
+            return row["seq"]
+    raise AssertionError("nothing to perturb")
+
+
+def test_perturbed_vtl_return_diverges_at_the_next_exit(vsmtrace, protect_trace: Path, tmp_path: Path) -> None:
+    """A non-fast VTL return's RAX (from VTL1's assist page) changed: VTL0 takes another path."""
+
+    def edit(row, io) -> bool:  # type: ignore[no-untyped-def]
+        for op, args, _ in io:
+            if op == "vsm.request_transition" and args[0]["f"]["return_rax_rcx"] is not None:
+                args[0]["f"]["return_rax_rcx"][0] ^= 0x10
+                return True
+        return False
+
+    bad = tmp_path / "bad.vsmt"
+    seq = rewrite_io(protect_trace, bad, edit)
+    rows = open_trace(protect_trace).table().to_pylist()
+    expected = next(r["seq"] for r in rows if r["seq"] > seq and r["kind"] == "EXIT" and r["gprs"] is not None)
+    r = vsmtrace(["replay", "--reexecute", str(bad)], timeout=120)
+    assert r.status == 1, r.stdout + r.stderr
+    assert f"first divergence: event {expected} (EXIT)" in r.stdout, r.stdout
+
+
+def test_perturbed_protection_diverges_at_the_protection(vsmtrace, protect_trace: Path, tmp_path: Path) -> None:
+    """VTL1's "no access" on the data page replayed as "all access": reported at the PROTECTION event."""
+
+    def edit(row, io) -> bool:  # type: ignore[no-untyped-def]
+        for op, args, _ in io:
+            if op == "vsm.set_protections" and args[1][0]["f"]["allowed"] == 0:
+                args[1][0]["f"]["allowed"] = 7
+                return True
+        return False
+
+    bad = tmp_path / "bad.vsmt"
+    seq = rewrite_io(protect_trace, bad, edit)
+    rows = open_trace(protect_trace).table().to_pylist()
+    protection = max(r["seq"] for r in rows if r["kind"] == "PROTECTION" and r["seq"] < seq)
+    r = vsmtrace(["replay", "--reexecute", str(bad)], timeout=120)
+    assert r.status == 1, r.stdout + r.stderr
+    assert f"first divergence: event {protection} (PROTECTION), field new_mask: recorded --- at page" in r.stdout, r.stdout
+    assert "re-executed rwx" in r.stdout
+
+
+def test_more_than_one_vp_is_refused(vsmtrace, protect_trace: Path, tmp_path: Path) -> None:
+    table = open_trace(protect_trace).table()
+    md = json.loads(table.schema.metadata[b"vsmtrace"])
+    md["vm_config"]["vps"] = 2
+    table = table.replace_schema_metadata({b"vsmtrace": json.dumps(md).encode()})
+    smp = tmp_path / "smp.vsmt"
+    with pa.OSFile(str(smp), "wb") as f, ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    r = vsmtrace(["replay", "--reexecute", str(smp)])
+    assert r.status == 2, r.stdout + r.stderr
+    assert "re-execution needs a 1-VP trace, this one has 2 VPs" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmm.emulation_io import RecordedService
@@ -55,6 +56,15 @@ ENTRY_REASON = {
 }
 ACCESS_NAMES = {Access.READ: "read", Access.WRITE: "write", Access.EXECUTE: "execute"}
 OUT_IMM8 = 0xE6  # ``out imm8, al``: the hypercall-page trap instruction
+
+
+@dataclass(frozen=True)
+class DeniedAccess:
+    """A denied access, undone: the intercept message and what the INTERCEPT event records."""
+
+    message: Any  # vmm.hyperv.hvdef.HvMessage
+    gva: int | None
+    insn_bytes: bytes
 
 
 class VsmBackend:
@@ -199,6 +209,28 @@ class VsmBackend:
         from_vtl = vp.vtl
         if to_vtl == from_vtl:
             return
+        rip, args = self.move_vp(vp, to_vtl, reason, return_rax_rcx)
+        if to_vtl > from_vtl and self.vsm is not None:
+            vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
+            self.boundary.entry(
+                "vtl_entry", i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
+                lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
+            )
+        sink = self.machine.sink
+        if sink.enabled:
+            sink.emit(
+                EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value, args=args
+            )
+
+    def move_vp(
+        self, vp: VirtualProcessor, to_vtl: int, reason: SwitchReason, return_rax_rcx: tuple[int, int] | None = None
+    ) -> tuple[int, tuple[int, ...] | None]:
+        """The machine half of a switch: shared state moves and ``to_vtl``'s vCPU becomes the running one.
+
+        Re-execution replays recorded switches with exactly this (the VSM half, the entry
+        notification, comes from the trace). Returns the source RIP and a call's arguments.
+        """
+        from_vtl = vp.vtl
         if to_vtl < from_vtl:
             self.vina_notified.discard((vp.index, from_vtl))  # the next lower-VTL interrupt notifies again
         src = vp.vcpus[from_vtl]
@@ -218,17 +250,7 @@ class VsmBackend:
         vp.set_vtl(to_vtl)
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
-        if to_vtl > from_vtl and self.vsm is not None:
-            vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
-            self.boundary.entry(
-                "vtl_entry", i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
-                lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
-            )
-        sink = self.machine.sink
-        if sink.enabled:
-            sink.emit(
-                EventKind.VTL_SWITCH, vp.index, from_vtl, rip, from_vtl=from_vtl, to_vtl=to_vtl, reason=reason.value, args=args
-            )
+        return rip, args
 
     def _trap_already_complete(self, vp: VirtualProcessor, vcpu: Any) -> bool:
         """Whether the exit is a hypercall-page trap (one OUT) that KVM has already completed.
@@ -307,19 +329,28 @@ class VsmBackend:
 
     def on_internal_error(self, vp: VirtualProcessor) -> bool:
         """An instruction fetch from a hole is the execute intercept (RIP is at the target)."""
+        target = self.fetch_target(vp)
+        if target is None:
+            return False
+        gpa, linear = target
+        if self.views[vp.vtl].check(gpa, 1, Access.EXECUTE):
+            return False  # not a protection: a genuine emulation failure
+        self.intercept(vp, gpa, Access.EXECUTE, 1, gva=linear)
+        return True
+
+    @staticmethod
+    def fetch_target(vp: VirtualProcessor) -> tuple[int, int] | None:
+        """(GPA, linear address) of the instruction at RIP, if it is guest RAM."""
         vcpu = vp.vcpu
         rip = int(vcpu.get_regs().rip)
         linear = (int(vcpu.get_sregs().cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
         try:
             gpa, valid, _ = vcpu.translate(linear)
         except OSError:
-            return False
-        if not valid or not self.machine.memory.is_ram(gpa):
-            return False
-        if self.views[vp.vtl].check(gpa, 1, Access.EXECUTE):
-            return False  # not a protection: a genuine emulation failure
-        self.intercept(vp, gpa, Access.EXECUTE, 1, gva=linear)
-        return True
+            return None
+        if not valid or not vp.machine.memory.is_ram(gpa):
+            return None
+        return gpa, linear
 
     def intercept(self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None) -> None:
         from vmm.machine import EXIT_GUEST_FAULT, GuestStop
@@ -332,6 +363,37 @@ class VsmBackend:
                 EXIT_GUEST_FAULT,
                 f"VP {vp.index} VTL{vtl} {ACCESS_NAMES[access]} of protected {gpa:#x} with no higher VTL to intercept it",
             )
+        denied = self.undo_denied_access(vp, gpa, access, length, gva)
+        machine.emit(
+            EventKind.INTERCEPT, vp, access=ACCESS_NAMES[access], gpa=gpa, gva=denied.gva, insn_bytes=denied.insn_bytes,
+            message=denied.message.pack(),
+        )  # fmt: skip
+        message = denied.message
+        hv, i = machine.hyperv.hv, vp.index
+        self.boundary.entry(
+            "post_intercept", i, target_vtl, [i, target_vtl, message.pack()],
+            lambda: hv.post_intercept(i, target_vtl, message),
+        )
+        if vp.apics[target_vtl].pending_vector() is None:
+            raise GuestStop(
+                EXIT_GUEST_FAULT,
+                f"VP {vp.index}: VTL{vtl} {ACCESS_NAMES[access]} of {gpa:#x} was intercepted, but VTL{target_vtl} "
+                "cannot take the intercept message (SynIC SIMP/SINT0 not set up, or SINT0 masked)",
+            )
+        self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
+
+    def undo_denied_access(
+        self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None
+    ) -> DeniedAccess:
+        """Undo a denied access of the running VTL and build its intercept message.
+
+        The VP is left *at* the faulting instruction with the registers it had before it
+        (a retired write is rewound, a pending read discarded). Re-execution calls this
+        for a recorded intercept, so the rewind is the live one.
+        """
+        from vmm.machine import EXIT_GUEST_FAULT, GuestStop
+
+        vtl = vp.vtl
         vcpu = vp.vcpu
         sregs = vcpu.get_sregs()
         mode = _mode(sregs)
@@ -377,27 +439,9 @@ class VsmBackend:
             cpl=int(sregs.cs.dpl),
             mode=mode,
         )
-        machine.emit(
-            EventKind.INTERCEPT,
-            vp,
-            access=ACCESS_NAMES[access],
-            gpa=gpa,
-            gva=located.gva if located is not None and located.gva else gva,
-            insn_bytes=(located.bytes if located is not None else b"")[:16],
-            message=message.pack(),
+        return DeniedAccess(
+            message, located.gva if located is not None and located.gva else gva, (located.bytes if located is not None else b"")[:16]
         )
-        hv, i = machine.hyperv.hv, vp.index
-        self.boundary.entry(
-            "post_intercept", i, target_vtl, [i, target_vtl, message.pack()],
-            lambda: hv.post_intercept(i, target_vtl, message),
-        )
-        if vp.apics[target_vtl].pending_vector() is None:
-            raise GuestStop(
-                EXIT_GUEST_FAULT,
-                f"VP {vp.index}: VTL{vtl} {ACCESS_NAMES[access]} of {gpa:#x} was intercepted, but VTL{target_vtl} "
-                "cannot take the intercept message (SynIC SIMP/SINT0 not set up, or SINT0 masked)",
-            )
-        self.switch(vp, target_vtl, SwitchReason.INTERCEPT)
 
     def _string_store_target(
         self, located: Located | None, regs: dict[str, int], bases: dict[str, int], translate: Callable[[int], int | None]
