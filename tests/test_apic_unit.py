@@ -888,6 +888,22 @@ def test_tsc_deadline_mode() -> None:
     assert apic.timer_deadline_ns() == rig.clock.now_ns() + 2
 
 
+def test_written_tsc_moves_the_deadline_base() -> None:
+    """--deterministic serves WRMSR IA32_TSC with ManualClock.set_tsc: deadlines follow the new TSC."""
+    rig = make_rig()
+    apic = rig.apic
+    apic.mmio_write(Reg.LVT_TIMER, 4, TSC_DEADLINE | 0xEF)
+    rig.clock.advance(1000)
+    rig.clock.set_tsc(10**6)
+    assert rig.clock.tsc() == 10**6 and rig.clock.now_ns() == 1000  # time itself did not move
+    rig.clock.advance(500)
+    assert rig.clock.tsc() == 10**6 + 2 * 500
+    apic.tsc_deadline = rig.clock.tsc() + 2 * 750
+    assert apic.timer_deadline_ns() == 1500 + 750
+    rig.clock.set_tsc(-1)  # wraps like the 64-bit counter
+    assert rig.clock.tsc() == (1 << 64) - 1
+
+
 def test_tsc_deadline_mode_switch_disarms() -> None:
     rig = make_rig()
     apic = rig.apic

@@ -13,8 +13,14 @@ arbitrary instruction. Here instead:
 * every exit is recorded as an ``EXIT`` event with RIP, the packed GPRs and the
   interrupt-window flag of the entry that ended in it: what re-execution compares.
 
+KVM serves ``rdmsr IA32_TSC`` in the kernel, like RDTSC, so without help a guest
+that reads the TSC through the MSR (e.g. ``rdmsr_safe(0x10)``) would store host
+cycles in its memory, unseen by any exit. In this mode IA32_TSC is routed to
+userspace and reads the *virtual* TSC (the one TSC-deadline timers compare
+against); the value is an ordinary recorded MSR input.
+
 What stays nondeterministic is whatever the guest reads without an exit, i.e. the
-raw TSC (``rdtsc``). KVM has no RDTSC exit to userspace, so a guest whose control
+raw TSC (``rdtsc``, ``rdtscp``). KVM has no RDTSC exit to userspace, so a guest whose control
 flow or registers depend on raw TSC values cannot be re-executed exactly (see
 docs/reexecute.md). The Hyper-V reference TSC page is therefore published invalid
 (sequence 0) in this mode, so enlightened guests read TIME_REF_COUNT, which exits.
@@ -26,6 +32,7 @@ import hashlib
 import struct
 from typing import TYPE_CHECKING, Any
 
+from vmm.cpu_state import MSR_IA32_TSC
 from vmm.events import EventKind
 from vmm.timers import ManualClock, ManualTimerService
 
@@ -72,6 +79,16 @@ class DeterministicTime:
         self.clock = ManualClock(machine.tsc_hz)
         self.timers = ManualTimerService(self.clock)
         self.exits = 0
+        # Filtered (hence exiting) from boot on: KVM would otherwise answer with host cycles.
+        machine.msr_handlers.append((MSR_IA32_TSC, MSR_IA32_TSC, self))
+
+    def msr_read(self, vp: VirtualProcessor, index: int) -> int:
+        """RDMSR IA32_TSC: the virtual TSC, a recorded input like any MSR read that exits."""
+        return self.clock.tsc()
+
+    def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
+        """WRMSR IA32_TSC: moves the virtual TSC (MSR reads, TSC-deadline timers); RDTSC stays raw."""
+        self.clock.set_tsc(value)
 
     def at_exit(self, vp: VirtualProcessor, exit_reason: int) -> None:
         """Record the exit, then advance virtual time one quantum and fire what is due."""

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 NS_PER_SEC = 1_000_000_000
+#: The TSC is a 64-bit counter: it wraps.
+TSC_MASK = (1 << 64) - 1
 
 # Rebuild the heap when more than this fraction of its entries are cancelled, so a
 # guest that keeps re-arming far-future deadlines cannot grow it without bound.
@@ -78,8 +80,8 @@ class HostClock:
 class ManualClock:
     """Virtual time that only moves when told to (tests, deterministic replay).
 
-    TSC is derived from nanoseconds (``ns * tsc_hz // 1e9``), never stored, so the
-    two can never disagree.
+    TSC is derived from nanoseconds (``ns * tsc_hz // 1e9``) plus the offset a guest's
+    write of IA32_TSC set (:meth:`set_tsc`), never stored, so the two can never disagree.
     """
 
     def __init__(self, tsc_hz: int, start_ns: int = 0) -> None:
@@ -87,12 +89,17 @@ class ManualClock:
             raise ValueError(f"tsc_hz must be positive, got {tsc_hz}")
         self.tsc_hz = tsc_hz
         self._now_ns = start_ns
+        self._tsc_offset = 0
 
     def now_ns(self) -> int:
         return self._now_ns
 
     def tsc(self) -> int:
-        return self._now_ns * self.tsc_hz // NS_PER_SEC
+        return (self._now_ns * self.tsc_hz // NS_PER_SEC + self._tsc_offset) & TSC_MASK
+
+    def set_tsc(self, value: int) -> None:
+        """WRMSR IA32_TSC: the TSC reads ``value`` now and keeps counting from there (time itself does not move)."""
+        self._tsc_offset = value - self._now_ns * self.tsc_hz // NS_PER_SEC
 
     def set_ns(self, now_ns: int) -> None:
         """Move time to ``now_ns``; time never goes backwards."""
