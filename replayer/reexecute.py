@@ -50,6 +50,10 @@ COLUMNS = [
     "insn_bytes", "message", "target_vtl", "gpa_start", "pages", "new_mask",
 ]  # fmt: skip
 
+#: Divergences the guest's own code can explain (a raw TSC value that reached it), by kind: fields.
+#: Input mismatches (a port, MSR or VSM row) are the VMM's business and never blamed on RDTSC.
+TSC_SUSPECT_FIELDS = {"EXIT": ("gprs.", "rip", "exit_reason"), "GUEST_EXIT": ("ram_sha256",)}
+
 #: VTL switches the emulation requests inside an entry (``vsm.request_transition``): the
 #: VTL_SWITCH event precedes the EMULATION event of that entry, the switch happens at the op.
 REQUESTED_SWITCHES = frozenset({"call", "return"})
@@ -99,6 +103,7 @@ class ReexecReport:
     ram_checked: bool
     dumps: list[Path] = dataclasses.field(default_factory=list)
     serial: bytes = b""
+    cause: str | None = None  # the likely reason for the divergence, when the guest's code shows one (RDTSC)
 
 
 def _gpr_diff(recorded: bytes, actual: bytes) -> tuple[str, int, int] | None:
@@ -204,6 +209,8 @@ class Reexecutor:
         status: int | None = None
         ram_checked = False
         divergence: Divergence | None = None
+        cause: str | None = None
+        previous_rip: int | None = None  # the RIP of the last exit reproduced: the code ran from there
         t0 = time.monotonic()
         i = 0
         n = len(rows)
@@ -247,6 +254,7 @@ class Reexecutor:
                     if diff is not None:
                         raise Divergence(seq, "EXIT", f"gprs.{diff[0]}", hex(diff[1]), hex(diff[2]))
                 dump_through(seq)
+                previous_rip = rec["rip"]
                 if progress is not None:
                     progress(i, n)
                 i += 1
@@ -299,6 +307,7 @@ class Reexecutor:
                     break
         except Divergence as div:
             divergence = div
+            cause = self._tsc_cause(div, vp, previous_rip)
         finally:
             seconds = time.monotonic() - t0
             machine.close()
@@ -312,7 +321,27 @@ class Reexecutor:
             ram_checked=ram_checked,
             dumps=written,
             serial=bytes(serial),
+            cause=cause,
         )
+
+    def _tsc_cause(self, div: Divergence, vp: Any, previous_rip: int | None) -> str | None:
+        """RDTSC as the reason for ``div`` if the code running between the last two exits reads the TSC."""
+        from replayer.guest_code import STACK_SCAN_BYTES, GuestCode
+
+        if not any(div.field.startswith(f) for f in TSC_SUSPECT_FIELDS.get(div.kind, ())):
+            return None
+        code = GuestCode.load(self.image)
+        if code is None:
+            return None
+        regs = vp.vcpu.get_regs()
+        rips = [int(regs.rip)] + ([previous_rip] if previous_rip is not None else [])
+        memory = self.machine.memory
+        rsp = int(regs.rsp)  # test guests identity-map: the stack's GVA is its GPA
+        length = STACK_SCAN_BYTES
+        while length and not memory.is_ram(rsp, length):
+            length //= 2
+        stack = memory.read(rsp, length) if length else b""
+        return code.tsc_cause(rips, stack)
 
     # -- VSM: switches, protections, intercepts ----------------------------------------------------
     def _switch(self, row: dict[str, Any], vp: Any, pending: PendingVsm, transition: dict[str, Any] | None = None) -> None:
@@ -567,6 +596,8 @@ def format_report(report: ReexecReport) -> str:
         d = report.divergence
         lines.append(f"re-execution DIVERGED after {report.exits} exits")
         lines.append(f"  first divergence: event {d.seq} ({d.kind}), field {d.field}: recorded {d.recorded}, re-executed {d.replayed}")
+        if report.cause is not None:
+            lines.append(f"  likely cause: {report.cause}")
     lines.append(f"time: re-execution {report.seconds:.3f} s, recording {report.recorded_seconds:.3f} s")
     for p in report.dumps:
         lines.append(f"memory dump written to {p}")
