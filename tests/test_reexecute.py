@@ -17,6 +17,7 @@ import pytest
 from recorder.reader import open_trace
 from tests.conftest import _require_kvm, run_vsmtrace
 from tests.guests.build import build_guest
+from vmm.cpu_state import MSR_IA32_TSC
 
 pytestmark = pytest.mark.kvm
 
@@ -26,7 +27,27 @@ CASES = [
     ("det_timer", "mode=oneshot"),
     ("det_timer", "mode=periodic x2apic=1"),
     ("hv_stimer", ""),
+    ("ports", ""),
+    ("fwcfg", ""),
+    ("bootinfo", "alpha=1 beta=two"),
+    ("hv_cpuid", ""),
+    ("hv_msr", ""),
+    ("hv_hypercall", ""),
+    ("hv_synic", ""),
+    ("hv_replay", "loop=3"),
+    ("fault", "fault=safe"),  # rdmsr_safe(IA32_TSC): the virtual TSC, through an MSR exit
 ]
+#: Guests that end with a nonzero isa-debug-exit code (the RAM hash is still taken there): name, cmdline, code.
+FAILING_GUESTS = [
+    ("exitcode", "exit=42", 42),
+    ("fault", "fault=ud", 0x40 + 6),  # fault.c: the runtime's unhandled-exception exit, 0x40 + vector
+    ("fault", "fault=gp", 0x40 + 13),  # #GP injected by the VMM for an unknown MSR
+    ("fault", "fault=pf", 0x40 + 14),
+    ("fault", "fault=de", 0x40 + 0),
+]
+#: Guests the VMM stops (no isa-debug-exit, so no RAM hash): every recorded exit is re-executed.
+STOPPED_GUESTS = [("stop", "how=triple"), ("stop", "how=cli_hlt"), ("hv_crash", ""), ("hv_crash", "message=0")]
+GUEST_FAULT_STATUS = 4  # `vsmtrace run`: the guest faulted
 #: Two-VTL guests that run on one VP (vsm_smp needs two).
 VSM_GUESTS = ["vsm_enable", "vsm_state", "vsm_interrupts", "vsm_protect", "vsm_misc", "vsm_vina"]
 VSM_KINDS = ("VTL_SWITCH", "PROTECTION", "INTERCEPT")
@@ -38,6 +59,12 @@ def record(vsmtrace, kernel: Path, trace: Path, append: str = "", *extra: str): 
     r = vsmtrace(["run", "--deterministic", "--memory", "32", "--append", append, "--timeout", "60",
                   "--record", str(trace), *extra, str(kernel)], timeout=120)  # fmt: skip
     assert r.status & 1 == 1 and r.guest_exit_code == 0, (r.status, r.stdout[-500:], r.stderr)
+    return r
+
+
+def reexecute(vsmtrace, trace: Path):  # type: ignore[no-untyped-def]
+    r = vsmtrace(["replay", "--reexecute", str(trace)], timeout=120)
+    assert r.status == 0, r.stdout + r.stderr
     return r
 
 
@@ -58,6 +85,57 @@ def test_reexecution_reproduces_every_exit_and_ram(vsmtrace, guest, tmp_path: Pa
     assert r.status == 0, r.stdout + r.stderr
     assert f"re-execution reproduced the trace: {detail['exits']} exits" in r.stdout
     assert "guest RAM identical" in r.stdout
+
+
+@pytest.mark.parametrize(("name", "append", "code"), FAILING_GUESTS, ids=[f"{n}-{a}" for n, a, _ in FAILING_GUESTS])
+def test_guest_with_an_error_exit_reexecutes(vsmtrace, guest, tmp_path: Path, name: str, append: str, code: int) -> None:
+    trace = tmp_path / "t.vsmt"
+    r = vsmtrace(["run", "--deterministic", "--memory", "32", "--append", append, "--timeout", "60", "--record", str(trace),
+                  str(guest(name))], timeout=120)  # fmt: skip
+    assert r.guest_exit_code == code, (r.status, r.stdout[-500:], r.stderr)
+    detail = guest_exit_detail(trace)
+    r = reexecute(vsmtrace, trace)
+    assert f"re-execution reproduced the trace: {detail['exits']} exits" in r.stdout
+    assert f"guest exit status {code}; guest RAM identical" in r.stdout
+
+
+@pytest.mark.parametrize(("name", "append"), STOPPED_GUESTS, ids=[f"{n}-{a or 'default'}" for n, a in STOPPED_GUESTS])
+def test_stopped_guest_reexecutes_every_recorded_exit(vsmtrace, guest, tmp_path: Path, name: str, append: str) -> None:
+    trace = tmp_path / "t.vsmt"
+    r = vsmtrace(["run", "--deterministic", "--memory", "32", "--append", append, "--timeout", "60", "--record", str(trace),
+                  str(guest(name))], timeout=120)  # fmt: skip
+    assert r.status == GUEST_FAULT_STATUS, (r.status, r.stdout[-500:], r.stderr)
+    exits = kinds(trace)["EXIT"]
+    r = reexecute(vsmtrace, trace)
+    assert "re-execution reproduced the trace: " in r.stdout and "guest RAM" not in r.stdout, r.stdout
+    assert 0 < int(r.stdout.split(": ")[1].split()[0]) <= exits
+
+
+def test_raw64_guest_reexecutes(vsmtrace, guest, tmp_path: Path) -> None:
+    trace = tmp_path / "t.vsmt"
+    record(vsmtrace, guest("raw64", raw64=True), trace)
+    assert "guest RAM identical" in reexecute(vsmtrace, trace).stdout
+
+
+def test_tsc_msr_is_virtual_and_recorded(vsmtrace, guest, tmp_path: Path) -> None:
+    """fault=safe reads IA32_TSC: KVM would answer with host cycles, unseen; --deterministic records the virtual TSC."""
+    a, b = tmp_path / "a.vsmt", tmp_path / "b.vsmt"
+    for trace in (a, b):
+        record(vsmtrace, guest("fault"), trace, "fault=safe")
+    rows = open_trace(a).table().to_pylist()
+    (read,) = [r for r in rows if r["kind"] == "MSR" and r["msr"] == MSR_IA32_TSC]
+    assert not read["fault"] and 0 < read["value"] < 10**9  # virtual time is a fraction of a second of TSC ticks
+    assert guest_exit_detail(a) == guest_exit_detail(b)
+
+
+def test_rdtsc_divergence_names_rdtsc(vsmtrace, guest, tmp_path: Path) -> None:
+    """hv_time reads RDTSC: re-execution cannot reproduce it and says so, with the instruction's address."""
+    trace = tmp_path / "t.vsmt"
+    vsmtrace(["run", "--deterministic", "--memory", "32", "--timeout", "60", "--record", str(trace), str(guest("hv_time"))], timeout=120)
+    r = vsmtrace(["replay", "--reexecute", str(trace)], timeout=120)
+    assert r.status == 1, r.stdout + r.stderr
+    assert "first divergence: event " in r.stdout
+    assert "likely cause: RDTSC: the code that was running reads the raw TSC (rdtsc at 0x" in r.stdout, r.stdout
 
 
 def test_deterministic_recordings_are_identical(vsmtrace, guest, tmp_path: Path) -> None:
@@ -122,6 +200,7 @@ def test_perturbed_input_diverges_at_the_next_exit(vsmtrace, guest, tmp_path: Pa
     r = vsmtrace(["replay", "--reexecute", str(bad)], timeout=120)
     assert r.status == 1, r.stdout + r.stderr
     assert f"first divergence: event {expected} (EXIT)" in r.stdout, r.stdout
+    assert "likely cause" not in r.stdout  # det_timer never reads the TSC: nothing to blame on RDTSC
 
 
 def test_dump_memory_at_an_event(vsmtrace, guest, tmp_path: Path) -> None:
