@@ -12,6 +12,7 @@ Structures are ``struct``-based dataclasses: ``pack() -> bytes`` and ``unpack(da
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
@@ -24,6 +25,7 @@ HV_PAGE_SIZE = 4096
 HV_PAGE_SHIFT = 12
 HV_PAGE_MASK = ~(HV_PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
 HV_HYPERCALL_ALIGNMENT = 8  # input/output GPAs must be 8-byte aligned
+HYPERCALL_CONTROL_CACHE = 4096  # decoded hypercall input values kept (vsmtrace's, not the TLFS's)
 HV_X64_REGISTER_PAIR_SIZE = 16  # fast-call register pair (RDX:R8 or one XMM)
 HV_X64_FAST_INPUT_MAX = 112  # RDX:R8 + XMM0..XMM5
 HV_X64_FAST_XMM_COUNT = 6  # XMM0..XMM5 carry fast input/output
@@ -110,7 +112,9 @@ class HypercallControl:
     reserved: int
 
     @classmethod
+    @functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)
     def decode(cls, value: int) -> HypercallControl:
+        """Decode ``value`` (immutable, so a guest's few distinct control values are decoded once each)."""
         b = HypercallControlBits
         return cls(
             code=value & b.CODE_MASK,

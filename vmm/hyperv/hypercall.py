@@ -64,6 +64,10 @@ from vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess,
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
 _QWORD = 8
+#: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
+_CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
+_CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
+_STATUS_NAMES: dict[int, str] = {int(s): s.name for s in HvStatus}
 
 
 @dataclass
@@ -340,10 +344,9 @@ class HypercallDispatcher:
     def _run(
         self, vp_index: int, vtl: int, regs: _Registers, control: int, c: HypercallControl, state: _CallState
     ) -> HvStatus:
-        try:
-            code = HypercallCode(c.code)
-        except ValueError:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE) from None
+        code = _CODES.get(c.code)
+        if code is None:
+            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
         spec = self.table.get(code)
         if spec is None or not spec.advertised(self.policy):
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
@@ -479,10 +482,7 @@ class HypercallDispatcher:
     ) -> None:
         if not self.sink.enabled:
             return
-        try:
-            name = HypercallCode(code).name
-        except ValueError:
-            name = f"unknown_{code:#06x}"
+        name = _CODE_NAMES.get(code) or f"unknown_{code:#06x}"
         self.sink.emit(
             EventKind.HYPERCALL,
             vp,
@@ -497,7 +497,7 @@ class HypercallDispatcher:
             rep_start=decoded.rep_start if decoded else 0,
             reps_done=state.reps_done if state else 0,
             status=None if status is None else int(status),  # null: no result value was written
-            status_name="NONE" if status is None else HvStatus(status).name,
+            status_name="NONE" if status is None else _STATUS_NAMES.get(status) or HvStatus(status).name,
             input=state.input if state else b"",
             output=state.output if state else b"",
             regs_in=bytes(regs.read_log) if regs else b"",
