@@ -42,7 +42,8 @@ EVENT_COLUMNS = ["seq", "kind", "vp", "vtl", "rip", "to_vtl"]
 #: Kinds of event that only the Hyper-V/VSM emulation emits (always inside an entry).
 EMULATION_ONLY_KINDS = (EventKind.HYPERCALL, EventKind.SYNIC_MESSAGE, EventKind.VTL_ENABLE)
 
-_JSON = json.JSONDecoder()
+#: The JSON decoder's scanner: one call per value, without json.loads' encoding detection and checks.
+_SCAN = json.JSONDecoder().scan_once
 
 
 def decode_json(raw: bytes | None) -> Any:
@@ -51,8 +52,8 @@ def decode_json(raw: bytes | None) -> Any:
         return None
     text = raw.decode()
     try:
-        value, end = _JSON.raw_decode(text)
-    except ValueError:
+        value, end = _SCAN(text, 0)
+    except (StopIteration, ValueError):
         return json.loads(text)  # leading whitespace, or the error json.loads reports
     return value if end == len(text) else json.loads(text)
 

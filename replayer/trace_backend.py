@@ -23,6 +23,8 @@ from vmm.vp import Access, CpuMode
 
 #: Types that encode to themselves (fast path: most arguments are plain ints and names).
 PLAIN = frozenset({int, str, type(None)})
+#: Recorded mode -> CpuMode, without the Enum constructor on every hypercall.
+CPU_MODES: dict[int, CpuMode] = {int(mode): mode for mode in CpuMode}
 
 
 class OpCursor:
@@ -112,7 +114,9 @@ class ReplayVp:
         return int(self.cursor.take_plain("cpl", [self.index, vtl]))
 
     def mode(self, vtl: int) -> CpuMode:
-        return CpuMode(self.cursor.take_plain("mode", [self.index, vtl]))
+        value = self.cursor.take_plain("mode", [self.index, vtl])
+        mode = CPU_MODES.get(value)
+        return mode if mode is not None else CpuMode(value)  # ValueError for a mode this vsmtrace does not know
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
         self.cursor.take_plain("inject_exception", [self.index, vtl, vector, error_code])
