@@ -92,7 +92,7 @@ class Entry:
     @property
     def emitted(self) -> list[int]:
         """Sequence numbers of the events the entry emitted."""
-        return [seq for _, seq in emitted_events(self.raw_io or b"")]
+        return emitted_events(self.raw_io or b"")[1]
 
 
 @dataclass
@@ -141,11 +141,11 @@ class VmmReplayer:
         self.seq_is_row = self._check_seq()
         self.note: str | None = None
         self.entries, raw_logs = self._entries()
-        emitted = emitted_events(b"\n".join(raw for raw in raw_logs if raw))  # (kind, seq) of every emitted event
-        self._check_inputs([seq for _, seq in emitted])
-        kinds = {kind for kind, _ in emitted if kind in EventKind._value2member_map_}
-        columns = sorted({c for kind in kinds for c in kind_columns(kind)})
-        self.emitted_rows = EmittedRows(self._read(columns or ["seq"]), emitted, self.seq_is_row)
+        kinds, seqs = emitted_events(b"\n".join(raw for raw in raw_logs if raw))  # of every event the entries emitted
+        self._check_inputs(seqs)
+        known = {kind for kind in kinds if kind in EventKind._value2member_map_}
+        columns = sorted({c for kind in known for c in kind_columns(kind)})
+        self.emitted_rows = EmittedRows(self._read(columns or ["seq"]), kinds, seqs, self.seq_is_row)
         #: The entries --break-at stops before: the EMULATION event itself, or the entry that emitted that event.
         self.break_entries = (
             set() if break_at is None else {e.seq for e in self.entries if e.seq == break_at or break_at in e.emitted}
@@ -181,20 +181,20 @@ class VmmReplayer:
 
     def _entries(self) -> tuple[list[Entry], list[bytes | None]]:
         """The entries in the order they started, and their encoded I/O logs."""
-        rows = self.events.select(ENTRY_COLUMNS).combine_chunks().filter(pc.equal(self._kinds, EventKind.EMULATION.name))
-        columns = [pylist(rows.column(c)) for c in ENTRY_COLUMNS]
+        emulation = pc.equal(self._kinds, EventKind.EMULATION.name)
+        columns = [pylist(self.events.column(c).filter(emulation)) for c in ENTRY_COLUMNS]
         orders = columns[ENTRY_COLUMNS.index("emu_order")]
         if orders != sorted(orders):  # a nested entry (started inside another) finished, and was written, first
             by_order = sorted(range(len(orders)), key=orders.__getitem__)
             columns = [[values[i] for i in by_order] for values in columns]
         seqs, vps, vtls, names, orders, raw_args, raw_logs, raw_results = columns
         decoded: dict[bytes | None, Any] = {}  # entries share most arguments and results: decode each value once
-        for seq, raw in [*zip(seqs, raw_args, strict=True), *zip(seqs, raw_results, strict=True)]:
-            if raw not in decoded:
-                try:
-                    decoded[raw] = decode_json(raw)
-                except ValueError as exc:
-                    raise ReplayError(f"{self.path}: {unreadable(seq, exc)}") from None
+        for raw in {*raw_args, *raw_results}:
+            try:
+                decoded[raw] = decode_json(raw)
+            except ValueError as exc:
+                seq = next(s for s, a, r in zip(seqs, raw_args, raw_results, strict=True) if raw in (a, r))
+                raise ReplayError(f"{self.path}: {unreadable(seq, exc)}") from None
         args = [decoded[raw] or [] for raw in raw_args]
         results = [decoded[raw] for raw in raw_results]
         out = list(map(Entry, seqs, vps, vtls, names, orders, args, results, raw_logs))

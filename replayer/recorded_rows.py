@@ -12,7 +12,7 @@ equal once normalised, such as an Enum and its value).
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
@@ -77,16 +77,12 @@ class KindRows:
     """The recorded rows the entries say they emitted as events of one kind, with the columns converted so far."""
 
     def __init__(self, kind: int, table: pa.Table) -> None:
+        """``table``: those rows, only the ones recorded as this kind (another kind goes the slow way, and diverges)."""
         self.kind_value = kind
         self.kind = EventKind(kind).name
         self.table = table
-        recorded_kinds = pylist(table.column("kind"))
-        #: seq -> row, for the rows recorded as this kind (another kind is a divergence the sink reports slowly).
-        #: Int to int, so the garbage collector never scans it, however long the trace.
-        self.index: dict[int, int] = {
-            seq: i for i, (seq, kind_name) in enumerate(zip(pylist(table.column("seq")), recorded_kinds, strict=True))
-            if kind_name == self.kind
-        }  # fmt: skip
+        #: seq -> row. Int to int, so the garbage collector never scans it, however long the trace.
+        self.index: dict[int, int] = dict(zip(pylist(table.column("seq")), range(table.num_rows), strict=True))
         self.columns: dict[str, list[Any]] = {}
         self.field_sets: dict[tuple[str, ...], FieldSet] = {}
 
@@ -118,23 +114,20 @@ class KindRows:
 class EmittedRows:
     """The recorded rows of the events the entries emitted, one group per kind the entries name."""
 
-    def __init__(self, table: pa.Table, emitted: Iterable[tuple[int, int]], seq_is_row: bool) -> None:
-        """``table`` has the columns of those kinds; ``emitted`` is (kind, seq) of each emitted event."""
-        seqs_of: dict[int, set[int]] = {}
-        for kind, seq in emitted:
-            if kind in EventKind._value2member_map_:  # another kind cannot match anything replay emits
-                seqs_of.setdefault(kind, set()).add(seq)
-        where: dict[int, int] | None = None
-        if not seq_is_row:
-            where = {s: i for i, s in enumerate(pylist(table.column("seq")))}
+    def __init__(self, table: pa.Table, kinds: list[int], seqs: list[int], seq_is_row: bool) -> None:
+        """``table`` has the columns of those kinds; ``kinds[i]`` and ``seqs[i]`` name one emitted event."""
+        kind_array = pa.array(kinds, pa.int64())
+        seq_array = pa.array(seqs, pa.int64())
         self.by_kind: dict[int, KindRows] = {}
-        for kind, seqs in seqs_of.items():
-            if where is None:
-                positions = sorted(s for s in seqs if s < table.num_rows)
+        for kind in set(kinds) & EventKind._value2member_map_.keys():  # another kind cannot match what replay emits
+            chosen = pc.unique(seq_array.filter(pc.equal(kind_array, kind)))
+            if seq_is_row:
+                positions = chosen.filter(pc.less(chosen, table.num_rows))
             else:
-                positions = sorted(where[s] for s in seqs if s in where)
-            rows = table.select([c for c in kind_columns(kind) if c in table.column_names])
-            self.by_kind[kind] = KindRows(kind, rows.take(pa.array(positions, pa.int64())))
+                positions = pc.index_in(chosen, value_set=pc.cast(table.column("seq"), pa.int64())).drop_null()
+            rows = table.select([c for c in kind_columns(kind) if c in table.column_names]).take(positions)
+            recorded_as = pc.equal(pc.cast(rows.column("kind"), pa.string()), EventKind(kind).name)
+            self.by_kind[kind] = KindRows(kind, rows.filter(recorded_as))
 
 
 class LazyRow:

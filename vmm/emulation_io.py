@@ -198,13 +198,17 @@ def loads(data: bytes | None) -> Any:
 EMIT_OP = re.compile(rb'\[\s*"emit"\s*,\s*\[\s*(\d+)\s*\]\s*,\s*(\d+)\s*\]')
 
 
-def emitted_events(log: bytes) -> list[tuple[int, int]]:
-    """(kind, seq) of each event an encoded I/O log says its entry emitted, without decoding the log.
+def emitted_events(log: bytes) -> tuple[list[int], list[int]]:
+    """(kinds, seqs) of the events an encoded I/O log says its entry emitted, in order, without decoding the log.
 
     Replay needs these for every entry before it replays any (to check that no emulation
     event lacks its entry); a pattern scan costs a fraction of parsing every log.
     """
-    return [(int(kind), int(seq)) for kind, seq in EMIT_OP.findall(log)]
+    found = EMIT_OP.findall(log)
+    if not found:
+        return [], []
+    kinds, seqs = zip(*found, strict=True)
+    return list(map(int, kinds)), list(map(int, seqs))
 
 
 # -- the boundary ----------------------------------------------------------------------------------
