@@ -68,7 +68,8 @@ class OpCursor:
             recorded = self.ops[index]
             if recorded[1] == args and recorded[0] == op:
                 self.index = index + 1
-                return self._result(recorded[2])
+                result = recorded[2]
+                return result if result.__class__ is not dict else self._result(result)  # a dict may be an exception
         return self.take(op, args)
 
     @staticmethod
@@ -207,13 +208,14 @@ class ReplaySink:
         self.row = row  # any recorded event (one not among ``rows``: the trace has a mismatch)
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int:
-        seq = int(self.cursor.take_plain("emit", [int(kind)]))
+        seq = int(self.cursor.take_plain("emit", [kind]))
         group = self.rows.by_kind.get(kind)
         index = None if group is None else group.index.get(seq)
         if group is None or index is None:  # recorded as another kind, or missing: the whole recorded row decides
             self._compare(seq, kind, vp, vtl, rip, fields, self.row(seq))
             return seq
-        field_set = group.field_set(tuple(fields))  # the recorded fields in the order this site passes them
+        names = tuple(fields)
+        field_set = group.field_sets.get(names) or group.field_set(names)  # recorded fields, in this site's order
         if field_set.rows[index] != (vp, vtl, rip, *field_set.values(fields)):
             self._compare(seq, kind, vp, vtl, rip, fields, group.row(index))
         return seq
