@@ -1154,6 +1154,9 @@ class HvVpSet:
 # ---------------------------------------------------------------------------------------------
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 class PackedStruct:
     """Base for fixed-layout structures: subclasses are dataclasses whose fields follow ``FORMAT``.
 
@@ -1169,7 +1172,11 @@ class PackedStruct:
             cls.SIZE = struct.calcsize(cls.FORMAT)
 
     def pack(self) -> bytes:
-        return struct.pack(self.FORMAT, *(getattr(self, f.name) for f in fields(self)))  # type: ignore[arg-type]
+        cls = type(self)
+        names = _FIELD_NAMES.get(cls)
+        if names is None:  # the dataclass fields, looked up once per class (fields() is slow, pack is per hypercall)
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        return struct.pack(self.FORMAT, *[getattr(self, name) for name in names])
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
