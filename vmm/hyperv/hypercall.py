@@ -67,7 +67,9 @@ _QWORD = 8
 #: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
 _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
 _CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
+_STATUSES: dict[int, HvStatus] = {int(s): s for s in HvStatus}
 _STATUS_NAMES: dict[int, str] = {int(s): s.name for s in HvStatus}
+_VTL_CALL_CODES = frozenset({HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn})
 
 
 @dataclass
@@ -282,6 +284,7 @@ class HypercallDispatcher:
         self.partition = partition
         self.policy = policy
         self.privileges = policy.privileges()  # the policy is frozen: computed once, not per call
+        self._privilege_bits = int(self.privileges)  # as a plain int: an IntFlag "&" is Python code
         self.sink = sink
         self.table: dict[HypercallCode, HypercallSpec] = {}
         self.vtl_hook: VtlHook | None = None
@@ -310,7 +313,7 @@ class HypercallDispatcher:
         control = regs.control()
         decoded = HypercallControl.decode(control)
 
-        if decoded.code in (HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn) and self.vtl_hook is not None:
+        if decoded.code in _VTL_CALL_CODES and self.vtl_hook is not None:
             request = VtlCallRequest(
                 vp_index, vtl, HypercallCode(decoded.code), control, regs.vtl_input(), regs.is_64bit
             )
@@ -350,7 +353,7 @@ class HypercallDispatcher:
         spec = self.table.get(code)
         if spec is None or not spec.advertised(self.policy):
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
-        if spec.privilege is not None and not self.privileges & spec.privilege:
+        if spec.privilege is not None and not self._privilege_bits & int(spec.privilege):
             raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
         if c.reserved or c.nested:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
@@ -410,7 +413,9 @@ class HypercallDispatcher:
                 self.sink.emit(EventKind.ERROR, vp_index, vtl, 0, message=message)
             raise HypercallInternalError(message) from exc
 
-        status = HvStatus(result.status)
+        status = _STATUSES.get(result.status)
+        if status is None:
+            status = HvStatus(result.status)  # ValueError for a status the TLFS does not define
         if result.retry:
             state.retry = True
             state.reps_done = c.rep_start
