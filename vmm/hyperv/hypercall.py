@@ -288,6 +288,7 @@ class HypercallDispatcher:
         self.sink = sink
         self.table: dict[HypercallCode, HypercallSpec] = {}
         self.vtl_hook: VtlHook | None = None
+        self._started_ns = 0  # when the call being dispatched started, for the event's duration_ns
 
     def register(self, spec: HypercallSpec, *, replace: bool = False) -> None:
         """Add a handler (the VSM stage adds its calls the same way)."""
@@ -495,7 +496,7 @@ class HypercallDispatcher:
             rip,
             code=code,
             name=name,
-            duration_ns=time.perf_counter_ns() - getattr(self, "_started_ns", time.perf_counter_ns()),
+            duration_ns=time.perf_counter_ns() - self._started_ns,
             control=control,
             fast=bool(decoded.fast) if decoded else False,
             rep_count=decoded.rep_count if decoded else 0,
