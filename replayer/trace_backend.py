@@ -39,7 +39,10 @@ class OpCursor:
         self.entry = ""
 
     def start(self, seq: int, entry: str, ops: list[Any]) -> None:
-        self.ops, self.index, self.seq, self.entry = ops, 0, seq, entry
+        self.ops = ops
+        self.index = 0
+        self.seq = seq
+        self.entry = entry
 
     def take(self, op: str, args: Sequence[Any]) -> Any:
         """Check that the emulation's next call is the recorded one; return the recorded result."""
