@@ -59,15 +59,17 @@ class OpCursor:
         self.index += 1
         return self._result(rec_result)
 
-    def take_plain(self, op: str, args: list[Any]) -> Any:
+    def take_plain(self, op: str, args: list[Any], plain: bool = True) -> Any:
         """:meth:`take` for the VP interface's calls, whose arguments are ints and names.
 
-        Those encode to values equal to themselves, so the recorded arguments are compared
-        with the arguments as they are; anything else (bytes, a Segment) differs from its
-        recorded encoding and goes through :meth:`take`, which encodes it and decides.
+        Exact ints, names and None encode to themselves, so the recorded arguments are
+        compared with the arguments as they are. ``plain`` is the caller's check that the
+        values the emulation passed it are such ints (its own, like the VP index, are);
+        if not (an Enum, bytes, a Segment, a float equal to an int), or if the recorded
+        call differs, :meth:`take` encodes the arguments as the recording did and decides.
         """
         index = self.index
-        if index < len(self.ops):
+        if plain and index < len(self.ops):
             recorded = self.ops[index]
             if recorded[1] == args and recorded[0] == op:
                 self.index = index + 1
@@ -102,28 +104,30 @@ class ReplayVp:
         return int(self.cursor.take_plain("active_vtl", [self.index]))
 
     def get_register(self, vtl: int, name: str) -> Any:
-        value = self.cursor.take_plain("get_register", [self.index, vtl, name])
+        value = self.cursor.take_plain("get_register", [self.index, vtl, name], vtl.__class__ is int)
         return value if value.__class__ is int else decode_value(value)
 
     def set_register(self, vtl: int, name: str, value: Any) -> None:
-        self.cursor.take_plain("set_register", [self.index, vtl, name, value])
+        plain = vtl.__class__ is int and value.__class__ is int
+        self.cursor.take_plain("set_register", [self.index, vtl, name, value], plain)
 
     def get_xmm(self, vtl: int, index: int) -> int:
-        return int(self.cursor.take_plain("get_xmm", [self.index, vtl, index]))
+        return int(self.cursor.take_plain("get_xmm", [self.index, vtl, index], vtl.__class__ is int and index.__class__ is int))
 
     def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self.cursor.take_plain("set_xmm", [self.index, vtl, index, value])
+        plain = vtl.__class__ is int and index.__class__ is int and value.__class__ is int
+        self.cursor.take_plain("set_xmm", [self.index, vtl, index, value], plain)
 
     def cpl(self, vtl: int) -> int:
-        return int(self.cursor.take_plain("cpl", [self.index, vtl]))
+        return int(self.cursor.take_plain("cpl", [self.index, vtl], vtl.__class__ is int))
 
     def mode(self, vtl: int) -> CpuMode:
-        value = self.cursor.take_plain("mode", [self.index, vtl])
+        value = self.cursor.take_plain("mode", [self.index, vtl], vtl.__class__ is int)
         mode = CPU_MODES.get(value)
         return mode if mode is not None else CpuMode(value)  # ValueError for a mode this vsmtrace does not know
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        self.cursor.take_plain("inject_exception", [self.index, vtl, vector, error_code])
+        self.cursor.take("inject_exception", [self.index, vtl, vector, error_code])  # rare: always encoded
 
 
 class ReplayPartition:
@@ -139,16 +143,17 @@ class ReplayPartition:
         return len(self._vps)
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
-        return bytes(decode_value(self.cursor.take_plain("read_gpa", [vtl, gpa, size, access])))
+        plain = vtl.__class__ is int and gpa.__class__ is int and size.__class__ is int and access.__class__ is Access
+        return bytes(decode_value(self.cursor.take_plain("read_gpa", [vtl, gpa, size, access], plain)))
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
-        self.cursor.take_plain("write_gpa", [vtl, gpa, encode(bytes(data))])
+        self.cursor.take("write_gpa", [vtl, gpa, bytes(data)])
 
     def reference_time(self) -> int:
         return int(self.cursor.take_plain("reference_time", []))
 
     def assert_interrupt(self, vp_index: int, vtl: int, vector: int) -> None:
-        self.cursor.take_plain("assert_interrupt", [vp_index, vtl, vector])
+        self.cursor.take("assert_interrupt", [vp_index, vtl, vector])
 
 
 class ReplayService:
@@ -181,7 +186,7 @@ class ReplayTimers:
     def arm(self, deadline_ns: int, callback: Callable[[], None]) -> int:
         timer_id = self.next_id
         self.next_id += 1
-        self.cursor.take_plain("timer.arm", [timer_id, deadline_ns])
+        self.cursor.take_plain("timer.arm", [timer_id, deadline_ns], deadline_ns.__class__ is int)
         self.callbacks[timer_id] = callback
         self.deadlines[timer_id] = deadline_ns
         return timer_id
@@ -211,7 +216,7 @@ class ReplaySink:
         self.row = row  # any recorded event (one not among ``rows``: the trace has a mismatch)
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int:
-        seq = int(self.cursor.take_plain("emit", [kind]))
+        seq = int(self.cursor.take_plain("emit", [kind], kind.__class__ is EventKind))
         group = self.rows.by_kind.get(kind)
         index = None if group is None else group.index.get(seq)
         if group is None or index is None:  # recorded as another kind, or missing: the whole recorded row decides
