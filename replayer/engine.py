@@ -29,7 +29,7 @@ from recorder.errors import TraceError
 from recorder.reader import open_trace
 from recorder.schema import SCHEMA_VERSION
 from replayer.errors import Divergence, ReplayError
-from replayer.recorded_rows import EmittedRows, kind_columns, paused_gc, pylist
+from replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_columns, paused_gc, pylist
 from replayer.state import ReplayState
 from replayer.trace_backend import OpCursor, ReplayPartition, ReplayService, ReplaySink, ReplayTimers
 from vmm.emulation_io import emitted_events, encode
@@ -143,8 +143,7 @@ class VmmReplayer:
         self.entries, raw_logs = self._entries()
         kinds, seqs = emitted_events(b"\n".join(raw for raw in raw_logs if raw))  # of every event the entries emitted
         self._check_inputs(seqs)
-        known = {kind for kind in kinds if kind in EventKind._value2member_map_}
-        columns = sorted({c for kind in known for c in kind_columns(kind)})
+        columns = sorted({c for kind in KNOWN_KINDS.intersection(kinds) for c in kind_columns(kind)})
         self.emitted_rows = EmittedRows(self._read(columns or ["seq"]), kinds, seqs, self.seq_is_row)
         #: The entries --break-at stops before: the EMULATION event itself, or the entry that emitted that event.
         self.break_entries = (

@@ -28,6 +28,8 @@ from vmm.events import EventKind
 TIMING_FIELDS = frozenset({"duration_ns"})
 #: Columns every emitted event is compared on, whatever its kind.
 COMMON_COLUMNS = ("vp", "vtl", "rip")
+#: The kind values this vsmtrace knows (an entry naming another cannot match anything replay emits).
+KNOWN_KINDS = frozenset(int(kind) for kind in EventKind)
 
 
 def pylist(column: pa.ChunkedArray | pa.Array) -> list[Any]:
@@ -119,7 +121,7 @@ class EmittedRows:
         kind_array = pa.array(kinds, pa.int64())
         seq_array = pa.array(seqs, pa.int64())
         self.by_kind: dict[int, KindRows] = {}
-        for kind in set(kinds) & EventKind._value2member_map_.keys():  # another kind cannot match what replay emits
+        for kind in KNOWN_KINDS.intersection(kinds):
             chosen = pc.unique(seq_array.filter(pc.equal(kind_array, kind)))
             if seq_is_row:
                 positions = chosen.filter(pc.less(chosen, table.num_rows))
