@@ -6,15 +6,19 @@ them (from the trace metadata), but over the trace backend
 order the entries started; its inputs come from its I/O log, its outputs and
 the events it emitted are compared bit for bit. Along the way
 :class:`ReplayState` keeps what a user wants to inspect at any event.
+
+Opening a trace reads only the columns replay needs and converts them column
+by column; each entry's I/O log stays encoded until the entry is replayed, so
+the work and memory per entry are what replaying it takes, nothing more.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +27,50 @@ import pyarrow.compute as pc
 
 from recorder.errors import TraceError
 from recorder.reader import open_trace
-from recorder.schema import KIND_FIELDS, SCHEMA_VERSION
+from recorder.schema import SCHEMA_VERSION
 from replayer.errors import Divergence, ReplayError
-from replayer.state import TRACKED_OPS, ReplayState
+from replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_columns, paused_gc, pylist
+from replayer.state import ReplayState
 from replayer.trace_backend import OpCursor, ReplayPartition, ReplayService, ReplaySink, ReplayTimers
-from vmm.emulation_io import encode, loads
+from vmm.emulation_io import emitted_events, encode
 from vmm.events import EventKind
 
 ENTRY_COLUMNS = ["seq", "vp", "vtl", "entry", "emu_order", "emu_args", "emu_io", "emu_result"]
+#: What replay reads of every event: its kind (to find the events that need an entry) and
+#: what the state derives from the trace (last RIPs; active VTLs from VTL_SWITCH.to_vtl).
+EVENT_COLUMNS = ["seq", "kind", "vp", "vtl", "rip", "to_vtl"]
 #: Kinds of event that only the Hyper-V/VSM emulation emits (always inside an entry).
 EMULATION_ONLY_KINDS = (EventKind.HYPERCALL, EventKind.SYNIC_MESSAGE, EventKind.VTL_ENABLE)
+
+#: The JSON decoder's scanner: one call per value, without json.loads' encoding detection and checks.
+_SCAN = json.JSONDecoder().scan_once
+
+
+def decode_json(raw: bytes | None) -> Any:
+    """One JSON value of an EMULATION row, as ``json.loads`` reads it, with less overhead per call."""
+    if raw is None:
+        return None
+    text = raw.decode()
+    try:
+        value, end = _SCAN(text, 0)
+    except (StopIteration, ValueError):
+        return json.loads(text)  # leading whitespace, or the error json.loads reports
+    return value if end == len(text) else json.loads(text)
+
+
+def unreadable(seq: int, exc: Exception) -> str:
+    """The one-line reason a damaged EMULATION row cannot be replayed."""
+    return f"event {seq} (EMULATION): unreadable I/O log: {exc}"
 
 
 @dataclass(slots=True)
 class Entry:
-    """One recorded call into the emulation."""
+    """One recorded call into the emulation.
+
+    ``args`` and ``result`` are decoded when the trace is opened. The I/O log stays encoded
+    (``raw_io``) and is decoded on each access of ``io``: a long trace would otherwise hold
+    every decoded call of every entry, and replay decodes each log once, as it replays it.
+    """
 
     seq: int
     vp: int
@@ -45,71 +78,21 @@ class Entry:
     entry: str
     order: int
     args: list[Any]
-    io: list[Any]
     result: Any
-    emitted: list[int] = field(default_factory=list)
+    raw_io: bytes | None
 
+    @property
+    def io(self) -> list[Any]:
+        """The calls the entry made out: ``[op, args, result]`` each (ReplayError if the log is damaged)."""
+        try:
+            return decode_json(self.raw_io) or []
+        except ValueError as exc:
+            raise ReplayError(unreadable(self.seq, exc)) from None
 
-class EmittedRows:
-    """The recorded rows of every event the entries emitted, decoded column by column on first use.
-
-    The sink compares a handful of columns per emitted event; converting whole rows
-    one at a time (``slice(i, 1).to_pylist()``) dominated replay time. Rows are
-    grouped by kind so that a kind's columns are converted for that kind's rows only.
-    """
-
-    def __init__(self, table: pa.Table, seqs: list[int], seq_is_row: bool) -> None:
-        seqs = sorted(set(seqs))
-        if seq_is_row:
-            positions = [s for s in seqs if s < table.num_rows]
-        else:
-            where = {s: i for i, s in enumerate(table.column("seq").to_pylist())}
-            positions = [where[s] for s in seqs if s in where]
-        taken = table.take(pa.array(positions, pa.int64()))
-        kinds = pc.cast(taken.column("kind"), pa.string())
-        self.pos: dict[int, tuple[_KindRows, int]] = {}
-        for kind in pc.unique(kinds).to_pylist():
-            group = _KindRows(taken.filter(pc.equal(kinds, kind)))
-            for i, seq in enumerate(group.table.column("seq").to_pylist()):
-                self.pos[seq] = (group, i)
-
-    def get(self, seq: int) -> LazyRow | None:
-        where = self.pos.get(seq)
-        return None if where is None else LazyRow(*where)
-
-
-class _KindRows:
-    """The emitted rows of one kind, with a cache of converted columns."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-        self.columns: dict[str, list[Any]] = {}
-
-    def column(self, name: str) -> list[Any]:
-        values = self.columns.get(name)
-        if values is None:
-            values = self.columns[name] = self.table.column(name).to_pylist() if name in self.table.column_names else []
-        return values
-
-
-class LazyRow:
-    """One recorded event, read-only, as the sink needs it: ``row[column]`` and ``row.get(column)``."""
-
-    __slots__ = ("rows", "index")
-
-    def __init__(self, rows: _KindRows, index: int) -> None:
-        self.rows = rows
-        self.index = index
-
-    def __getitem__(self, name: str) -> Any:
-        values = self.rows.columns.get(name)
-        if values is None:
-            values = self.rows.column(name)
-        return values[self.index] if values else None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self[name]
-        return default if value is None else value
+    @property
+    def emitted(self) -> list[int]:
+        """Sequence numbers of the events the entry emitted."""
+        return emitted_events(self.raw_io or b"")[1]
 
 
 @dataclass
@@ -128,18 +111,12 @@ class VmmReplayer:
     """Replays the emulation of one trace; iterate with :meth:`run` or :meth:`states`."""
 
     def __init__(self, path: str | Path, *, break_at: int | None = None) -> None:
-        collecting = gc.isenabled()
-        gc.disable()  # loading makes millions of small objects, none cyclic: the collector would rescan them over and over
-        try:
+        with paused_gc():  # loading makes many small objects, none cyclic
             self._load(path, break_at)
-        finally:
-            if collecting:
-                gc.enable()
 
     def _load(self, path: str | Path, break_at: int | None) -> None:
         try:
             self.trace = open_trace(path)
-            self.table = self.trace.table()
         except TraceError as exc:
             raise ReplayError(str(exc)) from None
         md = self.trace.metadata
@@ -150,117 +127,135 @@ class VmmReplayer:
         self.config: dict[str, Any] = md.get("vm_config") or {}
         if "hyperv_policy" not in self.config or "vps" not in self.config:
             raise ReplayError(f"{path}: the trace metadata lacks the VM configuration replay needs (vps, hyperv_policy)")
-        missing = [c for c in ENTRY_COLUMNS if c not in self.table.column_names]
+        missing = [c for c in ENTRY_COLUMNS if c not in self.trace.schema.names]
         if missing:
             raise ReplayError(f"{path}: the trace has no recorded emulation I/O (columns {', '.join(missing)} missing)")
+        #: The events, with only the columns replay reads (``table`` has them all).
+        self.events = self._read(EVENT_COLUMNS + ENTRY_COLUMNS)
         #: A trace whose recording was cut short (killed VMM, partial copy): only its complete prefix replays.
         self.torn = bool(self.trace.torn_tail or not self.trace.end_of_stream)
-        if self.table.num_rows == 0:
+        if self.events.num_rows == 0:
             why = f"truncated (torn tail at byte {self.trace.torn_offset})" if self.trace.torn_tail else "empty"
             raise ReplayError(f"{path}: no complete events to replay: the trace is {why}")
         self.break_at = break_at
         self.seq_is_row = self._check_seq()
         self.note: str | None = None
-        self.entries = self._entries()
-        self.emitted_rows = EmittedRows(self.table, [seq for e in self.entries for seq in e.emitted], self.seq_is_row)
-        self._check_inputs()
+        self.entries, raw_logs = self._entries()
+        kinds, seqs = emitted_events(b"\n".join(raw for raw in raw_logs if raw))  # of every event the entries emitted
+        self._check_inputs(seqs)
+        columns = sorted({c for kind in KNOWN_KINDS.intersection(kinds) for c in kind_columns(kind)})
+        self.emitted_rows = EmittedRows(self._read(columns or ["seq"]), kinds, seqs, self.seq_is_row)
+        #: The entries --break-at stops before: the EMULATION event itself, or the entry that emitted that event.
+        self.break_entries = (
+            set() if break_at is None else {e.seq for e in self.entries if e.seq == break_at or break_at in e.emitted}
+        )
         self.cursor = OpCursor()
         self.state = ReplayState.for_config(self.config)
-        self.state.table = self.table
-        self.cursor.on_io = self.state.on_io
-        self.cursor.tracked_ops = TRACKED_OPS
         try:
             self._build()
         except Divergence as exc:
             raise ReplayError(f"{path}: cannot rebuild the recorded emulation: {exc}") from None
 
     # -- loading -------------------------------------------------------------------------------
+    def _read(self, columns: list[str]) -> pa.Table:
+        try:
+            return self.trace.table(columns)
+        except (TraceError, pa.ArrowException, OSError) as exc:
+            raise ReplayError(f"{self.path}: cannot read the trace: {exc}") from None
+
+    @cached_property
+    def table(self) -> pa.Table:
+        """Every column of every complete event (read on first use: divergence reports, :meth:`row`)."""
+        return self._read(list(self.trace.schema.names))
+
     def _check_seq(self) -> bool:
-        n = self.table.num_rows
-        if n == 0:
-            return True
-        seqs = self.table.column("seq")
+        seqs = self.events.column("seq")
+        n = len(seqs)
         return int(seqs[0].as_py()) == 0 and int(seqs[n - 1].as_py()) == n - 1
 
-    def _entries(self) -> list[Entry]:
-        kinds = self.table.column("kind")
-        mask = pc.equal(pc.cast(kinds, pa.string()), EventKind.EMULATION.name)
-        rows = self.table.filter(mask).select(ENTRY_COLUMNS)
-        cols = {name: rows.column(name).to_pylist() for name in ENTRY_COLUMNS}
-        decoded = self._decode_json(cols)
-        out: list[Entry] = []
-        for seq, vp, vtl, name, order, (args, io, result) in zip(
-            cols["seq"], cols["vp"], cols["vtl"], cols["entry"], cols["emu_order"], decoded, strict=True
-        ):
-            io = io or []
-            emitted = [op[2] for op in io if op[0] == "emit"]
-            out.append(Entry(seq, vp, vtl, name, order, args or [], io, result, emitted))
-        out.sort(key=lambda e: e.order)
-        for index, e in enumerate(out):
-            if e.order != index:  # entries are numbered 0, 1, 2... as they start: one is missing
-                if not self.torn:
-                    raise ReplayError(
-                        f"{self.path}: missing inputs: emulation entry #{index} is not in the trace "
-                        f"(entry #{e.order} at event {e.seq} follows #{index - 1})"
-                    )
-                out = out[:index]
-                break
+    @cached_property
+    def _kinds(self) -> pa.ChunkedArray:
+        """The kind of every event, as strings."""
+        return pc.cast(self.events.column("kind"), pa.string())
+
+    def _entries(self) -> tuple[list[Entry], list[bytes | None]]:
+        """The entries in the order they started, and their encoded I/O logs."""
+        emulation = pc.equal(self._kinds, EventKind.EMULATION.name)
+        columns = [pylist(self.events.column(c).filter(emulation)) for c in ENTRY_COLUMNS]
+        orders = columns[ENTRY_COLUMNS.index("emu_order")]
+        if orders != sorted(orders):  # a nested entry (started inside another) finished, and was written, first
+            by_order = sorted(range(len(orders)), key=orders.__getitem__)
+            columns = [[values[i] for i in by_order] for values in columns]
+        seqs, vps, vtls, names, orders, raw_args, raw_logs, raw_results = columns
+        decoded: dict[bytes | None, Any] = {}  # entries share most arguments and results: decode each value once
+        for raw in {*raw_args, *raw_results}:
+            try:
+                decoded[raw] = decode_json(raw)
+            except ValueError as exc:
+                seq = next(s for s, a, r in zip(seqs, raw_args, raw_results, strict=True) if raw in (a, r))
+                raise ReplayError(f"{self.path}: {unreadable(seq, exc)}") from None
+        args = [decoded[raw] or [] for raw in raw_args]
+        results = [decoded[raw] for raw in raw_results]
+        out = list(map(Entry, seqs, vps, vtls, names, orders, args, results, raw_logs))
+        if orders != list(range(len(orders))):  # entries are numbered 0, 1, 2... as they start: one is missing
+            index = next(i for i, order in enumerate(orders) if order != i)
+            if not self.torn:
+                raise ReplayError(
+                    f"{self.path}: missing inputs: emulation entry #{index} is not in the trace "
+                    f"(entry #{orders[index]} at event {seqs[index]} follows #{index - 1})"
+                )
+            out, raw_logs = out[:index], raw_logs[:index]
         if self.torn:
             self.note = (
                 f"the trace is truncated ({self.trace.state}): replayed the {len(out)} emulation entries "
                 f"recorded before the cut"
             )
-        return out
+        return out, raw_logs
 
-    def _decode_json(self, cols: dict[str, list[Any]]) -> list[Any]:
-        """[args, io, result] of every entry, parsed as one JSON document (one parser call, not three per row)."""
-        parts = [
-            b"[%b,%b,%b]" % (a or b"null", i or b"null", r or b"null")
-            for a, i, r in zip(cols["emu_args"], cols["emu_io"], cols["emu_result"], strict=True)
-        ]
-        try:
-            return json.loads(b"[" + b",".join(parts) + b"]")
-        except ValueError:
-            pass
-        for seq, part in zip(cols["seq"], parts, strict=True):  # name the damaged row
-            try:
-                loads(part)
-            except ValueError as exc:
-                raise ReplayError(f"{self.path}: event {seq} (EMULATION): unreadable I/O log: {exc}") from None
-        raise ReplayError(f"{self.path}: unreadable emulation I/O logs")
-
-    def _check_inputs(self) -> None:
+    def _check_inputs(self, claimed: list[int]) -> None:
         """Every event only the emulation emits must belong to a recorded entry (else its inputs are missing)."""
-        kinds = pc.cast(self.table.column("kind"), pa.string())
+        kinds = self._kinds
+        seqs = self.events.column("seq")
         only_emulation = pa.array([k.name for k in EMULATION_ONLY_KINDS])
-        seqs = self.table.column("seq").filter(pc.is_in(kinds, value_set=only_emulation)).to_pylist()
-        claimed = {s for e in self.entries for s in e.emitted}
-        horizon = max((e.seq for e in self.entries), default=-1) if self.torn else None
-        for seq in seqs:
-            if seq not in claimed and (horizon is None or seq < horizon):
-                kind = self.row(seq)["kind"]
-                raise ReplayError(
-                    f"{self.path}: missing inputs: event {seq} ({kind}) came from the emulation, but no "
-                    f"EMULATION event records the call that produced it (trace recorded without the emulation boundary?)"
-                )
+        unclaimed = pc.and_(
+            pc.is_in(kinds, value_set=only_emulation), pc.invert(pc.is_in(seqs, value_set=pa.array(claimed, seqs.type)))
+        )
+        if self.torn:  # events after the last complete entry lost their entry to the cut
+            horizon = max((e.seq for e in self.entries), default=-1)
+            unclaimed = pc.and_(unclaimed, pc.less(seqs, horizon))
+        first = pc.indices_nonzero(unclaimed)
+        if len(first):
+            for entry in self.entries:  # a damaged log hides what it emitted: name the damage, not its effect
+                self._ops(entry)
+            index = first[0].as_py()
+            raise ReplayError(
+                f"{self.path}: missing inputs: event {seqs[index].as_py()} ({kinds[index].as_py()}) came from the emulation, "
+                f"but no EMULATION event records the call that produced it (trace recorded without the emulation boundary?)"
+            )
 
-    def row(self, seq: int) -> dict[str, Any]:
-        """One event as a dict (dictionary columns as strings)."""
+    def _index(self, seq: int) -> int:
+        """The row of event ``seq``; ReplayError if the trace does not have it."""
         if self.seq_is_row:
             index = seq
         else:
-            matches = pc.indices_nonzero(pc.equal(self.table.column("seq"), seq))
+            matches = pc.indices_nonzero(pc.equal(self.events.column("seq"), seq))
             if len(matches) == 0:
                 raise ReplayError(f"{self.path}: event {seq} is missing from the trace")
             index = int(matches[0].as_py())
-        if index >= self.table.num_rows:
+        if not 0 <= index < self.events.num_rows:
             raise ReplayError(f"{self.path}: event {seq} is missing from the trace (torn tail?)")
-        return self.table.slice(index, 1).to_pylist()[0]
+        return index
 
-    def emitted_row(self, seq: int) -> Any:
-        """The recorded row of an event an entry emitted (column access only)."""
-        row = self.emitted_rows.get(seq)
-        return row if row is not None else self.row(seq)
+    def _ops(self, entry: Entry) -> list[Any]:
+        """The decoded I/O log of ``entry``; ReplayError naming the trace and the event if it is damaged."""
+        try:
+            return decode_json(entry.raw_io) or []
+        except ValueError as exc:
+            raise ReplayError(f"{self.path}: {unreadable(entry.seq, exc)}") from None
+
+    def row(self, seq: int) -> dict[str, Any]:
+        """One event as a dict (dictionary columns as strings)."""
+        return self.table.slice(self._index(seq), 1).to_pylist()[0]
 
     # -- the emulation, rebuilt over the trace ---------------------------------------------------
     def _build(self) -> None:
@@ -274,7 +269,7 @@ class VmmReplayer:
         cursor = self.cursor
         self.partition = ReplayPartition(int(cfg["vps"]), cursor)
         self.timers = ReplayTimers(cursor)
-        self.sink = ReplaySink(cursor, self.emitted_row, KIND_FIELDS)
+        self.sink = ReplaySink(cursor, self.emitted_rows, self.row)
         vtls = int(cfg.get("vtls", 1))
         self.hv = HyperV(
             self.partition,
@@ -299,41 +294,39 @@ class VmmReplayer:
                 ram_ranges=[(r.gpa, r.size) for r in ram],
             )  # fmt: skip
         self.state.attach(self.hv, self.vsm)
-        self.state.table = self.table
+        self.state.table = self.events
+        #: Entry name -> the emulation method it called, with the recorded arguments.
+        self.calls: dict[str, Callable[..., Any]] = {
+            "hypercall": self.hv.hypercall,
+            "msr_read": self.hv.msr_read,
+            "msr_write": self.hv.msr_write,
+            "eoi": self.hv.on_apic_eoi,
+            "auto_eoi": self.hv.is_auto_eoi,
+            "timer": self.timers.fire,
+            "vtl_entry": self._vtl_entry,
+            "vina": self._vina,
+            "post_intercept": self._post_intercept,
+        }
 
-    def _invoke(self, entry: Entry) -> Callable[[], Any]:
-        hv, args = self.hv, entry.args
-        name = entry.entry
-        if name == "hypercall":
-            return lambda: hv.hypercall(args[0], args[1])
-        if name == "msr_read":
-            return lambda: hv.msr_read(args[0], args[1], args[2])
-        if name == "msr_write":
-            return lambda: hv.msr_write(args[0], args[1], args[2], args[3])
-        if name == "eoi":
-            return lambda: hv.on_apic_eoi(args[0], args[1])
-        if name == "auto_eoi":
-            return lambda: hv.is_auto_eoi(args[0], args[1], args[2])
-        if name == "timer":
-            return lambda: self.timers.fire(args[0])
-        if name == "vtl_entry":
-            from vmm.vsm.services import EntryReason
+    def _vtl_entry(self, vp: int, vtl: int, reason: Any, arg: Any) -> Any:
+        from vmm.vsm.services import EntryReason
 
-            return lambda: self.vsm.on_vtl_entry(args[0], args[1], EntryReason(args[2]), args[3])
-        if name == "vina":
-            return lambda: self.vsm.notify_lower_vtl_interrupt(args[0], args[1])
-        if name == "post_intercept":
-            from vmm.hyperv.hvdef import HvMessage
+        return self.vsm.on_vtl_entry(vp, vtl, EntryReason(reason), arg)
 
-            message = HvMessage.unpack(bytes.fromhex(args[2]["b"]))
-            return lambda: hv.post_intercept(args[0], args[1], message)
-        raise ReplayError(f"event {entry.seq}: unknown emulation entry {name!r} (trace from a newer vsmtrace?)")
+    def _vina(self, vp: int, vtl: int) -> Any:
+        return self.vsm.notify_lower_vtl_interrupt(vp, vtl)
+
+    def _post_intercept(self, vp: int, vtl: int, message: dict[str, str]) -> Any:
+        from vmm.hyperv.hvdef import HvMessage
+
+        return self.hv.post_intercept(vp, vtl, HvMessage.unpack(bytes.fromhex(message["b"])))
 
     def replay_entry(self, entry: Entry) -> None:
-        call = self._invoke(entry)
-        self.cursor.start(entry.seq, entry.entry, entry.io)
-        self.state.before_entry(entry.seq)
-        if self.break_at is not None and (self.break_at == entry.seq or self.break_at in entry.emitted):
+        call = self.calls.get(entry.entry)
+        if call is None:
+            raise ReplayError(f"event {entry.seq}: unknown emulation entry {entry.entry!r} (trace from a newer vsmtrace?)")
+        self.cursor.start(entry.seq, entry.entry, self._ops(entry))
+        if entry.seq in self.break_entries:
             print(
                 f"vsmtrace replay: stopping before entry {entry.entry!r} of event {entry.seq} "
                 f"(args {entry.args}); step into `call()` to enter the handler"
@@ -341,7 +334,7 @@ class VmmReplayer:
             breakpoint()  # noqa: T100 - the documented --break-at workflow
         try:
             try:
-                result: Any = call()
+                result: Any = call(*entry.args)
             except Divergence:
                 raise
             except Exception as exc:  # the emulation raised: compare with what it raised when recorded
@@ -363,7 +356,7 @@ class VmmReplayer:
         try:
             leaves = self.check_cpuid()
         except Divergence as div:
-            return ReplayReport(0, self.table.num_rows, div, [], self.note)
+            return ReplayReport(0, self.events.num_rows, div, [], self.note)
         iterator: Iterator[Entry] = iter(self.entries)
         if progress:
             from tqdm import tqdm
@@ -376,8 +369,8 @@ class VmmReplayer:
                 self.replay_entry(entry)
                 done += 1
         except Divergence as div:
-            return ReplayReport(done, self.table.num_rows, div, self.context(div.seq), self.note, leaves)
-        return ReplayReport(done, self.table.num_rows, None, [], self.note, leaves)
+            return ReplayReport(done, self.events.num_rows, div, self.context(div.seq), self.note, leaves)
+        return ReplayReport(done, self.events.num_rows, None, [], self.note, leaves)
 
     def check_cpuid(self) -> int:
         """The Hyper-V CPUID leaves (set once at VM creation, no exit) against the recorded configuration.
@@ -407,7 +400,7 @@ class VmmReplayer:
 
     def state_at(self, seq: int) -> ReplayState:
         """The state right after event ``seq``."""
-        self.row(seq)  # ReplayError if the trace has no such event
+        self._index(seq)  # ReplayError if the trace has no such event
         for entry in self.entries:
             if entry.seq <= seq:
                 self.replay_entry(entry)

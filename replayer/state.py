@@ -19,7 +19,7 @@ from vmm.emulation_io import decode_value
 from vmm.vp import Access, Segment, Table
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
-#: The I/O ops :meth:`ReplayState.on_io` keeps track of (the replay skips the call for the others).
+#: The I/O ops the state keeps track of (registers as last seen, enabled VTLs, protections).
 TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections"})
 
 
@@ -29,17 +29,24 @@ def access_text(allowed: int) -> str:
 
 @dataclass
 class ReplayState:
+    """What a user inspects at an event; the parts kept from the I/O logs are brought up to date when read.
+
+    Replay itself never looks at them, so it only notes which entries it replayed; reading
+    ``registers``, ``enabled_vtls`` or ``protections`` folds those entries' logs in (a
+    ``--state`` query pays for that once, a plain verification not at all).
+    """
+
     vps: int
     vtls: int
     seq: int = -1
     entries: int = 0
-    registers: dict[tuple[int, int], dict[str, tuple[Any, int]]] = field(default_factory=dict)  # (vp, vtl) → name → (value, seq)
-    enabled_vtls: set[int] = field(default_factory=lambda: {0})
-    protections: dict[int, dict[int, int]] = field(default_factory=dict)  # target VTL → page → allowed
     hv: Any = None
     vsm: Any = None
     table: pa.Table | None = None  # the trace: last RIPs and active VTLs are derived from its events
-    _current_seq: int = -1
+    _registers: dict[tuple[int, int], dict[str, tuple[Any, int]]] = field(default_factory=dict)  # (vp, vtl) → name → (value, seq)
+    _enabled_vtls: set[int] = field(default_factory=lambda: {0})
+    _protections: dict[int, dict[int, int]] = field(default_factory=dict)  # target VTL → page → allowed
+    _unfolded: list[Any] = field(default_factory=list)  # entries replayed whose I/O logs are not folded in yet
 
     @classmethod
     def for_config(cls, config: dict[str, Any]) -> ReplayState:
@@ -49,29 +56,52 @@ class ReplayState:
         self.hv, self.vsm = hv, vsm
 
     # -- fed by the replay ------------------------------------------------------------------------
-    def on_io(self, op: str, args: list[Any], result: Any) -> None:
+    def after_entry(self, entry: Any) -> None:
+        """``entry`` (with ``seq`` and its decoded log ``io``) was replayed identically."""
+        self.seq = entry.seq
+        self.entries += 1
+        self._unfolded.append(entry)
+
+    @property
+    def registers(self) -> dict[tuple[int, int], dict[str, tuple[Any, int]]]:
+        """(vp, vtl) → register name → (value, event where it was last read or written)."""
+        self._fold()
+        return self._registers
+
+    @property
+    def enabled_vtls(self) -> set[int]:
+        self._fold()
+        return self._enabled_vtls
+
+    @property
+    def protections(self) -> dict[int, dict[int, int]]:
+        """Target VTL → page → allowed access (pages never changed are absent)."""
+        self._fold()
+        return self._protections
+
+    def _fold(self) -> None:
+        for entry in self._unfolded:
+            for op, args, result in entry.io:
+                if op in TRACKED_OPS:
+                    self._apply(entry.seq, op, args, result)
+        self._unfolded.clear()
+
+    def _apply(self, seq: int, op: str, args: list[Any], result: Any) -> None:
         if op == "get_register":
             vp, vtl, name = args
-            self.registers.setdefault((vp, vtl), {})[name] = (decode_value(result), self._current_seq)
+            self._registers.setdefault((vp, vtl), {})[name] = (decode_value(result), seq)
         elif op == "set_register":
             vp, vtl, name, value = args
-            self.registers.setdefault((vp, vtl), {})[name] = (decode_value(value), self._current_seq)
+            self._registers.setdefault((vp, vtl), {})[name] = (decode_value(value), seq)
         elif op == "vsm.create_vtl":
-            self.enabled_vtls.add(int(args[0]))
+            self._enabled_vtls.add(int(args[0]))
         elif op == "vsm.set_protections":
             target, runs = args
-            pages = self.protections.setdefault(int(target), {})
+            pages = self._protections.setdefault(int(target), {})
             for run in runs:
                 f = run["f"]
                 for page in range(f["first_page"], f["first_page"] + f["count"]):
                     pages[page] = int(f["allowed"])
-
-    def before_entry(self, seq: int) -> None:
-        self._current_seq = seq
-
-    def after_entry(self, entry: Any) -> None:
-        self.seq = entry.seq
-        self.entries += 1
 
     def finish_at(self, seq: int) -> None:
         """Make this the state right after event ``seq`` (RIPs and VTLs come from the events up to it)."""

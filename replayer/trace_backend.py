@@ -11,31 +11,38 @@ field by field with the recorded event row. The first difference raises
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from recorder.schema import KIND_FIELDS
 from replayer.errors import Divergence
+from replayer.recorded_rows import TIMING_FIELDS, EmittedRows
 from vmm.emulation_io import decode_exception, decode_value, encode
 from vmm.events import EventKind
 from vmm.vp import Access, CpuMode
 
 #: Types that encode to themselves (fast path: most arguments are plain ints and names).
 PLAIN = frozenset({int, str, type(None)})
+#: Recorded mode -> CpuMode, without the Enum constructor on every hypercall.
+CPU_MODES: dict[int, CpuMode] = {int(mode): mode for mode in CpuMode}
 
 
 class OpCursor:
     """The recorded I/O log of the entry being replayed, consumed in order."""
+
+    __slots__ = ("ops", "index", "seq", "entry")
 
     def __init__(self) -> None:
         self.ops: list[Any] = []
         self.index = 0
         self.seq = -1  # the EMULATION event being replayed
         self.entry = ""
-        self.on_io: Callable[[str, list[Any], Any], None] | None = None  # state tracking
-        self.tracked_ops: frozenset[str] = frozenset()  # the ops ``on_io`` wants to see
 
     def start(self, seq: int, entry: str, ops: list[Any]) -> None:
-        self.ops, self.index, self.seq, self.entry = ops, 0, seq, entry
+        self.ops = ops
+        self.index = 0
+        self.seq = seq
+        self.entry = entry
 
     def take(self, op: str, args: Sequence[Any]) -> Any:
         """Check that the emulation's next call is the recorded one; return the recorded result."""
@@ -50,13 +57,34 @@ class OpCursor:
                 self.seq, "EMULATION", f"{self.entry}: io[{self.index}]", f"{rec_op}{tuple(rec_args)}", f"{op}{tuple(encoded)}"
             )
         self.index += 1
-        if op in self.tracked_ops and self.on_io is not None:
-            self.on_io(op, rec_args, rec_result)
-        if rec_result.__class__ is dict and "X" in rec_result:
-            error = decode_exception(rec_result)
+        return self._result(rec_result)
+
+    def take_plain(self, op: str, args: list[Any], plain: bool = True) -> Any:
+        """:meth:`take` for the VP interface's calls, whose arguments are ints and names.
+
+        Exact ints, names and None encode to themselves, so the recorded arguments are
+        compared with the arguments as they are. ``plain`` is the caller's check that the
+        values the emulation passed it are such ints (its own, like the VP index, are);
+        if not (an Enum, bytes, a Segment, a float equal to an int), or if the recorded
+        call differs, :meth:`take` encodes the arguments as the recording did and decides.
+        """
+        index = self.index
+        if plain and index < len(self.ops):
+            recorded = self.ops[index]
+            if recorded[1] == args and recorded[0] == op:
+                self.index = index + 1
+                result = recorded[2]
+                return result if result.__class__ is not dict else self._result(result)  # a dict may be an exception
+        return self.take(op, args)
+
+    @staticmethod
+    def _result(recorded: Any) -> Any:
+        """The recorded result of a call; a recorded exception is raised, as the machine raised it."""
+        if recorded.__class__ is dict and "X" in recorded:
+            error = decode_exception(recorded)
             if error is not None:
                 raise error
-        return rec_result
+        return recorded
 
     def finish(self) -> None:
         if self.index != len(self.ops):
@@ -73,28 +101,33 @@ class ReplayVp:
 
     @property
     def active_vtl(self) -> int:
-        return int(self.cursor.take("active_vtl", [self.index]))
+        return int(self.cursor.take_plain("active_vtl", [self.index]))
 
     def get_register(self, vtl: int, name: str) -> Any:
-        return decode_value(self.cursor.take("get_register", [self.index, vtl, name]))
+        value = self.cursor.take_plain("get_register", [self.index, vtl, name], vtl.__class__ is int)
+        return value if value.__class__ is int else decode_value(value)
 
     def set_register(self, vtl: int, name: str, value: Any) -> None:
-        self.cursor.take("set_register", [self.index, vtl, name, value])
+        plain = vtl.__class__ is int and value.__class__ is int
+        self.cursor.take_plain("set_register", [self.index, vtl, name, value], plain)
 
     def get_xmm(self, vtl: int, index: int) -> int:
-        return int(self.cursor.take("get_xmm", [self.index, vtl, index]))
+        return int(self.cursor.take_plain("get_xmm", [self.index, vtl, index], vtl.__class__ is int and index.__class__ is int))
 
     def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self.cursor.take("set_xmm", [self.index, vtl, index, value])
+        plain = vtl.__class__ is int and index.__class__ is int and value.__class__ is int
+        self.cursor.take_plain("set_xmm", [self.index, vtl, index, value], plain)
 
     def cpl(self, vtl: int) -> int:
-        return int(self.cursor.take("cpl", [self.index, vtl]))
+        return int(self.cursor.take_plain("cpl", [self.index, vtl], vtl.__class__ is int))
 
     def mode(self, vtl: int) -> CpuMode:
-        return CpuMode(self.cursor.take("mode", [self.index, vtl]))
+        value = self.cursor.take_plain("mode", [self.index, vtl], vtl.__class__ is int)
+        mode = CPU_MODES.get(value)
+        return mode if mode is not None else CpuMode(value)  # ValueError for a mode this vsmtrace does not know
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        self.cursor.take("inject_exception", [self.index, vtl, vector, error_code])
+        self.cursor.take("inject_exception", [self.index, vtl, vector, error_code])  # rare: always encoded
 
 
 class ReplayPartition:
@@ -110,13 +143,14 @@ class ReplayPartition:
         return len(self._vps)
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
-        return bytes(decode_value(self.cursor.take("read_gpa", [vtl, gpa, size, access])))
+        plain = vtl.__class__ is int and gpa.__class__ is int and size.__class__ is int and access.__class__ is Access
+        return bytes(decode_value(self.cursor.take_plain("read_gpa", [vtl, gpa, size, access], plain)))
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
         self.cursor.take("write_gpa", [vtl, gpa, bytes(data)])
 
     def reference_time(self) -> int:
-        return int(self.cursor.take("reference_time", []))
+        return int(self.cursor.take_plain("reference_time", []))
 
     def assert_interrupt(self, vp_index: int, vtl: int, vector: int) -> None:
         self.cursor.take("assert_interrupt", [vp_index, vtl, vector])
@@ -131,10 +165,12 @@ class ReplayService:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         op = f"{self._prefix}.{name}"
+        cursor = self._cursor
 
         def call(*args: Any) -> Any:
-            return decode_value(self._cursor.take(op, args))
+            return decode_value(cursor.take(op, args))
 
+        setattr(self, name, call)  # found directly from now on
         return call
 
 
@@ -150,14 +186,14 @@ class ReplayTimers:
     def arm(self, deadline_ns: int, callback: Callable[[], None]) -> int:
         timer_id = self.next_id
         self.next_id += 1
-        self.cursor.take("timer.arm", [timer_id, deadline_ns])
+        self.cursor.take_plain("timer.arm", [timer_id, deadline_ns], deadline_ns.__class__ is int)
         self.callbacks[timer_id] = callback
         self.deadlines[timer_id] = deadline_ns
         return timer_id
 
     def cancel(self, handle: Any) -> None:
         timer_id = int(handle)
-        self.cursor.take("timer.cancel", [timer_id])
+        self.cursor.take_plain("timer.cancel", [timer_id])
         self.callbacks.pop(timer_id, None)
         self.deadlines.pop(timer_id, None)
 
@@ -169,39 +205,47 @@ class ReplayTimers:
         callback()
 
 
-#: Fields that measure host time: they describe the run, not an emulation decision.
-TIMING_FIELDS = frozenset({"duration_ns"})
-
-
 class ReplaySink:
     """Events the replayed emulation emits, compared with the rows it emitted when recorded."""
 
     enabled = True
 
-    def __init__(self, cursor: OpCursor, row: Callable[[int], Any], kind_fields: dict[Any, dict[str, str]]) -> None:
+    def __init__(self, cursor: OpCursor, rows: EmittedRows, row: Callable[[int], Mapping[str, Any]]) -> None:
         self.cursor = cursor
-        self.row = row
-        self.kind_fields = kind_fields
+        self.rows = rows
+        self.row = row  # any recorded event (one not among ``rows``: the trace has a mismatch)
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int:
-        seq = int(self.cursor.take("emit", [int(kind)]))
-        recorded = self.row(seq)
+        seq = int(self.cursor.take_plain("emit", [kind], kind.__class__ is EventKind))
+        group = self.rows.by_kind.get(kind)
+        index = None if group is None else group.index.get(seq)
+        if group is None or index is None:  # recorded as another kind, or missing: the whole recorded row decides
+            self._compare(seq, kind, vp, vtl, rip, fields, self.row(seq))
+            return seq
+        names = tuple(fields)
+        field_set = group.field_sets.get(names) or group.field_set(names)  # recorded fields, in this site's order
+        if field_set.rows[index] != (vp, vtl, rip, *field_set.values(fields)):
+            self._compare(seq, kind, vp, vtl, rip, fields, group.row(index))
+        return seq
+
+    @staticmethod
+    def _compare(
+        seq: int, kind: EventKind, vp: int, vtl: int, rip: int | None, fields: dict[str, Any], recorded: Mapping[str, Any]
+    ) -> None:
+        """Field by field, in the order a report names them; raise at the first real difference."""
         name = EventKind(kind).name
         if recorded["kind"] != name:
             raise Divergence(seq, recorded["kind"], "kind", recorded["kind"], name)
         for field, value in (("vp", vp), ("vtl", vtl), ("rip", rip)):
             if recorded[field] != value:
                 raise Divergence(seq, name, field, recorded[field], value)
-        columns = self.kind_fields[EventKind(kind)]
+        columns = KIND_FIELDS[EventKind(kind)]
         for field, value in fields.items():
             if field in TIMING_FIELDS:
                 continue
             have = recorded[columns.get(field, field)]
-            if have == value and have.__class__ is value.__class__:  # fast path: the same plain value
-                continue
             if _normalise(have) != _normalise(value):
                 raise Divergence(seq, name, field, have, value)
-        return seq
 
     def close(self) -> None:
         return None

@@ -420,6 +420,21 @@ def test_sealed_and_unsealed_give_identical_events(tmp_path: Path) -> None:
     assert da.schema == db.schema
 
 
+@pytest.mark.parametrize("seal", [True, False])
+def test_reading_some_columns(tmp_path: Path, seal: bool) -> None:
+    """``table(columns)`` decodes only those columns (schema order, metadata kept); unknown names are left out."""
+    path = tmp_path / "t.vsmt"
+    _write(path, SAMPLES * 3, seal=seal)
+    trace = open_trace(path)
+    full = trace.table()
+    some = trace.table(["emu_io", "seq", "no_such_column", "kind"])
+    assert some.column_names == ["seq", "kind", "emu_io"]
+    assert some.schema.metadata == full.schema.metadata
+    assert some.to_pylist() == full.select(["seq", "kind", "emu_io"]).to_pylist()
+    with pytest.raises(ValueError, match="none of the columns"):
+        trace.table(["no_such_column"])
+
+
 # ----------------------------------------------------------------------------- write errors
 
 

@@ -237,6 +237,20 @@ def _order(table: pa.Table, seq: int) -> int:
     return int(table.column("emu_order")[seq].as_py())
 
 
+def test_perturbed_event_kind(kvm, hv_trace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An emitted MSR event recorded as another kind: divergence at that event, field kind."""
+    table = load(hv_trace[0])
+    kinds = pc.cast(table.column("kind"), pa.string()).to_pylist()
+    msr_seq = next(op[2] for r in emulation_rows(table) if r["entry"] == "msr_read" for op in json.loads(r["emu_io"]) if op[0] == "emit")
+    assert kinds[msr_seq] == "MSR"
+    kinds[msr_seq] = "CPUID"
+    index = table.schema.get_field_index("kind")
+    field = table.schema.field(index)
+    bad = write(table.set_column(index, field, pa.array(kinds).dictionary_encode().cast(field.type)), tmp_path / "kind.arrow")
+    d = VmmReplayer(bad).run().divergence
+    assert d is not None and (d.seq, d.field, d.recorded, d.replayed) == (msr_seq, "kind", "CPUID", "MSR")
+
+
 def test_perturbed_entry_result(kvm, hv_trace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The recorded return value of an MSR read entry changed: divergence at that entry, field 'msr_read result'."""
     table = load(hv_trace[0])
@@ -375,6 +389,22 @@ def test_state_text_and_api(kvm, vsmtrace, hv_trace) -> None:  # type: ignore[no
     assert snapshot["vps"] == at["vps"] and snapshot["partition"] == at["partition"]
 
 
+def test_state_folds_the_logs_it_has_not_seen(kvm, hv_trace) -> None:  # type: ignore[no-untyped-def]
+    """Registers come from the replayed entries' logs, whenever the state is read: during states() or after run()."""
+    trace = hv_trace[0]
+    seq, _ = partition_id_entry(load(trace))
+    walked = VmmReplayer(trace)
+    for s, state in walked.states():
+        if s == seq:
+            assert state.registers[(0, 0)]["rdx"] == (1, seq)  # the partition id the entry wrote
+            break
+    ran = VmmReplayer(trace)
+    assert ran.run().divergence is None
+    last = ran.entries[-1]
+    assert all(s <= ran.state.seq for regs in ran.state.registers.values() for _, s in regs.values())
+    assert ran.state.seq == last.seq and ran.state.entries == len(ran.entries)
+
+
 def test_break_at_stops_before_the_entry(kvm, hv_trace, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """--break-at SEQ calls breakpoint() (so PYTHONBREAKPOINT applies) before that entry runs."""
     import sys
@@ -503,3 +533,27 @@ def test_state_of_missing_event(kvm, vsmtrace, hv_trace) -> None:  # type: ignor
 def test_replay_error_is_an_exception_for_the_api(tmp_path: Path) -> None:
     with pytest.raises(ReplayError, match="no such file"):
         VmmReplayer(tmp_path / "missing.arrow")
+
+
+def test_vp_calls_compare_arguments_as_recorded_encodings() -> None:
+    """The unencoded fast path accepts only what encodes to itself; anything else is encoded and decided as recorded."""
+    from replayer.errors import Divergence
+    from replayer.trace_backend import OpCursor, ReplayPartition
+    from vmm.vp import Access
+
+    cursor = OpCursor()
+    partition = ReplayPartition(1, cursor)
+    vp = partition.vp(0)
+    cursor.start(7, "hypercall", [["set_register", [0, 0, "rax", 4], None]])
+    with pytest.raises(TypeError, match="cannot encode float"):  # 4.0 == 4, but a float is no register value
+        vp.set_register(0, "rax", 4.0)
+    cursor.start(7, "hypercall", [["read_gpa", [0, 4096, 2, 2], {"b": "0001"}], ["write_gpa", [0, 4096, {"b": "0102"}], None]])
+    assert partition.read_gpa(0, 4096, 2, Access.WRITE) == b"\x00\x01"
+    partition.write_gpa(0, 4096, bytearray(b"\x01\x02"))
+    cursor.finish()
+    cursor.start(7, "hypercall", [["get_register", [0, 0, "rip"], 16]])
+    with pytest.raises(Divergence) as raised:
+        vp.get_register(1, "rip")
+    assert (raised.value.field, raised.value.recorded, raised.value.replayed) == (
+        "hypercall: io[0]", "get_register(0, 0, 'rip')", "get_register(0, 1, 'rip')"
+    )

@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import itertools
 import json
+import re
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,47 +35,111 @@ from vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessD
 
 
 _SELF_ENCODED = frozenset({int, str, bool, type(None)})
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
 
 
 def encode(value: Any) -> Any:
-    """A JSON-able form of any value that crosses the boundary."""
-    if value.__class__ in _SELF_ENCODED:  # the common case, first (also on the replay hot path)
+    """A JSON-able form of any value that crosses the boundary.
+
+    The form depends only on the value's class (and, for an Enum, on its value), so the
+    branch is chosen once per class and kept: recording and replay encode every
+    argument and result, mostly the same few classes over and over.
+    """
+    cls = value.__class__
+    if cls in _SELF_ENCODED:  # the common case, first
         return value
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, enum.Enum):
-        return int(value.value) if isinstance(value.value, int) else {"E": value.value}
-    if isinstance(value, int):
-        return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"b": bytes(value).hex()}
-    if isinstance(value, Segment):
-        return {"S": [value.base, value.limit, value.selector, value.attributes]}
-    if isinstance(value, Table):
-        return {"T": [value.base, value.limit]}
-    if isinstance(value, VtlAccessDenied):
-        return {"X": "VtlAccessDenied", "a": [value.vtl, value.gpa, int(value.access)]}
-    if isinstance(value, GuestMemoryError):
-        return {"X": "GuestMemoryError", "a": [value.gpa, value.size]}
-    if isinstance(value, BaseException):
-        return {"X": type(value).__name__, "a": [encode(a) for a in value.args]}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"D": type(value).__name__, "f": {name: encode(getattr(value, name)) for name in _field_names(type(value))}}
-    if isinstance(value, dict):
-        return {"M": [[encode(k), encode(v)] for k, v in value.items()]}
-    if isinstance(value, list | tuple):
-        return [encode(v) for v in value]
+    encoder = _ENCODERS.get(cls)
+    if encoder is None:
+        encoder = _ENCODERS[cls] = _encoder_for(cls)
+    return encoder(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _encode_enum(value: enum.Enum) -> Any:
+    return int(value.value) if isinstance(value.value, int) else {"E": value.value}
+
+
+def _encode_bytes(value: bytes | bytearray | memoryview) -> Any:
+    return {"b": bytes(value).hex()}
+
+
+def _encode_segment(value: Segment) -> Any:
+    return {"S": [value.base, value.limit, value.selector, value.attributes]}
+
+
+def _encode_table(value: Table) -> Any:
+    return {"T": [value.base, value.limit]}
+
+
+def _encode_access_denied(value: VtlAccessDenied) -> Any:
+    return {"X": "VtlAccessDenied", "a": [value.vtl, value.gpa, int(value.access)]}
+
+
+def _encode_memory_error(value: GuestMemoryError) -> Any:
+    return {"X": "GuestMemoryError", "a": [value.gpa, value.size]}
+
+
+def _encode_exception(value: BaseException) -> Any:
+    return {"X": type(value).__name__, "a": [encode(a) for a in value.args]}
+
+
+def _encode_dict(value: dict[Any, Any]) -> Any:
+    return {"M": [[encode(k), encode(v)] for k, v in value.items()]}
+
+
+def _encode_sequence(value: list[Any] | tuple[Any, ...]) -> Any:
+    return [encode(v) for v in value]
+
+
+def _encode_other(value: Any) -> Any:
+    """Anything packable (hvdef structures); checked per value since ``pack`` may be an instance attribute."""
     if hasattr(value, "pack") and callable(value.pack):
         return {"P": type(value).__name__, "b": bytes(value.pack()).hex()}
     raise TypeError(f"cannot encode {type(value).__name__} for the trace")
+
+
+def _dataclass_encoder(cls: type) -> Callable[[Any], Any]:
+    names = tuple(f.name for f in dataclasses.fields(cls))
+    label = cls.__name__
+
+    def encode_dataclass(value: Any) -> Any:
+        fields = {}
+        for name in names:
+            field_value = getattr(value, name)
+            fields[name] = field_value if field_value.__class__ in _SELF_ENCODED else encode(field_value)
+        return {"D": label, "f": fields}
+
+    return encode_dataclass
+
+
+#: The first matching class decides the form (so a str Enum stays a str, a Segment is not a plain dataclass).
+_BY_BASE: tuple[tuple[type | tuple[type, ...], Callable[[Any], Any]], ...] = (
+    ((bool, str, type(None)), _same),
+    (enum.Enum, _encode_enum),
+    (int, _same),
+    ((bytes, bytearray, memoryview), _encode_bytes),
+    (Segment, _encode_segment),
+    (Table, _encode_table),
+    (VtlAccessDenied, _encode_access_denied),
+    (GuestMemoryError, _encode_memory_error),
+    (BaseException, _encode_exception),
+)
+_ENCODERS: dict[type, Callable[[Any], Any]] = {}
+
+
+def _encoder_for(cls: type) -> Callable[[Any], Any]:
+    for base, encoder in _BY_BASE:
+        if issubclass(cls, base):
+            return encoder
+    if dataclasses.is_dataclass(cls) and not issubclass(cls, type):
+        return _dataclass_encoder(cls)
+    if issubclass(cls, dict):
+        return _encode_dict
+    if issubclass(cls, list | tuple):
+        return _encode_sequence
+    return _encode_other
 
 
 EXCEPTIONS: dict[str, Callable[..., BaseException]] = {
@@ -126,6 +191,24 @@ def dumps(value: Any) -> bytes:
 
 def loads(data: bytes | None) -> Any:
     return None if data is None else json.loads(data)
+
+
+#: An ``emit`` op of an I/O log, ``["emit",[KIND],SEQ]`` (any JSON whitespace allowed). JSON escapes
+#: every quote inside a string, so this matches log elements only, never text inside a value.
+EMIT_OP = re.compile(rb'\[\s*"emit"\s*,\s*\[\s*(\d+)\s*\]\s*,\s*(\d+)\s*\]')
+
+
+def emitted_events(log: bytes) -> tuple[list[int], list[int]]:
+    """(kinds, seqs) of the events an encoded I/O log says its entry emitted, in order, without decoding the log.
+
+    Replay needs these for every entry before it replays any (to check that no emulation
+    event lacks its entry); a pattern scan costs a fraction of parsing every log.
+    """
+    found = EMIT_OP.findall(log)
+    if not found:
+        return [], []
+    kinds, seqs = zip(*found, strict=True)
+    return list(map(int, kinds)), list(map(int, seqs))
 
 
 # -- the boundary ----------------------------------------------------------------------------------

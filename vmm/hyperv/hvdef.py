@@ -12,9 +12,8 @@ Structures are ``struct``-based dataclasses: ``pack() -> bytes`` and ``unpack(da
 from __future__ import annotations
 
 import enum
-import operator
+import functools
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
 
@@ -26,6 +25,7 @@ HV_PAGE_SIZE = 4096
 HV_PAGE_SHIFT = 12
 HV_PAGE_MASK = ~(HV_PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
 HV_HYPERCALL_ALIGNMENT = 8  # input/output GPAs must be 8-byte aligned
+HYPERCALL_CONTROL_CACHE = 4096  # decoded hypercall input values kept (vsmtrace's, not the TLFS's)
 HV_X64_REGISTER_PAIR_SIZE = 16  # fast-call register pair (RDX:R8 or one XMM)
 HV_X64_FAST_INPUT_MAX = 112  # RDX:R8 + XMM0..XMM5
 HV_X64_FAST_XMM_COUNT = 6  # XMM0..XMM5 carry fast input/output
@@ -112,7 +112,9 @@ class HypercallControl:
     reserved: int
 
     @classmethod
+    @functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)
     def decode(cls, value: int) -> HypercallControl:
+        """Decode ``value`` (immutable, so a guest's few distinct control values are decoded once each)."""
         b = HypercallControlBits
         return cls(
             code=value & b.CODE_MASK,
@@ -1152,8 +1154,7 @@ class HvVpSet:
 # ---------------------------------------------------------------------------------------------
 
 
-#: Per PackedStruct subclass: a function giving its field values in FORMAT order.
-_FIELD_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 class PackedStruct:
@@ -1172,12 +1173,10 @@ class PackedStruct:
 
     def pack(self) -> bytes:
         cls = type(self)
-        getter = _FIELD_GETTERS.get(cls)
-        if getter is None:  # fields() is known only once the dataclass decorator has run
-            names = [f.name for f in fields(self)]  # type: ignore[arg-type]
-            get = operator.attrgetter(*names)
-            getter = _FIELD_GETTERS[cls] = (lambda obj: (get(obj),)) if len(names) == 1 else get
-        return struct.pack(self.FORMAT, *getter(self))
+        names = _FIELD_NAMES.get(cls)
+        if names is None:  # the dataclass fields, looked up once per class (fields() is slow, pack is per hypercall)
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        return struct.pack(self.FORMAT, *[getattr(self, name) for name in names])
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:

@@ -64,6 +64,12 @@ from vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess,
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
 _QWORD = 8
+#: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
+_CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
+_CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
+_STATUSES: dict[int, HvStatus] = {int(s): s for s in HvStatus}
+_STATUS_NAMES: dict[int, str] = {int(s): s.name for s in HvStatus}
+_VTL_CALL_CODES = frozenset({HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn})
 
 
 @dataclass
@@ -247,10 +253,6 @@ class _Registers:
                 self.write_log += chunk
 
 
-#: HypercallCode by value, without the cost of an enum call (and its ValueError) per hypercall.
-_CODE_BY_VALUE: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
-
-
 class _Fail(Exception):
     """Internal: stop processing with a status (or an exception vector)."""
 
@@ -282,9 +284,11 @@ class HypercallDispatcher:
         self.partition = partition
         self.policy = policy
         self.privileges = policy.privileges()  # the policy is frozen: computed once, not per call
+        self._privilege_bits = int(self.privileges)  # as a plain int: an IntFlag "&" is Python code
         self.sink = sink
         self.table: dict[HypercallCode, HypercallSpec] = {}
         self.vtl_hook: VtlHook | None = None
+        self._started_ns = 0  # when the call being dispatched started, for the event's duration_ns
 
     def register(self, spec: HypercallSpec, *, replace: bool = False) -> None:
         """Add a handler (the VSM stage adds its calls the same way)."""
@@ -310,7 +314,7 @@ class HypercallDispatcher:
         control = regs.control()
         decoded = HypercallControl.decode(control)
 
-        if decoded.code in (HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn) and self.vtl_hook is not None:
+        if decoded.code in _VTL_CALL_CODES and self.vtl_hook is not None:
             request = VtlCallRequest(
                 vp_index, vtl, HypercallCode(decoded.code), control, regs.vtl_input(), regs.is_64bit
             )
@@ -344,13 +348,13 @@ class HypercallDispatcher:
     def _run(
         self, vp_index: int, vtl: int, regs: _Registers, control: int, c: HypercallControl, state: _CallState
     ) -> HvStatus:
-        code = _CODE_BY_VALUE.get(c.code)
+        code = _CODES.get(c.code)
         if code is None:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
         spec = self.table.get(code)
         if spec is None or not spec.advertised(self.policy):
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
-        if spec.privilege is not None and not self.privileges & spec.privilege:
+        if spec.privilege is not None and not self._privilege_bits & int(spec.privilege):
             raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
         if c.reserved or c.nested:
             raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
@@ -410,7 +414,9 @@ class HypercallDispatcher:
                 self.sink.emit(EventKind.ERROR, vp_index, vtl, 0, message=message)
             raise HypercallInternalError(message) from exc
 
-        status = result.status if type(result.status) is HvStatus else HvStatus(result.status)
+        status = _STATUSES.get(result.status)
+        if status is None:
+            status = HvStatus(result.status)  # ValueError for a status the TLFS does not define
         if result.retry:
             state.retry = True
             state.reps_done = c.rep_start
@@ -482,10 +488,7 @@ class HypercallDispatcher:
     ) -> None:
         if not self.sink.enabled:
             return
-        try:
-            name = HypercallCode(code).name
-        except ValueError:
-            name = f"unknown_{code:#06x}"
+        name = _CODE_NAMES.get(code) or f"unknown_{code:#06x}"
         self.sink.emit(
             EventKind.HYPERCALL,
             vp,
@@ -493,14 +496,14 @@ class HypercallDispatcher:
             rip,
             code=code,
             name=name,
-            duration_ns=time.perf_counter_ns() - getattr(self, "_started_ns", time.perf_counter_ns()),
+            duration_ns=time.perf_counter_ns() - self._started_ns,
             control=control,
             fast=bool(decoded.fast) if decoded else False,
             rep_count=decoded.rep_count if decoded else 0,
             rep_start=decoded.rep_start if decoded else 0,
             reps_done=state.reps_done if state else 0,
             status=None if status is None else int(status),  # null: no result value was written
-            status_name="NONE" if status is None else HvStatus(status).name,
+            status_name="NONE" if status is None else _STATUS_NAMES.get(status) or HvStatus(status).name,
             input=state.input if state else b"",
             output=state.output if state else b"",
             regs_in=bytes(regs.read_log) if regs else b"",

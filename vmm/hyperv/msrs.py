@@ -143,6 +143,14 @@ class SyntheticMsrs:
         self.synic = synic
         self.stimers = stimers
         self.vp_assist_page = 0
+        #: MSR -> advertised? The policy and frequencies never change, and the chain of checks is long.
+        self._advertised: dict[int, bool] = {}
+
+    def advertised(self, msr: int) -> bool:
+        known = self._advertised.get(msr)
+        if known is None:
+            known = self._advertised[msr] = _advertised(self.env.policy, self.env, msr)
+        return known
 
     @property
     def shared(self) -> VtlPartitionMsrs:
@@ -156,7 +164,7 @@ class SyntheticMsrs:
 
     def read(self, msr: int) -> int:
         env, m = self.env, HvMsr
-        if not _advertised(env.policy, env, msr):
+        if not self.advertised(msr):
             raise GpFault(msr, "MSR not advertised")
         if msr == m.HV_X64_MSR_GUEST_OS_ID:
             return self.shared.guest_os_id
@@ -195,7 +203,7 @@ class SyntheticMsrs:
 
     def write(self, msr: int, value: int) -> None:
         env, m = self.env, HvMsr
-        if not _advertised(env.policy, env, msr):
+        if not self.advertised(msr):
             raise GpFault(msr, "MSR not advertised")
         if msr == m.HV_X64_MSR_GUEST_OS_ID:
             self.shared.guest_os_id = value
