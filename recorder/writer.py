@@ -1,15 +1,21 @@
 """TraceWriter: the recorder's EventSink. Cheap to call from VP threads, safe to kill.
 
-Hot path: ``emit`` validates field names against the schema (a typo must not drop
-data silently), then appends one tuple to a pending list under a lock; the lock
-also makes the row's position its sequence number and keeps ``time_ns`` monotonic
-in ``seq`` order. No Arrow object is built per event.
+Hot paths: port-I/O and MMIO events, the bulk of most traces, go through
+``record_io``: one C call into the trace's event store (``recorder.store``) that
+appends the raw values to preallocated columns, which later become Arrow arrays
+without a copy. Every other kind goes through ``emit``, which validates field names
+against the schema (a typo must not drop data silently) and appends one tuple to a
+pending list. Both take ``seq`` and ``time_ns`` from the store under its mutex, so
+events of all VPs keep one total order with time non-decreasing in it. No Arrow
+object is built per event.
 
-A background flusher turns pending rows into one compressed record batch when
-``batch_rows`` rows are pending or the oldest pending row is ``max_age_s / 2`` old,
-serialises it to memory and hands it to the kernel with one ``write`` call. A
-process killed at any moment therefore leaves an Arrow IPC stream whose complete
-batches are all readable (see ``recorder.reader``).
+When ``batch_rows`` events are pending or the oldest is ``max_age_s / 2`` old, the
+emitting thread (or, when VPs are quiet, a background flusher) takes every pending
+event: Python rows are transposed into columns, the store's chunks wrapped as they
+are. A writer thread merges the two by ``seq``, compresses the batch and hands it
+to the kernel with one ``write`` call, without the GIL. A process killed at any
+moment therefore leaves an Arrow IPC stream whose complete batches are all
+readable (see ``recorder.reader``).
 
 ``close()`` flushes, ends the stream, then *seals* it: the stream is rewritten as an
 Arrow IPC file (coalesced batches, final dictionaries, footer) into ``PATH.sealing``
@@ -24,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,17 +53,30 @@ from recorder.schema import (
     Column,
     arrow_schema,
 )
+from recorder.store import EventStore
 from vmm.events import EventKind
 
 _KIND_BY_VALUE = {k.value: k for k in EventKind}
 monotonic_ns = time.monotonic_ns
+
+#: Busy VPs flush inline once the oldest pending event is this fraction of ``max_age_s`` old...
+INLINE_AGE_FRACTION = 0.5
+#: ... the background flusher, when VPs are quiet, at this fraction.
+FLUSHER_AGE_FRACTION = 0.6
+#: Pending events beyond this many batches make emitters wait for the writer (backpressure).
+LATE_BATCHES = 4
+#: Row counts for which all-null columns of hot batches are kept for reuse (full batches, mostly).
+NULL_CACHE_SIZES = 4
+
+#: A pending Python-built event: (seq, time_ns, kind, vp, vtl, rip, fields).
+Row = tuple[int, int, Any, Any, Any, Any, dict[str, Any]]
 
 
 @dataclass
 class WriterStats:
     """Counters for the bench, ``vsmtrace record`` summaries and tests."""
 
-    events: int = 0  # accepted by emit (= next seq)
+    events: int = 0  # events taken from the store so far (= next seq once flushed)
     dropped: int = 0  # emitted after recording stopped on an error
     batches: int = 0  # record batches written (excluding the initial empty one)
     flushed_events: int = 0  # events whose batch has been handed to the kernel
@@ -68,12 +87,23 @@ class WriterStats:
     seal_seconds: float = 0.0
 
 
+@dataclass
+class _Taken:
+    """Events taken in one flush, for the writer thread: the seq range [cutoff - count, cutoff)."""
+
+    python: pa.RecordBatch | None  # Python-built rows, in seq order
+    hot: list[pa.RecordBatch]  # store chunks, in seq order
+    first_ns: int  # time_ns of the oldest event (for max_flush_lag_s)
+    count: int
+
+
 class _Dictionary:
     """An append-only string dictionary: indices stay valid, so batches only ever grow it."""
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.values: list[str] = []
+        self._array: pa.Array | None = None
 
     def code(self, value: str) -> int:
         i = self.index.get(value)
@@ -82,10 +112,15 @@ class _Dictionary:
                 raise TypeError(f"expected str, got {type(value).__name__}")
             i = self.index[value] = len(self.values)
             self.values.append(value)
+            self._array = None
         return i
 
     def array(self) -> pa.Array:
-        return pa.array(self.values, pa.string())
+        """The dictionary so far (cached until it grows: every batch of a flush shares one)."""
+        arr = self._array
+        if arr is None or len(arr) != len(self.values):
+            arr = self._array = pa.array(self.values, pa.string())
+        return arr
 
 
 def _os_reason(e: OSError) -> str:
@@ -157,16 +192,25 @@ class TraceWriter:
         self._t0 = time.monotonic_ns()
         self.metadata = build_metadata(metadata, self._t0)
         self.schema = arrow_schema(self.metadata)
-        self._lock = threading.Lock()  # guards _rows, _closing, stats.events
-        self._write_lock = threading.Lock()  # serialises batch building and writing
+        self._lock = threading.Lock()  # guards _rows, _closing and stamping (so a take is a consistent cut)
+        self._write_lock = threading.Lock()  # serialises takes and batch building
         self._wake = threading.Event()
-        self._rows: list[tuple[int, Any, Any, Any, Any, dict[str, Any]]] = []
+        self._rows: list[Row] = []
         self._closing = False
         self._closed = False
-        self._next_seq = 0
-        self._max_pending = batch_rows * 4
-        self._inline_age_ns = int(max_age_s * 0.5e9)
+        # Busy VPs flush inline at half the age limit; far too many pending events make them wait.
+        self._store = EventStore(
+            self._t0,
+            chunk_rows=batch_rows,
+            due_rows=batch_rows,
+            late_rows=batch_rows * LATE_BATCHES,
+            due_age_ns=int(max_age_s * INLINE_AGE_FRACTION * 1e9),
+        )
+        self._late = self._store.LATE
+        #: The PIO/MMIO fast path (``vmm.events.EventSink.record_io``): one C call per event.
+        self.record_io = self._store.io
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
+        self._null_indices: dict[tuple[str, int], pa.Array] = {}  # all-null columns, reused across hot batches
         self._building = False  # a batch is being built: emitters wait at the gate
         self._gate = threading.Event()
         self._gate.set()
@@ -185,12 +229,12 @@ class TraceWriter:
             )
             # Write the schema (and empty dictionaries) now: proves the file is writable before
             # the guest starts, and makes even an event-less trace a valid, self-describing file.
-            self._ipc.write_batch(self._build_batch([], 0))
+            self._ipc.write_batch(self._build_batch([]))
             self.stats.bytes_written = self._file.tell()
         except OSError as e:
             self._file.close()
             raise TraceError(f"cannot write trace {self.path}: {_os_reason(e)}") from None
-        self._batches: queue.Queue[tuple[pa.RecordBatch, int, int] | None] = queue.Queue()
+        self._batches: queue.Queue[_Taken | None] = queue.Queue()
         self._writer_thread = threading.Thread(target=self._writer, name=f"trace-writer:{self.path.name}", daemon=True)
         self._writer_thread.start()
         self._thread = threading.Thread(target=self._flusher, name=f"trace-flusher:{self.path.name}", daemon=True)
@@ -221,7 +265,7 @@ class TraceWriter:
                 f"cannot record to {self.path}: only {free >> 20} MiB free on its filesystem (need {min_free_bytes >> 20} MiB)"
             )
 
-    # ------------------------------------------------------------------ hot path
+    # ------------------------------------------------------------------ hot paths
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int | None:
         """Record one event and return its sequence number (None if recording is off).
@@ -238,22 +282,32 @@ class TraceWriter:
         if self._building:
             self._gate.wait()
         with self._lock:
-            if self._closing:
+            status, seq, now = self._store.stamp()
+            if status < 0:  # closing (or stopped on an error)
                 return None
-            rows = self._rows
-            now = monotonic_ns()
-            seq = self._next_seq + len(rows)
-            rows.append((now, kind, vp, vtl, rip, fields))
-            n = len(rows)
-            first = rows[0][0]
-        # Busy VPs flush inline: a background thread would wait for the GIL behind them
-        # after every pyarrow call that releases it, and fall seconds behind.
-        if n >= self.batch_rows or now - first >= self._inline_age_ns:
-            # Full batch: flush unless someone else is at it. Old events: wait for the
-            # writer (backpressure), so no event outlives max_age_s in memory.
-            late = now - first >= self._inline_age_ns
-            self._flush_pending(blocking=late or n >= self._max_pending, only_if_due=True)
+            self._rows.append((seq, now, kind, vp, vtl, rip, fields))
+        if status:
+            self.flush_due(status)
         return seq
+
+    def flush_due(self, status: int) -> None:
+        """Flush after an event whose stamp reported ``status`` (DUE or LATE; see ``recorder.store``).
+
+        A full batch is written unless another thread is at it; old events (LATE) make
+        the caller wait for the writer: backpressure, so no event outlives max_age_s
+        in memory. Busy VPs flush inline because a background thread would wait for
+        the GIL behind them and fall seconds behind.
+        """
+        if status > 0:
+            self._flush_pending(blocking=status == self._late, only_if_due=True)
+
+    def set_manual_time(self, time_ns: int) -> None:
+        """Stamp later events ``time_ns`` ns after the start instead of reading the clock.
+
+        For synthetic traces with hand-countable times (``analysis.synthetic``); pass a huge
+        ``max_age_s`` too, or age-triggered flushes would compare fake and real time.
+        """
+        self._store.set_manual_time(time_ns)
 
     @staticmethod
     def _reject(kind: Any, fields: Mapping[str, Any]) -> None:
@@ -267,86 +321,119 @@ class TraceWriter:
 
     def _flusher(self) -> None:
         """Background loop for quiet periods: flush what a VP left pending once it is 0.6 x max_age old."""
-        deadline = self.max_age_s * 0.6
+        deadline_ns = int(self.max_age_s * FLUSHER_AGE_FRACTION * 1e9)
         while True:
             with self._lock:
                 if self._closing:
                     return
-                oldest = self._rows[0][0] if self._rows else 0
-            if oldest:
-                age = (time.monotonic_ns() - oldest) / 1e9
-                if age >= deadline:
+            oldest = self._store.oldest()
+            if oldest is not None:
+                age_ns = monotonic_ns() - self._t0 - oldest
+                if age_ns >= deadline_ns:
                     self._flush_pending(blocking=False, only_if_due=True)
                     continue
-                timeout = deadline - age
+                timeout = (deadline_ns - age_ns) / 1e9
             else:
                 timeout = self.max_age_s / 4
             self._wake.wait(timeout)
             self._wake.clear()
 
     def _flush_pending(self, blocking: bool = True, only_if_due: bool = False) -> None:
-        """Take every pending row and write it as batches of at most ``batch_rows``.
+        """Take every pending event and queue it for the writer thread.
 
-        Non-blocking callers skip if another thread is already writing. ``only_if_due``
+        Non-blocking callers skip if another thread is already flushing. ``only_if_due``
         re-checks the size/age trigger after getting the lock, so threads that queued
-        behind a flush do not each write a tiny batch.
+        behind a flush do not each write a tiny batch. Taking under ``_lock`` makes the
+        cut consistent: every Python row stamped before it is in ``_rows``, and the
+        store hands over every C event stamped before it.
         """
         if not self._write_lock.acquire(blocking):
             return
         try:
             with self._lock:
-                if only_if_due:
-                    pending = self._rows
-                    if not pending or (
-                        len(pending) < self.batch_rows and monotonic_ns() - pending[0][0] < self._inline_age_ns
-                    ):
-                        return
+                if only_if_due and self._store.due() <= 0:
+                    return
+                first_ns = self._store.oldest()
                 rows, self._rows = self._rows, []
-                base = self._next_seq
-                self._next_seq += len(rows)
-                self.stats.events = self._next_seq
-            if not rows or self.error is not None or self._file.closed:
+                chunks, cutoff = self._store.take()
+            count = cutoff - self.stats.events
+            self.stats.events = cutoff
+            if not count or first_ns is None or self.error is not None or self._file.closed:
                 return
             try:
-                for start in range(0, len(rows), self.batch_rows):
-                    chunk = rows[start : start + self.batch_rows]
+                py_batch = None
+                if rows:
                     # Building is pure Python + short GIL-releasing Arrow calls; with VP threads
                     # competing it would crawl, so they wait at the gate for these milliseconds.
                     self._gate.clear()
                     self._building = True
                     try:
-                        batch = self._build_batch(chunk, base + start)
+                        py_batch = self._build_batch(rows)
                     finally:
                         self._building = False
                         self._gate.set()
-                    # Compressing and writing run on the writer thread (without the GIL), so
-                    # the VP thread that built the batch goes straight back to its guest.
-                    self._batches.put((batch, chunk[0][0], len(chunk)))
+                hot = [self._hot_batch(c) for c in chunks if c.n]
+                # Merging, compressing and writing run on the writer thread (Arrow releases the
+                # GIL for all three), so the VP thread that took the events goes back to its guest.
+                self._batches.put(_Taken(py_batch, hot, first_ns, count))
             except Exception as e:  # a recorder bug: stop recording, never kill the VP thread
                 self._fail(e)
         finally:
             self._write_lock.release()
 
+    def _hot_batch(self, chunk: Any) -> pa.RecordBatch:
+        """A full-schema batch over a store chunk: its columns zero-copy, every other column null."""
+        arrays = self._store.chunk_arrays(chunk)
+        n = len(arrays["seq"])
+        arrays["kind"] = pa.DictionaryArray.from_arrays(arrays["kind"], KIND_DICTIONARY)
+        columns = []
+        for c in COLUMNS:
+            arr = arrays.get(c.name)
+            if arr is None:
+                key = (c.name, n)
+                arr = self._null_indices.get(key)
+                if arr is None:
+                    if len(self._null_indices) > len(COLUMNS) * NULL_CACHE_SIZES:
+                        self._null_indices.clear()
+                    arr = self._null_indices[key] = pa.nulls(n, c.type.index_type if c.is_dictionary else c.type)
+                if c.is_dictionary:
+                    arr = pa.DictionaryArray.from_arrays(arr, self._dicts[c.name].array())
+            columns.append(arr)
+        return pa.RecordBatch.from_arrays(columns, schema=self.schema)
+
+    def _merge(self, taken: _Taken) -> list[pa.RecordBatch]:
+        """The taken events as batches of at most ``batch_rows`` rows, in ``seq`` order."""
+        parts = list(taken.hot)
+        if taken.python is None:
+            return parts  # chunks were filled in seq order
+        if not parts:
+            return [taken.python]
+        parts.append(taken.python)
+        table = pa.Table.from_batches(parts, schema=self.schema)
+        table = table.take(pc.sort_indices(table.column("seq")))
+        return table.combine_chunks().to_batches(max_chunksize=self.batch_rows)
+
     def _writer(self) -> None:
-        """Write built batches in order; an OSError (disk full...) stops recording cleanly."""
+        """Write taken events in order; an OSError (disk full...) stops recording cleanly."""
         while True:
             item = self._batches.get()
             try:
                 if item is None:
                     return
-                batch, first_ns, rows = item
                 if self.error is not None or self._file.closed:
                     continue
                 try:
-                    self._ipc.write_batch(batch)  # compresses and writes without the GIL
+                    batches = self._merge(item)
+                    for batch in batches:
+                        self._ipc.write_batch(batch)  # compresses and writes without the GIL
                 except Exception as e:
                     self._fail(e)
                     continue
-                now = time.monotonic_ns()
+                now = monotonic_ns() - self._t0
                 self.stats.bytes_written = self._file.tell()
-                self.stats.batches += 1
-                self.stats.flushed_events += rows
-                lag = (now - first_ns) / 1e9
+                self.stats.batches += len(batches)
+                self.stats.flushed_events += item.count
+                lag = (now - item.first_ns) / 1e9
                 if lag > self.stats.max_flush_lag_s:
                     self.stats.max_flush_lag_s = lag
             finally:
@@ -363,15 +450,17 @@ class TraceWriter:
         )
         self.enabled = False
         with self._lock:
+            self._store.stop()
             self._rows = []
+        self._store.take()  # frees what C still held
         if self.on_error is not None:
             try:
                 self.on_error(self.error)
             except Exception:
                 pass
 
-    def _build_batch(self, rows: list[tuple[int, Any, Any, Any, Any, dict[str, Any]]], base_seq: int) -> pa.RecordBatch:
-        """Transpose pending rows into typed Arrow columns (runs on the flusher thread).
+    def _build_batch(self, rows: list[Row]) -> pa.RecordBatch:
+        """Transpose pending Python rows into typed Arrow columns (runs on the flushing thread).
 
         Rows are grouped by kind (a stable Arrow sort), each kind's fields are pulled out
         with one list comprehension per field, the columns are assembled in kind order
@@ -384,7 +473,7 @@ class TraceWriter:
                 [pa.array([], c.type) if not c.is_dictionary else pa.DictionaryArray.from_arrays(pa.array([], c.type.index_type), KIND_DICTIONARY if c.name == "kind" else pa.array([], pa.string())) for c in COLUMNS],
                 schema=self.schema,
             )
-        ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
+        seqs, ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
         kind_arr = pa.array(kinds, pa.int8())
         order = pc.sort_indices(kind_arr)  # stable: seq order within each kind
         order_list: list[int] = order.to_pylist()
@@ -400,11 +489,11 @@ class TraceWriter:
 
         common = {c.name: c for c in COMMON_COLUMNS}
         arrays: dict[str, pa.Array] = {
-            "seq": pa.array(range(base_seq, base_seq + n), pa.uint64()),
-            "time_ns": pc.subtract(pa.array(ts, pa.int64()), pa.scalar(self._t0, pa.int64())),
-            "vp": self._to_array(common["vp"], list(vps), base_seq, None),
-            "vtl": self._to_array(common["vtl"], list(vtls), base_seq, None),
-            "rip": self._to_array(common["rip"], list(rips), base_seq, None),
+            "seq": pa.array(seqs, pa.uint64()),
+            "time_ns": pa.array(ts, pa.int64()),
+            "vp": self._to_array(common["vp"], list(vps), seqs, None),
+            "vtl": self._to_array(common["vtl"], list(vtls), seqs, None),
+            "rip": self._to_array(common["rip"], list(rips), seqs, None),
             "kind": pa.DictionaryArray.from_arrays(pc.subtract(kind_arr, pa.scalar(1, pa.int8())), KIND_DICTIONARY),
         }
         pieces: dict[str, list[pa.Array | None]] = {}
@@ -417,11 +506,11 @@ class TraceWriter:
                 vals = [f.get(emit_name) for f in sub]
                 col = COLUMN_BY_NAME[col_name]
                 if col.is_dictionary:
-                    arr = self._dict_codes(col, vals, base_seq, orig)
+                    arr = self._dict_codes(col, vals, seqs, orig)
                 else:
                     if col_name == "detail":
                         vals = [v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True, default=str) for v in vals]
-                    arr = self._to_array(col, vals, base_seq, orig)
+                    arr = self._to_array(col, vals, seqs, orig)
                 if arr.null_count == len(arr):
                     continue
                 plist = pieces.get(col_name)
@@ -449,7 +538,7 @@ class TraceWriter:
             arrays[c.name] = data
         return pa.RecordBatch.from_arrays([arrays[c.name] for c in COLUMNS], schema=self.schema)
 
-    def _dict_codes(self, col: Column, vals: list[Any], base_seq: int, orig: list[int]) -> pa.Array:
+    def _dict_codes(self, col: Column, vals: list[Any], seqs: Sequence[int], orig: list[int]) -> pa.Array:
         """Dictionary indices for a list of strings, growing the append-only dictionary."""
         d = self._dicts[col.name]
         try:
@@ -464,11 +553,11 @@ class TraceWriter:
             try:
                 out.append(None if v is None else d.code(v))
             except TypeError as e:
-                self._value_error(col, base_seq + orig[i], v, e)
+                self._value_error(col, seqs[orig[i]], v, e)
                 out.append(None)
         return pa.array(out, col.type.index_type)
 
-    def _to_array(self, col: Column, values: list[Any], base_seq: int, orig: list[int] | None) -> pa.Array:
+    def _to_array(self, col: Column, values: list[Any], seqs: Sequence[int], orig: list[int] | None) -> pa.Array:
         """Whole-column conversion; on failure, convert cell by cell and null what does not fit."""
         try:
             return pa.array(values, col.type)
@@ -484,7 +573,7 @@ class TraceWriter:
                 pa.array([cv], col.type)
                 fixed.append(cv)
             except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError) as e:
-                self._value_error(col, base_seq + (orig[i] if orig is not None else i), v, e)
+                self._value_error(col, seqs[orig[i] if orig is not None else i], v, e)
                 fixed.append(None)
         return pa.array(fixed, col.type)
 
@@ -507,10 +596,11 @@ class TraceWriter:
                 return
             self._closed = True
             self._closing = True
+            self._store.stop()  # later emits and record_io calls are no-ops
         self.enabled = False
         self._wake.set()
         self._thread.join()
-        self._flush_pending()  # rows appended before _closing was set
+        self._flush_pending()  # events stamped before the store stopped
         self._batches.join()
         self._batches.put(None)
         self._writer_thread.join()
@@ -541,7 +631,7 @@ class TraceWriter:
         s = self.stats
         return {
             "events": s.flushed_events,
-            "dropped": s.dropped,
+            "dropped": s.dropped + self._store.dropped(),
             "value_errors": s.value_errors,
             "first_value_error": s.first_value_error,
             "end_time_ns": time.monotonic_ns() - self._t0,

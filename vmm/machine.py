@@ -66,6 +66,7 @@ IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
 RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
 unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
+PIO, MMIO = EventKind.PIO, EventKind.MMIO
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
 
@@ -461,17 +462,24 @@ class VirtualProcessor:
             trap(self, port, size, direction == IO_OUT)
             return
         bus = machine.pio
-        recording = machine.sink.enabled
+        sink = machine.sink
+        recording = sink.enabled
         if direction == IO_OUT:
             device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
-            if count == 1 and device is not None and not recording:
-                device.pio_write(port, size, int.from_bytes(view[offset : offset + size], "little"))
+            if count == 1 and device is not None:
+                value = int.from_bytes(view[offset : offset + size], "little")
+                if recording:  # the recorder's C fast path, inlined too
+                    rip = unpack_rip(view, RIP_OFFSET)[0] if self.vcpu.sync_regs else self.rip()
+                    status = sink.record_io(PIO, self.index, self.vtl, rip, port, size, True, value)
+                    if status > 0:
+                        sink.flush_due(status)
+                device.pio_write(port, size, value)
                 return
             for i in range(count):
                 start = offset + i * size
                 value = int.from_bytes(view[start : start + size], "little")
                 if recording:
-                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=True, data=value)
+                    self.record_io(PIO, port, size, True, value)
                 if device is None:
                     bus.write(port, size, value)  # unclaimed: warns once
                 else:
@@ -482,7 +490,15 @@ class VirtualProcessor:
                 start = offset + i * size
                 view[start : start + size] = value.to_bytes(size, "little")
                 if recording:
-                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=False, data=value)
+                    self.record_io(PIO, port, size, False, value)
+
+    def record_io(self, kind: EventKind, address: int, size: int, is_write: bool, data: int) -> None:
+        """A PIO or MMIO event for the running VTL, through the sink's positional fast path."""
+        sink = self.machine.sink
+        if sink.enabled:
+            status = sink.record_io(kind, self.index, self.vtl, self.rip(), address, size, is_write, data)
+            if status > 0:
+                sink.flush_due(status)
 
     def on_mmio(self) -> None:
         run = self.vcpu.run_struct
@@ -503,7 +519,7 @@ class VirtualProcessor:
             else:
                 value = apic.mmio_read(offset, length)
                 ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
-            machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+            self.record_io(MMIO, gpa, length, is_write, value)
             return
         found = machine.mmio.find(gpa)
         if found is not None:
@@ -519,7 +535,7 @@ class VirtualProcessor:
             if not is_write:
                 ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
             machine.warn_once(("mmio", gpa & ~0xFFF), f"guest accessed unbacked guest-physical address {gpa:#x}")
-        machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+        self.record_io(MMIO, gpa, length, is_write, value)
 
     def on_hlt(self) -> None:
         run = self.vcpu.run_struct
