@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,14 +127,18 @@ class Trace:
             return "unsealed stream, closed cleanly (sealing did not happen)"
         return "unsealed stream, no end marker (writer killed between batches, or still recording)"
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        """Every complete record batch, in seq order."""
+    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Every complete record batch, in seq order; only ``columns`` (in schema order) if given."""
+        options = None
+        if columns is not None:
+            options = ipc.IpcReadOptions(included_fields=[self.schema.get_field_index(c) for c in columns])
         if self.sealed:
-            reader = ipc.open_file(self._buf)
+            reader = ipc.open_file(self._buf, options=options)
             for i in range(reader.num_record_batches):
                 yield reader.get_batch(i)
             return
-        stream = ipc.open_stream(pa.BufferReader(self._buf.slice(self._stream_start, self._stream_end - self._stream_start)))
+        body = self._buf.slice(self._stream_start, self._stream_end - self._stream_start)
+        stream = ipc.open_stream(pa.BufferReader(body), options=options)
         while True:
             try:
                 yield stream.read_next_batch()

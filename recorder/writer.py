@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import pyarrow.ipc as ipc
 
 from recorder.errors import TraceError
 from recorder.metadata import build_metadata
+from recorder.nulls import NULLS
 from recorder.reader import open_trace
 from recorder.schema import (
     COLUMN_BY_NAME,
@@ -65,8 +66,6 @@ INLINE_AGE_FRACTION = 0.5
 FLUSHER_AGE_FRACTION = 0.6
 #: Pending events beyond this many batches make emitters wait for the writer (backpressure).
 LATE_BATCHES = 4
-#: Row counts for which all-null columns of hot batches are kept for reuse (full batches, mostly).
-NULL_CACHE_SIZES = 4
 
 #: A pending Python-built event: (seq, time_ns, kind, vp, vtl, rip, fields).
 Row = tuple[int, int, Any, Any, Any, Any, dict[str, Any]]
@@ -210,7 +209,7 @@ class TraceWriter:
         #: The PIO/MMIO fast path (``vmm.events.EventSink.record_io``): one C call per event.
         self.record_io = self._store.io
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
-        self._null_indices: dict[tuple[str, int], pa.Array] = {}  # all-null columns, reused across hot batches
+        self._used: set[str] = set()  # columns written with a non-null value (what sealing must decode)
         self._building = False  # a batch is being built: emitters wait at the gate
         self._gate = threading.Event()
         self._gate.set()
@@ -390,28 +389,33 @@ class TraceWriter:
         for c in COLUMNS:
             arr = arrays.get(c.name)
             if arr is None:
-                key = (c.name, n)
-                arr = self._null_indices.get(key)
-                if arr is None:
-                    if len(self._null_indices) > len(COLUMNS) * NULL_CACHE_SIZES:
-                        self._null_indices.clear()
-                    arr = self._null_indices[key] = pa.nulls(n, c.type.index_type if c.is_dictionary else c.type)
-                if c.is_dictionary:
-                    arr = pa.DictionaryArray.from_arrays(arr, self._dicts[c.name].array())
+                arr = NULLS.array(c.type, n, self._dicts[c.name].array() if c.is_dictionary else None)
             columns.append(arr)
         return pa.RecordBatch.from_arrays(columns, schema=self.schema)
 
     def _merge(self, taken: _Taken) -> list[pa.RecordBatch]:
-        """The taken events as batches of at most ``batch_rows`` rows, in ``seq`` order."""
+        """The taken events as batches of at most ``batch_rows`` rows, in ``seq`` order.
+
+        Store chunks and Python rows are each in seq order; they are interleaved with
+        one ``take`` per column that has data in either (the others stay shared nulls).
+        """
         parts = list(taken.hot)
         if taken.python is None:
             return parts  # chunks were filled in seq order
         if not parts:
             return [taken.python]
         parts.append(taken.python)
-        table = pa.Table.from_batches(parts, schema=self.schema)
-        table = table.take(pc.sort_indices(table.column("seq")))
-        return table.combine_chunks().to_batches(max_chunksize=self.batch_rows)
+        order = pc.sort_indices(pa.chunked_array([p.column(0) for p in parts]))
+        n = len(order)
+        columns = []
+        for i, c in enumerate(COLUMNS):
+            chunks = [p.column(i) for p in parts]
+            if all(a.null_count == len(a) for a in chunks):
+                columns.append(NULLS.array(c.type, n, taken.python.column(i).dictionary if c.is_dictionary else None))
+            else:
+                columns.append(pa.chunked_array(chunks, c.type).take(order).combine_chunks())
+        merged = pa.RecordBatch.from_arrays(columns, schema=self.schema)
+        return [merged.slice(start, self.batch_rows) for start in range(0, n, self.batch_rows)]
 
     def _writer(self) -> None:
         """Write taken events in order; an OSError (disk full...) stops recording cleanly."""
@@ -426,6 +430,7 @@ class TraceWriter:
                     batches = self._merge(item)
                     for batch in batches:
                         self._ipc.write_batch(batch)  # compresses and writes without the GIL
+                        self._note_used(batch)
                 except Exception as e:
                     self._fail(e)
                     continue
@@ -438,6 +443,12 @@ class TraceWriter:
                     self.stats.max_flush_lag_s = lag
             finally:
                 self._batches.task_done()
+
+    def _note_used(self, batch: pa.RecordBatch) -> None:
+        used = self._used
+        for name, col in zip(batch.schema.names, batch.columns, strict=True):
+            if name not in used and col.null_count < len(col):
+                used.add(name)
 
     def _fail(self, exc: BaseException) -> None:
         """Stop recording after a write error; keep what is on disk; tell the VMM once."""
@@ -524,7 +535,7 @@ class TraceWriter:
             for name in names:
                 c = COLUMN_BY_NAME[name]
                 value_type = c.type.index_type if c.is_dictionary else c.type
-                parts = [a if a is not None else pa.nulls(g[2] - g[1], value_type) for a, g in zip(pieces[name], groups, strict=True)]
+                parts = [a if a is not None else NULLS.array(value_type, g[2] - g[1]) for a, g in zip(pieces[name], groups, strict=True)]
                 kind_order.append(pa.concat_arrays(parts))
             restored = pa.RecordBatch.from_arrays(kind_order, names=names).take(pc.sort_indices(order))
             for name, arr in zip(names, restored.columns, strict=True):
@@ -532,8 +543,8 @@ class TraceWriter:
         for c in FIELD_COLUMNS:
             data = arrays.get(c.name)
             if data is None:
-                data = pa.nulls(n, c.type.index_type if c.is_dictionary else c.type)
-            if c.is_dictionary:
+                data = NULLS.array(c.type, n, self._dicts[c.name].array() if c.is_dictionary else None)
+            elif c.is_dictionary:
                 data = pa.DictionaryArray.from_arrays(data, self._dicts[c.name].array())
             arrays[c.name] = data
         return pa.RecordBatch.from_arrays([arrays[c.name] for c in COLUMNS], schema=self.schema)
@@ -621,7 +632,11 @@ class TraceWriter:
         if ok and self.seal:
             t = time.perf_counter()
             try:
-                seal_trace(self.path, extra={"summary": self._summary()}, fsync=self.fsync_on_close)
+                dictionaries = {name: d.array() for name, d in self._dicts.items()} | {"kind": KIND_DICTIONARY}
+                seal_trace(
+                    self.path, extra={"summary": self._summary()}, fsync=self.fsync_on_close,
+                    dictionaries=dictionaries, columns=self._used,
+                )  # fmt: skip
                 self.sealed = True
             except (OSError, pa.ArrowException, TraceError) as e:
                 self.seal_error = f"sealing {self.path} failed, left as stream: {e}"
@@ -652,6 +667,8 @@ def seal_trace(
     target_rows: int = 65536,
     compression: str = "zstd",
     fsync: bool = True,
+    dictionaries: Mapping[str, pa.Array] | None = None,
+    columns: Collection[str] | None = None,
 ) -> None:
     """Rewrite the stream at ``path`` as an IPC file (what ``scan_ipc`` wants), atomically.
 
@@ -659,21 +676,32 @@ def seal_trace(
     given its final dictionary: the IPC file format allows one dictionary per column,
     and the writer's dictionaries are append-only, so old indices stay valid.
     Also usable on a recovered (killed) trace to make it scannable.
+
+    The writer passes what it knows: the final ``dictionaries`` and the ``columns`` that
+    hold any non-null value. Otherwise a first pass over the stream finds both. Only
+    those columns are decoded and rewritten; every other column is written as shared
+    nulls (decoding and re-encoding them was most of the cost of sealing).
     """
     p = Path(path)
     trace = open_trace(p)
     if trace.sealed:
         return
     schema = trace.schema
-    dict_cols = [i for i, f in enumerate(schema) if pa.types.is_dictionary(f.type)]
-    # Two streaming passes (one batch in memory at a time): find each column's final
-    # dictionary, then rewrite. Holding every batch would need the whole trace in RAM.
-    final: dict[int, pa.Array] = {i: pa.array([], pa.string()) for i in dict_cols}
-    for b in trace.batches():
-        for i in dict_cols:
-            d = b.column(i).dictionary
-            if len(d) > len(final[i]):
-                final[i] = d
+    dict_names = {f.name for f in schema if pa.types.is_dictionary(f.type)}
+    if dictionaries is None or columns is None:
+        # A streaming pass (one batch in memory at a time): holding every batch would need
+        # the whole trace in RAM.
+        found: dict[str, pa.Array] = {}
+        used: set[str] = set()
+        for b in trace.batches():
+            for f, col in zip(schema, b.columns, strict=True):
+                if col.null_count < len(col):
+                    used.add(f.name)
+                if f.name in dict_names and len(col.dictionary) > len(found.get(f.name, ())):
+                    found[f.name] = col.dictionary
+        dictionaries, columns = found, used
+    final = {name: dictionaries.get(name, pa.array([], pa.string())) for name in dict_names}
+    wanted = [f.name for f in schema if f.name in columns] or [schema[0].name]
     md = dict(trace.metadata)
     md["sealed"] = True
     if extra:
@@ -685,19 +713,16 @@ def seal_trace(
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, out_schema, options=options) as w:
             group: list[pa.RecordBatch] = []
             rows = 0
-            for b in trace.batches():
+            for b in trace.batches(wanted):
                 if b.num_rows == 0:
                     continue
-                cols = list(b.columns)
-                for i in dict_cols:
-                    cols[i] = pa.DictionaryArray.from_arrays(cols[i].indices, final[i])
-                group.append(pa.RecordBatch.from_arrays(cols, schema=out_schema))
+                group.append(b)
                 rows += b.num_rows
                 if rows >= target_rows:
-                    _write_group(w, group, out_schema)
+                    w.write_batch(_coalesce(group, rows, out_schema, final))
                     group, rows = [], 0
             if group:
-                _write_group(w, group, out_schema)
+                w.write_batch(_coalesce(group, rows, out_schema, final))
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -716,8 +741,17 @@ def seal_trace(
             os.close(dfd)
 
 
-def _write_group(w: ipc.RecordBatchFileWriter, group: list[pa.RecordBatch], schema: pa.Schema) -> None:
-    table = pa.Table.from_batches(group, schema=schema).combine_chunks()
-    for b in table.to_batches():
-        w.write_batch(b)
-
+def _coalesce(group: list[pa.RecordBatch], rows: int, schema: pa.Schema, final: Mapping[str, pa.Array]) -> pa.RecordBatch:
+    """One batch of the full schema from projected stream batches: dictionaries made final, the rest nulls."""
+    have = group[0].schema.names
+    columns = []
+    for f in schema:
+        dictionary = final.get(f.name)
+        if f.name not in have:
+            columns.append(NULLS.array(f.type, rows, dictionary))
+            continue
+        parts = [b.column(f.name) for b in group]
+        if dictionary is not None:
+            parts = [pa.DictionaryArray.from_arrays(a.indices, dictionary) for a in parts]
+        columns.append(parts[0] if len(parts) == 1 else pa.concat_arrays(parts))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
