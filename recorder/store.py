@@ -77,6 +77,13 @@ class EventStore:
         status = self.lib.vsmt_stamp(self._ptr, out)
         return status, out[0], out[1]
 
+    def stamp_call(self) -> tuple[Callable[[Any], int], Any]:
+        """``stamp`` for hot callers: (``fn(out) -> status``, ``out``) with out[0] = seq, out[1] = time_ns.
+
+        One C call and two cdata reads, no Python frame; the caller serialises uses of ``out``.
+        """
+        return functools.partial(self.lib.vsmt_stamp, self._ptr), self.ffi.new("int64_t[2]")
+
     def due(self) -> int:
         return int(self.lib.vsmt_due(self._ptr))
 

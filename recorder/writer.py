@@ -58,6 +58,8 @@ from recorder.store import EventStore
 from vmm.events import EventKind
 
 _KIND_BY_VALUE = {k.value: k for k in EventKind}
+#: Per kind, the emit field names it accepts (what ``emit`` checks on every call).
+_ALLOWED: dict[EventKind, frozenset[str]] = {k: frozenset(f) for k, f in KIND_FIELDS.items()}
 monotonic_ns = time.monotonic_ns
 
 #: Busy VPs flush inline once the oldest pending event is this fraction of ``max_age_s`` old...
@@ -206,6 +208,7 @@ class TraceWriter:
             due_age_ns=int(max_age_s * INLINE_AGE_FRACTION * 1e9),
         )
         self._late = self._store.LATE
+        self._stamp, self._stamp_out = self._store.stamp_call()
         #: The PIO/MMIO fast path (``vmm.events.EventSink.record_io``): one C call per event.
         self.record_io = self._store.io
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
@@ -275,16 +278,18 @@ class TraceWriter:
             if self.error is not None:
                 self.stats.dropped += 1
             return None
-        allowed = KIND_FIELDS.get(kind)  # type: ignore[call-overload]
-        if allowed is None or (fields and not fields.keys() <= allowed.keys()):
+        allowed = _ALLOWED.get(kind)  # type: ignore[call-overload]
+        if allowed is None or (fields and not allowed.issuperset(fields)):
             self._reject(kind, fields)
         if self._building:
             self._gate.wait()
-        with self._lock:
-            status, seq, now = self._store.stamp()
+        out = self._stamp_out
+        with self._lock:  # also serialises the use of ``out``
+            status = self._stamp(out)
             if status < 0:  # closing (or stopped on an error)
                 return None
-            self._rows.append((seq, now, kind, vp, vtl, rip, fields))
+            seq = out[0]
+            self._rows.append((seq, out[1], kind, vp, vtl, rip, fields))
         if status:
             self.flush_due(status)
         return seq
@@ -620,7 +625,9 @@ class TraceWriter:
             if ok:
                 try:
                     self._ipc.close()  # writes the end-of-stream marker
-                    if self.fsync_on_close:
+                    # A sealed trace is made durable by sealing (file fsynced before the rename):
+                    # the stream it replaces is fsynced only when it stays.
+                    if self.fsync_on_close and not self.seal:
                         os.fsync(self._file.fileno())
                 except OSError as e:
                     self._fail(e)
@@ -640,6 +647,11 @@ class TraceWriter:
                 self.sealed = True
             except (OSError, pa.ArrowException, TraceError) as e:
                 self.seal_error = f"sealing {self.path} failed, left as stream: {e}"
+                if self.fsync_on_close:
+                    try:
+                        _fsync(self.path)
+                    except OSError:
+                        pass
             self.stats.seal_seconds = time.perf_counter() - t
 
     def _summary(self) -> dict[str, Any]:
@@ -724,21 +736,22 @@ def seal_trace(
             if group:
                 w.write_batch(_coalesce(group, rows, out_schema, final))
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(tmp)
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if fsync:
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync(p.parent)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _coalesce(group: list[pa.RecordBatch], rows: int, schema: pa.Schema, final: Mapping[str, pa.Array]) -> pa.RecordBatch:
