@@ -102,6 +102,15 @@ class EventStore:
         """Stamp every later event ``time_ns`` (ns since start) instead of reading the clock."""
         self.lib.vsmt_set_manual_time(self._ptr, time_ns)
 
+    def native_io(self) -> tuple[int, int]:
+        """(address of ``vsmt_io``, address of this store): for C callers in other extensions.
+
+        The KVM run loop records port-I/O exits through it without returning to Python
+        (``vmm.kvm`` ``vsm_kvm_run_recorded``); the store must outlive those callers.
+        """
+        fn = self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "vsmt_io"))
+        return int(fn), int(self.ffi.cast("uintptr_t", self._ptr))
+
     def stop(self) -> None:
         """Record nothing more: later ``io``/``stamp`` calls return STOPPED."""
         self.lib.vsmt_stop(self._ptr)

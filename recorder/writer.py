@@ -211,6 +211,8 @@ class TraceWriter:
         self._stamp, self._stamp_out = self._store.stamp_call()
         #: The PIO/MMIO fast path (``vmm.events.EventSink.record_io``): one C call per event.
         self.record_io = self._store.io
+        #: The same from C: (function address, argument) of the store's append (``EventSink.native_io``).
+        self.native_io = self._store.native_io()
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
         self._used: set[str] = set()  # columns written with a non-null value (what sealing must decode)
         self._building = False  # a batch is being built: emitters wait at the gate

@@ -8,7 +8,10 @@ handler never knows whether it is being recorded.
 
 Port-I/O and MMIO events, one per exit on the hottest paths, have a positional
 fast path, ``record_io``, which the recorder serves with one C call; when it
-returns a positive status the caller passes it to ``flush_due``.
+returns a positive status the caller passes it to ``flush_due``. A sink may also
+offer ``native_io`` = (address of a C function with ``record_io``'s arguments after
+a leading ``void *``, that argument): the machine then records OUTs to device ports
+inside its KVM_RUN call, without Python (``Machine.attach_exit_recorders``).
 """
 
 from __future__ import annotations
