@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ INLINE_AGE_FRACTION = 0.5
 FLUSHER_AGE_FRACTION = 0.6
 #: Pending events beyond this many batches make emitters wait for the writer (backpressure).
 LATE_BATCHES = 4
+#: How often a thread waiting for the writer thread checks that it is still alive.
+WRITER_POLL_S = 0.5
 
 #: A pending Python-built event: (seq, time_ns, kind, vp, vtl, rip, fields).
 Row = tuple[int, int, Any, Any, Any, Any, dict[str, Any]]
@@ -96,6 +98,7 @@ class _Taken:
     hot: list[pa.RecordBatch]  # store chunks, in seq order
     first_ns: int  # time_ns of the oldest event (for max_flush_lag_s)
     count: int
+    written: threading.Event = field(default_factory=threading.Event)  # set by the writer thread when done
 
 
 class _Dictionary:
@@ -214,6 +217,7 @@ class TraceWriter:
         #: The same from C: (function address, argument) of the store's append (``EventSink.native_io``).
         self.native_io = self._store.native_io()
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
+        self._queued: _Taken | None = None  # the last batch handed to the writer thread
         self._used: set[str] = set()  # columns written with a non-null value (what sealing must decode)
         self._building = False  # a batch is being built: emitters wait at the gate
         self._gate = threading.Event()
@@ -379,9 +383,16 @@ class TraceWriter:
                         self._building = False
                         self._gate.set()
                 hot = [self._hot_batch(c) for c in chunks if c.n]
+                previous = self._queued
+                if blocking and previous is not None:
+                    # Old events are being flushed: if the writer thread has not even written the
+                    # previous batch (starved of CPU), wait for it, so the backlog stays bounded.
+                    while not previous.written.wait(WRITER_POLL_S) and self._writer_thread.is_alive():
+                        pass
                 # Merging, compressing and writing run on the writer thread (Arrow releases the
                 # GIL for all three), so the VP thread that took the events goes back to its guest.
-                self._batches.put(_Taken(py_batch, hot, first_ns, count))
+                self._queued = _Taken(py_batch, hot, first_ns, count)
+                self._batches.put(self._queued)
             except Exception as e:  # a recorder bug: stop recording, never kill the VP thread
                 self._fail(e)
         finally:
@@ -449,6 +460,8 @@ class TraceWriter:
                 if lag > self.stats.max_flush_lag_s:
                     self.stats.max_flush_lag_s = lag
             finally:
+                if item is not None:
+                    item.written.set()  # written, skipped or failed: nobody waits for it any longer
                 self._batches.task_done()
 
     def _note_used(self, batch: pa.RecordBatch) -> None:
