@@ -48,7 +48,6 @@ int vsmt_stamp(vsmt_store *s, int64_t *out);
 int vsmt_due(vsmt_store *s);
 int64_t vsmt_oldest(vsmt_store *s);
 vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff);
-uint64_t vsmt_next_seq(vsmt_store *s);
 uint64_t vsmt_dropped(vsmt_store *s);
 void vsmt_chunk_free(vsmt_chunk *c);
 
@@ -283,13 +282,6 @@ vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff) {
     *cutoff = s->next_seq;
     pthread_mutex_unlock(&s->lock);
     return c;
-}
-
-uint64_t vsmt_next_seq(vsmt_store *s) {
-    pthread_mutex_lock(&s->lock);
-    uint64_t n = s->next_seq;
-    pthread_mutex_unlock(&s->lock);
-    return n;
 }
 
 uint64_t vsmt_dropped(vsmt_store *s) {

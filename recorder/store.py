@@ -1,7 +1,7 @@
 """The recorder's C event store: sequence numbers, clock, and columns for PIO/MMIO events.
 
 ``EventStore.io`` is what a VP thread calls per port-I/O or MMIO event: one C call
-(``vsmt_io``) with the raw values, no Python object built. ``stamp`` gives a
+(``vsmt_io``) with the raw values, no Python object built. ``stamp_call`` gives a
 Python-built row its ``seq`` and ``time_ns`` from the same counter and clock.
 ``take`` detaches the filled chunks; ``chunk_arrays`` wraps a chunk's columns as
 Arrow arrays without copying (the chunk is freed when the last array using it is).
@@ -62,23 +62,14 @@ class EventStore:
         if ptr == self.ffi.NULL:
             raise MemoryError("cannot allocate the trace event store")
         self._ptr = self.ffi.gc(ptr, self.lib.vsmt_free)
-        self.NOT_DUE: int = self.lib.VSMT_NOT_DUE
-        self.DUE: int = self.lib.VSMT_DUE
+        #: Statuses of ``io`` and stamps: > 0 asks for a flush (LATE: and wait for it); < 0: stopped.
         self.LATE: int = self.lib.VSMT_LATE
-        self.STOPPED: int = self.lib.VSMT_STOPPED
         #: ``io(kind, vp, vtl, rip, address, size, is_write, data) -> status``: one C call, no Python frame.
         self.io: Callable[..., int] = functools.partial(self.lib.vsmt_io, self._ptr)
-        self._stamp_out = self.ffi.new("int64_t[2]")
         self._cutoff = self.ffi.new("uint64_t *")
 
-    def stamp(self) -> tuple[int, int, int]:
-        """(status, seq, time_ns) for a Python-built event. Not reentrant: callers serialise."""
-        out = self._stamp_out
-        status = self.lib.vsmt_stamp(self._ptr, out)
-        return status, out[0], out[1]
-
     def stamp_call(self) -> tuple[Callable[[Any], int], Any]:
-        """``stamp`` for hot callers: (``fn(out) -> status``, ``out``) with out[0] = seq, out[1] = time_ns.
+        """How to stamp a Python-built event: (``fn(out) -> status``, ``out``), out[0] = seq, out[1] = time_ns.
 
         One C call and two cdata reads, no Python frame; the caller serialises uses of ``out``.
         """
@@ -91,9 +82,6 @@ class EventStore:
         """time_ns of the oldest event not yet taken, or None."""
         t = int(self.lib.vsmt_oldest(self._ptr))
         return None if t < 0 else t
-
-    def next_seq(self) -> int:
-        return int(self.lib.vsmt_next_seq(self._ptr))
 
     def dropped(self) -> int:
         return int(self.lib.vsmt_dropped(self._ptr))
@@ -112,7 +100,7 @@ class EventStore:
         return int(fn), int(self.ffi.cast("uintptr_t", self._ptr))
 
     def stop(self) -> None:
-        """Record nothing more: later ``io``/``stamp`` calls return STOPPED."""
+        """Record nothing more: later ``io`` and stamp calls return a negative status."""
         self.lib.vsmt_stop(self._ptr)
 
     def take(self) -> tuple[list[Any], int]:
