@@ -70,6 +70,9 @@ FLUSHER_AGE_FRACTION = 0.6
 LATE_BATCHES = 4
 #: How often a thread waiting for the writer thread checks that it is still alive.
 WRITER_POLL_S = 0.5
+#: A trace of at most this many events keeps its written batches in memory, so sealing it
+#: need not read the stream back (null columns are shared, so they cost little).
+KEEP_ROWS = 1 << 16
 
 #: A pending Python-built event: (seq, time_ns, kind, vp, vtl, rip, fields).
 Row = tuple[int, int, Any, Any, Any, Any, dict[str, Any]]
@@ -219,6 +222,8 @@ class TraceWriter:
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
         self._queued: _Taken | None = None  # the last batch handed to the writer thread
         self._used: set[str] = set()  # columns written with a non-null value (what sealing must decode)
+        self._kept: list[pa.RecordBatch] | None = []  # every batch written, while there are few (KEEP_ROWS)
+        self._kept_rows = 0
         self._building = False  # a batch is being built: emitters wait at the gate
         self._gate = threading.Event()
         self._gate.set()
@@ -453,6 +458,7 @@ class TraceWriter:
                     for batch in batches:
                         self._ipc.write_batch(batch)  # compresses and writes without the GIL
                         self._note_used(batch)
+                        self._keep(batch)
                 except Exception as e:
                     self._fail(e)
                     continue
@@ -467,6 +473,15 @@ class TraceWriter:
                 if item is not None:
                     item.written.set()  # written, skipped or failed: nobody waits for it any longer
                 self._batches.task_done()
+
+    def _keep(self, batch: pa.RecordBatch) -> None:
+        if self._kept is None:
+            return
+        self._kept_rows += batch.num_rows
+        if self._kept_rows > KEEP_ROWS:
+            self._kept = None  # a big trace: sealing reads the stream back instead
+        else:
+            self._kept.append(batch)
 
     def _note_used(self, batch: pa.RecordBatch) -> None:
         used = self._used
@@ -661,8 +676,9 @@ class TraceWriter:
                 dictionaries = {name: d.array() for name, d in self._dicts.items()} | {"kind": KIND_DICTIONARY}
                 seal_trace(
                     self.path, extra={"summary": self._summary()}, fsync=self.fsync_on_close,
-                    dictionaries=dictionaries, columns=self._used,
+                    dictionaries=dictionaries, columns=self._used, batches=self._kept,
                 )  # fmt: skip
+                self._kept = None
                 self.sealed = True
             except (OSError, pa.ArrowException, TraceError) as e:
                 self.seal_error = f"sealing {self.path} failed, left as stream: {e}"
@@ -700,6 +716,7 @@ def seal_trace(
     fsync: bool = True,
     dictionaries: Mapping[str, pa.Array] | None = None,
     columns: Collection[str] | None = None,
+    batches: Sequence[pa.RecordBatch] | None = None,
 ) -> None:
     """Rewrite the stream at ``path`` as an IPC file (what ``scan_ipc`` wants), atomically.
 
@@ -711,7 +728,8 @@ def seal_trace(
     The writer passes what it knows: the final ``dictionaries`` and the ``columns`` that
     hold any non-null value. Otherwise a first pass over the stream finds both. Only
     those columns are decoded and rewritten; every other column is written as shared
-    nulls (decoding and re-encoding them was most of the cost of sealing).
+    nulls (decoding and re-encoding them was most of the cost of sealing). A writer that
+    still holds every batch it wrote passes them as ``batches``: nothing is read back.
     """
     p = Path(path)
     trace = open_trace(p)
@@ -745,16 +763,17 @@ def seal_trace(
         with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, out_schema, options=options) as w:
             group: list[pa.RecordBatch] = []
             rows = 0
-            for b in trace.batches(wanted, threads=False):
+            source = batches if batches is not None else trace.batches(wanted, threads=False)
+            for b in source:
                 if b.num_rows == 0:
                     continue
                 group.append(b)
                 rows += b.num_rows
                 if rows >= target_rows:
-                    w.write_batch(_coalesce(group, rows, out_schema, final))
+                    w.write_batch(_coalesce(group, rows, out_schema, final, wanted))
                     group, rows = [], 0
             if group:
-                w.write_batch(_coalesce(group, rows, out_schema, final))
+                w.write_batch(_coalesce(group, rows, out_schema, final, wanted))
         if fsync:
             _fsync(tmp)
         os.replace(tmp, p)
@@ -774,9 +793,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _coalesce(group: list[pa.RecordBatch], rows: int, schema: pa.Schema, final: Mapping[str, pa.Array]) -> pa.RecordBatch:
-    """One batch of the full schema from projected stream batches: dictionaries made final, the rest nulls."""
-    have = group[0].schema.names
+def _coalesce(
+    group: list[pa.RecordBatch], rows: int, schema: pa.Schema, final: Mapping[str, pa.Array], wanted: Collection[str]
+) -> pa.RecordBatch:
+    """One batch of the full schema from (projected) batches: ``wanted`` columns concatenated with
+    their dictionaries made final, the others shared nulls."""
+    have = set(group[0].schema.names) & set(wanted)
     columns = []
     for f in schema:
         dictionary = final.get(f.name)
