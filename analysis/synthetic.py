@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import recorder.writer as _writer_mod
 from recorder.writer import TraceWriter
 from vmm.events import EventKind as K
 
@@ -26,14 +25,15 @@ __all__ = ["FakeClockWriter", "synthetic_writer", "write_realistic"]
 class FakeClockWriter:
     """Wraps a TraceWriter; ``emit(..., at=ns)`` stamps the event at ``at`` ns after trace start.
 
-    The writer reads time through ``recorder.writer.monotonic_ns``; while this object is
-    open that name returns ``writer start + self.now``. ``max_age_s`` is huge so the
-    writer never flushes on age (its age checks would mix real and fake time).
+    The writer stamps events with ``self.now`` (``TraceWriter.set_manual_time``) instead of
+    its clock. ``max_age_s`` is huge so the writer never flushes on age (its age checks
+    would mix real and fake time).
     """
 
     def __init__(self, writer: TraceWriter) -> None:
         self.writer = writer
         self.now = 0
+        writer.set_manual_time(0)
 
     def emit(self, kind: K, vp: int, vtl: int, rip: int | None, *, at: int | None = None, **fields: Any) -> None:
         """Record one event; ``at`` (ns since start) must not go backwards."""
@@ -41,29 +41,24 @@ class FakeClockWriter:
             if at < self.now:
                 raise ValueError(f"fake clock cannot go backwards ({at} < {self.now})")
             self.now = at
+            self.writer.set_manual_time(at)
         self.writer.emit(kind, vp, vtl, rip, **fields)
 
     def advance(self, ns: int) -> None:
         self.now += ns
+        self.writer.set_manual_time(self.now)
 
 
 @contextmanager
 def synthetic_writer(path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Iterator[FakeClockWriter]:
     """Open a TraceWriter on ``path`` driven by a fake clock; seals the trace on exit."""
-    saved = _writer_mod.monotonic_ns
     md = {"vm_config": {"synthetic": True}, "command_line": ["synthetic"]}
     md.update(metadata or {})
     w = TraceWriter(path, md, max_age_s=1e6, fsync_on_close=False, batch_rows=65536)
-    fake = FakeClockWriter(w)
-    t0 = w._t0
-    _writer_mod.monotonic_ns = lambda: t0 + fake.now
     try:
-        yield fake
+        yield FakeClockWriter(w)
     finally:
-        try:
-            w.close()
-        finally:
-            _writer_mod.monotonic_ns = saved
+        w.close()
 
 
 # Secure-call service codes and the hypercalls a VTL1 kernel makes while serving them.

@@ -127,13 +127,18 @@ class Trace:
             return "unsealed stream, closed cleanly (sealing did not happen)"
         return "unsealed stream, no end marker (writer killed between batches, or still recording)"
 
-    def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Sequence[str] | None = None, *, threads: bool = True) -> Iterator[pa.RecordBatch]:
         """Every complete record batch, in seq order; only ``columns`` (in schema order) when given.
 
         Reading a few columns decodes only their buffers: the replayer needs a handful of
         the ~70 columns, and decoding all of them was most of its load time.
+        ``threads=False`` decodes on the calling thread: cheaper than Arrow's thread pool
+        for batches of many small buffers when the other cores are busy.
         """
-        options = None if columns is None else ipc.IpcReadOptions(included_fields=self._field_indices(columns))
+        options = None
+        if columns is not None or not threads:
+            fields = None if columns is None else self._field_indices(columns)
+            options = ipc.IpcReadOptions(included_fields=fields, use_threads=threads)
         if self.sealed:
             reader = ipc.open_file(self._buf, options=options)
             for i in range(reader.num_record_batches):

@@ -226,6 +226,67 @@ def test_threads_get_unique_consecutive_seqs(tmp_path: Path) -> None:
         assert df.filter(pl.col("vp") == vp)["value"].to_list() == list(range(per))
 
 
+def test_fast_path_and_emit_share_one_order(tmp_path: Path) -> None:
+    """record_io rows (C columns) and emit rows (Python) from several threads: one seq order, merged by seq."""
+    path = tmp_path / "t.vsmt"
+    w = TraceWriter(path, {}, batch_rows=700)
+    n_threads, per = 4, 3000
+
+    def worker(vp: int) -> None:
+        for i in range(per):
+            w.record_io(K.PIO if i % 2 else K.MMIO, vp, i % 2, 0x1000 + i, 0x3F8 + vp, 1 + i % 4, i % 3 == 0, i)
+            if i % 5 == 0:
+                w.emit(K.SERIAL, vp, 0, 0x2000 + i, data=bytes([i % 256]))
+            if i % 11 == 0:
+                w.emit(K.HYPERCALL, vp, 1, None, code=i, name=f"call{i % 3}", status=0, status_name="HV_STATUS_SUCCESS")
+
+    threads = [threading.Thread(target=worker, args=(vp,)) for vp in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    w.close()
+    trace = open_trace(path)
+    assert trace.sealed
+    df = trace.lazy().collect()
+    io_rows = df.filter(pl.col("kind").cast(pl.String).is_in(["PIO", "MMIO"]))
+    assert df.height == n_threads * (per + len(range(0, per, 5)) + len(range(0, per, 11)))
+    assert df["seq"].to_list() == list(range(df.height))
+    assert df["time_ns"].is_sorted()
+    for vp in range(n_threads):  # each thread's events keep their order and values
+        mine = io_rows.filter(pl.col("vp") == vp)
+        assert mine["data"].to_list() == list(range(per))
+        assert mine["rip"].to_list() == [0x1000 + i for i in range(per)]
+        assert mine["is_write"].to_list() == [i % 3 == 0 for i in range(per)]
+        assert mine["size"].to_list() == [1 + i % 4 for i in range(per)]
+        assert set(mine["address"].to_list()) == {0x3F8 + vp}
+        assert mine["kind"].cast(pl.String).to_list() == ["PIO" if i % 2 else "MMIO" for i in range(per)]
+        serial = df.filter((pl.col("vp") == vp) & (pl.col("kind") == "SERIAL"))
+        assert serial["serial_data"].to_list() == [bytes([i % 256]) for i in range(0, per, 5)]
+    assert io_rows["serial_data"].null_count() == io_rows.height and io_rows["name"].null_count() == io_rows.height
+
+
+def test_writer_seal_equals_a_seal_from_the_stream_alone(tmp_path: Path) -> None:
+    """close() seals with what the writer knows (final dictionaries, columns with data): same file content
+    as sealing the stream later without that knowledge."""
+    paths = {}
+    for name, seal in (("writer", True), ("stream", False)):
+        path = paths[name] = tmp_path / f"{name}.vsmt"
+        w = TraceWriter(path, {}, seal=seal, batch_rows=53, fsync_on_close=False)
+        w.set_manual_time(0)
+        for i, (kind, vp, vtl, rip, fields) in enumerate(SAMPLES * 12):
+            w.set_manual_time(i * 10)
+            w.emit(kind, vp, vtl, rip, **fields)
+            w.record_io(K.PIO, vp, vtl, i, 0x80, 1, True, i)
+            if i % 17 == 0:
+                w.flush()
+        w.close()
+    seal_trace(paths["stream"], fsync=False)
+    a, b = open_trace(paths["writer"]), open_trace(paths["stream"])
+    assert a.sealed and b.sealed
+    assert a.table().to_pylist() == b.table().to_pylist()
+
+
 def test_an_event_reaches_disk_within_max_age(tmp_path: Path) -> None:
     path = tmp_path / "t.vsmt"
     w = TraceWriter(path, {}, max_age_s=0.2)
@@ -296,6 +357,7 @@ CHILD = textwrap.dedent(
         w.emit(K.HYPERCALL, i % 4, i % 2, i, code=0x11, name="HvCallVtlCall", control=0x11, fast=True,
                status=0, regs_in=rng.randbytes(rng.randrange(0, 64)))
         w.emit(K.SERIAL, i % 4, 0, i, data=os.urandom(65536) if big else b"x" * (i % 50))
+        w.record_io(K.PIO, i % 4, 0, i, 0x80, 1, True, i & 0xFF)
         i += 1
         if i % 500 == 0:
             print("flushed", w.stats.flushed_events, flush=True)

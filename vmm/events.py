@@ -5,6 +5,13 @@ drops everything; the recorder (``recorder.writer.TraceWriter``) implements the
 same protocol and turns each call into a row of the trace. Field names per kind
 are the recorder schema's column names (see ``recorder/schema.py``), so a
 handler never knows whether it is being recorded.
+
+Port-I/O and MMIO events, one per exit on the hottest paths, have a positional
+fast path, ``record_io``, which the recorder serves with one C call; when it
+returns a positive status the caller passes it to ``flush_due``. A sink may also
+offer ``native_io`` = (address of a C function with ``record_io``'s arguments after
+a leading ``void *``, that argument): the machine then records OUTs to device ports
+inside its KVM_RUN call, without Python (``Machine.attach_exit_recorders``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,14 @@ class EventSink(Protocol):
         """Record an event; a recording sink returns the event's sequence number."""
         ...
 
+    def record_io(self, kind: EventKind, vp: int, vtl: int, rip: int, address: int, size: int, is_write: bool, data: int) -> int:
+        """A PIO or MMIO event (the fields of ``emit``, positional); > 0: call ``flush_due`` with it."""
+        ...
+
+    def flush_due(self, status: int) -> None:
+        """Let the sink write what ``record_io`` said is due (called outside any VMM lock)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -55,6 +70,12 @@ class NullSink:
     enabled = False
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int, **fields: Any) -> None:
+        return None
+
+    def record_io(self, kind: EventKind, vp: int, vtl: int, rip: int, address: int, size: int, is_write: bool, data: int) -> int:
+        return 0
+
+    def flush_due(self, status: int) -> None:
         return None
 
     def close(self) -> None:
@@ -71,6 +92,13 @@ class ListSink:
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int, **fields: Any) -> None:
         self.events.append((kind, vp, vtl, rip, fields))
+
+    def record_io(self, kind: EventKind, vp: int, vtl: int, rip: int, address: int, size: int, is_write: bool, data: int) -> int:
+        self.emit(kind, vp, vtl, rip, address=address, size=size, is_write=bool(is_write), data=data)
+        return 0
+
+    def flush_due(self, status: int) -> None:
+        return None
 
     def close(self) -> None:
         return None

@@ -66,6 +66,9 @@ IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
 RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
 unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
+PIO, MMIO = EventKind.PIO, EventKind.MMIO
+RUN_RECORDED = int(lib.VSM_RUN_RECORDED)  # vsm_kvm_run_recorded: recorder status + this
+PORTS = 1 << 16
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
 
@@ -109,6 +112,7 @@ class VirtualProcessor:
         self.vtl = 0
         self.vcpu: Vcpu = self.vcpus[0]
         self.exit_info: tuple[int, ...] = ()  # the current exit's kvm_run fields (see EXIT_IO)
+        self.exit_recorded = 0  # > 0: the current exit's PIO event was recorded in C (vsm_kvm_run_recorded)
         self.state = VpState.RUNNING if index == 0 else VpState.WAIT_FOR_SIPI
         self.cond = threading.Condition()
         self.wakeups = 0  # bumped by every notify; see wait()
@@ -357,6 +361,7 @@ class VirtualProcessor:
         handlers = self.exit_handlers
         waiting = VpState.WAIT_FOR_SIPI
         kvm_run = lib.vsm_kvm_run
+        kvm_run_recorded = lib.vsm_kvm_run_recorded
         unpack_exit = EXIT_INFO.unpack_from
         deterministic = machine.deterministic  # fixed once the machine is built
         while not machine.stopping:
@@ -376,17 +381,22 @@ class VirtualProcessor:
             if machine.stopping:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
-            r = kvm_run(vcpu.fd)
+            recorder = vcpu.exit_recorder
+            r = kvm_run(vcpu.fd) if recorder is None else kvm_run_recorded(vcpu.fd, recorder)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
             view = vcpu.run_view
             if view[IMMEDIATE_EXIT_OFFSET]:
                 run.immediate_exit = 0
-            if r < 0:
-                if r in (-errno.EINTR, -errno.EAGAIN):
-                    continue
-                raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+            self.exit_recorded = r
+            if r:
+                if r < 0:
+                    if r in (-errno.EINTR, -errno.EAGAIN):
+                        continue
+                    raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+                if r > RUN_RECORDED:  # recorded in C, and the recorder wants a flush
+                    machine.sink.flush_due(r - RUN_RECORDED)
             info = self.exit_info = unpack_exit(view, EXIT_INFO_OFFSET)
             reason = info[0]
             cr8 = info[4]
@@ -461,17 +471,24 @@ class VirtualProcessor:
             trap(self, port, size, direction == IO_OUT)
             return
         bus = machine.pio
-        recording = machine.sink.enabled
+        sink = machine.sink
+        recording = sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded
         if direction == IO_OUT:
             device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
-            if count == 1 and device is not None and not recording:
-                device.pio_write(port, size, int.from_bytes(view[offset : offset + size], "little"))
+            if count == 1 and device is not None:
+                value = int.from_bytes(view[offset : offset + size], "little")
+                if recording:  # the recorder's C fast path, inlined too
+                    rip = unpack_rip(view, RIP_OFFSET)[0] if self.vcpu.sync_regs else self.rip()
+                    status = sink.record_io(PIO, self.index, self.vtl, rip, port, size, True, value)
+                    if status > 0:
+                        sink.flush_due(status)
+                device.pio_write(port, size, value)
                 return
             for i in range(count):
                 start = offset + i * size
                 value = int.from_bytes(view[start : start + size], "little")
                 if recording:
-                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=True, data=value)
+                    self.record_io(PIO, port, size, True, value)
                 if device is None:
                     bus.write(port, size, value)  # unclaimed: warns once
                 else:
@@ -482,7 +499,15 @@ class VirtualProcessor:
                 start = offset + i * size
                 view[start : start + size] = value.to_bytes(size, "little")
                 if recording:
-                    machine.emit(EventKind.PIO, self, address=port, size=size, is_write=False, data=value)
+                    self.record_io(PIO, port, size, False, value)
+
+    def record_io(self, kind: EventKind, address: int, size: int, is_write: bool, data: int) -> None:
+        """A PIO or MMIO event for the running VTL, through the sink's positional fast path."""
+        sink = self.machine.sink
+        if sink.enabled:
+            status = sink.record_io(kind, self.index, self.vtl, self.rip(), address, size, is_write, data)
+            if status > 0:
+                sink.flush_due(status)
 
     def on_mmio(self) -> None:
         run = self.vcpu.run_struct
@@ -503,7 +528,7 @@ class VirtualProcessor:
             else:
                 value = apic.mmio_read(offset, length)
                 ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
-            machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+            self.record_io(MMIO, gpa, length, is_write, value)
             return
         found = machine.mmio.find(gpa)
         if found is not None:
@@ -519,7 +544,7 @@ class VirtualProcessor:
             if not is_write:
                 ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
             machine.warn_once(("mmio", gpa & ~0xFFF), f"guest accessed unbacked guest-physical address {gpa:#x}")
-        machine.emit(EventKind.MMIO, self, address=gpa, size=length, is_write=is_write, data=value)
+        self.record_io(MMIO, gpa, length, is_write, value)
 
     def on_hlt(self) -> None:
         run = self.vcpu.run_struct
@@ -650,6 +675,7 @@ class Machine:
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
         self.halted_no_if: set[int] = set()
+        self._recorded_ports: Any = None  # bitmap of ports whose OUTs KVM_RUN records in C
 
         # Hooks later layers install (Hyper-V, VSM); None means "not present".
         self.trap_ports: dict[int, Callable[[VirtualProcessor, int, int, bool], None]] = {}
@@ -775,6 +801,36 @@ class Machine:
                         self.sink.emit(EventKind.CPUID, vp.index, vtl, None, leaf=fn, subleaf=idx, eax=a, ebx=b, ecx=c, edx=d)
         apply_boot_state(self.vps[0].vcpus[0], boot)
         self.booted = True
+
+    def attach_exit_recorders(self) -> None:
+        """Let KVM_RUN itself record OUTs to device ports (``vsm_kvm_run_recorded``) if the sink can.
+
+        The sink's ``native_io`` is its C append function and argument. Needs the synced
+        registers (RIP comes from kvm_run); not with --deterministic, whose EXIT event must
+        come before the PIO event of the same exit. Trap ports are served, not recorded,
+        so they stay out of the bitmap.
+        """
+        native = getattr(self.sink, "native_io", None) if self.sink.enabled else None
+        if native is None or self.deterministic is not None:
+            return
+        ports = self._recorded_ports = ffi.new("uint8_t[]", PORTS // 8)
+        for port in self.pio.devices:
+            if port not in self.trap_ports:
+                ports[port >> 3] |= 1 << (port & 7)
+        fn, store = native
+        for vp in self.vps:
+            for vtl, vcpu in enumerate(vp.vcpus):
+                if not vcpu.sync_regs:
+                    continue
+                rec = ffi.new("struct vsm_exit_recorder *")
+                rec.run = vcpu.run_struct
+                rec.record = ffi.cast("vsm_io_sink", fn)
+                rec.store = ffi.cast("void *", store)
+                rec.kind = int(PIO)
+                rec.vp = vp.index
+                rec.vtl = vtl
+                rec.ports = ports
+                vcpu.exit_recorder = rec
 
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
@@ -974,6 +1030,7 @@ class Machine:
         """Run until the guest exits, fails, times out or the user interrupts; returns the exit status."""
         if not self.booted:
             self.boot()
+        self.attach_exit_recorders()
         for vp in self.vps:
             vp.start()
         if self.config.serial_in_interactive:

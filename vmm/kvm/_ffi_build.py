@@ -293,6 +293,20 @@ int munmap(void *addr, size_t length);
 
 /* helpers defined in the C source below */
 int vsm_kvm_run(int vcpu_fd);
+
+typedef int (*vsm_io_sink)(void *store, int kind, uint32_t vp, uint32_t vtl, uint64_t rip, uint64_t address,
+                           uint32_t size, int is_write, uint64_t data);
+struct vsm_exit_recorder {
+    struct kvm_run *run;
+    vsm_io_sink record;
+    void *store;
+    int kind;
+    uint32_t vp;
+    uint32_t vtl;
+    const uint8_t *ports;
+};
+#define VSM_RUN_RECORDED ...
+int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec);
 int vsm_install_kick_handler(void);
 int vsm_kick_signal(void);
 unsigned long vsm_thread_self(void);
@@ -337,6 +351,43 @@ uint64_t vsm_rdtsc(void) { unsigned int lo, hi; __asm__ volatile("rdtsc" : "=a"(
 int vsm_kvm_run(int vcpu_fd) {
     int r = ioctl(vcpu_fd, KVM_RUN, 0);
     return r < 0 ? -errno : r;
+}
+
+/* The recorder's append function for port-I/O/MMIO events (recorder/store.py, vsmt_io). */
+typedef int (*vsm_io_sink)(void *store, int kind, uint32_t vp, uint32_t vtl, uint64_t rip, uint64_t address,
+                           uint32_t size, int is_write, uint64_t data);
+
+/* What vsm_kvm_run_recorded needs to record an exit without Python: one per vCPU. */
+struct vsm_exit_recorder {
+    struct kvm_run *run;
+    vsm_io_sink record;
+    void *store;
+    int kind;              /* EventKind.PIO */
+    uint32_t vp;
+    uint32_t vtl;
+    const uint8_t *ports;  /* bitmap: OUT to these ports is recorded here (device ports, not traps) */
+};
+
+/* vsm_kvm_run_recorded returns VSM_RUN_RECORDED + the recorder's status when it recorded the exit. */
+#define VSM_RUN_RECORDED 16
+
+/* KVM_RUN, then, for a single OUT to a port in rec->ports, the PIO event appended straight
+   from kvm_run (port, size, data, and RIP from the synced registers): the hottest event
+   costs no Python. Returns -errno, 0 (nothing recorded) or VSM_RUN_RECORDED + status. */
+int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
+    int r = ioctl(vcpu_fd, KVM_RUN, 0);
+    if (r < 0)
+        return -errno;
+    struct kvm_run *run = rec->run;
+    if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.count != 1)
+        return 0;
+    uint16_t port = run->io.port;
+    if (!(rec->ports[port >> 3] & (1u << (port & 7))))
+        return 0;
+    uint64_t data = 0;
+    memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
+    int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
+    return VSM_RUN_RECORDED + status;
 }
 """
 

@@ -201,6 +201,8 @@ class Vcpu:
         # CPL, mode or CR2 then costs no ioctl (each one is several µs on some backends).
         self.sync_sregs = bool(self.sync_regs and sync & lib.KVM_SYNC_X86_SREGS)
         self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
+        # struct vsm_exit_recorder when the machine records port-I/O exits in C (vsm_kvm_run_recorded).
+        self.exit_recorder: Any = None
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
 

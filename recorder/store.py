@@ -1,0 +1,129 @@
+"""The recorder's C event store: sequence numbers, clock, and columns for PIO/MMIO events.
+
+``EventStore.io`` is what a VP thread calls per port-I/O or MMIO event: one C call
+(``vsmt_io``) with the raw values, no Python object built. ``stamp_call`` gives a
+Python-built row its ``seq`` and ``time_ns`` from the same counter and clock.
+``take`` detaches the filled chunks; ``chunk_arrays`` wraps a chunk's columns as
+Arrow arrays without copying (the chunk is freed when the last array using it is).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pyarrow as pa
+
+from recorder import _store_build
+from vmm.native import load_extension
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+
+#: Arrow type of each chunk column (``kind`` holds dictionary indices: EventKind value - 1).
+CHUNK_TYPES: dict[str, pa.DataType] = {
+    "seq": pa.uint64(),
+    "time_ns": pa.int64(),
+    "vp": pa.uint16(),
+    "vtl": pa.uint8(),
+    "rip": pa.uint64(),
+    "kind": pa.int8(),
+    "address": pa.uint64(),
+    "size": pa.uint8(),
+    "is_write": pa.bool_(),
+    "data": pa.uint64(),
+}
+assert tuple(CHUNK_TYPES) == _store_build.CHUNK_COLUMNS
+
+
+def load() -> ModuleType:
+    """The compiled store module (built into the vsmtrace cache on first use)."""
+    global _module
+    if _module is None:
+        with _lock:
+            if _module is None:
+                _module = load_extension(
+                    "_vsmtrace_store", _store_build.CDEF + _store_build.SOURCE, _store_build.make_ffi, "the recorder's event store"
+                )
+    return _module
+
+
+class EventStore:
+    """One trace's C store. Thread-safe: every C entry point takes the store's mutex."""
+
+    def __init__(self, t0_ns: int, chunk_rows: int, due_rows: int, late_rows: int, due_age_ns: int) -> None:
+        mod = load()
+        self.ffi: Any = mod.ffi
+        self.lib: Any = mod.lib
+        ptr = self.lib.vsmt_open(t0_ns, chunk_rows, due_rows, late_rows, due_age_ns)
+        if ptr == self.ffi.NULL:
+            raise MemoryError("cannot allocate the trace event store")
+        self._ptr = self.ffi.gc(ptr, self.lib.vsmt_free)
+        #: Statuses of ``io`` and stamps: > 0 asks for a flush (LATE: and wait for it); < 0: stopped.
+        self.LATE: int = self.lib.VSMT_LATE
+        #: ``io(kind, vp, vtl, rip, address, size, is_write, data) -> status``: one C call, no Python frame.
+        self.io: Callable[..., int] = functools.partial(self.lib.vsmt_io, self._ptr)
+        self._cutoff = self.ffi.new("uint64_t *")
+
+    def stamp_call(self) -> tuple[Callable[[Any], int], Any]:
+        """How to stamp a Python-built event: (``fn(out) -> status``, ``out``), out[0] = seq, out[1] = time_ns.
+
+        One C call and two cdata reads, no Python frame; the caller serialises uses of ``out``.
+        """
+        return functools.partial(self.lib.vsmt_stamp, self._ptr), self.ffi.new("int64_t[2]")
+
+    def due(self) -> int:
+        return int(self.lib.vsmt_due(self._ptr))
+
+    def oldest(self) -> int | None:
+        """time_ns of the oldest event not yet taken, or None."""
+        t = int(self.lib.vsmt_oldest(self._ptr))
+        return None if t < 0 else t
+
+    def dropped(self) -> int:
+        return int(self.lib.vsmt_dropped(self._ptr))
+
+    def set_manual_time(self, time_ns: int) -> None:
+        """Stamp every later event ``time_ns`` (ns since start) instead of reading the clock."""
+        self.lib.vsmt_set_manual_time(self._ptr, time_ns)
+
+    def native_io(self) -> tuple[int, int]:
+        """(address of ``vsmt_io``, address of this store): for C callers in other extensions.
+
+        The KVM run loop records port-I/O exits through it without returning to Python
+        (``vmm.kvm`` ``vsm_kvm_run_recorded``); the store must outlive those callers.
+        """
+        fn = self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "vsmt_io"))
+        return int(fn), int(self.ffi.cast("uintptr_t", self._ptr))
+
+    def stop(self) -> None:
+        """Record nothing more: later ``io`` and stamp calls return a negative status."""
+        self.lib.vsmt_stop(self._ptr)
+
+    def take(self) -> tuple[list[Any], int]:
+        """Detach the pending chunks (oldest first, each owned by the returned object) and the cutoff seq.
+
+        Not reentrant: callers serialise takes (the writer's write lock).
+        """
+        lib, ffi = self.lib, self.ffi
+        c = lib.vsmt_take(self._ptr, self._cutoff)
+        chunks = []
+        while c != ffi.NULL:
+            nxt = c.next
+            chunks.append(ffi.gc(c, lib.vsmt_chunk_free))
+            c = nxt
+        return chunks, int(self._cutoff[0])
+
+    def chunk_arrays(self, chunk: Any) -> dict[str, pa.Array]:
+        """The chunk's filled rows as Arrow arrays over the C buffers (zero-copy; they keep ``chunk`` alive)."""
+        n = int(chunk.n)
+        out: dict[str, pa.Array] = {}
+        for i, (name, typ) in enumerate(CHUNK_TYPES.items()):
+            ptr = getattr(chunk, name)
+            address = int(self.ffi.cast("uintptr_t", ptr))
+            buf = pa.foreign_buffer(address, int(chunk.bytes[i]), base=chunk)
+            out[name] = pa.Array.from_buffers(typ, n, [None, buf])
+        return out
