@@ -221,7 +221,6 @@ class VirtualProcessor:
         self.interrupt_hint = True
         with self.cond:
             self.wakeups += 1
-            self.wakeups += 1
             self.cond.notify_all()
         if self.in_guest:
             self.vcpu.run_struct.immediate_exit = 1
@@ -370,6 +369,7 @@ class VirtualProcessor:
                 vcpu = self.vcpu
                 run = vcpu.run_struct
                 continue
+            kicks = self.wakeups
             if self.requests:
                 self.service_requests()
             if self.pending_flush:
@@ -378,6 +378,11 @@ class VirtualProcessor:
                 run = self.deliver_interrupts(run)
                 vcpu = self.vcpu
             self.in_guest = True
+            if self.wakeups != kicks:
+                # kick() came after the checks above but saw in_guest still False, so it set no
+                # immediate_exit: look again rather than enter a guest that may not exit soon.
+                self.in_guest = False
+                continue
             if machine.stopping:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
