@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,15 @@ def test_docs_describe_every_column_and_kind() -> None:
 # ----------------------------------------------------------------------------- concurrency and flushing
 
 
+def _run_threads(worker: Callable[[int], None], count: int) -> None:
+    """Run ``worker(vp)`` for vp in 0..count-1 on as many threads at once, and wait for all."""
+    threads = [threading.Thread(target=worker, args=(vp,)) for vp in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_threads_get_unique_consecutive_seqs(tmp_path: Path) -> None:
     path = tmp_path / "t.vsmt"
     w = TraceWriter(path, {}, batch_rows=1000)
@@ -212,11 +222,7 @@ def test_threads_get_unique_consecutive_seqs(tmp_path: Path) -> None:
         for i in range(per):
             w.emit(K.MSR, vp, 0, i, msr=0x40000070, value=i, is_write=True)
 
-    threads = [threading.Thread(target=worker, args=(vp,)) for vp in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, n_threads)
     w.close()
     df = open_trace(path).lazy().collect()
     assert df.height == n_threads * per
@@ -240,11 +246,7 @@ def test_fast_path_and_emit_share_one_order(tmp_path: Path) -> None:
             if i % 11 == 0:
                 w.emit(K.HYPERCALL, vp, 1, None, code=i, name=f"call{i % 3}", status=0, status_name="HV_STATUS_SUCCESS")
 
-    threads = [threading.Thread(target=worker, args=(vp,)) for vp in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, n_threads)
     w.close()
     trace = open_trace(path)
     assert trace.sealed
