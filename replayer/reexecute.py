@@ -533,9 +533,7 @@ class Reexecutor:
                 target.set_events(events)
             elif op in ("tlb.flush_vps", "vsm.flush_vps"):
                 _vps, vtl = args
-                target = vp.vcpus[vtl]
-                target.flush_regs()
-                target.set_sregs(target.get_sregs())  # as VirtualProcessor.flush_tlb
+                vp.flush_vtl_tlb(vtl)
             elif op.startswith("vsm."):
                 self._vsm_service(row, op, args, vp, pending)
         if row["entry"] == "hypercall":

@@ -291,9 +291,13 @@ class VirtualProcessor:
         with self.cond:
             vtls, self.pending_flush = self.pending_flush, set()
         for vtl in vtls:
-            vcpu = self.vcpus[vtl]
-            vcpu.flush_regs()
-            vcpu.set_sregs(vcpu.get_sregs())  # KVM resets the MMU context: no stale translation survives
+            self.flush_vtl_tlb(vtl)
+
+    def flush_vtl_tlb(self, vtl: int) -> None:
+        """Flush ``vtl``'s translations now, on this VP's thread."""
+        vcpu = self.vcpus[vtl]
+        vcpu.flush_regs()
+        vcpu.set_sregs(vcpu.get_sregs())  # KVM resets the MMU context: no stale translation survives
 
     def service_requests(self) -> None:
         with self.cond:
@@ -476,17 +480,13 @@ class VirtualProcessor:
             trap(self, port, size, direction == IO_OUT)
             return
         bus = machine.pio
-        sink = machine.sink
-        recording = sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded
+        recording = machine.sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded
         if direction == IO_OUT:
             device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
             if count == 1 and device is not None:
                 value = int.from_bytes(view[offset : offset + size], "little")
-                if recording:  # the recorder's C fast path, inlined too
-                    rip = unpack_rip(view, RIP_OFFSET)[0] if self.vcpu.sync_regs else self.rip()
-                    status = sink.record_io(PIO, self.index, self.vtl, rip, port, size, True, value)
-                    if status > 0:
-                        sink.flush_due(status)
+                if recording:  # rare: KVM_RUN records these in C when it can (attach_exit_recorders)
+                    self.record_io(PIO, port, size, True, value)
                 device.pio_write(port, size, value)
                 return
             for i in range(count):

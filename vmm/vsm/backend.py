@@ -364,14 +364,14 @@ class VsmBackend:
                 f"VP {vp.index} VTL{vtl} {ACCESS_NAMES[access]} of protected {gpa:#x} with no higher VTL to intercept it",
             )
         denied = self.undo_denied_access(vp, gpa, access, length, gva)
+        message, packed = denied.message, denied.message.pack()
         machine.emit(
             EventKind.INTERCEPT, vp, access=ACCESS_NAMES[access], gpa=gpa, gva=denied.gva, insn_bytes=denied.insn_bytes,
-            message=denied.message.pack(),
+            message=packed,
         )  # fmt: skip
-        message = denied.message
         hv, i = machine.hyperv.hv, vp.index
         self.boundary.entry(
-            "post_intercept", i, target_vtl, [i, target_vtl, message.pack()],
+            "post_intercept", i, target_vtl, [i, target_vtl, packed],
             lambda: hv.post_intercept(i, target_vtl, message),
         )
         if vp.apics[target_vtl].pending_vector() is None:
