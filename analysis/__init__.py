@@ -7,8 +7,8 @@ need instead of loading a whole trace. See docs/analysis.md.
 
 from __future__ import annotations
 
-from analysis.load import load
-from analysis.tables import (
+from vsmtrace.analysis.load import load
+from vsmtrace.analysis.tables import (
     errors,
     event_counts,
     exits,

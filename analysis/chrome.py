@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
-
-from analysis import tables as T
+from vsmtrace.analysis import tables as T
 
 __all__ = ["HYPERCALL_TID_BASE", "chrome_events", "export_chrome", "write_chrome"]
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-
-from analysis import tables as T
+from vsmtrace.analysis import tables as T
 
 __all__ = ["NONDETERMINISTIC", "Divergence", "TraceDiff", "diff_traces", "first_divergence", "format_diff"]
 
@@ -134,7 +133,7 @@ def _v(v: Any) -> str:
 
 def format_diff(d: TraceDiff, name_a: str = "A", name_b: str = "B") -> str:
     """The diff as text: counts table, latency tables, and the divergence verdict."""
-    from analysis.report import _ns  # one duration formatter for every text output
+    from vsmtrace.analysis.report import _ns  # one duration formatter for every text output
 
     out = [f"A = {name_a} ({d.events_a} events)", f"B = {name_b} ({d.events_b} events)", "", "events per kind"]
     w = max([len("kind"), *(len(k) for k in d.counts["kind"].to_list())])

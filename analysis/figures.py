@@ -20,8 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-
-from analysis import tables as T  # noqa: E402
+from vsmtrace.analysis import tables as T  # noqa: E402
 
 __all__ = [
     "FIGURES",

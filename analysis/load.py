@@ -7,9 +7,8 @@ from functools import cache
 from typing import Union
 
 import polars as pl
-
-from recorder.reader import Trace, open_trace
-from recorder.schema import arrow_schema
+from vsmtrace.recorder.reader import Trace, open_trace
+from vsmtrace.recorder.schema import arrow_schema
 
 TraceLike = Union[str, "os.PathLike[str]", Trace, pl.LazyFrame, pl.DataFrame]
 

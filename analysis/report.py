@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import polars as pl
-
-from analysis import tables as T
+from vsmtrace.analysis import tables as T
 
 __all__ = ["Summary", "format_report", "summarize"]
 

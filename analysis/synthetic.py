@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from recorder.writer import TraceWriter
-from vmm.events import EventKind as K
+from vsmtrace.recorder.writer import TraceWriter
+from vsmtrace.vmm.events import EventKind as K
 
 __all__ = ["FakeClockWriter", "synthetic_writer", "write_realistic"]
 

@@ -9,14 +9,27 @@ import sys
 import time
 from pathlib import Path
 
+from vsmtrace.guests.build import build_guest
+from vsmtrace.vmm.native import cache_dir as cache_base
+
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 GUEST_DIR = BENCH_DIR / "guests"
+TEST_GUEST_DIR = ROOT / "tests" / "guests"  # C sources only: benchmarks import nothing from tests/
+
+
+def test_guest(name: str) -> Path:
+    """Build one of the test suite's guests (``tests/guests/<name>.c``) with the guest SDK."""
+    return build_guest(name, source_dir=TEST_GUEST_DIR)
+
+
+def bench_guest(name: str) -> Path:
+    """Build ``bench/guests/<name>.c`` with the guest SDK."""
+    return build_guest(name, source_dir=GUEST_DIR)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("VSMTRACE_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "vsmtrace")
-    path = Path(base) / "bench"
+    path = cache_base() / "bench"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -24,9 +24,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recorder.reader import open_trace  # noqa: E402
-from recorder.writer import TraceWriter  # noqa: E402
-from vmm.events import EventKind as K  # noqa: E402
+from vsmtrace.recorder.reader import open_trace  # noqa: E402
+from vsmtrace.recorder.writer import TraceWriter  # noqa: E402
+from vsmtrace.vmm.events import EventKind as K  # noqa: E402
 
 Emit = Callable[..., None]
 

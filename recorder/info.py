@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
-
-from recorder.reader import Trace, open_trace
+from vsmtrace.recorder.reader import Trace, open_trace
 
 
 @dataclass

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vsmtrace.recorder.errors import TraceError
+from vsmtrace.recorder.schema import SCHEMA_VERSION
+
 import vsmtrace
-from recorder.errors import TraceError
-from recorder.schema import SCHEMA_VERSION
 
 #: Keys the caller may supply; anything else is kept under ``extra`` so it is not lost.
 CALLER_KEYS = ("command_line", "guest_image", "vm_config", "kvm_capabilities")

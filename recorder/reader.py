@@ -23,9 +23,8 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
-
-from recorder.errors import TraceFormatError
-from recorder.schema import METADATA_KEY, SCHEMA_VERSION
+from vsmtrace.recorder.errors import TraceFormatError
+from vsmtrace.recorder.schema import METADATA_KEY, SCHEMA_VERSION
 
 FILE_MAGIC = b"ARROW1"
 CONTINUATION = b"\xff\xff\xff\xff"

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-
-from vmm.events import EventKind
+from vsmtrace.vmm.events import EventKind
 
 SCHEMA_VERSION = 1
 

@@ -16,9 +16,8 @@ from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
-
-from recorder import _store_build
-from vmm.native import load_extension
+from vsmtrace.recorder import _store_build
+from vsmtrace.vmm.native import load_extension
 
 _lock = threading.Lock()
 _module: ModuleType | None = None

@@ -38,12 +38,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
-
-from recorder.errors import TraceError
-from recorder.metadata import build_metadata
-from recorder.nulls import NULLS
-from recorder.reader import open_trace
-from recorder.schema import (
+from vsmtrace.recorder.errors import TraceError
+from vsmtrace.recorder.metadata import build_metadata
+from vsmtrace.recorder.nulls import NULLS
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.recorder.schema import (
     COLUMN_BY_NAME,
     COLUMNS,
     COMMON_COLUMNS,
@@ -54,8 +53,8 @@ from recorder.schema import (
     Column,
     arrow_schema,
 )
-from recorder.store import EventStore
-from vmm.events import EventKind
+from vsmtrace.recorder.store import EventStore
+from vsmtrace.vmm.events import EventKind
 
 _KIND_BY_VALUE = {k.value: k for k in EventKind}
 #: Per kind, the emit field names it accepts (what ``emit`` checks on every call).

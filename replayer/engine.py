@@ -24,16 +24,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from recorder.errors import TraceError
-from recorder.reader import open_trace
-from recorder.schema import SCHEMA_VERSION
-from replayer.errors import Divergence, ReplayError
-from replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_columns, paused_gc, pylist
-from replayer.state import ReplayState
-from replayer.trace_backend import OpCursor, ReplayPartition, ReplayService, ReplaySink, ReplayTimers
-from vmm.emulation_io import emitted_events, encode
-from vmm.events import EventKind
+from vsmtrace.recorder.errors import TraceError
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.recorder.schema import SCHEMA_VERSION
+from vsmtrace.replayer.errors import Divergence, ReplayError
+from vsmtrace.replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_columns, paused_gc, pylist
+from vsmtrace.replayer.state import ReplayState
+from vsmtrace.replayer.trace_backend import OpCursor, ReplayPartition, ReplayService, ReplaySink, ReplayTimers
+from vsmtrace.vmm.emulation_io import emitted_events, encode
+from vsmtrace.vmm.events import EventKind
 
 ENTRY_COLUMNS = ["seq", "vp", "vtl", "entry", "emu_order", "emu_args", "emu_io", "emu_result"]
 #: What replay reads of every event: its kind (to find the events that need an entry) and
@@ -259,8 +258,8 @@ class VmmReplayer:
 
     # -- the emulation, rebuilt over the trace ---------------------------------------------------
     def _build(self) -> None:
-        from vmm.hyperv import HyperV
-        from vmm.hyperv.cpuid import HypervPolicy
+        from vsmtrace.vmm.hyperv import HyperV
+        from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
         cfg = self.config
         known = {f.name for f in dataclasses.fields(HypervPolicy)}
@@ -285,8 +284,8 @@ class VmmReplayer:
         )
         self.vsm: Any = None
         if vtls > 1 and policy.enabled:
-            from vmm.memory import ram_layout
-            from vmm.vsm import Vsm
+            from vsmtrace.vmm.memory import ram_layout
+            from vsmtrace.vmm.vsm import Vsm
 
             ram = ram_layout(int(cfg.get("ram_bytes") or int(cfg["memory_mib"]) << 20))
             self.vsm = Vsm(
@@ -309,7 +308,7 @@ class VmmReplayer:
         }
 
     def _vtl_entry(self, vp: int, vtl: int, reason: Any, arg: Any) -> Any:
-        from vmm.vsm.services import EntryReason
+        from vsmtrace.vmm.vsm.services import EntryReason
 
         return self.vsm.on_vtl_entry(vp, vtl, EntryReason(reason), arg)
 
@@ -317,7 +316,7 @@ class VmmReplayer:
         return self.vsm.notify_lower_vtl_interrupt(vp, vtl)
 
     def _post_intercept(self, vp: int, vtl: int, message: dict[str, str]) -> Any:
-        from vmm.hyperv.hvdef import HvMessage
+        from vsmtrace.vmm.hyperv.hvdef import HvMessage
 
         return self.hv.post_intercept(vp, vtl, HvMessage.unpack(bytes.fromhex(message["b"])))
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from recorder.schema import KIND_FIELDS
-from vmm.events import EventKind
+from vsmtrace.recorder.schema import KIND_FIELDS
+from vsmtrace.vmm.events import EventKind
 
 #: Fields that measure host time: they describe the run, not an emulation decision.
 TIMING_FIELDS = frozenset({"duration_ns"})

@@ -37,11 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recorder.errors import TraceError
-from recorder.reader import open_trace
-from replayer.errors import Divergence, ReplayError
-from vmm.emulation_io import decode_exception, decode_value, loads
-from vmm.events import EventKind
+from vsmtrace.recorder.errors import TraceError
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.replayer.errors import Divergence, ReplayError
+from vsmtrace.vmm.emulation_io import decode_exception, decode_value, loads
+from vsmtrace.vmm.events import EventKind
 
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
@@ -107,7 +107,7 @@ class ReexecReport:
 
 
 def _gpr_diff(recorded: bytes, actual: bytes) -> tuple[str, int, int] | None:
-    from vmm.deterministic import unpack_gprs
+    from vsmtrace.vmm.deterministic import unpack_gprs
 
     a, b = unpack_gprs(recorded), unpack_gprs(actual)
     for name, value in a.items():
@@ -168,9 +168,9 @@ class Reexecutor:
 
     # -- machine ---------------------------------------------------------------------------------
     def _build_machine(self) -> Any:
-        from vmm.config import MachineConfig
-        from vmm.hyperv.cpuid import HypervPolicy
-        from vmm.machine import Machine
+        from vsmtrace.vmm.config import MachineConfig
+        from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+        from vsmtrace.vmm.machine import Machine
 
         cfg = self.vm_config
         policy = None
@@ -194,9 +194,9 @@ class Reexecutor:
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, int], None] | None = None) -> ReexecReport:
-        from vmm.deterministic import ENTRY_IRQ_WINDOW, pack_gprs, ram_sha256
-        from vmm.kvm.exits import exit_name
-        from vmm.kvm.system import lib
+        from vsmtrace.vmm.deterministic import ENTRY_IRQ_WINDOW, pack_gprs, ram_sha256
+        from vsmtrace.vmm.kvm.exits import exit_name
+        from vsmtrace.vmm.kvm.system import lib
 
         machine = self._build_machine()
         self.machine = machine
@@ -326,7 +326,7 @@ class Reexecutor:
 
     def _tsc_cause(self, div: Divergence, vp: Any, previous_rip: int | None) -> str | None:
         """RDTSC as the reason for ``div`` if the code running between the last two exits reads the TSC."""
-        from replayer.guest_code import STACK_SCAN_BYTES, GuestCode
+        from vsmtrace.replayer.guest_code import STACK_SCAN_BYTES, GuestCode
 
         if not any(div.field.startswith(f) for f in TSC_SUSPECT_FIELDS.get(div.kind, ())):
             return None
@@ -350,8 +350,8 @@ class Reexecutor:
         ``transition`` is the VtlTransition of the ``vsm.request_transition`` op that asked
         for it (call/return), which also carries a non-fast return's RAX/RCX.
         """
-        from vmm.vsm.backend import ENTRY_REASON
-        from vmm.vsm.services import SwitchReason
+        from vsmtrace.vmm.vsm.backend import ENTRY_REASON
+        from vsmtrace.vmm.vsm.services import SwitchReason
 
         seq, from_vtl, to_vtl = row["seq"], row["from_vtl"], row["to_vtl"]
         if from_vtl != vp.vtl:
@@ -379,11 +379,11 @@ class Reexecutor:
 
     def _intercept(self, row: dict[str, Any], vp: Any, run: Any, reason: int) -> None:
         """The denied access exited again: undo it as live did, and check the intercept message."""
-        from vmm.kvm.exits import exit_name
-        from vmm.kvm.system import lib
-        from vmm.machine import GuestStop
-        from vmm.vp import Access
-        from vmm.vsm.backend import ACCESS_NAMES
+        from vsmtrace.vmm.kvm.exits import exit_name
+        from vsmtrace.vmm.kvm.system import lib
+        from vsmtrace.vmm.machine import GuestStop
+        from vsmtrace.vmm.vp import Access
+        from vsmtrace.vmm.vsm.backend import ACCESS_NAMES
 
         seq = row["seq"]
         access = next(a for a, name in ACCESS_NAMES.items() if name == row["access"])
@@ -418,8 +418,8 @@ class Reexecutor:
 
     def _settle(self, pending: PendingVsm, exit_seq: int, vp: Any) -> None:
         """End of an exit's events: every deferred VSM row must have been acted on; protections as recorded."""
-        from vmm.memory import PAGE_SHIFT
-        from vmm.vsm.state import mask_to_access
+        from vsmtrace.vmm.memory import PAGE_SHIFT
+        from vsmtrace.vmm.vsm.state import mask_to_access
 
         left = pending.switches + pending.entries
         if left:
@@ -439,7 +439,7 @@ class Reexecutor:
     # -- feeding one exit --------------------------------------------------------------------------
     @staticmethod
     def _pio(row: dict[str, Any], run: Any, reason: int, index: int) -> None:
-        from vmm.kvm.system import ffi, lib
+        from vsmtrace.vmm.kvm.system import ffi, lib
 
         seq = row["seq"]
         if reason != lib.KVM_EXIT_IO:
@@ -462,7 +462,7 @@ class Reexecutor:
 
     @staticmethod
     def _mmio(row: dict[str, Any], run: Any, reason: int, memory: Any) -> None:
-        from vmm.kvm.system import ffi, lib
+        from vsmtrace.vmm.kvm.system import ffi, lib
 
         seq = row["seq"]
         if reason != lib.KVM_EXIT_MMIO:
@@ -482,7 +482,7 @@ class Reexecutor:
 
     @staticmethod
     def _msr(row: dict[str, Any], run: Any, reason: int) -> None:
-        from vmm.kvm.system import lib
+        from vsmtrace.vmm.kvm.system import lib
 
         seq = row["seq"]
         want = lib.KVM_EXIT_X86_WRMSR if row["is_write"] else lib.KVM_EXIT_X86_RDMSR
@@ -505,8 +505,8 @@ class Reexecutor:
         calls (VTL creation, initial contexts, protections, VTL switches) go through the
         live ``VsmBackend``.
         """
-        from vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_INSN_LEN
-        from vmm.hyperv_backend import PAGE_OFFSET_MASK
+        from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_INSN_LEN
+        from vsmtrace.vmm.hyperv_backend import PAGE_OFFSET_MASK
 
         memory = vp.machine.memory
         for op, args, result in loads(row["emu_io"]) or []:
@@ -548,8 +548,8 @@ class Reexecutor:
 
     def _vsm_service(self, row: dict[str, Any], op: str, args: list[Any], vp: Any, pending: PendingVsm) -> None:
         """A ``VsmServices`` call the recorded entry made: performed by the live backend."""
-        from vmm.vp import Access
-        from vmm.vsm.services import InitialVpContext, PageProtection
+        from vsmtrace.vmm.vp import Access
+        from vsmtrace.vmm.vsm.services import InitialVpContext, PageProtection
 
         backend = self.machine.vsm
         if op == "vsm.request_transition":
@@ -573,13 +573,13 @@ class Reexecutor:
 
 def _rwx(allowed: Any) -> str:
     """An allowed-access set as ``rwx`` letters (``-`` for each denied access)."""
-    from vmm.vp import Access
+    from vsmtrace.vmm.vp import Access
 
     return "".join(c if allowed & a else "-" for c, a in zip("rwx", (Access.READ, Access.WRITE, Access.EXECUTE), strict=True))
 
 
 def exit_name_of(reason: int) -> str:
-    from vmm.kvm.exits import exit_name
+    from vsmtrace.vmm.kvm.exits import exit_name
 
     return exit_name(reason)
 

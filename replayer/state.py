@@ -14,9 +14,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from vmm.emulation_io import decode_value
-from vmm.vp import Access, Segment, Table
+from vsmtrace.vmm.emulation_io import decode_value
+from vsmtrace.vmm.vp import Access, Segment, Table
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
 #: The I/O ops the state keeps track of (registers as last seen, enabled VTLs, protections).

@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from recorder.schema import KIND_FIELDS
-from replayer.errors import Divergence
-from replayer.recorded_rows import TIMING_FIELDS, EmittedRows
-from vmm.emulation_io import decode_exception, decode_value, encode
-from vmm.events import EventKind
-from vmm.vp import Access, CpuMode
+from vsmtrace.recorder.schema import KIND_FIELDS
+from vsmtrace.replayer.errors import Divergence
+from vsmtrace.replayer.recorded_rows import TIMING_FIELDS, EmittedRows
+from vsmtrace.vmm.emulation_io import decode_exception, decode_value, encode
+from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.vp import Access, CpuMode
 
 #: Types that encode to themselves (fast path: most arguments are plain ints and names).
 PLAIN = frozenset({int, str, type(None)})

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.guests.build import build_guest, build_raw64  # noqa: E402
+from tests.guests import build_guest, build_raw64  # noqa: E402
 
 
 def kvm_problem() -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.vp import CpuMode, Segment, Table
 
 
 class FakeVp:

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import vsmtrace.analysis as A
 from click.testing import CliRunner
+from vsmtrace.analysis.chrome import HYPERCALL_TID_BASE, export_chrome
+from vsmtrace.analysis.diff import diff_traces, format_diff
+from vsmtrace.analysis.figures import FIGURES, write_figures
+from vsmtrace.analysis.report import format_report, summarize
+from vsmtrace.analysis.synthetic import synthetic_writer, write_realistic
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.recorder.schema import COLUMN_BY_NAME, KIND_FIELDS
+from vsmtrace.vmm.events import EventKind as K
 
-import analysis as A
-from analysis.chrome import HYPERCALL_TID_BASE, export_chrome
-from analysis.diff import diff_traces, format_diff
-from analysis.figures import FIGURES, write_figures
-from analysis.report import format_report, summarize
-from analysis.synthetic import synthetic_writer, write_realistic
-from recorder.reader import open_trace
-from recorder.schema import COLUMN_BY_NAME, KIND_FIELDS
-from vmm.events import EventKind as K
 from vsmtrace.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

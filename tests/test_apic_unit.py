@@ -6,8 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 import pytest
-
-from vmm.devices.apic import (
+from vsmtrace.vmm.devices.apic import (
     APIC_BASE_BSP,
     APIC_BASE_EN,
     APIC_BASE_EXTD,
@@ -26,7 +25,7 @@ from vmm.devices.apic import (
     divisor_of,
     x2apic_msr,
 )
-from vmm.timers import ManualClock, ManualTimerService, TimerService
+from vsmtrace.vmm.timers import ManualClock, ManualTimerService, TimerService
 
 TSC_HZ = 2_000_000_000  # 2 GHz guest TSC: 2 ticks per ns
 TIMER_HZ = 1_000_000_000  # 1 GHz APIC timer clock: with divide-by-1, one count per ns
@@ -1000,7 +999,7 @@ def test_threaded_timer_service_fires_and_cancels() -> None:
 
 
 def test_threaded_timer_drives_apic() -> None:
-    from vmm.timers import HostClock
+    from vsmtrace.vmm.timers import HostClock
 
     clock = HostClock(TSC_HZ)
     service = TimerService(clock)

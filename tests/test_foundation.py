@@ -39,7 +39,7 @@ def lines(r: RunResult) -> list[str]:
 @functools.cache
 def guest_tsc_hz() -> int:
     """The guest TSC rate KVM reports for a fresh vCPU (what vsmtrace's guests run at)."""
-    from vmm.kvm.system import Kvm
+    from vsmtrace.vmm.kvm.system import Kvm
 
     assert kvm_problem() is None
     kvm = Kvm()
@@ -137,8 +137,8 @@ def test_bootinfo_modules(vsmtrace, guest, tmp_path: Path) -> None:
 
 def test_loader_zeroes_bss_even_over_dirty_memory(guest) -> None:
     """The guest never clears its BSS; on fresh (zero) RAM a missing fill would go unnoticed, so dirty it first."""
-    from vmm.loader.multiboot import load_kernel
-    from vmm.memory import GuestMemory
+    from vsmtrace.vmm.loader.multiboot import load_kernel
+    from vsmtrace.vmm.memory import GuestMemory
 
     kernel = guest("bootinfo")
     with kernel.open("rb") as f:

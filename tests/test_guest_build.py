@@ -8,14 +8,11 @@ lacks, so a broken guest fails here rather than as a confusing VMM error.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -28,17 +25,7 @@ MB_SEARCH = 8192
 FORBIDDEN = ("cmpxchg16b", "xrstor", "xsave", "int3", "clac", "stac", "popcnt", "fwait", "endbr64")
 
 
-def _load_build() -> ModuleType:
-    """Import tests/guests/build.py by path, whatever sys.path pytest set up."""
-    spec = importlib.util.spec_from_file_location("vsmtrace_guest_build", GUESTS_DIR / "build.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_build()
+from tests import guests as build  # noqa: E402  (the SDK, bound to tests/guests)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the system gcc")
 

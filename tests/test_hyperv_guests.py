@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 
 from tests.conftest import RunResult
-from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 
 pytestmark = pytest.mark.kvm
 

@@ -7,13 +7,11 @@ import struct
 from collections.abc import Sequence
 
 import pytest
-
-from tests.fakes import FakeVp
-from vmm.events import EventKind, ListSink
-from vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy, ManualTimerService
-from vmm.hyperv.connections import EventPort, MessagePort
-from vmm.hyperv.cpuid import hyperv_cpuid_leaves
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, ListSink
+from vsmtrace.vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy, ManualTimerService
+from vsmtrace.vmm.hyperv.connections import EventPort, MessagePort
+from vsmtrace.vmm.hyperv.cpuid import hyperv_cpuid_leaves
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_HYPERCALL_TRAP_PORT,
     HV_MESSAGE_SIZE,
     HV_PAGE_SIZE,
@@ -53,8 +51,8 @@ from vmm.hyperv.hvdef import (
     VsmCodePageOffsets,
     X86Exception,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
-from vmm.hyperv.hypercall_page import (
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.hyperv.hypercall_page import (
     HYPERCALL_OFFSET,
     VTL_CALL_OFFSET,
     VTL_CALL_OFFSET_32,
@@ -62,9 +60,11 @@ from vmm.hyperv.hypercall_page import (
     VTL_RETURN_OFFSET_32,
     HypercallPage,
 )
-from vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
-from vmm.hyperv.vtl_array import VtlArray
-from vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
+from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
+
+from tests.fakes import FakeVp
 
 RAM_SIZE = 1 << 20
 HC_PAGE = 0x10000
@@ -652,7 +652,7 @@ def test_32bit_caller_convention(env: Env) -> None:
 
 
 def test_vtl_hook_gets_vtl_calls(env: Env) -> None:
-    from vmm.hyperv.hypercall import HypercallOutcome
+    from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome
 
     requests = []
     env.hv.dispatcher.set_vtl_hook(lambda req: requests.append(req) or HypercallOutcome(req.code, vtl_action="switch"))

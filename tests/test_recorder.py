@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 from click.testing import CliRunner
+from vsmtrace.recorder.errors import TraceError, TraceFormatError
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.recorder.schema import COLUMN_BY_NAME, COLUMNS, KIND_FIELDS, METADATA_KEY, SCHEMA_VERSION, arrow_schema
+from vsmtrace.recorder.writer import TraceWriter, seal_trace
+from vsmtrace.vmm.events import EventKind as K
 
-from recorder.errors import TraceError, TraceFormatError
-from recorder.reader import open_trace
-from recorder.schema import COLUMN_BY_NAME, COLUMNS, KIND_FIELDS, METADATA_KEY, SCHEMA_VERSION, arrow_schema
-from recorder.writer import TraceWriter, seal_trace
-from vmm.events import EventKind as K
 from vsmtrace.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,8 +347,8 @@ def test_reading_a_trace_while_it_grows(tmp_path: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import os, sys, random
-    from recorder.writer import TraceWriter
-    from vmm.events import EventKind as K
+    from vsmtrace.recorder.writer import TraceWriter
+    from vsmtrace.vmm.events import EventKind as K
     big = sys.argv[4] == "big"  # multi-MB uncompressed batches: kills often land inside a write
     w = TraceWriter(sys.argv[1], {"vm_config": {"child": True}}, batch_rows=int(sys.argv[2]), max_age_s=0.05,
                     compression=None if big else "zstd")
@@ -520,8 +520,8 @@ def test_unwritable_destinations_raise_trace_error(tmp_path: Path) -> None:
 ENOSPC_CHILD = textwrap.dedent(
     """
     import json, resource, signal, sys
-    from recorder.writer import TraceWriter
-    from vmm.events import EventKind as K
+    from vsmtrace.recorder.writer import TraceWriter
+    from vsmtrace.vmm.events import EventKind as K
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     errors = []
     w = TraceWriter(sys.argv[1], {}, batch_rows=100, on_error=errors.append)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from vsmtrace.recorder import open_trace
 
-from recorder import open_trace
 from tests.conftest import ROOT, build_guest, run_vsmtrace
 
 pytestmark = pytest.mark.kvm
@@ -163,9 +163,9 @@ def _port_events(sink: object, kernel: Path) -> bool:
     """Run ``kernel`` in-process (as ``vsmtrace run`` does, Hyper-V on) into ``sink``; did KVM_RUN record in C?"""
     import io
 
-    from vmm.config import MachineConfig
-    from vmm.hyperv.cpuid import HypervPolicy
-    from vmm.machine import Machine
+    from vsmtrace.vmm.config import MachineConfig
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+    from vsmtrace.vmm.machine import Machine
 
     machine = Machine(MachineConfig(kernel=kernel, serial_out=io.BytesIO(), hyperv=HypervPolicy()))
     machine.sink = sink  # type: ignore[assignment]
@@ -180,8 +180,8 @@ def _port_events(sink: object, kernel: Path) -> bool:
 def test_port_exits_recorded_inside_kvm_run_match_the_python_path(tmp_path: Path) -> None:
     """OUTs to device ports are recorded by vsm_kvm_run_recorded (C), INs and the rest by Python:
     the trace must hold exactly the events, values and order that Python alone produces."""
-    from recorder.writer import TraceWriter
-    from vmm.events import EventKind, ListSink
+    from vsmtrace.recorder.writer import TraceWriter
+    from vsmtrace.vmm.events import EventKind, ListSink
 
     kernel = build_guest("ports")
     python_only = ListSink()  # no native_io: every PIO event goes through record_io in Python

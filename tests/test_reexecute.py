@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.vmm.cpu_state import MSR_IA32_TSC
 
-from recorder.reader import open_trace
 from tests.conftest import _require_kvm, run_vsmtrace
-from tests.guests.build import build_guest
-from vmm.cpu_state import MSR_IA32_TSC
+from tests.guests import build_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -261,7 +261,7 @@ def test_vsm_recordings_are_identical(vsmtrace, protect_trace: Path, tmp_path: P
 
 
 def test_intercepts_of_every_access_kind_are_reexecuted(protect_trace: Path) -> None:
-    from replayer.reexecute import Reexecutor
+    from vsmtrace.replayer.reexecute import Reexecutor
 
     accesses = {r["access"] for r in open_trace(protect_trace).table().to_pylist() if r["kind"] == "INTERCEPT"}
     assert accesses == {"read", "write", "execute"}

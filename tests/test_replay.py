@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pytest
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.replayer.engine import VmmReplayer, format_report
+from vsmtrace.replayer.errors import ReplayError
 
-from recorder.reader import open_trace
-from replayer.engine import VmmReplayer, format_report
-from replayer.errors import ReplayError
 from tests.conftest import ROOT, RunResult
 
 GUEST_TIMEOUT = 60  # seconds given to the guest (vsmtrace run --timeout)
@@ -123,7 +123,7 @@ def test_record_then_replay_verified(kvm, guest, vsmtrace, tmp_path: Path, name:
 def hv_trace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """hv_replay on 2 VPs with a short loop: (trace, guest stdout)."""
     from tests.conftest import kvm_problem, run_vsmtrace
-    from tests.guests.build import build_guest
+    from tests.guests import build_guest
 
     problem = kvm_problem()
     if problem is not None:
@@ -284,9 +284,9 @@ def test_unperturbed_copy_still_verifies(kvm, hv_trace, tmp_path: Path) -> None:
 
 
 def test_injected_handler_bug_found_at_first_call(kvm, hv_trace, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from vmm.hyperv.handlers import misc
-    from vmm.hyperv.hvdef import HvOutputGetPartitionId
-    from vmm.hyperv.hypercall import HypercallResult
+    from vsmtrace.vmm.hyperv.handlers import misc
+    from vsmtrace.vmm.hyperv.hvdef import HvOutputGetPartitionId
+    from vsmtrace.vmm.hyperv.hypercall import HypercallResult
 
     def buggy_get_partition_id(hv: Any, inp: Any) -> HypercallResult:
         return HypercallResult(output=HvOutputGetPartitionId(hv.partition_id + 1).pack())
@@ -304,9 +304,9 @@ def test_injected_handler_bug_found_at_first_call(kvm, hv_trace, monkeypatch: py
 
 def test_injected_status_bug(kvm, hv_trace, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A wrong status from HvCallGetVpIndexFromApicId: divergence at its first call."""
-    from vmm.hyperv.handlers import misc
-    from vmm.hyperv.hvdef import HvStatus
-    from vmm.hyperv.hypercall import HypercallResult
+    from vsmtrace.vmm.hyperv.handlers import misc
+    from vsmtrace.vmm.hyperv.hvdef import HvStatus
+    from vsmtrace.vmm.hyperv.hypercall import HypercallResult
 
     monkeypatch.setattr(misc, "get_vp_index_from_apic_id", lambda hv, inp: HypercallResult(HvStatus.HV_STATUS_INVALID_PARAMETER))
     table = load(hv_trace[0])
@@ -537,9 +537,9 @@ def test_replay_error_is_an_exception_for_the_api(tmp_path: Path) -> None:
 
 def test_vp_calls_compare_arguments_as_recorded_encodings() -> None:
     """The unencoded fast path accepts only what encodes to itself; anything else is encoded and decided as recorded."""
-    from replayer.errors import Divergence
-    from replayer.trace_backend import OpCursor, ReplayPartition
-    from vmm.vp import Access
+    from vsmtrace.replayer.errors import Divergence
+    from vsmtrace.replayer.trace_backend import OpCursor, ReplayPartition
+    from vsmtrace.vmm.vp import Access
 
     cursor = OpCursor()
     partition = ReplayPartition(1, cursor)

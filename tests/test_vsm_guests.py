@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from tests.conftest import run_vsmtrace
-from tests.guests.build import build_guest
+from tests.guests import build_guest
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the system gcc")
 

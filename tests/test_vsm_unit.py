@@ -11,11 +11,9 @@ import struct
 from collections.abc import Sequence
 
 import pytest
-
-from tests.fakes import FakeVp
-from vmm.events import EventKind, ListSink
-from vmm.hyperv import HyperV, HypervPolicy, ManualTimerService
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, ListSink
+from vsmtrace.vmm.hyperv import HyperV, HypervPolicy, ManualTimerService
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_ANY_VP,
     HV_MESSAGE_SIZE,
     HV_PAGE_SIZE,
@@ -50,11 +48,13 @@ from vmm.hyperv.hvdef import (
     VsmVpSecureConfig,
     X86Exception,
 )
-from vmm.hyperv.hypercall_page import HypercallPage
-from vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
-from vmm.vsm import Vsm, coalesce, valid_mask
-from vmm.vsm.intercept_message import build_intercept
-from vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
+from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
+from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
+from vsmtrace.vmm.vsm import Vsm, coalesce, valid_mask
+from vsmtrace.vmm.vsm.intercept_message import build_intercept
+from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
+
+from tests.fakes import FakeVp
 
 RAM_SIZE = 4 << 20
 RAM_PAGES = RAM_SIZE // HV_PAGE_SIZE

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmm.kvm.system import Vcpu, ffi
-from vmm.loader.boot import BootMode, BootState
-from vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.kvm.system import Vcpu, ffi
+from vsmtrace.vmm.loader.boot import BootMode, BootState
+from vsmtrace.vmm.vp import CpuMode, Segment, Table
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",

@@ -32,12 +32,12 @@ import hashlib
 import struct
 from typing import TYPE_CHECKING, Any
 
-from vmm.cpu_state import MSR_IA32_TSC
-from vmm.events import EventKind
-from vmm.timers import ManualClock, ManualTimerService
+from vsmtrace.vmm.cpu_state import MSR_IA32_TSC
+from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.timers import ManualClock, ManualTimerService
 
 if TYPE_CHECKING:
-    from vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine, VirtualProcessor
 
 #: Virtual nanoseconds added per exit: small enough that timer-driven guests are not
 #: slowed down in virtual time, large enough that spinning on an MSR read moves time.
@@ -92,7 +92,7 @@ class DeterministicTime:
 
     def at_exit(self, vp: VirtualProcessor, exit_reason: int) -> None:
         """Record the exit, then advance virtual time one quantum and fire what is due."""
-        from vmm.kvm.exits import exit_name
+        from vsmtrace.vmm.kvm.exits import exit_name
 
         self.exits += 1
         sink = self.machine.sink
@@ -113,7 +113,7 @@ class DeterministicTime:
 
     def halt(self, vp: VirtualProcessor, interruptible: bool) -> None:
         """HLT: nothing but a timer can wake a lone VP, so jump time to the next deadline."""
-        from vmm.machine import EXIT_GUEST_FAULT, GuestStop
+        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
 
         machine = self.machine
         if not interruptible and machine.wake_hook is None:

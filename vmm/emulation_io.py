@@ -28,8 +28,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vmm.events import EventKind, EventSink
-from vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
+from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
 
 # -- value encoding ----------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ def decode_value(data: Any) -> Any:
 
 def input_types() -> dict[str, type]:
     """Dataclasses the machine hands *to* the emulation (so replay must rebuild them)."""
-    from vmm.hyperv.reference_time import TscPageParams
+    from vsmtrace.vmm.hyperv.reference_time import TscPageParams
 
     return {"TscPageParams": TscPageParams}
 

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import iced_x86
-
-from vmm.memory import PAGE_SIZE, GuestMemory
-from vmm.vp import CpuMode, GuestMemoryError
+from vsmtrace.vmm.memory import PAGE_SIZE, GuestMemory
+from vsmtrace.vmm.vp import CpuMode, GuestMemoryError
 
 if TYPE_CHECKING:
-    from vmm.kvm.system import Vcpu
-    from vmm.machine import VirtualProcessor
+    from vsmtrace.vmm.kvm.system import Vcpu
+    from vsmtrace.vmm.machine import VirtualProcessor
 
 SUBERRORS = {
     1: "instruction emulation failed",

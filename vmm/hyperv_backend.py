@@ -14,22 +14,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
-from vmm.hyperv import HyperV
-from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
-from vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
+from vsmtrace.vmm.hyperv import HyperV
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
+from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_HYPERCALL_TRAP_INSN_LEN,
     HV_HYPERCALL_TRAP_PORT,
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
 )
-from vmm.hyperv.hypercall import HypercallInternalError
-from vmm.hyperv.reference_time import ReferenceClock
-from vmm.timers import TimerHandle, TimerScheduler
+from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
-    from vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine, VirtualProcessor
 
 PAGE_OFFSET_MASK = 0xFFF
 
@@ -176,12 +176,12 @@ class HypervBackend:
         try:
             return int(self.boundary.entry("msr_read", i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
         except GpFault as exc:
-            from vmm.machine import MsrFault
+            from vsmtrace.vmm.machine import MsrFault
 
             raise MsrFault(index) from exc
 
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
-        from vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
+        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
 
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
@@ -195,7 +195,7 @@ class HypervBackend:
             raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
-        from vmm.machine import EXIT_VMM_ERROR, GuestStop
+        from vsmtrace.vmm.machine import EXIT_VMM_ERROR, GuestStop
 
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl

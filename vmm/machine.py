@@ -21,24 +21,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmm.config import MachineConfig
-from vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
-from vmm.cpuid import CpuidPolicy, build_cpuid
-from vmm.deterministic import DeterministicTime
-from vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
-from vmm.devices.bus import ALL_ONES, MmioBus, PioBus
-from vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
-from vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
-from vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
-from vmm.events import EventKind, EventSink, NullSink
-from vmm.guest_errors import describe_internal_error
-from vmm.kvm.exits import exit_name
-from vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
-from vmm.loader.multiboot import Module, load_kernel
-from vmm.memory import GuestMemory
-from vmm.timers import ManualClock, TimerService
-from vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
+from vsmtrace.vmm.config import MachineConfig
+from vsmtrace.vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
+from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
+from vsmtrace.vmm.deterministic import DeterministicTime
+from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
+from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
+from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
+from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
+from vsmtrace.vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
+from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.guest_errors import describe_internal_error
+from vsmtrace.vmm.kvm.exits import exit_name
+from vsmtrace.vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
+from vsmtrace.vmm.loader.multiboot import Module, load_kernel
+from vsmtrace.vmm.memory import GuestMemory
+from vsmtrace.vmm.timers import ManualClock, TimerService
+from vsmtrace.vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
+
 from vsmtrace import __version__
 
 log = logging.getLogger("vsmtrace.machine")
@@ -726,11 +727,11 @@ class Machine:
         self.vps: list[VirtualProcessor] = []
         self.hyperv: Any = None
         if config.hyperv is not None and config.hyperv.enabled:
-            from vmm.hyperv_backend import HypervBackend
+            from vsmtrace.vmm.hyperv_backend import HypervBackend
 
             self.hyperv = HypervBackend(self, config.hyperv)
             if config.vtls > 1:
-                from vmm.vsm.backend import VsmBackend
+                from vsmtrace.vmm.vsm.backend import VsmBackend
 
                 self.vsm = VsmBackend(self)
         self.tsc_hz = 0
@@ -775,7 +776,7 @@ class Machine:
 
     def map_ram(self) -> None:
         """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
-        from vmm.vsm.memory_view import MemoryView
+        from vsmtrace.vmm.vsm.memory_view import MemoryView
 
         self.views = [MemoryView(vm, self.memory, vtl) for vtl, vm in enumerate(self.vms)]
         for view in self.views:

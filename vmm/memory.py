@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from vmm.vp import GuestMemoryError
+from vsmtrace.vmm.vp import GuestMemoryError
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -73,7 +73,7 @@ class GuestMemory:
 
     def host_address(self) -> int:
         """Address of the mapping in this process, for KVM memslots."""
-        from vmm.kvm.system import ffi
+        from vsmtrace.vmm.kvm.system import ffi
 
         return int(ffi.cast("uintptr_t", ffi.from_buffer(self.map)))
 

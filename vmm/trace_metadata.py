@@ -11,7 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vmm.machine import Machine
+    from vsmtrace.vmm.machine import Machine
 
 
 def machine_metadata(machine: Machine) -> dict[str, Any]:

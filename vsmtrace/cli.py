@@ -60,7 +60,7 @@ def main(verbose: bool) -> None:
 
 def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-untyped-def]
     """The Hyper-V policy the run options ask for (one-line error for an unknown feature)."""
-    from vmm.hyperv.cpuid import HypervPolicy
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
     if not enabled:
         return HypervPolicy.disabled()
@@ -107,7 +107,7 @@ def run(
     deterministic: bool = False,
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
-    from vmm.config import MachineConfig
+    from vsmtrace.vmm.config import MachineConfig
 
     # Ctrl-C must stop the guest even when our parent started us with SIGINT ignored
     # (a background job of a non-interactive shell): Machine.run turns it into status 130.
@@ -155,12 +155,12 @@ def run(
 
 def run_machine(config, record_path: Path | None) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     """Build, boot and run a machine (recording if asked); one-line errors for bad input."""
-    from recorder.errors import TraceError
-    from recorder.writer import TraceWriter
-    from vmm.kvm.system import KvmError, KvmUnavailable
-    from vmm.loader.elf import LoaderError
-    from vmm.machine import Machine
-    from vmm.trace_metadata import machine_metadata
+    from vsmtrace.recorder.errors import TraceError
+    from vsmtrace.recorder.writer import TraceWriter
+    from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
+    from vsmtrace.vmm.loader.elf import LoaderError
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.trace_metadata import machine_metadata
 
     writer = None
     try:
@@ -191,8 +191,8 @@ def info(trace_path: Path) -> None:
     """Summarise TRACE: metadata, events per kind, time span, size, sealed or recovered."""
     import pyarrow as pa
 
-    from recorder.errors import TraceError
-    from recorder.info import format_info, summarize
+    from vsmtrace.recorder.errors import TraceError
+    from vsmtrace.recorder.info import format_info, summarize
 
     try:
         summary = summarize(trace_path)
@@ -210,8 +210,8 @@ def _load_trace(trace_path: Path):  # type: ignore[no-untyped-def]
     """Open TRACE for analysis; any reason it is not a readable trace is one user error line."""
     import pyarrow as pa
 
-    from analysis import load
-    from recorder.errors import TraceError
+    from vsmtrace.analysis import load
+    from vsmtrace.recorder.errors import TraceError
 
     try:
         return load(trace_path)
@@ -238,8 +238,8 @@ def _analysis_errors():  # type: ignore[no-untyped-def]
 @click.option("--no-figures", is_flag=True, help="Print the text summary only.")
 def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures: bool) -> None:
     """Print a summary of TRACE (events, VTL transitions, residency, hypercalls, intercepts, errors) and write figures."""
-    from analysis.figures import write_figures
-    from analysis.report import format_report, summarize
+    from vsmtrace.analysis.figures import write_figures
+    from vsmtrace.analysis.report import format_report, summarize
 
     lf = _load_trace(trace_path)
     try:
@@ -258,7 +258,7 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: TRACE.json).")
 def export(trace_path: Path, fmt: str, output: Path | None) -> None:
     """Export TRACE as Chrome trace-event JSON (Perfetto, chrome://tracing): a track per VP, a slice per VTL stint."""
-    from analysis.chrome import export_chrome
+    from vsmtrace.analysis.chrome import export_chrome
 
     lf = _load_trace(trace_path)
     out = output or trace_path.with_name(trace_path.name + ".json")
@@ -275,7 +275,7 @@ def export(trace_path: Path, fmt: str, output: Path | None) -> None:
 @click.option("--ignore", "ignore", multiple=True, help="Also ignore this column when looking for the divergence (repeatable).")
 def diff(trace_a: Path, trace_b: Path, ignore: tuple[str, ...]) -> None:
     """Compare traces A and B (counts, latencies) and name the first event where they diverge; exit 1 if they do."""
-    from analysis.diff import NONDETERMINISTIC, diff_traces, format_diff
+    from vsmtrace.analysis.diff import NONDETERMINISTIC, diff_traces, format_diff
 
     la, lb = _load_trace(trace_a), _load_trace(trace_b)
     try:
@@ -316,8 +316,8 @@ def replay(
         return
     if dump_specs:
         fail("--dump-memory needs --reexecute")
-    from replayer.engine import VmmReplayer, format_report, to_json
-    from replayer.errors import Divergence, ReplayError
+    from vsmtrace.replayer.engine import VmmReplayer, format_report, to_json
+    from vsmtrace.replayer.errors import Divergence, ReplayError
 
     try:
         replayer = VmmReplayer(trace_path, break_at=break_at)
@@ -345,10 +345,10 @@ def replay(
 
 def reexecute_trace(trace_path: Path, dump_specs: tuple[str, ...]) -> NoReturn:
     """``vsmtrace replay --reexecute``: one-line errors for traces that cannot be re-executed."""
-    from replayer.errors import ReplayError
-    from replayer.reexecute import MemoryDump, Reexecutor, format_report
-    from vmm.kvm.system import KvmError, KvmUnavailable
-    from vmm.loader.elf import LoaderError
+    from vsmtrace.replayer.errors import ReplayError
+    from vsmtrace.replayer.reexecute import MemoryDump, Reexecutor, format_report
+    from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
+    from vsmtrace.vmm.loader.elf import LoaderError
 
     try:
         dumps = [MemoryDump.parse(spec, Path.cwd()) for spec in dump_specs]

@@ -7,20 +7,15 @@ everything is. Each step prints as it starts, so a user sees progress.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import click
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_SOURCE = ROOT / "guests" / "vbs_demo.c"
-BUILD_HARNESS = ROOT / "tests" / "guests" / "build.py"
 DEMO_VPS = 2
 DEMO_MEMORY_MIB = 128
 DEMO_TIMEOUT_S = 300.0
@@ -42,26 +37,13 @@ class DemoResult:
     replay_entries: int
 
 
-def _harness() -> ModuleType:
-    """The guest build harness (shared with the test suite); needs the source tree."""
-    if not BUILD_HARNESS.exists() or not DEMO_SOURCE.exists():
-        raise DemoError(
-            f"the demo guest sources are not here ({DEMO_SOURCE}); run the demo from a source checkout "
-            "installed with `pip install -e .`"
-        )
-    spec = importlib.util.spec_from_file_location("vsmtrace_guest_build", BUILD_HARNESS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_demo_guest() -> Path:
-    harness = _harness()
+    """The bundled demo guest, built with the guest SDK shipped in the package."""
+    from vsmtrace.guests.build import GuestBuildError, build_demo
+
     try:
-        return Path(harness.build_guest("vbs_demo", sources=[str(DEMO_SOURCE)]))
-    except harness.GuestBuildError as exc:
+        return build_demo()
+    except GuestBuildError as exc:
         raise DemoError(f"building the demo guest failed: {exc}") from None
 
 
@@ -94,15 +76,15 @@ class _Tee:
 
 def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None = None) -> DemoResult:
     """Run every step of the demo into ``out``; raises DemoError with a clear message on failure."""
-    from analysis import load
-    from analysis.chrome import export_chrome
-    from analysis.figures import write_figures
-    from analysis.report import format_report, summarize
-    from replayer.engine import VmmReplayer
-    from replayer.engine import format_report as format_replay
-    from vmm.config import MachineConfig
-    from vmm.hyperv.cpuid import HypervPolicy
+    from vsmtrace.analysis import load
+    from vsmtrace.analysis.chrome import export_chrome
+    from vsmtrace.analysis.figures import write_figures
+    from vsmtrace.analysis.report import format_report, summarize
     from vsmtrace.cli import run_machine
+    from vsmtrace.replayer.engine import VmmReplayer
+    from vsmtrace.replayer.engine import format_report as format_replay
+    from vsmtrace.vmm.config import MachineConfig
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
     say = step or (lambda text: click.echo(text))
     out.mkdir(parents=True, exist_ok=True)
@@ -164,4 +146,5 @@ def print_summary(result: DemoResult) -> None:
     click.echo("What to open next:")
     click.echo(f"  cat {result.report}                       # VTL transitions, secure calls, intercepts")
     click.echo(f"  vsmtrace replay {result.trace} --state 2000   # registers, VSM, SynIC, protections at an event")
-    click.echo("  jupyter lab notebooks/                        # the two notebooks walk through this trace")
+    click.echo("  vsmtrace notebooks --copy notebooks/          # the notebooks that walk through this trace")
+    click.echo("  jupyter lab notebooks/                        # (pip install 'vsmtrace[notebook]')")

@@ -66,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from vmm.timers import NS_PER_SEC, Clock, HostClock, ManualClock, TimerHandle, TimerScheduler
+from vsmtrace.vmm.timers import NS_PER_SEC, Clock, HostClock, ManualClock, TimerHandle, TimerScheduler
 
 __all__ = [
     "ApicBus",

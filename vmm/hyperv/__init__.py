@@ -4,13 +4,13 @@ Entry point: :class:`vmm.hyperv.facade.HyperV` (see its module docstring for the
 the machine uses). Constants and layouts: :mod:`vmm.hyperv.hvdef`.
 """
 
-from vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
-from vmm.hyperv.errors import GpFault, GuestCrash, GuestCrashReport, GuestResetRequest
-from vmm.hyperv.facade import HyperV, TlbFlusher
-from vmm.hyperv.hypercall import HypercallOutcome
-from vmm.hyperv.msrs import ApicAccess
-from vmm.hyperv.reference_time import ReferenceClock, TscPageParams
-from vmm.hyperv.stimer import ManualTimerService, TimerService
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
+from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestCrashReport, GuestResetRequest
+from vsmtrace.vmm.hyperv.facade import HyperV, TlbFlusher
+from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome
+from vsmtrace.vmm.hyperv.msrs import ApicAccess
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams
+from vsmtrace.vmm.hyperv.stimer import ManualTimerService, TimerService
 
 __all__ = [
     "ApicAccess",

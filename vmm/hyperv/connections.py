@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_EVENT_FLAGS_COUNT,
     VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID,
     VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_CPUID_INTERFACE_SIGNATURE,
     HV_CPUID_MAX_LEAF,
     HV_CPUID_VENDOR,

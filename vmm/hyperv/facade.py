@@ -35,12 +35,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmm.events import EventKind, EventSink, NullSink
-from vmm.hyperv.connections import Connections
-from vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leaves
-from vmm.hyperv.errors import GpFault, GuestCrash
-from vmm.hyperv.handlers import register_default_handlers
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.hyperv.connections import Connections
+from vsmtrace.vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leaves
+from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash
+from vsmtrace.vmm.hyperv.handlers import register_default_handlers
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_HYPERCALL_TRAP_PORT,
     HV_PAGE_MASK,
     HV_SYNIC_INTERCEPTION_SINT_INDEX,
@@ -50,13 +50,13 @@ from vmm.hyperv.hvdef import (
     HvMessage,
     HvStatus,
 )
-from vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
-from vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
-from vmm.hyperv.reference_time import TscPageParams
-from vmm.hyperv.stimer import SyntheticTimers, TimerService
-from vmm.hyperv.synic import Synic
-from vmm.hyperv.vtl_array import VtlArray
-from vmm.vp import PartitionAccess
+from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
+from vsmtrace.vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
+from vsmtrace.vmm.hyperv.reference_time import TscPageParams
+from vsmtrace.vmm.hyperv.stimer import SyntheticTimers, TimerService
+from vsmtrace.vmm.hyperv.synic import Synic
+from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.vp import PartitionAccess
 
 
 class TlbFlusher(Protocol):

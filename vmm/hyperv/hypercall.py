@@ -44,9 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmm.events import EventKind, EventSink
-from vmm.hyperv.cpuid import HypervPolicy
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_HYPERCALL_ALIGNMENT,
     HV_PAGE_SIZE,
     HV_X64_FAST_INPUT_MAX,
@@ -59,7 +59,7 @@ from vmm.hyperv.hvdef import (
     X86Exception,
     hypercall_result,
 )
-from vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
+from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
 
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import struct
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_HYPERCALL_TRAP_PORT,
     HV_PAGE_SIZE,
     HypercallCode,

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vmm.hyperv.cpuid import HypervPolicy
-from vmm.hyperv.errors import GpFault, GuestCrash, GuestCrashReport, GuestResetRequest
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestCrashReport, GuestResetRequest
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_CRASH_MESSAGE_GPA_PARAM,
     HV_CRASH_MESSAGE_LENGTH_PARAM,
     HV_CRASH_MESSAGE_MAX,
@@ -38,11 +38,11 @@ from vmm.hyperv.hvdef import (
     HvOverlayMsr,
     HvResetMsr,
 )
-from vmm.hyperv.hypercall_page import HypercallPage
-from vmm.hyperv.reference_time import TscPageParams, invalid_tsc_page
-from vmm.hyperv.stimer import SyntheticTimers
-from vmm.hyperv.synic import Synic
-from vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
+from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
+from vsmtrace.vmm.hyperv.reference_time import TscPageParams, invalid_tsc_page
+from vsmtrace.vmm.hyperv.stimer import SyntheticTimers
+from vsmtrace.vmm.hyperv.synic import Synic
+from vsmtrace.vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
 
 _U32 = 0xFFFF_FFFF
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_NS_PER_REFERENCE_TICK,
     HV_REFERENCE_TIME_HZ,
     HV_REFERENCE_TSC_SCALE_SHIFT,

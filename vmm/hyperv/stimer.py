@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vmm.events import EventKind, EventSink
-from vmm.hyperv.errors import GpFault
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.hyperv.errors import GpFault
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_NS_PER_REFERENCE_TICK,
     HV_STIMER_COUNT,
     HvMessage,
@@ -39,8 +39,8 @@ from vmm.hyperv.hvdef import (
     HvStimerConfig,
     HvTimerMessagePayload,
 )
-from vmm.hyperv.synic import Synic
-from vmm.vp import PartitionAccess
+from vsmtrace.vmm.hyperv.synic import Synic
+from vsmtrace.vmm.vp import PartitionAccess
 
 
 class TimerService(Protocol):

@@ -33,9 +33,9 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from vmm.events import EventKind, EventSink
-from vmm.hyperv.errors import GpFault
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.hyperv.errors import GpFault
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_EVENT_FLAGS_BYTE_COUNT,
     HV_EVENT_FLAGS_COUNT,
     HV_MESSAGE_FLAGS_OFFSET,
@@ -53,7 +53,7 @@ from vmm.hyperv.hvdef import (
     HvSint,
     HvStatus,
 )
-from vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
+from vsmtrace.vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """KVM layer: cffi bindings over <linux/kvm.h> and safe wrappers (system, VM, vCPU)."""
 
-from vmm.kvm.system import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
+from vsmtrace.vmm.kvm.system import Kvm, KvmError, KvmUnavailable, Vcpu, Vm
 
 __all__ = ["Kvm", "KvmError", "KvmUnavailable", "Vcpu", "Vm"]

@@ -399,7 +399,7 @@ def make_ffi(module_name: str = "_vsmtrace_kvm") -> cffi.FFI:
     return ffi
 
 
-ffibuilder = make_ffi("vmm.kvm._vsmtrace_kvm")
+ffibuilder = make_ffi("vsmtrace.vmm.kvm._vsmtrace_kvm")
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from types import ModuleType
 
-from vmm.kvm import _ffi_build
-from vmm.native import load_extension
+from vsmtrace.vmm.kvm import _ffi_build
+from vsmtrace.vmm.native import load_extension
 
 _lock = threading.Lock()
 _module: ModuleType | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vmm.kvm.bindings import ffi_lib
+from vsmtrace.vmm.kvm.bindings import ffi_lib
 
 _ffi, _lib = ffi_lib()
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from vmm.kvm.bindings import ffi_lib
+from vsmtrace.vmm.kvm.bindings import ffi_lib
 
 ffi: Any
 lib: Any

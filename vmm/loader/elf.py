@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-
-from vmm.memory import GuestMemory
-from vmm.vp import GuestMemoryError
+from vsmtrace.vmm.memory import GuestMemory
+from vsmtrace.vmm.vp import GuestMemoryError
 
 ELF_MAGIC = b"\x7fELF"
 PT_LOAD = "PT_LOAD"

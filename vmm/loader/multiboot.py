@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.loader.boot import BootMode, BootState
-from vmm.loader.elf import ELF_MAGIC, LoaderError, load_elf
-from vmm.memory import HIGH_RAM_BASE, PAGE_SIZE, GuestMemory
+from vsmtrace.vmm.loader.boot import BootMode, BootState
+from vsmtrace.vmm.loader.elf import ELF_MAGIC, LoaderError, load_elf
+from vsmtrace.vmm.memory import HIGH_RAM_BASE, PAGE_SIZE, GuestMemory
 
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
 MULTIBOOT_BOOTLOADER_MAGIC = 0x2BADB002

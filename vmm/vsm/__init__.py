@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from vmm.events import EventKind, EventSink
-from vmm.hyperv.facade import HyperV
-from vmm.hyperv.handlers.common import HandlerError
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.hyperv.facade import HyperV
+from vsmtrace.vmm.hyperv.handlers.common import HandlerError
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_MAP_GPA_PERMISSIONS_ALL,
     HV_PAGE_SHIFT,
     HV_PAGE_SIZE,
@@ -36,12 +36,12 @@ from vmm.hyperv.hvdef import (
     VsmVina,
     VsmVpSecureConfig,
 )
-from vmm.hyperv.hypercall import HypercallOutcome, VtlCallRequest
-from vmm.vp import Access, GuestMemoryError, PartitionAccess, VtlAccessDenied
-from vmm.vsm import hypercalls, vp_assist, vtl_call
-from vmm.vsm.intercept_message import build_intercept
-from vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, VsmServices
-from vmm.vsm.state import ProtectionMap, VsmState, mask_to_access
+from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome, VtlCallRequest
+from vsmtrace.vmm.vp import Access, GuestMemoryError, PartitionAccess, VtlAccessDenied
+from vsmtrace.vmm.vsm import hypercalls, vp_assist, vtl_call
+from vsmtrace.vmm.vsm.intercept_message import build_intercept
+from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, VsmServices
+from vsmtrace.vmm.vsm.state import ProtectionMap, VsmState, mask_to_access
 
 __all__ = ["Vsm", "build_intercept", "mask_to_access"]
 

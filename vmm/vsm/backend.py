@@ -28,20 +28,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vmm.emulation_io import RecordedService
-from vmm.events import EventKind
-from vmm.guest_errors import read_linear, translator
-from vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
-from vmm.kvm.system import ffi, lib
-from vmm.memory import PAGE_SHIFT
-from vmm.vp import Access, CpuMode, GuestMemoryError, Segment
-from vmm.vsm.memory_view import MemoryView
-from vmm.vsm.rewind import Located, decode_at, locate_write, read_target
-from vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
-from vmm.vsm.vtl_switch import SharedStateCopier
+from vsmtrace.vmm.emulation_io import RecordedService
+from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.guest_errors import read_linear, translator
+from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
+from vsmtrace.vmm.kvm.system import ffi, lib
+from vsmtrace.vmm.memory import PAGE_SHIFT
+from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
+from vsmtrace.vmm.vsm.memory_view import MemoryView
+from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
+from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
+from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
 
 if TYPE_CHECKING:
-    from vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine, VirtualProcessor
 
 log = logging.getLogger("vsmtrace.vsm")
 
@@ -86,7 +86,7 @@ class VsmBackend:
     # -- construction ---------------------------------------------------------------------
     def _create(self) -> None:
         try:
-            from vmm.vsm import Vsm
+            from vsmtrace.vmm.vsm import Vsm
         except ImportError:  # the VSM logic layer is not in this tree yet
             log.debug("VSM logic unavailable; running without VSM")
             self.machine.mmio_hook = self.machine.internal_error_hook = None
@@ -353,7 +353,7 @@ class VsmBackend:
         return gpa, linear
 
     def intercept(self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None) -> None:
-        from vmm.machine import EXIT_GUEST_FAULT, GuestStop
+        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
 
         machine = self.machine
         vtl = vp.vtl
@@ -391,7 +391,7 @@ class VsmBackend:
         (a retired write is rewound, a pending read discarded). Re-execution calls this
         for a recorded intercept, so the rewind is the live one.
         """
-        from vmm.machine import EXIT_GUEST_FAULT, GuestStop
+        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
 
         vtl = vp.vtl
         vcpu = vp.vcpu
@@ -547,13 +547,13 @@ def _as_int(mmio: Any, length: int) -> int:
 
 
 def _mode(sregs: Any) -> CpuMode:
-    from vmm.cpu_state import cpu_mode
+    from vsmtrace.vmm.cpu_state import cpu_mode
 
     return cpu_mode(sregs)
 
 
 def _segment(s: Any) -> Segment:
-    from vmm.cpu_state import segment_from_kvm
+    from vsmtrace.vmm.cpu_state import segment_from_kvm
 
     return segment_from_kvm(s)
 

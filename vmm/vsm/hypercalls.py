@@ -33,8 +33,8 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.handlers.common import HandlerError, check_partition_id, target_vtl
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.handlers.common import HandlerError, check_partition_id, target_vtl
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_ANY_VP,
     HV_GET_VP_REGISTERS_ELEMENT_SIZE,
     HV_GET_VP_REGISTERS_OUTPUT_SIZE,
@@ -58,14 +58,14 @@ from vmm.hyperv.hvdef import (
     HvX64TableRegister,
     HypercallCode,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
-from vmm.vp import Segment, Table
-from vmm.vsm import registers
-from vmm.vsm.services import InitialVpContext
-from vmm.vsm.translate import translate_gva
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.vp import Segment, Table
+from vsmtrace.vmm.vsm import registers
+from vsmtrace.vmm.vsm.services import InitialVpContext
+from vsmtrace.vmm.vsm.translate import translate_gva
 
 if TYPE_CHECKING:
-    from vmm.vsm import Vsm
+    from vsmtrace.vmm.vsm import Vsm
 
 S = HvStatus
 _SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldtr")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_SEED_INTERCEPT_PAYLOAD_SIZE,
     HV_SEED_INTERCEPT_TAIL_GPRS,
     HV_SEED_INTERCEPT_TAIL_SEGMENTS,
@@ -26,7 +26,7 @@ from vmm.hyperv.hvdef import (
     HvX64SegmentRegister,
     HvX64VpExecutionState,
 )
-from vmm.vp import Access, CpuMode, Segment
+from vsmtrace.vmm.vp import Access, CpuMode, Segment
 
 #: Architectural x86 bits the execution state reports (not Hyper-V numbers).
 _CR0_PE = 1 << 0

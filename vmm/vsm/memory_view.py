@@ -19,9 +19,9 @@ import enum
 import threading
 from dataclasses import dataclass
 
-from vmm.kvm.system import MemoryRegion, Vm
-from vmm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
-from vmm.vp import Access
+from vsmtrace.vmm.kvm.system import MemoryRegion, Vm
+from vsmtrace.vmm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
+from vsmtrace.vmm.vp import Access
 
 ALL_ACCESS = Access.READ | Access.WRITE | Access.EXECUTE
 READ_EXECUTE = Access.READ | Access.EXECUTE

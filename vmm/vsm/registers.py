@@ -23,9 +23,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.errors import GpFault
-from vmm.hyperv.handlers.common import HandlerError
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.errors import GpFault
+from vsmtrace.vmm.hyperv.handlers.common import HandlerError
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_REGISTER_VALUE_SIZE,
     HV_STIMER_COUNT,
     HV_STIMER_MSR_STRIDE,
@@ -43,11 +43,11 @@ from vmm.hyperv.hvdef import (
     VsmVpSecureConfig,
     VsmVpStatus,
 )
-from vmm.hyperv.hypercall_page import HypercallPage
-from vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
+from vsmtrace.vmm.vp import CpuMode, Segment, Table
 
 if TYPE_CHECKING:
-    from vmm.vsm import Vsm
+    from vsmtrace.vmm.vsm import Vsm
 
 R = HvRegisterName
 _U64 = (1 << 64) - 1

@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import iced_x86
-
-from vmm.vp import CpuMode
+from vsmtrace.vmm.vp import CpuMode
 
 MAX_INSN = 15
 RFLAGS_DF = 1 << 10

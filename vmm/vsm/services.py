@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from vmm.vp import Access
+from vsmtrace.vmm.vp import Access
 
 
 class EntryReason(enum.IntEnum):

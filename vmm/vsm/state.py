@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_MAP_GPA_PERMISSIONS_ALL,
     VSM_PARTITION_CONFIG_PROTECTION_MASK_SHIFT,
     HvMapGpaFlags,
@@ -17,7 +17,7 @@ from vmm.hyperv.hvdef import (
     VsmVina,
     VsmVpSecureConfig,
 )
-from vmm.vp import Access
+from vsmtrace.vmm.vp import Access
 
 
 def mask_to_access(mask: int) -> Access:

@@ -32,14 +32,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_PAGE_SHIFT,
     HvCacheType,
     HvTranslateGvaControlFlags,
     HvTranslateGvaResult,
     HvTranslateGvaResultCode,
 )
-from vmm.vp import Access, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
+from vsmtrace.vmm.vp import Access, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
 
 # Architectural x86 bits (not Hyper-V numbers).
 CR0_PG = 1 << 31

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.hvdef import HV_VINA_STATUS_ASSERTED, HvVpAssistPageLayout, HvVpVtlControl
-from vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
+from vsmtrace.vmm.hyperv.hvdef import HV_VINA_STATUS_ASSERTED, HvVpAssistPageLayout, HvVpVtlControl
+from vsmtrace.vmm.vp import GuestMemoryError, PartitionAccess, VtlAccessDenied
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def control_gpa(hv: HyperV, vp: int, vtl: int) -> int | None:

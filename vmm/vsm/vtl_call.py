@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.hvdef import HypercallCode, VtlReturnInput, X86Exception
-from vmm.hyperv.hypercall import HypercallOutcome, VtlCallRequest
-from vmm.vsm import vp_assist
-from vmm.vsm.services import SwitchReason, VtlTransition
+from vsmtrace.vmm.hyperv.hvdef import HypercallCode, VtlReturnInput, X86Exception
+from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome, VtlCallRequest
+from vsmtrace.vmm.vsm import vp_assist
+from vsmtrace.vmm.vsm.services import SwitchReason, VtlTransition
 
 if TYPE_CHECKING:
-    from vmm.vsm import Vsm
+    from vsmtrace.vmm.vsm import Vsm
 
 _U32 = 0xFFFF_FFFF
 

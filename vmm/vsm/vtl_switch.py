@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmm.kvm.system import Vcpu, ffi
+from vsmtrace.vmm.kvm.system import Vcpu, ffi
 
 SHARED_GPRS = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",

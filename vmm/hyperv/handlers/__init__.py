@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.handlers import ipi, messages, misc, tlb
+from vsmtrace.vmm.hyperv.handlers import ipi, messages, misc, tlb
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def register_default_handlers(hv: HyperV) -> None:

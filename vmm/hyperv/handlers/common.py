@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_PARTITION_ID_SELF,
     HV_PROCESSOR_MASK_BITS,
     HvGenericSetFormat,
@@ -13,10 +13,10 @@ from vmm.hyperv.hvdef import (
     HvStatus,
     HvVpSet,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 class HandlerError(Exception):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.handlers.common import HandlerError, bind, target_vtl, vp_mask_members, vp_set_from
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.handlers.common import HandlerError, bind, target_vtl, vp_mask_members, vp_set_from
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_IPI_VECTOR_MAX,
     HV_IPI_VECTOR_MIN,
     HvInputSendSyntheticClusterIpi,
@@ -18,10 +18,10 @@ from vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def _check_vector(vector: int) -> None:

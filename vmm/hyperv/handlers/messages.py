@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.connections import EventPort, MessagePort
-from vmm.hyperv.handlers.common import bind
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.connections import EventPort, MessagePort
+from vsmtrace.vmm.hyperv.handlers.common import bind
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_MESSAGE_BUFFERS_PER_PORT,
     HV_MESSAGE_MAX_PAYLOAD,
     HV_MESSAGE_TYPE_HYPERVISOR_MASK,
@@ -25,10 +25,10 @@ from vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def post_message(hv: HyperV, inp: HypercallInput) -> HypercallResult:

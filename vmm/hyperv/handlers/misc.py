@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.handlers.common import bind, check_partition_id, target_vtl
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.handlers.common import bind, check_partition_id, target_vtl
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_APIC_ID_ELEMENT_SIZE,
     HV_VP_INDEX_ELEMENT_SIZE,
     HvInputGetVpIndexFromApicId,
@@ -16,10 +16,10 @@ from vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def notify_long_spin_wait(hv: HyperV, inp: HypercallInput) -> HypercallResult:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmm.hyperv.handlers.common import HandlerError, bind, vp_mask_members, vp_set_from
-from vmm.hyperv.hvdef import (
+from vsmtrace.vmm.hyperv.handlers.common import HandlerError, bind, vp_mask_members, vp_set_from
+from vsmtrace.vmm.hyperv.hvdef import (
     HV_FLUSH_TARGET_VTL_SHIFT,
     HV_FLUSH_VALID_FLAGS,
     HV_MAX_VTL_COUNT,
@@ -22,10 +22,10 @@ from vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
 )
-from vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
+from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 
 if TYPE_CHECKING:
-    from vmm.hyperv.facade import HyperV
+    from vsmtrace.vmm.hyperv.facade import HyperV
 
 
 def _target_vtls(hv: HyperV, caller_vtl: int, flags: int, is_list: bool) -> list[int]:

@@ -1,15 +1,18 @@
-"""Build the C/assembly test guests with the system gcc, cached by content.
+"""The guest SDK's build module: C/assembly guests compiled with the system gcc, cached by content.
 
-Tests call :func:`build_guest` (a Multiboot v1 ELF64 kernel, what the vsmtrace
-loader and ``-kernel`` take) or :func:`build_raw64` (an ELF64 without a Multiboot
-header, entered by the VMM directly in long mode). Results are cached under
-``$VSMTRACE_CACHE`` (default ``~/.cache/vsmtrace/guests/``) keyed by a hash of
-every source, header, linker script, flag and the compiler's identity, so a
-second build is a ``stat`` and parallel test processes never see half-written
-files (each build writes a temporary file and renames it into place).
+:func:`build_guest` makes a Multiboot v1 ELF64 kernel (what the vsmtrace loader
+and ``qemu -kernel`` take); :func:`build_raw64` an ELF64 without a Multiboot
+header, entered by the VMM directly in long mode. Both link the guest's own
+sources with the runtime in ``runtime/`` (boot code, serial, IDT, APIC, SMP,
+Hyper-V and the two-VTL framework ``vsm.h``). Results are cached under
+``<cache>/guests`` (cache: ``$VSMTRACE_CACHE``, else ``$XDG_CACHE_HOME/vsmtrace``
+or ``~/.cache/vsmtrace``) keyed by a hash of every source, header, linker script,
+flag and the compiler's identity, so a second build is a ``stat`` and parallel
+processes never see half-written files (each build writes a temporary file and
+renames it into place).
 
-Run ``python tests/guests/build.py NAME [--raw64] [--elf32] [--cflag=-DX]...`` to
-print the path of a built guest (handy for QEMU checks).
+``vsmtrace guest build FILE.c`` (or ``python -m vsmtrace.guests.build FILE.c``)
+prints the path of a built guest.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-GUESTS_DIR = Path(__file__).resolve().parent
-RUNTIME_DIR = GUESTS_DIR / "runtime"
+from vsmtrace.vmm.native import cache_dir as cache_base
+
+SDK_DIR = Path(__file__).resolve().parent
+RUNTIME_DIR = SDK_DIR / "runtime"
+DEMO_SOURCE = SDK_DIR / "vbs_demo.c"
 LINKER_SCRIPT = RUNTIME_DIR / "guest.ld"
 
 # Assembly shared by both flavours; the entry file decides the flavour.
@@ -72,9 +78,8 @@ class GuestBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built guests live: ``$VSMTRACE_CACHE`` or ``~/.cache/vsmtrace/guests``."""
-    env = os.environ.get("VSMTRACE_CACHE")
-    path = Path(env) if env else Path.home() / ".cache" / "vsmtrace" / "guests"
+    """Where built guests live: ``<vsmtrace cache>/guests``."""
+    path = cache_base() / "guests"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -99,10 +104,10 @@ def _runtime_sources(flavour: str) -> list[Path]:
     return asm + sorted(RUNTIME_DIR.glob("*.c"))
 
 
-def _guest_sources(name: str, sources: Sequence[str] | None) -> list[Path]:
-    """The guest's own sources: ``<name>.c`` by default, relative paths resolved in tests/guests."""
+def _guest_sources(name: str, sources: Sequence[str | Path] | None, source_dir: Path) -> list[Path]:
+    """The guest's own sources: ``<name>.c`` by default, relative paths resolved in ``source_dir``."""
     names = list(sources) if sources is not None else [f"{name}.c"]
-    paths = [Path(s) if Path(s).is_absolute() else GUESTS_DIR / s for s in names]
+    paths = [Path(s) if Path(s).is_absolute() else source_dir / s for s in names]
     for p in paths:
         if not p.is_file():
             raise GuestBuildError(f"guest source {p} does not exist")
@@ -142,11 +147,14 @@ def _atomic_output(dest: Path, produce: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _build(name: str, flavour: str, sources: Sequence[str] | None, cflags: Sequence[str]) -> Path:
+def _build(
+    name: str, flavour: str, sources: Sequence[str | Path] | None, cflags: Sequence[str], source_dir: Path | None
+) -> Path:
     """Compile and link one guest (ELF64) unless an identical build is cached."""
     gcc = _tool("gcc")
-    files = _guest_sources(name, sources) + _runtime_sources(flavour)
-    flags = [*BASE_CFLAGS, *cflags, f"-I{RUNTIME_DIR}", f"-I{GUESTS_DIR}", *LDFLAGS, f"-Wl,-T,{LINKER_SCRIPT}"]
+    where = Path(source_dir) if source_dir is not None else Path.cwd()
+    files = _guest_sources(name, sources, where) + _runtime_sources(flavour)
+    flags = [*BASE_CFLAGS, *cflags, f"-I{RUNTIME_DIR}", f"-I{where}", *LDFLAGS, f"-Wl,-T,{LINKER_SCRIPT}"]
     key = _cache_key(files, [flavour, *flags], [gcc])
     dest = cache_dir() / f"{name}-{flavour}-{key}.elf"
     if dest.is_file():
@@ -161,17 +169,21 @@ def _build(name: str, flavour: str, sources: Sequence[str] | None, cflags: Seque
 def build_guest(
     name: str,
     *,
-    sources: Sequence[str] | None = None,
+    sources: Sequence[str | Path] | None = None,
     cflags: Sequence[str] = (),
     elf32: bool = False,
+    source_dir: Path | None = None,
 ) -> Path:
-    """Build ``tests/guests/<name>.c`` (or ``sources``) with the runtime as a Multiboot ELF64.
+    """Build ``<source_dir>/<name>.c`` (or ``sources``) with the runtime as a Multiboot ELF64.
+
+    ``source_dir`` (default: the current directory) resolves relative source paths
+    and is on the include path, so a guest can keep its own headers beside it.
 
     ``elf32=True`` returns an ``objcopy -O elf32-i386`` copy instead: same bytes and
     addresses in an ELF32 container, because QEMU's ``-kernel`` refuses ELF64
     Multiboot kernels. It is a test-tool option for checking guests under QEMU.
     """
-    elf64 = _build(name, "multiboot", sources, cflags)
+    elf64 = _build(name, "multiboot", sources, cflags, source_dir)
     if not elf32:
         return elf64
     objcopy = _tool("objcopy")
@@ -185,7 +197,13 @@ def build_guest(
     return _atomic_output(dest, convert)
 
 
-def build_raw64(name: str, *, sources: Sequence[str] | None = None, cflags: Sequence[str] = ()) -> Path:
+def build_raw64(
+    name: str,
+    *,
+    sources: Sequence[str | Path] | None = None,
+    cflags: Sequence[str] = (),
+    source_dir: Path | None = None,
+) -> Path:
     """Build a guest without a Multiboot header, to be entered in 64-bit long mode.
 
     The entry (runtime/raw64.S) assumes the VMM set up long mode with an identity
@@ -194,22 +212,38 @@ def build_raw64(name: str, *, sources: Sequence[str] | None = None, cflags: Sequ
     GDT and 4 GiB identity map, so the rest of the runtime behaves as in the
     Multiboot flavour.
     """
-    return _build(name, "raw64", sources, cflags)
+    return _build(name, "raw64", sources, cflags, source_dir)
+
+
+def build_file(path: str | Path, *, raw64: bool = False, cflags: Sequence[str] = (), elf32: bool = False) -> Path:
+    """Build one guest from its main C (or assembly) file, e.g. ``build_file("my_guest.c")``.
+
+    The file's folder is the guest's source directory (its own headers are found
+    there); the runtime and the VSM framework come from the SDK.
+    """
+    src = Path(path).resolve()
+    if not src.is_file():
+        raise GuestBuildError(f"guest source {path} does not exist")
+    if raw64:
+        return build_raw64(src.stem, sources=[src], cflags=cflags, source_dir=src.parent)
+    return build_guest(src.stem, sources=[src], cflags=cflags, elf32=elf32, source_dir=src.parent)
+
+
+def build_demo() -> Path:
+    """The bundled VBS-style demo guest (``vbs_demo.c``), as ``vsmtrace demo`` runs it."""
+    return build_guest("vbs_demo", sources=[DEMO_SOURCE], source_dir=SDK_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: build one guest and print its path."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("name")
+    ap.add_argument("source", help="the guest's main .c file")
     ap.add_argument("--raw64", action="store_true", help="build without a Multiboot header")
     ap.add_argument("--elf32", action="store_true", help="ELF32 copy for QEMU -kernel")
     ap.add_argument("--cflag", action="append", default=[], help="extra compiler flag (repeatable)")
     args = ap.parse_args(argv)
     try:
-        if args.raw64:
-            path = build_raw64(args.name, cflags=args.cflag)
-        else:
-            path = build_guest(args.name, cflags=args.cflag, elf32=args.elf32)
+        path = build_file(args.source, raw64=args.raw64, cflags=args.cflag, elf32=args.elf32)
     except GuestBuildError as e:
         print(e, file=sys.stderr)
         return 1

@@ -1,0 +1,28 @@
+"""Package layout: the repository's top-level folders install as ``vsmtrace.<folder>``.
+
+Everything else about the distribution is in pyproject.toml; only the
+folder-to-package mapping needs code (setuptools' ``find`` cannot add a prefix).
+"""
+
+from setuptools import find_packages, setup
+
+# folder in the repository -> package name under vsmtrace
+MAPPED = ("vmm", "recorder", "replayer", "analysis", "guests")
+
+packages = ["vsmtrace"]
+package_dir = {"vsmtrace": "vsmtrace"}
+for folder in MAPPED:
+    packages.append(f"vsmtrace.{folder}")
+    package_dir[f"vsmtrace.{folder}"] = folder
+    packages += [f"vsmtrace.{folder}.{sub}" for sub in find_packages(folder)]
+
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    package_data={
+        "vsmtrace.vmm.kvm": ["*.c", "*.h"],
+        "vsmtrace.recorder": ["*.c", "*.h"],
+        "vsmtrace.guests": ["*.c", "*.h", "*.md", "runtime/*", "linux/*", "linux/**/*"],
+        "vsmtrace": ["notebooks/*.ipynb"],
+    },
+)
