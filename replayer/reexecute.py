@@ -350,7 +350,7 @@ class Reexecutor:
         ``transition`` is the VtlTransition of the ``vsm.request_transition`` op that asked
         for it (call/return), which also carries a non-fast return's RAX/RCX.
         """
-        from vsmtrace.vmm.vsm.backend import ENTRY_REASON
+        from vsmtrace.vmm.backends.vsm import ENTRY_REASON
         from vsmtrace.vmm.vsm.services import SwitchReason
 
         seq, from_vtl, to_vtl = row["seq"], row["from_vtl"], row["to_vtl"]
@@ -379,11 +379,11 @@ class Reexecutor:
 
     def _intercept(self, row: dict[str, Any], vp: Any, run: Any, reason: int) -> None:
         """The denied access exited again: undo it as live did, and check the intercept message."""
+        from vsmtrace.vmm.backends.vsm import ACCESS_NAMES
         from vsmtrace.vmm.kvm.exits import exit_name
         from vsmtrace.vmm.kvm.system import lib
-        from vsmtrace.vmm.machine import GuestStop
+        from vsmtrace.vmm.stops import GuestStop
         from vsmtrace.vmm.vp import Access
-        from vsmtrace.vmm.vsm.backend import ACCESS_NAMES
 
         seq = row["seq"]
         access = next(a for a, name in ACCESS_NAMES.items() if name == row["access"])
@@ -505,8 +505,8 @@ class Reexecutor:
         calls (VTL creation, initial contexts, protections, VTL switches) go through the
         live ``VsmBackend``.
         """
+        from vsmtrace.vmm.backends.hyperv import PAGE_OFFSET_MASK
         from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_INSN_LEN
-        from vsmtrace.vmm.hyperv_backend import PAGE_OFFSET_MASK
 
         memory = vp.machine.memory
         for op, args, result in loads(row["emu_io"]) or []:
@@ -541,7 +541,7 @@ class Reexecutor:
             fields = result.get("f", {}) if isinstance(result, dict) else {}
             if fields.get("retry") or fields.get("exception") is not None:
                 vcpu = vp.vcpu
-                regs = vcpu.get_regs()  # the backend rewinds onto the trapping OUT (see hyperv_backend.on_trap)
+                regs = vcpu.get_regs()  # the backend rewinds onto the trapping OUT (see backends/hyperv.py, on_trap)
                 if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
                     regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
                     vcpu.set_regs(regs)

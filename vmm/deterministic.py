@@ -34,10 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.cpu_state import MSR_IA32_TSC
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.timers import ManualClock, ManualTimerService
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 #: Virtual nanoseconds added per exit: small enough that timer-driven guests are not
 #: slowed down in virtual time, large enough that spinning on an MSR read moves time.
@@ -113,8 +115,6 @@ class DeterministicTime:
 
     def halt(self, vp: VirtualProcessor, interruptible: bool) -> None:
         """HLT: nothing but a timer can wake a lone VP, so jump time to the next deadline."""
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         machine = self.machine
         if not interruptible and machine.wake_hook is None:
             machine.note_halt(vp, False)  # stops the machine: it can never run again

@@ -80,9 +80,9 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     from vsmtrace.analysis.chrome import export_chrome
     from vsmtrace.analysis.figures import write_figures
     from vsmtrace.analysis.report import format_report, summarize
-    from vsmtrace.cli import run_machine
     from vsmtrace.replayer.engine import VmmReplayer
     from vsmtrace.replayer.engine import format_report as format_replay
+    from vsmtrace.session import SetupError, run_machine
     from vsmtrace.vmm.config import MachineConfig
     from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
@@ -110,7 +110,10 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
             hyperv=HypervPolicy().with_vsm(),
             vtls=2,
         )
-        status, message = run_machine(config, trace)
+        try:
+            status, message = run_machine(config, trace)
+        except SetupError as exc:
+            raise DemoError(str(exc)) from None
     elapsed = time.monotonic() - started
     if status != 1:  # isa-debug-exit(0) → (0 << 1) | 1
         raise DemoError(f"the demo guest did not finish cleanly (status {status}): {message or 'see ' + str(serial_log)}")

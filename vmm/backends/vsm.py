@@ -28,20 +28,21 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vsmtrace.vmm.backends.memory_view import MemoryView
+from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
 from vsmtrace.vmm.emulation_io import RecordedService
 from vsmtrace.vmm.events import EventKind
-from vsmtrace.vmm.guest_errors import read_linear, translator
+from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
 from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.kvm.system import ffi, lib
-from vsmtrace.vmm.memory import PAGE_SHIFT
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
-from vsmtrace.vmm.vsm.memory_view import MemoryView
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
-from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 log = logging.getLogger("vsmtrace.vsm")
 
@@ -342,8 +343,7 @@ class VsmBackend:
     def fetch_target(vp: VirtualProcessor) -> tuple[int, int] | None:
         """(GPA, linear address) of the instruction at RIP, if it is guest RAM."""
         vcpu = vp.vcpu
-        rip = int(vcpu.get_regs().rip)
-        linear = (int(vcpu.get_sregs().cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
+        _rip, linear = rip_linear(vcpu)
         try:
             gpa, valid, _ = vcpu.translate(linear)
         except OSError:
@@ -353,8 +353,6 @@ class VsmBackend:
         return gpa, linear
 
     def intercept(self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None) -> None:
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         machine = self.machine
         vtl = vp.vtl
         target_vtl = self._next_higher(vp)
@@ -391,8 +389,6 @@ class VsmBackend:
         (a retired write is rewound, a pending read discarded). Re-execution calls this
         for a recorded intercept, so the rewind is the live one.
         """
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         vtl = vp.vtl
         vcpu = vp.vcpu
         sregs = vcpu.get_sregs()
@@ -476,21 +472,8 @@ class VsmBackend:
     def _cached_walk(
         self, vp: VirtualProcessor
     ) -> tuple[Callable[[int], int | None], Callable[[int, int], bytes]]:
-        """Translate and read guest-linear memory, each page translated once.
-
-        Locating an instruction decodes up to 16 candidates around RIP; without the
-        cache each would cost KVM_TRANSLATE ioctls (several µs each on some hosts).
-        """
-        pages: dict[int, int | None] = {}
-        walk = translator(vp.vcpu)
-
-        def translate(linear: int) -> int | None:
-            page = (linear & 0xFFFFFFFFFFFFFFFF) >> PAGE_SHIFT
-            if page not in pages:
-                pages[page] = walk(page << PAGE_SHIFT)
-            base = pages[page]
-            return None if base is None else base + (linear & (PAGE - 1))
-
+        """Translate and read guest-linear memory of the running VTL, each page translated once."""
+        translate = cached_translator(vp.vcpu)
         memory = self.machine.memory
         return translate, lambda linear, size: read_linear(memory, translate, linear, size)
 
@@ -557,5 +540,3 @@ def _segment(s: Any) -> Segment:
 
     return segment_from_kvm(s)
 
-
-PAGE = 1 << PAGE_SHIFT

@@ -26,10 +26,12 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_OK, EXIT_VMM_ERROR, GuestStop, MsrFault
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 PAGE_OFFSET_MASK = 0xFFF
 
@@ -176,13 +178,9 @@ class HypervBackend:
         try:
             return int(self.boundary.entry("msr_read", i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
         except GpFault as exc:
-            from vsmtrace.vmm.machine import MsrFault
-
             raise MsrFault(index) from exc
 
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
-
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
@@ -195,8 +193,6 @@ class HypervBackend:
             raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
-        from vsmtrace.vmm.machine import EXIT_VMM_ERROR, GuestStop
-
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
