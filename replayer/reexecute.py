@@ -42,6 +42,7 @@ from vsmtrace.recorder.reader import open_trace
 from vsmtrace.replayer.errors import Divergence, ReplayError
 from vsmtrace.vmm.emulation_io import decode_exception, decode_value, loads
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.protocol import FLUSH_OPS, Entry, Op, Service, VsmOp, service_op
 
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
@@ -57,6 +58,8 @@ TSC_SUSPECT_FIELDS = {"EXIT": ("gprs.", "rip", "exit_reason"), "GUEST_EXIT": ("r
 #: VTL switches the emulation requests inside an entry (``vsm.request_transition``): the
 #: VTL_SWITCH event precedes the EMULATION event of that entry, the switch happens at the op.
 REQUESTED_SWITCHES = frozenset({"call", "return"})
+#: Every op of the VSM services starts with this.
+VSM_OPS = service_op(Service.VSM, "")
 
 
 @dataclass
@@ -271,7 +274,7 @@ class Reexecutor:
                     elif kind == "MSR":
                         self._msr(row, run, reason)
                     elif kind == "EMULATION":
-                        if row["entry"] == "vtl_entry":
+                        if row["entry"] == Entry.VTL_ENTRY:
                             pending.entries.append(row)  # the switch it belongs to follows; it runs right after it
                         else:
                             self._emulation(row, vp, pending)
@@ -512,16 +515,16 @@ class Reexecutor:
         for op, args, result in loads(row["emu_io"]) or []:
             if decode_exception(result) is not None:
                 continue  # the machine refused this output (e.g. a write through a protected view): it had no effect
-            if op == "set_register":
+            if op == Op.SET_REGISTER:
                 _vp, vtl, name, value = args
                 vp.regfiles[vtl].set(name, decode_value(value))
-            elif op == "set_xmm":
+            elif op == Op.SET_XMM:
                 _vp, vtl, index, value = args
                 vp.regfiles[vtl].set_xmm(index, value)
-            elif op == "write_gpa":
+            elif op == Op.WRITE_GPA:
                 _vtl, gpa, data = args
                 memory.write(gpa, decode_value(data))
-            elif op == "inject_exception":
+            elif op == Op.INJECT_EXCEPTION:
                 _vp, vtl, vector, error_code = args
                 target = vp.vcpus[vtl]
                 target.flush_regs()
@@ -531,12 +534,12 @@ class Reexecutor:
                 events.exception.has_error_code = 1 if error_code is not None else 0
                 events.exception.error_code = error_code or 0
                 target.set_events(events)
-            elif op in ("tlb.flush_vps", "vsm.flush_vps"):
+            elif op in FLUSH_OPS:
                 _vps, vtl = args
                 vp.flush_vtl_tlb(vtl)
-            elif op.startswith("vsm."):
+            elif op.startswith(VSM_OPS):
                 self._vsm_service(row, op, args, vp, pending)
-        if row["entry"] == "hypercall":
+        if row["entry"] == Entry.HYPERCALL:
             result = loads(row["emu_result"])
             fields = result.get("f", {}) if isinstance(result, dict) else {}
             if fields.get("retry") or fields.get("exception") is not None:
@@ -552,21 +555,21 @@ class Reexecutor:
         from vsmtrace.vmm.vsm.services import InitialVpContext, PageProtection
 
         backend = self.machine.vsm
-        if op == "vsm.request_transition":
+        if op == VsmOp.REQUEST_TRANSITION:
             if not pending.switches:
                 raise ReplayError(f"event {row['seq']}: a VTL switch was requested but no VTL_SWITCH event records it: inconsistent trace")
             self._switch(pending.switches.pop(0), vp, pending, args[0]["f"])
-        elif op == "vsm.set_protections":
+        elif op == VsmOp.SET_PROTECTIONS:
             target, runs = args
             backend.set_protections(
                 target, [PageProtection(r["f"]["first_page"], r["f"]["count"], Access(r["f"]["allowed"])) for r in runs]
             )
-        elif op == "vsm.load_vp_context":
+        elif op == VsmOp.LOAD_VP_CONTEXT:
             index, vtl, context = args
             backend.load_vp_context(index, vtl, InitialVpContext(decode_value(context["f"]["registers"])))
-        elif op == "vsm.create_vtl":
+        elif op == VsmOp.CREATE_VTL:
             backend.create_vtl(args[0])
-        elif op == "vsm.start_vp":
+        elif op == VsmOp.START_VP:
             raise ReplayError(f"event {row['seq']}: the guest started another VP, which a 1-VP re-execution cannot do")
         # vsm.vp_started is an input: nothing to do
 

@@ -15,11 +15,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from vsmtrace.vmm.emulation_io import decode_value
+from vsmtrace.vmm.protocol import Op, VsmOp
 from vsmtrace.vmm.vp import Access, Segment, Table
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
 #: The I/O ops the state keeps track of (registers as last seen, enabled VTLs, protections).
-TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections"})
+TRACKED_OPS = frozenset({Op.GET_REGISTER, Op.SET_REGISTER, VsmOp.CREATE_VTL, VsmOp.SET_PROTECTIONS})
 
 
 def access_text(allowed: int) -> str:
@@ -86,15 +87,15 @@ class ReplayState:
         self._unfolded.clear()
 
     def _apply(self, seq: int, op: str, args: list[Any], result: Any) -> None:
-        if op == "get_register":
+        if op == Op.GET_REGISTER:
             vp, vtl, name = args
             self._registers.setdefault((vp, vtl), {})[name] = (decode_value(result), seq)
-        elif op == "set_register":
+        elif op == Op.SET_REGISTER:
             vp, vtl, name, value = args
             self._registers.setdefault((vp, vtl), {})[name] = (decode_value(value), seq)
-        elif op == "vsm.create_vtl":
+        elif op == VsmOp.CREATE_VTL:
             self._enabled_vtls.add(int(args[0]))
-        elif op == "vsm.set_protections":
+        elif op == VsmOp.SET_PROTECTIONS:
             target, runs = args
             pages = self._protections.setdefault(int(target), {})
             for run in runs:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from vsmtrace.vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
+from vsmtrace.vmm.emulation import EmulationPorts, build_emulation
+from vsmtrace.vmm.emulation_io import Boundary, recorded_ports
 from vsmtrace.vmm.hyperv import HyperV
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
@@ -26,6 +27,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.protocol import Entry
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_OK, EXIT_VMM_ERROR, GuestStop, MsrFault
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
@@ -139,32 +141,26 @@ class HypervBackend:
         # Everything the emulation reads or writes goes through the recorded boundary
         # (a pass-through when nothing records), so a trace can be replayed without KVM.
         self.boundary = boundary = Boundary(m.sink, threading.RLock())
-        recording = boundary.recording
-        self.partition = RecordedPartition(m, boundary) if recording else m
-        apic: Any = MachineApics(m)
-        tlb: Any = m.hyperv_tlb
-        timers: Any = ReferenceTimers(m.timers, self.reference.reference_time_ns, m.clock.now_ns)
-        sink: Any = m.sink
-        tsc_page = self.reference.tsc_page_params
-        if recording:
-            apic = RecordedService(apic, boundary, "apic", frozenset({"read_icr", "read_tpr"}))
-            tlb = RecordedService(tlb, boundary, "tlb", frozenset())
-            timers = RecordedTimers(timers, boundary)
-            sink = RecordedSink(m.sink, boundary)
-            tsc_page = RecordedService(self.reference, boundary, "clock", frozenset({"tsc_page_params"})).tsc_page_params
-        self.sink = sink
-        self.hv = HyperV(
-            self.partition,
-            self.policy,
-            timers=timers,
-            apic=apic,
-            tlb=tlb,
-            sink=sink,
-            tsc_page=tsc_page,
-            tsc_frequency_hz=m.tsc_hz,
-            apic_frequency_hz=m.apic_timer_hz,
-            vtl_count=len(m.vms),
+        ports = EmulationPorts(
+            partition=m,
+            timers=ReferenceTimers(m.timers, self.reference.reference_time_ns, m.clock.now_ns),
+            apic=MachineApics(m),
+            tlb=m.hyperv_tlb,
+            tsc_page=self.reference.tsc_page_params,
+            sink=m.sink,
+            vsm=m.vsm,
         )
+        if boundary.recording:
+            ports = recorded_ports(ports, boundary)
+        self.partition = ports.partition
+        self.sink = ports.sink
+        emulation = build_emulation(
+            self.policy, ports, vtl_count=len(m.vms), tsc_hz=m.tsc_hz, apic_hz=m.apic_timer_hz,
+            ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
+        )  # fmt: skip
+        self.hv = emulation.hv
+        if m.vsm is not None:
+            m.vsm.attach(emulation.vsm, boundary)
         boundary.lock = self.hv.lock
         m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
         m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
@@ -176,7 +172,7 @@ class HypervBackend:
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            return int(self.boundary.entry("msr_read", i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
+            return int(self.boundary.entry(Entry.MSR_READ, i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
         except GpFault as exc:
             raise MsrFault(index) from exc
 
@@ -184,7 +180,7 @@ class HypervBackend:
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            self.boundary.entry("msr_write", i, vtl, [i, vtl, index, value], lambda: hv.msr_write(i, vtl, index, value))
+            self.boundary.entry(Entry.MSR_WRITE, i, vtl, [i, vtl, index, value], lambda: hv.msr_write(i, vtl, index, value))
         except GpFault as exc:
             raise MsrFault(index) from exc
         except GuestCrash as crash:
@@ -196,7 +192,7 @@ class HypervBackend:
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            outcome = self.boundary.entry("hypercall", i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
+            outcome = self.boundary.entry(Entry.HYPERCALL, i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
         except HypercallInternalError as exc:
             raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
         if outcome.retry or outcome.exception is not None:
@@ -220,13 +216,13 @@ class HypervBackend:
         if hv is None:
             return
         i, vtl = vp.index, vp.vtl
-        if self.boundary.entry("auto_eoi", i, vtl, [i, vtl, vector], lambda: hv.is_auto_eoi(i, vtl, vector)):
+        if self.boundary.entry(Entry.AUTO_EOI, i, vtl, [i, vtl, vector], lambda: hv.is_auto_eoi(i, vtl, vector)):
             vp.apic.eoi()
 
     def _on_eoi(self, vp: int, vtl: int, vector: int) -> None:
         hv = self.hv
         if hv is not None:
-            self.boundary.entry("eoi", vp, vtl, [vp, vtl], lambda: hv.on_apic_eoi(vp, vtl))
+            self.boundary.entry(Entry.EOI, vp, vtl, [vp, vtl], lambda: hv.on_apic_eoi(vp, vtl))
 
     def shutdown(self) -> None:
         if self.hv is not None:

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.backends.memory_view import MemoryView
 from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
-from vsmtrace.vmm.emulation_io import RecordedService
+from vsmtrace.vmm.emulation_io import Boundary
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
 from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.kvm.system import ffi, lib
+from vsmtrace.vmm.protocol import Entry
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
@@ -43,6 +44,7 @@ from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtect
 if TYPE_CHECKING:
     from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.virtual_processor import VirtualProcessor
+    from vsmtrace.vmm.vsm import Vsm
 
 log = logging.getLogger("vsmtrace.vsm")
 
@@ -86,27 +88,15 @@ class VsmBackend:
 
     # -- construction ---------------------------------------------------------------------
     def _create(self) -> None:
-        try:
-            from vsmtrace.vmm.vsm import Vsm
-        except ImportError:  # the VSM logic layer is not in this tree yet
-            log.debug("VSM logic unavailable; running without VSM")
-            self.machine.mmio_hook = self.machine.internal_error_hook = None
-            self.machine.wake_hook = self.machine.pre_entry_hook = None
-            return
-        m = self.machine
-        hv = m.hyperv.hv
-        self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in m.vps}
+        self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in self.machine.vps}
         self.sync_tsc()
-        hyperv = m.hyperv
-        self.boundary = hyperv.boundary
-        services: Any = self
-        if self.boundary.recording:
-            services = RecordedService(self, self.boundary, "vsm", frozenset({"vp_started"}))
-        self.vsm = Vsm(
-            hv, hyperv.partition, services, vtl_count=len(m.vms), sink=hyperv.sink,
-            ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
-        )  # fmt: skip
-        self.vsm.on_tlb_unlock = self._tlb_unlocked
+
+    def attach(self, vsm: Vsm | None, boundary: Boundary) -> None:
+        """Take the VSM logic the Hyper-V backend built (``vmm.emulation.build_emulation``) over this backend."""
+        self.vsm = vsm
+        self.boundary = boundary
+        if vsm is not None:
+            vsm.on_tlb_unlock = self._tlb_unlocked
 
     def sync_tsc(self) -> None:
         """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
@@ -214,7 +204,7 @@ class VsmBackend:
         if to_vtl > from_vtl and self.vsm is not None:
             vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
             self.boundary.entry(
-                "vtl_entry", i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
+                Entry.VTL_ENTRY, i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
                 lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
             )
         sink = self.machine.sink
@@ -308,7 +298,7 @@ class VsmBackend:
             return
         self.vina_notified.add(key)
         i, vtl = key
-        self.boundary.entry("vina", i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
+        self.boundary.entry(Entry.VINA, i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
 
     # -- protections: MMIO exits and fetch failures --------------------------------------------
     def on_mmio(self, vp: VirtualProcessor, gpa: int, length: int, is_write: bool) -> bool:
@@ -369,7 +359,7 @@ class VsmBackend:
         )  # fmt: skip
         hv, i = machine.hyperv.hv, vp.index
         self.boundary.entry(
-            "post_intercept", i, target_vtl, [i, target_vtl, packed],
+            Entry.POST_INTERCEPT, i, target_vtl, [i, target_vtl, packed],
             lambda: hv.post_intercept(i, target_vtl, message),
         )
         if vp.apics[target_vtl].pending_vector() is None:
