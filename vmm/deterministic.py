@@ -32,7 +32,7 @@ import hashlib
 import struct
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.cpu_state import MSR_IA32_TSC
+from vsmtrace.vmm.cpu_state import GPR_NAMES
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.timers import ManualClock, ManualTimerService
@@ -46,10 +46,7 @@ if TYPE_CHECKING:
 DEFAULT_QUANTUM_NS = 1000
 
 #: Order of the registers packed into the EXIT ``gprs`` column (18 little-endian u64).
-GPR_ORDER = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
-)  # fmt: skip
+GPR_ORDER = GPR_NAMES
 _GPR_STRUCT = struct.Struct("<18Q")
 
 #: EXIT ``entry_flags`` bits: what the VMM asked of KVM for the entry that ended in this exit.
@@ -81,8 +78,6 @@ class DeterministicTime:
         self.clock = ManualClock(machine.tsc_hz)
         self.timers = ManualTimerService(self.clock)
         self.exits = 0
-        # Filtered (hence exiting) from boot on: KVM would otherwise answer with host cycles.
-        machine.msr_handlers.append((MSR_IA32_TSC, MSR_IA32_TSC, self))
 
     def msr_read(self, vp: VirtualProcessor, index: int) -> int:
         """RDMSR IA32_TSC: the virtual TSC, a recorded input like any MSR read that exits."""

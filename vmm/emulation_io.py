@@ -1,6 +1,6 @@
 """The recorded boundary between the machine and the emulation code (Hyper-V, VSM).
 
-Deterministic replay (DESIGN.md, "replayer") needs every input the emulation
+Deterministic replay (docs/architecture.md, "The trace -> replay path") needs every input the emulation
 reads and every output it produces. The emulation reaches the machine only
 through a few narrow interfaces (``vmm.vp`` VP/partition access, the APIC and
 TLB services, timers, VSM services, the event sink), so wrapping those

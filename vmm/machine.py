@@ -10,11 +10,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from vsmtrace.vmm.config import MachineConfig
-from vsmtrace.vmm.cpu_state import apply_boot_state
+from vsmtrace.vmm.cpu_state import MSR_IA32_TSC, apply_boot_state
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
 from vsmtrace.vmm.deterministic import DeterministicTime
 from vsmtrace.vmm.devices.apic import ApicRouter
@@ -24,9 +24,11 @@ from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT,
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
 from vsmtrace.vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler, overriding
 from vsmtrace.vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
 from vsmtrace.vmm.loader.multiboot import Module, load_kernel
 from vsmtrace.vmm.memory import GuestMemory
+from vsmtrace.vmm.memory_view import MemoryView
 from vsmtrace.vmm.stops import (
     EXIT_GUEST_FAULT,
     EXIT_INTERRUPTED,
@@ -42,9 +44,9 @@ from vsmtrace.vmm.vp import Access, VtlAccessDenied
 from vsmtrace import __version__
 
 log = logging.getLogger("vsmtrace.machine")
+E = TypeVar("E", bound=MachineExtension)
 
 MSR_IA32_APIC_BASE = 0x1B
-MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_X2APIC_FIRST = 0x800
 MSR_X2APIC_LAST = 0x8FF
@@ -56,6 +58,25 @@ PORTS = 1 << 16
 
 STDIN_FD = 0
 SERIAL_INPUT_CHUNK = 4096
+
+
+def _any(hooks: list[Callable[..., bool]]) -> Callable[..., bool] | None:
+    """One hook that is true if any of ``hooks`` is (asked in order, stops at the first); None for none."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+    return lambda *args: any(hook(*args) for hook in hooks)
+
+
+def _each(hooks: list[Callable[..., None]]) -> Callable[..., None] | None:
+    """One hook that calls each of ``hooks`` in order; None for none."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+
+    def call(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
+
+    return call
 
 
 class GuestClock:
@@ -78,7 +99,15 @@ class GuestClock:
 class Machine:
     """A partition: guest RAM, one KVM VM per VTL, VPs, devices and the event sink."""
 
-    def __init__(self, config: MachineConfig, sink: EventSink | None = None, *, kvm_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        sink: EventSink | None = None,
+        *,
+        kvm_path: str | None = None,
+        extensions: Sequence[MachineExtension] = (),
+    ) -> None:
+        """A bare machine plus ``extensions`` (vmm/builder.py chooses them from the configuration)."""
         config.validate()
         self.config = config
         self.sink: EventSink = sink if sink is not None else NullSink()
@@ -97,23 +126,7 @@ class Machine:
         self.halted_no_if: set[int] = set()
         self._recorded_ports: Any = None  # bitmap of ports whose OUTs KVM_RUN records in C
 
-        # Hooks later layers install (Hyper-V, VSM); None means "not present".
-        self.trap_ports: dict[int, Callable[[VirtualProcessor, int, int, bool], None]] = {}
-        self.msr_handlers: list[tuple[int, int, Any]] = []  # (first, last, handler with read/write)
-        self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = None
-        self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = None
-        self.wake_hook: Callable[[VirtualProcessor], bool] | None = None
-        self.pre_entry_hook: Callable[[VirtualProcessor], None] | None = None
-        self.views: list[Any] = []  # vmm.vsm.memory_view.MemoryView per VTL
-        self.vsm: Any = None
-        self.hyperv_tlb: Any = None
-        self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
-        self.reference_clock: Callable[[], int] | None = None
-        self.on_vps_created: list[Callable[[], None]] = []
-        self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = None
-        self.vtl_action_hook: Callable[[VirtualProcessor, Any], None] | None = None
-        self.on_apic_eoi: Callable[[int, int, int], None] | None = None
-        self.on_stop: list[Callable[[], None]] = []
+        self.views: list[MemoryView] = []  # one per VTL (map_ram)
         self.apic_timer_hz = APIC_TIMER_HZ
         self.cpuid_policy = CpuidPolicy()
 
@@ -139,15 +152,26 @@ class Machine:
             for _ in self.vms
         ]
         self.vps: list[VirtualProcessor] = []
-        self.hyperv: Any = None
-        if config.hyperv is not None and config.hyperv.enabled:
-            from vsmtrace.vmm.backends.hyperv import HypervBackend
-
-            self.hyperv = HypervBackend(self, config.hyperv)
-            if config.vtls > 1:
-                from vsmtrace.vmm.backends.vsm import VsmBackend
-
-                self.vsm = VsmBackend(self)
+        # The layers above the bare machine (Hyper-V, VSM), then what they contribute; the
+        # exit-path hooks are resolved once, so a machine without them pays nothing.
+        self.extensions: tuple[MachineExtension, ...] = tuple(extensions)
+        for ext in self.extensions:
+            ext.attach(self)
+        exts = list(self.extensions)
+        self.extra_cpuid: list[CpuidEntry] = [e for ext in exts for e in ext.cpuid_entries()]
+        self.cpuid_policy.hypervisor_bit = any(ext.hypervisor_present() for ext in exts)
+        self.msr_handlers: list[tuple[int, int, Any]] = [r for ext in exts for r in ext.msr_ranges()]
+        self.trap_ports: dict[int, TrapHandler] = {p: h for ext in exts for p, h in ext.trap_ports().items()}
+        self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = _any(overriding(exts, "on_mmio"))
+        self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "on_internal_error"))
+        self.wake_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "can_wake"))
+        self.pre_entry_hook: Callable[[VirtualProcessor], None] | None = _each(overriding(exts, "pre_entry"))
+        self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = _each(
+            overriding(exts, "interrupt_acknowledged")
+        )
+        self.on_apic_eoi: Callable[[int, int, int], None] | None = _each(overriding(exts, "apic_eoi"))
+        clocks = overriding(exts, "reference_time")
+        self._reference_clock: Callable[[], int | None] | None = clocks[0] if clocks else None
         self.tsc_hz = 0
         self.tsc_offset = 0
         self.clock: GuestClock | ManualClock | None = None
@@ -190,8 +214,6 @@ class Machine:
 
     def map_ram(self) -> None:
         """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
-        from vsmtrace.vmm.backends.memory_view import MemoryView
-
         self.views = [MemoryView(vm, self.memory, vtl) for vtl, vm in enumerate(self.vms)]
         for view in self.views:
             view.apply()
@@ -212,8 +234,8 @@ class Machine:
         self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
         modules = [Module(p, str(p)) for p in cfg.initrds]
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
-        for hook in self.on_vps_created:
-            hook()
+        for ext in self.extensions:
+            ext.vps_created()
         if self.sink.enabled:
             for vp in self.vps:
                 for vtl, table in enumerate(vp.cpuid_tables):
@@ -275,6 +297,8 @@ class Machine:
         if self.config.deterministic:
             self.deterministic = DeterministicTime(self)
             self.clock, self.timers = self.deterministic.clock, self.deterministic.timers
+            # Filtered (hence exiting) from boot on: KVM would otherwise answer with host cycles.
+            self.msr_handlers.append((MSR_IA32_TSC, MSR_IA32_TSC, self.deterministic))
             return
         self.clock = GuestClock(self.tsc_offset)
         self.timers = TimerService(self.clock)
@@ -300,6 +324,24 @@ class Machine:
         if self.on_apic_eoi is not None:
             self.on_apic_eoi(vp_index, vtl, vector)
 
+    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
+        """Make the listed VPs drop cached translations of ``vtl`` (``vmm.hyperv.facade.TlbFlusher``).
+
+        Reloading a vCPU's special registers makes KVM drop its translations; each target
+        VP does that before its next guest entry, and this returns once no target can run
+        guest code without having done so (see VirtualProcessor.request_tlb_flush).
+        """
+        for index in vp_indices:
+            if 0 <= index < len(self.vps):
+                self.vps[index].request_tlb_flush(vtl)
+
+    def extension(self, kind: type[E]) -> E | None:
+        """The extension of this type the machine was built with, if any."""
+        for ext in self.extensions:
+            if isinstance(ext, kind):
+                return ext
+        return None
+
     def current_vp(self) -> VirtualProcessor | None:
         """The VP whose thread is calling, if any."""
         current = threading.current_thread()
@@ -309,9 +351,10 @@ class Machine:
         return None
 
     def reference_time(self) -> int:
-        if self.reference_clock is None:
+        clock = self._reference_clock
+        if clock is None:
             raise RuntimeError("no reference clock without Hyper-V")
-        return self.reference_clock()
+        return int(clock())  # type: ignore[arg-type]
 
     @property
     def vp_count(self) -> int:
@@ -399,10 +442,7 @@ class Machine:
         With VSM that is an interrupt for a higher VTL, which needs a higher VTL to
         be enabled; until the guest enables one, a halt with IF=0 everywhere is final.
         """
-        if self.wake_hook is None:
-            return False
-        enabled = getattr(self.vsm, "enabled_vtls", None)
-        return enabled is None or len(enabled) > 1
+        return any(ext.wakes_from_outside() for ext in self.extensions)
 
     def note_wake(self, vp: VirtualProcessor) -> None:
         with self._halt_lock:
@@ -467,8 +507,8 @@ class Machine:
         for vp in self.vps:
             if vp.thread is not None:
                 vp.thread.join(timeout=5)
-        for hook in self.on_stop:
-            hook()
+        for ext in self.extensions:
+            ext.stopped()
         if self.timers is not None:
             self.timers.stop()
         assert self.exit_status is not None

@@ -20,6 +20,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.cpu_state import RegisterFile, apply_sipi, cpu_mode
@@ -608,3 +609,83 @@ class VirtualProcessor:
     def on_unhandled(self) -> None:
         reason = self.vcpu.run_struct.exit_reason
         raise GuestStop(EXIT_VMM_ERROR, f"unhandled KVM exit {exit_name(reason)} on VP {self.index}")
+
+    # -- one exit at a time, driven from outside (re-execution) -------------------------------------
+    def enter_once(self, irq_window: bool) -> int:
+        """Run the active vCPU until its next exit (no handling, no interrupts injected); returns the exit reason.
+
+        ``irq_window`` asks KVM to exit as soon as the guest can take an interrupt, as the
+        recorded entry did. Raises OSError if KVM_RUN fails (a signal just retries).
+        """
+        vcpu = self.vcpu
+        run = vcpu.run_struct
+        run.request_interrupt_window = 1 if irq_window else 0
+        while True:
+            vcpu.invalidate_cache()
+            r = lib.vsm_kvm_run(vcpu.fd)
+            vcpu.exited()  # registers KVM exports with the exit are current again
+            if r >= 0:
+                return int(run.exit_reason)
+            if r != -errno.EINTR:
+                raise OSError(-r, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+
+    def pio_exit(self) -> PioExit:
+        """The port I/O of the current exit (KVM_EXIT_IO)."""
+        io = self.vcpu.run_struct.io
+        return PioExit(int(io.port), int(io.size), io.direction == IO_OUT, int(io.count))
+
+    def _pio_data(self, index: int) -> Any:
+        run = self.vcpu.run_struct
+        return ffi.cast("uint8_t *", run) + run.io.data_offset + index * run.io.size
+
+    def pio_value(self, index: int) -> int:
+        """The value the guest wrote in element ``index`` of the current OUT."""
+        return int.from_bytes(ffi.buffer(self._pio_data(index), self.vcpu.run_struct.io.size), "little")
+
+    def complete_pio_in(self, index: int, value: int) -> None:
+        """Give element ``index`` of the current IN ``value``."""
+        size = self.vcpu.run_struct.io.size
+        ffi.memmove(self._pio_data(index), value.to_bytes(size, "little"), size)
+
+    def mmio_exit(self) -> MmioExit:
+        """The MMIO access of the current exit (KVM_EXIT_MMIO); ``data`` is what a write writes."""
+        mmio = self.vcpu.run_struct.mmio
+        return MmioExit(int(mmio.phys_addr), int(mmio.len), bool(mmio.is_write), bytes(mmio.data[0 : mmio.len]))
+
+    def complete_mmio_read(self, value: int) -> None:
+        mmio = self.vcpu.run_struct.mmio
+        ffi.memmove(mmio.data, value.to_bytes(mmio.len, "little"), mmio.len)
+
+    def msr_exit(self) -> MsrExit:
+        """The MSR access of the current exit (KVM_EXIT_X86_RDMSR / WRMSR); ``value`` is what a write writes."""
+        msr = self.vcpu.run_struct.msr
+        return MsrExit(int(msr.index), int(msr.data))
+
+    def complete_msr(self, value: int | None, fault: bool) -> None:
+        """Finish the current MSR exit: a read returns ``value`` (unless None), ``fault`` raises #GP."""
+        msr = self.vcpu.run_struct.msr
+        if value is not None:
+            msr.data = value
+        msr.error = 1 if fault else 0
+
+
+@dataclass(frozen=True)
+class PioExit:
+    port: int
+    size: int
+    is_write: bool
+    count: int
+
+
+@dataclass(frozen=True)
+class MmioExit:
+    gpa: int
+    size: int
+    is_write: bool
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MsrExit:
+    index: int
+    value: int

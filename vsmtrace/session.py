@@ -17,14 +17,14 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
     """Build, boot and run a machine (recording if asked); one-line errors for bad input."""
     from vsmtrace.recorder.errors import TraceError
     from vsmtrace.recorder.writer import TraceWriter
+    from vsmtrace.vmm.builder import build_machine
     from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
     from vsmtrace.vmm.loader.elf import LoaderError
-    from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.trace_metadata import machine_metadata
 
     writer = None
     try:
-        machine = Machine(config)
+        machine = build_machine(config)
         if record_path is not None:
             writer = TraceWriter(record_path, machine_metadata(machine))
             machine.sink = writer

@@ -21,44 +21,40 @@ VSM needs:
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.backends.memory_view import MemoryView
 from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
+from vsmtrace.vmm.cpu_state import GPR_NAMES, cpu_mode, segment_from_kvm
 from vsmtrace.vmm.emulation_io import Boundary
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.extension import MachineExtension
 from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
-from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT, TRAP_INSTRUCTION
 from vsmtrace.vmm.kvm.system import ffi, lib
+from vsmtrace.vmm.memory_view import MemoryView
 from vsmtrace.vmm.protocol import Entry
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
-from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
+from vsmtrace.vmm.vp import Access, GuestMemoryError
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
 
 if TYPE_CHECKING:
+    from vsmtrace.vmm.emulation import Emulation
+    from vsmtrace.vmm.hyperv import HyperV
     from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.virtual_processor import VirtualProcessor
     from vsmtrace.vmm.vsm import Vsm
 
-log = logging.getLogger("vsmtrace.vsm")
-
-GPR_FIELDS = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
-)  # fmt: skip
 ENTRY_REASON = {
     SwitchReason.CALL: EntryReason.VTL_CALL,
     SwitchReason.INTERRUPT: EntryReason.INTERRUPT,
     SwitchReason.INTERCEPT: EntryReason.INTERRUPT,  # intercepts arrive as the SINT0 interrupt
 }
 ACCESS_NAMES = {Access.READ: "read", Access.WRITE: "write", Access.EXECUTE: "execute"}
-OUT_IMM8 = 0xE6  # ``out imm8, al``: the hypercall-page trap instruction
 
 
 @dataclass(frozen=True)
@@ -70,33 +66,37 @@ class DeniedAccess:
     insn_bytes: bytes
 
 
-class VsmBackend:
-    """One per machine with VSM: owns the memory views and performs VTL switches."""
+class VsmBackend(MachineExtension):
+    """One per machine with VSM: owns the VTL switches and intercepts; the Hyper-V backend builds the logic."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.vsm: Any = None  # vmm.vsm.Vsm, created once the VPs (and Hyper-V) exist
+    def __init__(self) -> None:
+        self.vsm: Vsm | None = None  # the VSM logic, built with HyperV once the VPs exist (take_emulation)
+        self.hv: HyperV | None = None
         self.enabled_vtls = {0}
         self.copiers: dict[int, SharedStateCopier] = {}
         self.vina_notified: set[tuple[int, int]] = set()  # (vp, vtl) told of a lower-VTL interrupt
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
-        machine.mmio_hook = self.on_mmio
-        machine.internal_error_hook = self.on_internal_error
-        machine.wake_hook = self.higher_vtl_pending
-        machine.pre_entry_hook = self.pre_entry
-        machine.on_vps_created.append(self._create)
 
-    # -- construction ---------------------------------------------------------------------
-    def _create(self) -> None:
+    def attach(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def vps_created(self) -> None:
         self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in self.machine.vps}
         self.sync_tsc()
 
-    def attach(self, vsm: Vsm | None, boundary: Boundary) -> None:
-        """Take the VSM logic the Hyper-V backend built (``vmm.emulation.build_emulation``) over this backend."""
-        self.vsm = vsm
+    def take_emulation(self, emulation: Emulation, boundary: Boundary) -> None:
+        """The emulation the Hyper-V backend built over this backend (``vmm.emulation.build_emulation``)."""
+        self.hv, self.vsm = emulation.hv, emulation.vsm
         self.boundary = boundary
-        if vsm is not None:
-            vsm.on_tlb_unlock = self._tlb_unlocked
+        if self.vsm is not None:
+            self.vsm.on_tlb_unlock = self._tlb_unlocked
+
+    def can_wake(self, vp: VirtualProcessor) -> bool:
+        return self.higher_vtl_pending(vp)
+
+    def wakes_from_outside(self) -> bool:
+        """A higher VTL's interrupt can wake a VP whose lower VTL halted with IF=0, once one is enabled."""
+        return len(self.enabled_vtls) > 1
 
     def sync_tsc(self) -> None:
         """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
@@ -191,7 +191,7 @@ class VsmBackend:
             done.set()
 
     def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
-        self.machine.hyperv_tlb.flush_vps(vp_indices, vtl)
+        self.machine.flush_vps(vp_indices, vtl)
 
     # -- VTL switches --------------------------------------------------------------------------
     def switch(
@@ -259,7 +259,7 @@ class VsmBackend:
         done = self.trap_out_retired
         if done is None:
             rip = int(vcpu.get_regs().rip)
-            trap = bytes((OUT_IMM8, HV_HYPERCALL_TRAP_PORT))
+            trap = TRAP_INSTRUCTION
             done = self._read_linear(vp, rip - len(trap), len(trap)) == trap and self._read_linear(vp, rip, len(trap)) != trap
             self.trap_out_retired = done
         return done
@@ -357,7 +357,8 @@ class VsmBackend:
             EventKind.INTERCEPT, vp, access=ACCESS_NAMES[access], gpa=gpa, gva=denied.gva, insn_bytes=denied.insn_bytes,
             message=packed,
         )  # fmt: skip
-        hv, i = machine.hyperv.hv, vp.index
+        hv, i = self.hv, vp.index
+        assert hv is not None
         self.boundary.entry(
             Entry.POST_INTERCEPT, i, target_vtl, [i, target_vtl, packed],
             lambda: hv.post_intercept(i, target_vtl, message),
@@ -382,8 +383,8 @@ class VsmBackend:
         vtl = vp.vtl
         vcpu = vp.vcpu
         sregs = vcpu.get_sregs()
-        mode = _mode(sregs)
-        regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_FIELDS}
+        mode = cpu_mode(sregs)
+        regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_NAMES}
         bases = {"fs": int(sregs.fs.base), "gs": int(sregs.gs.base), "es": int(sregs.es.base)}
         translate, read_code = self._cached_walk(vp)
         located: Located | None
@@ -419,7 +420,7 @@ class VsmBackend:
             insn_bytes=(located.bytes if located is not None else b"")[:16],
             insn_length=located.length if located is not None else 0,
             regs=regs,
-            segments={name: _segment(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
+            segments={name: segment_from_kvm(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
             cr0=int(sregs.cr0),
             efer=int(sregs.efer),
             cpl=int(sregs.cs.dpl),
@@ -519,14 +520,4 @@ def _as_int(mmio: Any, length: int) -> int:
     return int.from_bytes(bytes(mmio.data[0:length]), "little")
 
 
-def _mode(sregs: Any) -> CpuMode:
-    from vsmtrace.vmm.cpu_state import cpu_mode
-
-    return cpu_mode(sregs)
-
-
-def _segment(s: Any) -> Segment:
-    from vsmtrace.vmm.cpu_state import segment_from_kvm
-
-    return segment_from_kvm(s)
 

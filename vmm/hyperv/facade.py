@@ -41,22 +41,24 @@ from vsmtrace.vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leav
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash
 from vsmtrace.vmm.hyperv.handlers import register_default_handlers
 from vsmtrace.vmm.hyperv.hvdef import (
-    HV_HYPERCALL_TRAP_PORT,
     HV_PAGE_MASK,
     HV_SYNIC_INTERCEPTION_SINT_INDEX,
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
-    VSMTRACE_PARTITION_ID,
     HvMessage,
     HvStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
 from vsmtrace.vmm.hyperv.reference_time import TscPageParams
 from vsmtrace.vmm.hyperv.stimer import SyntheticTimers, TimerService
 from vsmtrace.vmm.hyperv.synic import Synic
 from vsmtrace.vmm.hyperv.vtl_array import VtlArray
 from vsmtrace.vmm.vp import PartitionAccess
+
+#: The partition ID this VMM reports from HvCallGetPartitionId (vsmtrace's choice: any non-zero value works).
+VSMTRACE_PARTITION_ID = 0x1
 
 
 class TlbFlusher(Protocol):
