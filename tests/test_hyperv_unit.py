@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 from vsmtrace.vmm.events import EventKind, ListSink
-from vsmtrace.vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy, ManualTimerService
+from vsmtrace.vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy
 from vsmtrace.vmm.hyperv.connections import (
     VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID,
     VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID,
@@ -65,6 +65,7 @@ from vsmtrace.vmm.hyperv.hypercall_page import (
 )
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
 from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.timers import ManualTimerService
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
 
 from tests.fakes import FakeVp
@@ -852,7 +853,7 @@ def _timer_msg(e: Env, sint: int) -> HvTimerMessagePayload:
 
 def _advance(e: Env, ticks: int) -> None:
     e.part.now += ticks
-    e.timers.run_due(e.part.now * 100)
+    e.timers.advance_to(e.part.now * 100)
 
 
 def test_stimer_one_shot_message() -> None:

@@ -44,8 +44,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HypercallControl,
     VsmPartitionConfig,
 )
-from vsmtrace.vmm.hyperv.stimer import ManualTimerService
 from vsmtrace.vmm.protocol import SERVICE_INPUTS, Entry, Op, Service, VsmOp
+from vsmtrace.vmm.timers import ManualTimerService
 from vsmtrace.vmm.vsm.services import EntryReason
 
 from tests.test_vsm_unit import (
@@ -164,7 +164,7 @@ class Recording:
         self.entry(Entry.VINA, 0, 1, [0, 1], lambda: vsm.notify_lower_vtl_interrupt(0, 1))
         self.wrmsr(0, 0, HvMsr.HV_X64_MSR_STIMER0_COUNT, 1000)
         self.wrmsr(0, 0, HvMsr.HV_X64_MSR_STIMER0_CONFIG, HvStimerConfig.ENABLE | (1 << HvStimerConfig.SINT_SHIFT))
-        assert self.timers.run_due(1 << 40) == 1  # the expiry is an entry of its own
+        assert self.timers.advance_to(1 << 40) == 1  # the expiry is an entry of its own
         self.entries += 1
         self.entry(Entry.AUTO_EOI, 0, 0, [0, 0, SINT_VECTOR], lambda: hv.is_auto_eoi(0, 0, SINT_VECTOR))
         self.entry(Entry.EOI, 0, 0, [0, 0], lambda: hv.on_apic_eoi(0, 0))

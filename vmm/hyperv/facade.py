@@ -52,9 +52,10 @@ from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
 from vsmtrace.vmm.hyperv.reference_time import TscPageParams
-from vsmtrace.vmm.hyperv.stimer import SyntheticTimers, TimerService
+from vsmtrace.vmm.hyperv.stimer import SyntheticTimers
 from vsmtrace.vmm.hyperv.synic import Synic
 from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.timers import TimerScheduler
 from vsmtrace.vmm.vp import PartitionAccess
 
 #: The partition ID this VMM reports from HvCallGetPartitionId (vsmtrace's choice: any non-zero value works).
@@ -84,7 +85,7 @@ class HyperV:
         partition: PartitionAccess,
         policy: HypervPolicy,
         *,
-        timers: TimerService,
+        timers: TimerScheduler,
         apic: ApicAccess,
         tlb: TlbFlusher,
         sink: EventSink | None = None,
@@ -128,7 +129,7 @@ class HyperV:
         if self.policy.enabled:
             register_default_handlers(self)
 
-    def _make_vp_vtl(self, vp: int, vtl: int, timers: TimerService) -> VpVtlState:
+    def _make_vp_vtl(self, vp: int, vtl: int, timers: TimerScheduler) -> VpVtlState:
         synic = Synic(self.partition, vp, vtl, self.sink)
         stimers = SyntheticTimers(
             self.partition, vp, vtl, synic, timers, self.sink, self.lock, direct_mode_allowed=self.policy.stimer_direct
