@@ -64,9 +64,9 @@ from vsmtrace.vmm.hyperv.hypercall_page import (
     HypercallPage,
 )
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
-from vsmtrace.vmm.hyperv.vtl_array import VtlArray
 from vsmtrace.vmm.timers import ManualTimerService
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
+from vsmtrace.vmm.vtl_array import VtlArray
 
 from tests.fakes import FakeVp
 

@@ -40,6 +40,7 @@ from vsmtrace.vmm.stops import (
 from vsmtrace.vmm.timers import ManualClock, TimerService
 from vsmtrace.vmm.virtual_processor import APIC_TIMER_HZ, VirtualProcessor, VpState
 from vsmtrace.vmm.vp import Access, VtlAccessDenied
+from vsmtrace.vmm.vtl_array import VtlArray
 
 from vsmtrace import __version__
 
@@ -126,11 +127,11 @@ class Machine:
         self.halted_no_if: set[int] = set()
         self._recorded_ports: Any = None  # bitmap of ports whose OUTs KVM_RUN records in C
 
-        self.views: list[MemoryView] = []  # one per VTL (map_ram)
+        self.views: VtlArray[MemoryView] | None = None  # one per VTL, once RAM is mapped (map_ram)
         self.apic_timer_hz = APIC_TIMER_HZ
         self.cpuid_policy = CpuidPolicy()
 
-        self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
+        self.vms: VtlArray[Vm] = VtlArray(config.vtls, lambda _vtl: self._create_vm())
         self.supported_cpuid = self.kvm.supported_cpuid()
 
         self.pio = PioBus()
@@ -147,10 +148,9 @@ class Machine:
         self.pio.add(POST_PORT, 1, Ignore())
 
         self.timers: TimerService | None = None
-        self.routers = [
-            ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
-            for _ in self.vms
-        ]
+        self.routers: VtlArray[ApicRouter] = VtlArray(
+            len(self.vms), lambda _vtl: ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
+        )
         self.vps: list[VirtualProcessor] = []
         # The layers above the bare machine (Hyper-V, VSM), then what they contribute; the
         # exit-path hooks are resolved once, so a machine without them pays nothing.
@@ -214,7 +214,7 @@ class Machine:
 
     def map_ram(self) -> None:
         """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
-        self.views = [MemoryView(vm, self.memory, vtl) for vtl, vm in enumerate(self.vms)]
+        self.views = VtlArray(len(self.vms), lambda vtl: MemoryView(self.vms[vtl], self.memory, vtl))
         for view in self.views:
             view.apply()
 
@@ -308,12 +308,12 @@ class Machine:
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
         """Guest memory as ``vtl`` may see it: a hypercall can never reach past the caller's protections."""
-        if self.views and not self.views[vtl].check(gpa, size, access):
+        if self.views is not None and not self.views[vtl].check(gpa, size, access):
             raise VtlAccessDenied(vtl, gpa, access)
         return self.memory.read(gpa, size)
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
-        if self.views and not self.views[vtl].check(gpa, len(data), Access.WRITE):
+        if self.views is not None and not self.views[vtl].check(gpa, len(data), Access.WRITE):
             raise VtlAccessDenied(vtl, gpa, Access.WRITE)
         self.memory.write(gpa, data)
 

@@ -38,6 +38,7 @@ from vsmtrace.vmm.stops import (
     MsrFault,
 )
 from vsmtrace.vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.vtl_array import VtlArray
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.machine import Machine
@@ -76,8 +77,8 @@ class VirtualProcessor:
     def __init__(self, machine: Machine, index: int) -> None:
         self.machine = machine
         self.index = index
-        self.vcpus: list[Vcpu] = [vm.create_vcpu(index) for vm in machine.vms]
-        self.regfiles = [RegisterFile(v) for v in self.vcpus]
+        self.vcpus: VtlArray[Vcpu] = VtlArray(len(machine.vms), lambda vtl: machine.vms[vtl].create_vcpu(index))
+        self.regfiles: VtlArray[RegisterFile] = VtlArray(len(self.vcpus), lambda vtl: RegisterFile(self.vcpus[vtl]))
         if machine.clock is None:
             machine.init_clock(self.vcpus[0])
         assert machine.clock is not None
@@ -99,8 +100,9 @@ class VirtualProcessor:
         self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
         self.pending_flush: set[int] = set()  # VTLs whose cached translations must go before the next entry
         self.exit_count = 0
-        self.apics: list[LocalApic] = [
-            LocalApic(
+        self.apics: VtlArray[LocalApic] = VtlArray(
+            len(machine.vms),
+            lambda vtl: LocalApic(
                 index,
                 bsp=index == 0,
                 clock=machine.clock,
@@ -109,13 +111,12 @@ class VirtualProcessor:
                 on_pending=self.kick,
                 tsc_hz=machine.tsc_hz,
                 timer_hz=APIC_TIMER_HZ,
-                on_eoi=lambda vector, vtl=vtl: machine.apic_eoi(index, vtl, vector),
-            )
-            for vtl in range(len(machine.vms))
-        ]
+                on_eoi=lambda vector: machine.apic_eoi(index, vtl, vector),
+            ),
+        )
         # KVM answers CPUID in the kernel (no exit), so the table each vCPU gets is what a
         # trace records as its CPUID events (see Machine.boot).
-        self.cpuid_tables = [machine.cpuid_for(index, vtl) for vtl in range(len(self.vcpus))]
+        self.cpuid_tables = VtlArray(len(self.vcpus), lambda vtl: machine.cpuid_for(index, vtl))
         for vcpu, table in zip(self.vcpus, self.cpuid_tables, strict=True):
             vcpu.set_cpuid(table)
         self.exit_handlers: dict[int, Callable[[], None]] = {

@@ -41,6 +41,7 @@ from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.vp import Access, GuestMemoryError
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
+from vsmtrace.vmm.vtl_array import VtlArray
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.emulation import Emulation
@@ -109,7 +110,8 @@ class VsmBackend(MachineExtension):
                 vcpu.set_tsc_offset(offset)
 
     @property
-    def views(self) -> list[MemoryView]:
+    def views(self) -> VtlArray[MemoryView]:
+        assert self.machine.views is not None, "RAM is mapped at boot"
         return self.machine.views
 
     # -- VsmServices -------------------------------------------------------------------------
@@ -272,13 +274,13 @@ class VsmBackend(MachineExtension):
     def higher_vtl_pending(self, vp: VirtualProcessor) -> bool:
         """A higher VTL of this VP has a deliverable interrupt (RFLAGS.IF of the lower VTL is irrelevant)."""
         top = self.highest_enabled(vp)
-        return any(vp.apics[v].pending_vector() is not None for v in range(top, vp.vtl, -1))
+        return any(apic.pending_vector() is not None for _vtl, apic in vp.apics.higher(vp.vtl, top))
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
         """Called before entering the guest when interrupts may have changed."""
         top = self.highest_enabled(vp)
-        for vtl in range(top, vp.vtl, -1):
-            if vp.apics[vtl].pending_vector() is not None:
+        for vtl, apic in vp.apics.higher(vp.vtl, top):
+            if apic.pending_vector() is not None:
                 self.switch(vp, vtl, SwitchReason.INTERRUPT)
                 return
         if vp.vtl > 0:
@@ -294,7 +296,7 @@ class VsmBackend(MachineExtension):
         key = (vp.index, vp.vtl)
         if vsm is None or key in self.vina_notified or not vsm.state.vp_vtl(vp.index, vp.vtl).vina_enabled:
             return
-        if not any(vp.apics[v].pending_vector() is not None for v in range(vp.vtl)):
+        if not any(apic.pending_vector() is not None for _vtl, apic in vp.apics.lower(vp.vtl)):
             return
         self.vina_notified.add(key)
         i, vtl = key

@@ -54,9 +54,9 @@ from vsmtrace.vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, Synt
 from vsmtrace.vmm.hyperv.reference_time import TscPageParams
 from vsmtrace.vmm.hyperv.stimer import SyntheticTimers
 from vsmtrace.vmm.hyperv.synic import Synic
-from vsmtrace.vmm.hyperv.vtl_array import VtlArray
 from vsmtrace.vmm.timers import TimerScheduler
 from vsmtrace.vmm.vp import PartitionAccess
+from vsmtrace.vmm.vtl_array import VtlArray
 
 #: The partition ID this VMM reports from HvCallGetPartitionId (vsmtrace's choice: any non-zero value works).
 VSMTRACE_PARTITION_ID = 0x1
@@ -111,7 +111,7 @@ class HyperV:
         #: hypercall that hits a lock returns ``retry`` (re-executed once the lock is released).
         self.tlb_lock_check: Callable[[int, int, Sequence[int], Sequence[int]], bool] | None = None
         self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
-        self._vtl_msrs = [VtlPartitionMsrs() for _ in range(self.vtl_count)]
+        self._vtl_msrs = VtlArray(self.vtl_count, lambda _vtl: VtlPartitionMsrs())
         self._env = MsrEnvironment(
             partition=partition,
             policy=self.policy,
