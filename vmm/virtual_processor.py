@@ -29,7 +29,7 @@ from vsmtrace.vmm.devices.bus import ALL_ONES
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.guest_errors import describe_internal_error
 from vsmtrace.vmm.kvm.exits import exit_name
-from vsmtrace.vmm.kvm.system import Vcpu, ffi, lib
+from vsmtrace.vmm.kvm.system import KvmError, Vcpu, ffi, lib
 from vsmtrace.vmm.stops import (
     EXIT_GUEST_FAULT,
     EXIT_OK,
@@ -622,13 +622,11 @@ class VirtualProcessor:
         run = vcpu.run_struct
         run.request_interrupt_window = 1 if irq_window else 0
         while True:
-            vcpu.invalidate_cache()
-            r = lib.vsm_kvm_run(vcpu.fd)
-            vcpu.exited()  # registers KVM exports with the exit are current again
+            r = vcpu.run()  # KvmError (an OSError) for anything but a signal or EAGAIN
             if r >= 0:
                 return int(run.exit_reason)
             if r != -errno.EINTR:
-                raise OSError(-r, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
+                raise KvmError("KVM_RUN", -r)
 
     def pio_exit(self) -> PioExit:
         """The port I/O of the current exit (KVM_EXIT_IO)."""
