@@ -170,6 +170,8 @@ class Machine:
         exts = list(self.extensions)
         self.extra_cpuid: list[CpuidEntry] = [e for ext in exts for e in ext.cpuid_entries()]
         self.cpuid_policy.hypervisor_bit = any(ext.hypervisor_present() for ext in exts)
+        if config.hyperv is not None and config.hyperv.enabled and not self.cpuid_policy.hypervisor_bit:
+            raise TypeError("this configuration enables Hyper-V: build the machine with vsmtrace.vmm.builder.build_machine")
         self.msr_handlers: list[tuple[int, int, Any]] = [r for ext in exts for r in ext.msr_ranges()]
         self.trap_ports: dict[int, TrapHandler] = {p: h for ext in exts for p, h in ext.trap_ports().items()}
         self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = _any(overriding(exts, "on_mmio"))
