@@ -31,7 +31,7 @@ from vsmtrace.replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_colum
 from vsmtrace.replayer.state import ReplayState
 from vsmtrace.replayer.trace_backend import OpCursor, ReplaySink, replay_ports
 from vsmtrace.vmm.emulation import build_emulation
-from vsmtrace.vmm.emulation_io import emitted_events, encode
+from vsmtrace.vmm.emulation_io import decode_value, emitted_events, encode
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.protocol import Entry as EntryName
 from vsmtrace.vmm.trace_metadata import recorded_policy
@@ -304,7 +304,7 @@ class VmmReplayer:
     def _post_intercept(self, vp: int, vtl: int, message: dict[str, str]) -> Any:
         from vsmtrace.vmm.hyperv.hvdef import HvMessage
 
-        return self.hv.post_intercept(vp, vtl, HvMessage.unpack(bytes.fromhex(message["b"])))
+        return self.hv.post_intercept(vp, vtl, HvMessage.unpack(decode_value(message)))
 
     def replay_entry(self, entry: Entry) -> None:
         call = self.calls.get(entry.entry)

@@ -39,7 +39,7 @@ from typing import Any
 from vsmtrace.recorder.errors import TraceError
 from vsmtrace.recorder.reader import open_trace
 from vsmtrace.replayer.errors import Divergence, ReplayError
-from vsmtrace.vmm.emulation_io import decode_exception, decode_value, loads
+from vsmtrace.vmm.emulation_io import decode_exception, decode_value, enum_value_of, fields_of, loads
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.protocol import FLUSH_OPS, Entry, Op, Service, VsmOp, service_op
 
@@ -351,7 +351,7 @@ class Reexecutor:
             raise Divergence(seq, "VTL_SWITCH", "from_vtl", from_vtl, vp.vtl)
         return_rax_rcx = None
         if transition is not None:
-            asked = (transition["from_vtl"], transition["to_vtl"], transition["reason"]["E"])
+            asked = (transition["from_vtl"], transition["to_vtl"], enum_value_of(transition["reason"]))
             if asked != (from_vtl, to_vtl, row["reason"]):
                 raise ReplayError(f"event {seq}: VTL_SWITCH {from_vtl}->{to_vtl} ({row['reason']}) was requested as {asked}: inconsistent trace")
             if transition["return_rax_rcx"] is not None:
@@ -519,7 +519,7 @@ class Reexecutor:
                 self._vsm_service(row, op, args, vp, pending)
         if row["entry"] == Entry.HYPERCALL:
             result = loads(row["emu_result"])
-            fields = result.get("f", {}) if isinstance(result, dict) else {}
+            fields = fields_of(result)
             if fields.get("retry") or fields.get("exception") is not None:
                 rewind_trap(vp.vcpu)  # as the backend did (backends/hyperv.py, on_trap)
 
@@ -532,15 +532,15 @@ class Reexecutor:
         if op == VsmOp.REQUEST_TRANSITION:
             if not pending.switches:
                 raise ReplayError(f"event {row['seq']}: a VTL switch was requested but no VTL_SWITCH event records it: inconsistent trace")
-            self._switch(pending.switches.pop(0), vp, pending, args[0]["f"])
+            self._switch(pending.switches.pop(0), vp, pending, fields_of(args[0]))
         elif op == VsmOp.SET_PROTECTIONS:
             target, runs = args
             backend.set_protections(
-                target, [PageProtection(r["f"]["first_page"], r["f"]["count"], Access(r["f"]["allowed"])) for r in runs]
+                target, [PageProtection(f["first_page"], f["count"], Access(f["allowed"])) for f in map(fields_of, runs)]
             )
         elif op == VsmOp.LOAD_VP_CONTEXT:
             index, vtl, context = args
-            backend.load_vp_context(index, vtl, InitialVpContext(decode_value(context["f"]["registers"])))
+            backend.load_vp_context(index, vtl, InitialVpContext(decode_value(fields_of(context)["registers"])))
         elif op == VsmOp.CREATE_VTL:
             backend.create_vtl(args[0])
         elif op == VsmOp.START_VP:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from vsmtrace.vmm.emulation_io import decode_value
+from vsmtrace.vmm.emulation_io import decode_value, fields_of
 from vsmtrace.vmm.protocol import Op, VsmOp
 from vsmtrace.vmm.vp import Access, Segment, Table
 
@@ -102,7 +102,7 @@ class ReplayState:
             target, runs = args
             pages = self._protections.setdefault(int(target), {})
             for run in runs:
-                f = run["f"]
+                f = fields_of(run)
                 for page in range(f["first_page"], f["first_page"] + f["count"]):
                     pages[page] = int(f["allowed"])
 

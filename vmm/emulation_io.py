@@ -175,6 +175,16 @@ def decode_value(data: Any) -> Any:
     return data
 
 
+def fields_of(encoded: Any) -> dict[str, Any]:
+    """The (still encoded) fields of a dataclass as :func:`encode` wrote it; {} for anything else."""
+    return encoded.get("f", {}) if isinstance(encoded, dict) and "D" in encoded else {}
+
+
+def enum_value_of(encoded: Any) -> Any:
+    """The value of an Enum as :func:`encode` wrote it (ints stay ints, other values were tagged)."""
+    return encoded["E"] if isinstance(encoded, dict) else encoded
+
+
 def input_types() -> dict[str, type]:
     """Dataclasses the machine hands *to* the emulation (so replay must rebuild them)."""
     from vsmtrace.vmm.hyperv.reference_time import TscPageParams
