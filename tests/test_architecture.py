@@ -158,3 +158,31 @@ def test_product_and_bench_never_import_tests() -> None:
             if name == "tests" or name.startswith("tests."):
                 offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert offenders == []
+
+
+#: Module prefixes of the pure emulation: it runs unchanged under KVM and under replay.
+EMULATION = ("vsmtrace.vmm.hyperv", "vsmtrace.vmm.vsm")
+#: What the emulation must not reach: KVM, the machine, its backends, the recorder and replayer.
+KVM_SIDE = (
+    "vsmtrace.vmm.kvm", "vsmtrace.vmm.machine", "vsmtrace.vmm.virtual_processor", "vsmtrace.vmm.backends",
+    "vsmtrace.vmm.builder", "vsmtrace.vmm.memory_view", "vsmtrace.vmm.emulation_io", "vsmtrace.recorder",
+    "vsmtrace.replayer",
+)  # fmt: skip
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_the_emulation_stays_pure(graph: dict[str, set[str]]) -> None:
+    offenders = sorted(
+        f"{m} -> {t}" for m, targets in graph.items() if _under(m, EMULATION) for t in targets if _under(t, KVM_SIDE)
+    )
+    assert offenders == []
+
+
+def test_the_machine_does_not_import_its_extensions(graph: dict[str, set[str]]) -> None:
+    """The bare machine is below Hyper-V and VSM: they plug in through vmm/extension.py (vmm/builder.py)."""
+    bare = ("vsmtrace.vmm.machine", "vsmtrace.vmm.virtual_processor")
+    offenders = sorted(f"{m} -> {t}" for m in bare for t in graph[m] if _under(t, ("vsmtrace.vmm.backends", *EMULATION)))
+    assert offenders == []
