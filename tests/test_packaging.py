@@ -342,7 +342,11 @@ def test_installed_package_comes_from_the_wheel_not_the_checkout(installed: Inst
     for line in r.stdout.splitlines():
         path = Path(line)
         assert ROOT not in path.parents and "site-packages" in path.parts, line
-    assert installed.run(["--version"]).stdout.startswith("vsmtrace, version ")
+    version = installed.run(["--version"]).stdout
+    assert version.startswith("vsmtrace, version ")
+    r = subprocess.run([str(installed.python), "-m", "vsmtrace", "--version"], cwd=installed.home, capture_output=True,
+                       text=True, env=_clean_env())
+    assert r.returncode == 0 and r.stdout == version
 
 
 def test_installed_notebooks_copy_out_of_the_package(installed: Installed) -> None:
