@@ -177,11 +177,18 @@ def print_summary(result: DemoResult) -> None:
     click.echo(f"  figures     {', '.join(str(p) for p in result.figures)}")
     click.echo(f"  timeline    {result.chrome}   (open in https://ui.perfetto.dev or chrome://tracing)")
     click.echo("")
-    click.echo("What to open next:")
-    click.echo(f"  cat {result.report}                       # VTL transitions, secure calls, intercepts")
-    click.echo(f"  vsmtrace replay {result.trace} --state 2000   # registers, VSM, SynIC, protections at an event")
     notebooks = result.out / "notebooks"
+    steps = [
+        (f"cat {result.report}", "VTL transitions, secure calls, intercepts"),
+        (f"vsmtrace replay {result.trace} --state 2000", "registers, VSM, SynIC, protections at an event"),
+    ]
     if importlib.util.find_spec("jupyterlab") is None:
-        click.echo("  pip install 'vsmtrace[notebook]'              # JupyterLab, for the notebooks below")
-    click.echo(f"  vsmtrace notebooks --copy {notebooks}   # the notebooks that walk through this trace")
-    click.echo(f"  jupyter lab {notebooks}                 # they find {result.trace.name} in the folder above")
+        steps.append(("pip install 'vsmtrace[notebook]'", "JupyterLab, for the notebooks below"))
+    steps += [
+        (f"vsmtrace notebooks --copy {notebooks}", "the notebooks that walk through this trace"),
+        (f"jupyter lab {notebooks}", f"they find {result.trace.name} in the folder above"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    click.echo("What to open next:")
+    for command, why in steps:
+        click.echo(f"  {command:<{width}}   # {why}")
