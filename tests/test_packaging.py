@@ -147,6 +147,9 @@ def test_guest_sdk_command_names_the_shipped_files() -> None:
     assert Path(paths["documentation"].strip()).read_text() == SDK_DOC.read_text()
     assert (Path(paths["runtime"].split()[0]) / "vsm.h").is_file()
     assert Path(paths["demo"].split()[1]).name == "vbs_demo.c"
+    bare = run_vsmtrace(["guest"])  # what is there: help, not an error
+    assert bare.status == 0 and bare.stderr == ""
+    assert re.search(r"^\s+build\s", bare.stdout, re.M) and re.search(r"^\s+sdk\s", bare.stdout, re.M)
 
 
 # -- notebooks -----------------------------------------------------------------------------------
