@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import click
 
-from vsmtrace import __version__
+from vsmtrace import __version__, fleet_cli
 
 
 class UserError(click.ClickException):
@@ -379,6 +379,8 @@ def demo(out_dir: Path, quiet: bool) -> None:
         fail(str(exc))
     print_summary(result)
 
+
+main.add_command(fleet_cli.fleet)
 
 if __name__ == "__main__":
     main()
