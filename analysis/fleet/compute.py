@@ -13,6 +13,7 @@ by a metadata column, so memory stays bounded by one trace plus the merged sketc
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,14 @@ __all__ = [
 _BULK = ("gprs", "input", "output", "regs_in", "regs_out", "insn_bytes", "message", "emu_args", "emu_io", "emu_result",
          "serial_data", "detail")  # fmt: skip
 
+def _table_columns() -> tuple[str, ...]:
+    from vsmtrace.recorder.schema import arrow_schema
+
+    return tuple(n for n in arrow_schema().names if n not in _BULK)
+
+
+_TABLE_COLUMNS = _table_columns()
+
 #: The single-trace report's tables (``analysis.report.Summary`` fields), kept per trace.
 PER_TRACE_TABLES = ("counts", "transitions", "secure_calls", "residency", "hypercalls", "hypercall_failures",
                     "intercepts_by_page", "intercepts_by_rip", "protections", "interrupts", "exits", "errors")  # fmt: skip
@@ -48,6 +57,8 @@ LATENCY_TABLES: dict[str, tuple[str, ...]] = {
     "hypercalls": ("code", "name", "vtl"),
 }
 QUANTILES = (0.5, 0.9, 0.99)
+#: Traces analysed at once on the local path.
+LOCAL_THREADS = max(2, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,13 @@ class TracePart:
     extra: dict[str, pl.DataFrame]  # full per-trace tables the report trims: hypercall_status, intercepts
 
 
-def read_trace(spec: TraceSpec, columns: Sequence[str] | None = None) -> pl.DataFrame:
+def read_trace(spec: TraceSpec, columns: Sequence[str] | None = None, *, sort: bool = True) -> pl.DataFrame:
     """One trace of a dataset as the frame ``analysis.load`` would give for the original file.
 
-    Rows are in seq order (the file groups them by kind); the metadata columns are dropped.
+    Rows are in seq order (the file groups them by kind; ``sort=False`` leaves them so, for
+    the tables, which order what they need themselves); the metadata columns are dropped.
+    One trace is one partition: it is read whole (in-memory engine, the fastest for a
+    partition this size), so memory is bounded by the largest trace.
     """
     drop = set(META_COLUMNS)
     if spec.url.startswith("/") or "://" not in spec.url or spec.url.startswith("file://"):
@@ -88,7 +102,8 @@ def read_trace(spec: TraceSpec, columns: Sequence[str] | None = None) -> pl.Data
             lf = pl.read_parquet(f, hive_partitioning=False).lazy()
     names = lf.collect_schema().names()
     want = [c for c in names if c not in drop and (columns is None or c in columns)]
-    return lf.select(want).collect(engine="streaming").sort("seq")
+    df = lf.select(want).collect(engine="in-memory")
+    return df.sort("seq") if sort else df
 
 
 def _latency_parts(lf: pl.LazyFrame, keys: Sequence[str]) -> tuple[pl.LazyFrame, pl.LazyFrame]:
@@ -110,8 +125,7 @@ def trace_task(spec: TraceSpec) -> TracePart:
     from vsmtrace.analysis import tables as T
     from vsmtrace.analysis.report import summarize
 
-    df = read_trace(spec)
-    df = df.drop([c for c in _BULK if c in df.columns])
+    df = read_trace(spec, _TABLE_COLUMNS, sort=False)
     lf = load(df.lazy())
     s = summarize(lf)
     tr = T.vtl_transitions(lf)
@@ -239,10 +253,15 @@ def _run(specs: Sequence[TraceSpec], scheduler: str | None, workers: int | None,
     """Run trace_task over ``specs`` here, or on Dask; yields results as they complete."""
     total = len(specs)
     if scheduler is None and workers is None:
-        for i, spec in enumerate(specs):
-            yield trace_task(spec)
-            if progress:
-                progress(i + 1, total)
+        # Polars releases the GIL: a few traces at once keep the cores busy through each
+        # trace's many small queries; memory is then bounded by that many traces.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=LOCAL_THREADS) as pool:
+            for i, part in enumerate(pool.map(trace_task, specs)):
+                yield part
+                if progress:
+                    progress(i + 1, total)
         return
     from distributed import Client, LocalCluster, as_completed
 
