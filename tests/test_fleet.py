@@ -339,3 +339,53 @@ def test_duckdb_reads_the_dataset_directly(dataset: Path, local_tables: FleetTab
     ).fetchall()
     want = local_tables.per_trace["counts"].filter(pl.col("kind") == "VTL_SWITCH").sort("trace")
     assert rows == list(zip(want["trace"].to_list(), want["events"].to_list(), strict=True))
+
+
+# ----------------------------------------------------------------------------- the notebook
+
+
+def test_fleet_notebook(fleet: Fleet, tmp_path: Path) -> None:
+    """notebooks/fleet.ipynb top to bottom, on this module's recordings plus the boots it records itself."""
+    import json
+    import shutil
+
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    from nbclient import NotebookClient
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        subprocess.run([sys.executable, "-m", "ipykernel", "install", "--user", "--name", "python3"], check=True)
+    traces = tmp_path / "fleet" / "traces"
+    traces.mkdir(parents=True)
+    for src, name in ((fleet.good[0], "good-1"), (fleet.good[1], "good-2"), (fleet.regressed, "regressed-1")):
+        shutil.copy(src, traces / f"{name}.arrow")
+    nb = nbformat.read(ROOT / "notebooks" / "fleet.ipynb", as_version=4)
+    assert nb.cells[0].source.splitlines()[0] == "# A fleet of VSM boots"
+    old = os.environ.get("VSMTRACE_FLEET_DIR")
+    os.environ["VSMTRACE_FLEET_DIR"] = str(tmp_path / "fleet")
+    try:
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        if old is None:
+            os.environ.pop("VSMTRACE_FLEET_DIR")
+        else:
+            os.environ["VSMTRACE_FLEET_DIR"] = old
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    lines = [ln for o in outputs if o.output_type == "stream" for ln in o.text.splitlines() if ln.startswith("NOTEBOOK_RESULT ")]
+    assert len(lines) == 1
+    r = json.loads(lines[0].removeprefix("NOTEBOOK_RESULT "))
+    assert r["traces"] == 5 and r["added_again"] == 0
+    assert r["seal_key_per_boot"] == {"shipped": 12.0, "regressed": 12.0}
+    got = r["get_vp_registers_vtl1_per_boot"]
+    assert got["regressed"] - got["shipped"] == 12 * REGRESSION
+    assert "HvCallGetVpRegisters" in r["moved_hypercalls"]
+    assert r["seal_key_p50_us"]["regressed"] > r["seal_key_p50_us"]["shipped"]
+    # the two intercepts of every boot: 4 boots at 128 MiB, 1 at 256 MiB
+    assert sorted(map(tuple, r["intercepts"])) == [("128", "read", 4), ("128", "write", 4), ("256", "read", 1), ("256", "write", 1)]
+    assert r["builds_pair"] is None and r["memory_pair"] is not None
+    assert r["dask_identical"] is True
+    for figure in r["figures"]:
+        assert Path(figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(1 for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})) == 3

@@ -44,6 +44,16 @@ def _moved(a: pl.Expr, b: pl.Expr, threshold: float) -> pl.Expr:
     )
 
 
+def _enough(percentile: int) -> pl.Expr:
+    """Both sides hold enough values for their p``percentile`` to be more than one value's noise.
+
+    p50 needs 10 values a side, p99 100: below that a percentile is one or two samples,
+    and on a shared host two boots differ by more than any threshold.
+    """
+    need = 10 if percentile <= 50 else 100
+    return (pl.col("count_a").fill_null(0) >= need) & (pl.col("count_b").fill_null(0) >= need)
+
+
 def diff_fleet(
     dataset: Dataset | str,
     filter_a: str,
@@ -81,19 +91,21 @@ def diff_fleet(
         ka = empty if ka is None else ka.drop("group")
         kb = empty if kb is None else kb.drop("group")
         na, nb = a.traces.height, b.traces.height
+        side = ("count", "p50_ns", "p99_ns")
         j = (
-            ka.select(*keys, (pl.col("count") / na).alias("per_trace_a"), pl.col("p50_ns").alias("p50_a"), pl.col("p99_ns").alias("p99_a"))
+            ka.select(*keys, (pl.col("count") / na).alias("per_trace_a"), *[pl.col(c).alias(f"{c.removesuffix('_ns')}_a") for c in side])
             .join(
-                kb.select(*keys, (pl.col("count") / nb).alias("per_trace_b"), pl.col("p50_ns").alias("p50_b"), pl.col("p99_ns").alias("p99_b")),
+                kb.select(*keys, (pl.col("count") / nb).alias("per_trace_b"), *[pl.col(c).alias(f"{c.removesuffix('_ns')}_b") for c in side]),
                 on=list(keys), how="full", coalesce=True, nulls_equal=True,
             )  # fmt: skip
             .with_columns(
                 (
                     _moved(pl.col("per_trace_a"), pl.col("per_trace_b"), threshold)
-                    | _moved(pl.col("p50_a"), pl.col("p50_b"), threshold)
-                    | _moved(pl.col("p99_a"), pl.col("p99_b"), threshold)
+                    | (_enough(50) & _moved(pl.col("p50_a"), pl.col("p50_b"), threshold))
+                    | (_enough(99) & _moved(pl.col("p99_a"), pl.col("p99_b"), threshold))
                 ).alias("moved")
             )
+            .drop("count_a", "count_b")
             .sort(list(keys), nulls_last=True)
         )
         latency[name] = j
@@ -137,7 +149,8 @@ def format_fleet_diff(d: FleetDiff) -> str:
     na, nb = d.a.traces.height, d.b.traces.height
     out = [f"A = {d.filter_a} ({na} traces, {int(d.a.traces['events'].sum())} events)",
            f"B = {d.filter_b} ({nb} traces, {int(d.b.traces['events'].sum())} events)",
-           f"* = moved by more than {d.threshold:.0%} (counts per trace; percentiles from merged sketches, 0.5% error)", "",
+           f"* = moved by more than {d.threshold:.0%}: count per trace, or p50/p99 (merged sketches, 0.5% error) when each side has",
+           "    at least 10 (p50) / 100 (p99) values", "",
            "events per kind, mean per trace"]  # fmt: skip
     w = max([4, *(len(k) for k in d.counts["kind"].to_list())])
     out.append(f"    {'kind'.ljust(w)}  {'A':>12}  {'B':>12}  {'change':>8}")
