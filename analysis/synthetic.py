@@ -255,9 +255,14 @@ def write_realistic(
     return written
 
 
+#: Bumped whenever write_realistic's output changes, so a cached trace of an older generator
+#: (version 1 stamped every event at time 0) is never measured again.
+GENERATOR_VERSION = "v2"
+
+
 def default_path(events: int) -> Path:
-    """Cache location for generated traces (VSMTRACE_CACHE or ~/.cache/vsmtrace)."""
+    """Cache location for generated traces (VSMTRACE_CACHE or ~/.cache/vsmtrace), per generator version."""
     base = os.environ.get("VSMTRACE_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "vsmtrace")
     p = Path(base) / "analysis"
     p.mkdir(parents=True, exist_ok=True)
-    return p / f"synthetic-{events}.vsmt"
+    return p / f"synthetic-{GENERATOR_VERSION}-{events}.vsmt"
