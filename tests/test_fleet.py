@@ -277,6 +277,24 @@ def test_killed_add_leaves_no_partial_trace(dataset: Path, fleet: Fleet, tmp_pat
     assert new.events == load(big).select(pl.len()).collect().item()
 
 
+def test_recovered_copy_is_replaced_by_the_complete_trace(tmp_path: Path) -> None:
+    full = tmp_path / "t.vsmt"
+    write_realistic(full, 200_000, vps=2, seed=5)
+    cut = tmp_path / "cut.vsmt"  # what a killed recording leaves: complete batches, then a torn tail
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    ds = tmp_path / "ds"
+    first = add_traces(ds, [cut])[0]
+    (entry,) = Dataset(ds).traces()
+    assert entry.meta["recovered"] is True and entry.meta["sealed"] is False and 0 < entry.events < 200_000
+    second = add_traces(ds, [full, cut])
+    assert second[0].trace == second[1].trace == first.trace, "one recording, one trace id"
+    assert [r.added for r in second] == [True, False]
+    (entry,) = Dataset(ds).traces()
+    assert entry.meta["sealed"] is True and entry.meta["recovered"] is False and entry.events == load(full).select(pl.len()).collect().item()
+    assert list((ds / "_staging").iterdir()) == []
+
+
 def test_two_writers_add_each_trace_once(fleet: Fleet, tmp_path: Path) -> None:
     ds = tmp_path / "ds"
     order_a = [str(p) for p in fleet.all]

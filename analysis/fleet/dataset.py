@@ -322,6 +322,10 @@ def _write_parquet(trace: Any, meta: dict[str, Any], sink: Any) -> int:
 def add_traces(dataset: Dataset | str | os.PathLike[str], traces: Sequence[str | os.PathLike[str]]) -> list[AddResult]:
     """Add trace files to the dataset (created if missing); the same recording twice is one trace.
 
+    A recording already held whole (sealed) is skipped; one held as recovered from a torn
+    tail or unsealed is replaced when the file holds more of its events (e.g. the trace
+    after ``seal``), so the dataset keeps the most complete copy.
+
     Each trace is written under ``_staging`` and committed under the writer lock: its
     directory renamed into place (local) or copied and marked (other filesystems). A
     process killed at any point leaves every committed trace intact and no partial one
@@ -352,8 +356,9 @@ def add_traces(dataset: Dataset | str | os.PathLike[str], traces: Sequence[str |
         cfg = config_id(md.get("vm_config") or {})
         date = meta["start_time"].date().isoformat() if meta["start_time"] else "unknown"
         final = ds.path(EVENTS, f"config={cfg}", f"date={date}", f"trace={tid}")
-        if ds.fs.exists(f"{final}/{MARKER}"):
-            results.append(AddResult(str(src), tid, False, _events_of(ds, final)))
+        held = _held(ds, final)
+        if held is not None and not _better(t.sealed, t.torn_tail, held):
+            results.append(AddResult(str(src), tid, False, int(held["events"])))
             continue
         stage = ds.path(STAGING, f"{tid}.{os.getpid()}.{_host_tag(socket.gethostname())}.{secrets.token_hex(4)}")
         ds.fs.makedirs(stage, exist_ok=True)
@@ -376,18 +381,45 @@ def add_traces(dataset: Dataset | str | os.PathLike[str], traces: Sequence[str |
         with ds.fs.open(f"{stage}/{MARKER}", "w") as f:
             f.write(json.dumps(marker, indent=1))
         with ds.lock():
-            if ds.fs.exists(f"{final}/{MARKER}"):  # another writer committed it meanwhile
+            held = _held(ds, final)  # another writer may have committed it meanwhile
+            if held is not None and (int(held["events"]) >= rows or not _better(t.sealed, t.torn_tail, held)):
                 ds.fs.rm(stage, recursive=True)
-                results.append(AddResult(str(src), tid, False, rows))
+                results.append(AddResult(str(src), tid, False, int(held["events"])))
                 continue
+            if held is not None:  # a recovered copy of this recording is replaced by a more complete one
+                _retire(ds, final)
             _commit(ds, stage, final)
         results.append(AddResult(str(src), tid, True, rows))
     return results
 
 
-def _events_of(ds: Dataset, final: str) -> int:
-    with ds.fs.open(f"{final}/{MARKER}", "rb") as f:
-        return int(json.load(f)["events"])
+def _held(ds: Dataset, final: str) -> dict[str, Any] | None:
+    """The commit marker of the trace at ``final``, or None if the dataset does not hold it."""
+    try:
+        with ds.fs.open(f"{final}/{MARKER}", "rb") as f:
+            return dict(json.load(f))
+    except FileNotFoundError:
+        return None
+
+
+def _better(sealed: bool, torn: bool, held: dict[str, Any]) -> bool:
+    """Whether a trace file may hold more of a recording than the dataset's copy: the copy
+    is unsealed or was recovered from a torn tail, and the file is not worse off."""
+    meta = held.get("meta", {})
+    if meta.get("sealed") and not meta.get("recovered"):
+        return False
+    return sealed or not torn or bool(meta.get("recovered"))
+
+
+def _retire(ds: Dataset, final: str) -> None:
+    """Move a committed trace out of the dataset (into _staging, then delete it), lock held."""
+    trash = ds.path(STAGING, f"retired.{os.getpid()}.{_host_tag(socket.gethostname())}.{secrets.token_hex(4)}")
+    if ds.local:
+        os.rename(final, trash)
+    else:
+        ds.fs.rm(f"{final}/{MARKER}")
+        ds.fs.mv(final, trash, recursive=True)
+    ds.fs.rm(trash, recursive=True)
 
 
 def _commit(ds: Dataset, stage: str, final: str) -> None:
