@@ -123,11 +123,11 @@ def trace_task(spec: TraceSpec) -> TracePart:
     """The per-trace work (runs in a Dask worker or here): report tables and latency parts."""
     from vsmtrace.analysis import load
     from vsmtrace.analysis import tables as T
-    from vsmtrace.analysis.report import summarize
+    from vsmtrace.analysis.report import summary_from, summary_queries
 
     df = read_trace(spec, _TABLE_COLUMNS, sort=False)
     lf = load(df.lazy())
-    s = summarize(lf)
+    summary = summary_queries(lf)
     tr = T.vtl_transitions(lf)
     calls = T.hypercalls(lf)
     sources = {
@@ -141,7 +141,10 @@ def trace_task(spec: TraceSpec) -> TracePart:
     status = T.hypercall_status(calls)
     failed = calls.group_by("code", "name", "vtl").agg((pl.col("status").is_not_null() & (pl.col("status") != 0)).sum().alias("failed"))
     icpt = T.intercept_stats(T.intercepts(lf)).select("page", "access", "count")
-    results = pl.collect_all([*queries, status, failed, icpt], engine=T.COLLECT_ENGINE)
+    # one collect_all with the report's own queries: the transitions and hypercalls they share run once
+    collected = pl.collect_all([*summary, *queries, status, failed, icpt], engine=T.COLLECT_ENGINE)
+    s = summary_from(collected[: len(summary)])
+    results = collected[len(summary) :]
     latency, buckets = {}, {}
     for i, name in enumerate(LATENCY_TABLES):
         latency[name], buckets[name] = results[2 * i], results[2 * i + 1]
