@@ -184,6 +184,22 @@ def test_diff_finds_first_divergence_of_two_boots_of_one_guest(dataset: Path, lo
         assert f"first divergence between trace {a} (A) and {b} (B), same guest, at event #{d.divergence.index}" in text
 
 
+def test_dataset_on_another_fsspec_filesystem(fleet: Fleet, local_tables: FleetTables) -> None:
+    """The same dataset in fsspec's memory filesystem (the object-storage code path: copy, then marker)."""
+    import fsspec
+
+    url = f"memory://fleet-{os.getpid()}"
+    try:
+        assert all(r.added for r in add_traces(url, fleet.all))
+        assert not any(r.added for r in add_traces(url, fleet.all[:2]))
+        ds = Dataset(url)
+        assert not ds.local and ds.leftovers() == [] and ds.orphans() == []
+        remote = fleet_tables(url, by="guest_sha256")
+        _assert_same_tables(local_tables, remote)
+    finally:
+        fsspec.filesystem("memory").rm(url.removeprefix("memory://"), recursive=True)
+
+
 # ----------------------------------------------------------------------------- Dask
 
 
