@@ -11,6 +11,9 @@ from typing import NoReturn
 import click
 
 from vsmtrace import __version__, fleet_cli
+from vsmtrace import __version__
+from vsmtrace.guest_cli import guest
+from vsmtrace.notebooks_cli import notebooks
 
 
 class UserError(click.ClickException):
@@ -380,6 +383,8 @@ def demo(out_dir: Path, quiet: bool) -> None:
     print_summary(result)
 
 
+main.add_command(guest)
+main.add_command(notebooks)
 main.add_command(fleet_cli.fleet)
 
 if __name__ == "__main__":
