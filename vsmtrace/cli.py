@@ -11,7 +11,6 @@ from typing import NoReturn
 import click
 
 from vsmtrace import __version__, fleet_cli
-from vsmtrace import __version__
 from vsmtrace.guest_cli import guest
 from vsmtrace.notebooks_cli import notebooks
 
