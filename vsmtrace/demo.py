@@ -85,9 +85,9 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     from vsmtrace.analysis.chrome import export_chrome
     from vsmtrace.analysis.figures import write_figures
     from vsmtrace.analysis.report import format_report, summarize
-    from vsmtrace.cli import run_machine
     from vsmtrace.replayer.engine import VmmReplayer
     from vsmtrace.replayer.engine import format_report as format_replay
+    from vsmtrace.session import SetupError, run_machine
     from vsmtrace.vmm.config import MachineConfig
     from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
@@ -115,7 +115,10 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
             hyperv=HypervPolicy().with_vsm(),
             vtls=2,
         )
-        status, message = run_machine(config, trace)
+        try:
+            status, message = run_machine(config, trace)
+        except SetupError as exc:
+            raise DemoError(str(exc)) from None
     elapsed = time.monotonic() - started
     if status != 1:  # isa-debug-exit(0) → (0 << 1) | 1
         raise DemoError(f"the demo guest did not finish cleanly (status {status}): {message or 'see ' + str(serial_log)}")
@@ -174,11 +177,18 @@ def print_summary(result: DemoResult) -> None:
     click.echo(f"  figures     {', '.join(str(p) for p in result.figures)}")
     click.echo(f"  timeline    {result.chrome}   (open in https://ui.perfetto.dev or chrome://tracing)")
     click.echo("")
-    click.echo("What to open next:")
-    click.echo(f"  cat {result.report}                       # VTL transitions, secure calls, intercepts")
-    click.echo(f"  vsmtrace replay {result.trace} --state 2000   # registers, VSM, SynIC, protections at an event")
     notebooks = result.out / "notebooks"
+    steps = [
+        (f"cat {result.report}", "VTL transitions, secure calls, intercepts"),
+        (f"vsmtrace replay {result.trace} --state 2000", "registers, VSM, SynIC, protections at an event"),
+    ]
     if importlib.util.find_spec("jupyterlab") is None:
-        click.echo("  pip install 'vsmtrace[notebook]'              # JupyterLab, for the notebooks below")
-    click.echo(f"  vsmtrace notebooks --copy {notebooks}   # the notebooks that walk through this trace")
-    click.echo(f"  jupyter lab {notebooks}                 # they find {result.trace.name} in the folder above")
+        steps.append(("pip install 'vsmtrace[notebook]'", "JupyterLab, for the notebooks below"))
+    steps += [
+        (f"vsmtrace notebooks --copy {notebooks}", "the notebooks that walk through this trace"),
+        (f"jupyter lab {notebooks}", f"they find {result.trace.name} in the folder above"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    click.echo("What to open next:")
+    for command, why in steps:
+        click.echo(f"  {command:<{width}}   # {why}")
