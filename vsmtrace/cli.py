@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import click
 
-from vsmtrace import __version__
+from vsmtrace import __version__, fleet_cli
 from vsmtrace.guest_cli import guest
 from vsmtrace.notebooks_cli import notebooks
 
@@ -357,6 +357,7 @@ def demo(out_dir: Path, quiet: bool) -> None:
 
 main.add_command(guest)
 main.add_command(notebooks)
+main.add_command(fleet_cli.fleet)
 
 if __name__ == "__main__":
     main()
