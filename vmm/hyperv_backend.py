@@ -34,6 +34,45 @@ if TYPE_CHECKING:
 PAGE_OFFSET_MASK = 0xFFF
 
 
+
+_OUT_IMM8 = (0xE6, 0xE7)  # out imm8, al / out imm8, eAX (x86 encodings)
+_OUT_DX = (0xEE, 0xEF)  # out dx, al / out dx, eAX
+_OPSIZE_PREFIX = 0x66
+
+
+def trap_out_length(before: bytes, size: int) -> int:
+    """Length of the OUT to the trap port that ends right where ``before`` ends, 0 if there is none.
+
+    ``before`` holds the (up to 3) bytes in front of RIP. The imm8 form (``E6/E7 58``) and the DX
+    form (``EE/EF``) both trap; a 16-bit OUT carries an operand-size prefix. Traps are not only
+    the hypercall page's ``out 0x58, al``: a guest may trap from anywhere, in any width.
+    """
+    prefix = 1 if size == 2 else 0
+    if len(before) >= 2 and before[-2] in _OUT_IMM8 and before[-1] == HV_HYPERCALL_TRAP_PORT:
+        length = HV_HYPERCALL_TRAP_INSN_LEN
+    elif before and before[-1] in _OUT_DX:
+        length = 1
+    else:
+        return 0
+    if prefix and not (len(before) > length and before[-length - 1] == _OPSIZE_PREFIX):
+        return 0
+    return length + prefix
+
+
+def stepped_trap_length(vp: VirtualProcessor, rip: int, size: int) -> int:
+    """How far KVM stepped RIP over the trapping OUT (0 if RIP still points at it)."""
+    from vsmtrace.vmm.guest_errors import read_linear, translator
+
+    vcpu = vp.vcpu
+    end = int(vcpu.get_sregs().cs.base) + rip
+    translate = translator(vcpu)
+    before = read_linear(vp.machine.memory, translate, end - 3, 3)
+    if len(before) < 3:  # the page before may be unmapped: what is in RIP's own page decides
+        within = min(3, end & PAGE_OFFSET_MASK)
+        before = read_linear(vp.machine.memory, translate, end - within, within)
+    return trap_out_length(before, size)
+
+
 class MachineApics:
     """``ApicAccess`` over the machine's per-(VP, VTL) local APICs."""
 
@@ -207,8 +246,9 @@ class HypervBackend:
             # Re-execute the trapping OUT (rep continuation), or report the #UD/#GP at it
             # (a fault's RIP is the faulting instruction): rewind RIP if KVM stepped over it.
             regs = vp.vcpu.get_regs()
-            if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
-                regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
+            length = stepped_trap_length(vp, int(regs.rip), size)
+            if length:
+                regs.rip -= length
                 vp.vcpu.set_regs(regs)
             vsm = self.machine.vsm
             if outcome.retry and vsm is not None:
