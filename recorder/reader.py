@@ -81,7 +81,11 @@ def scan_stream(buf: pa.Buffer, label: str, base: int = 0) -> StreamScan:
 
 def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
     """The vsmtrace metadata of a schema, with the version checks every reader needs."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        schema.names  # noqa: B018 - decodes every field name: a damaged one is not valid UTF-8
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+    except ValueError:
+        raise TraceFormatError(f"{label}: corrupt schema (a field name or metadata key is not valid UTF-8)") from None
     if raw is None:
         raise TraceFormatError(f"{label}: Arrow IPC data but not a vsmtrace trace (no 'vsmtrace' schema metadata)")
     try:

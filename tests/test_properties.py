@@ -249,3 +249,13 @@ def test_cli_info_on_damaged_trace_is_one_line(tmp_path: Path, real_trace: bytes
     if r.status != 0:
         assert r.status == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith("vsmtrace: error:"), r.stderr
+
+
+def test_reader_regression_every_position_flipped(tmp_path: Path, real_trace: bytes) -> None:
+    """Regression: flips in a batch's metadata or body used to escape as ArrowInvalid/OSError."""
+    path = tmp_path / "t.trace"
+    for at in range(0, len(real_trace), 53):
+        data = bytearray(real_trace)
+        data[at] ^= 0x21
+        path.write_bytes(bytes(data))
+        _read_all(path)
