@@ -131,3 +131,45 @@ def test_trap_outside_hypercall_page(tmp_path: Path) -> None:
 )
 def test_trap_out_length(before: bytes, size: int, length: int) -> None:
     assert trap_out_length(before, size) == length
+
+
+@pytest.mark.kvm
+def test_impossible_register_state_is_refused() -> None:
+    """Seeds 11 and 12 (spare VP): an initial context or SetVpRegisters value KVM_SET_SREGS refuses
+    (CR0.PG without PE, CR0/CR4 reserved bits, CS.L outside long mode, CR3 beyond RAM) ended the
+    run with a VMM internal error; now a status, and the VP keeps its state."""
+    out = run_vsmtrace(["run", str(build_guest("vsm_bad_state")), "--smp", "2", "--timeout", "60"], timeout=120)
+    assert not re.findall(r"^FAIL .*", out.stdout, re.M), out.stdout + out.stderr
+    cases = ("pg_without_pe", "cr0_high_bits", "cr4_reserved", "cs_long_outside_long_mode", "cr3_beyond_ram")
+    for case in cases:
+        for check in (f"set_{case}_refused", f"set_{case}_unchanged", f"enable_vp_vtl_{case}_refused",
+                      f"start_vp_{case}_refused"):  # fmt: skip
+            assert f"ok {check}" in out.stdout, out.stdout
+    assert "ok start_vp_good_after_refusals" in out.stdout and "ok started_vp_runs" in out.stdout, out.stdout
+    assert out.status == 1, out.stdout + out.stderr
+
+
+CR0_PE, CR0_PG, CR4_PAE, LME, LMA, CS_L = 1, 1 << 31, 1 << 5, 1 << 8, 1 << 10, 1 << 13
+LONG = (CR0_PG | CR0_PE | 0x10, 0x1000, CR4_PAE | 0x600, LME | LMA | 1, 0xA09B)  # cr0, cr3, cr4, efer, cs attributes
+
+
+@pytest.mark.parametrize(
+    ("state", "bad"),
+    [
+        (LONG, False),
+        ((0x10, 0, 0, 0, 0x9B), False),  # real-mode-like: no paging, no long mode
+        ((CR0_PG | CR0_PE, 0x1000, 0, 0, 0x9B), False),  # 32-bit paging
+        ((CR0_PG, *LONG[1:]), True),  # PG without PE
+        ((LONG[0] | 1 << 32, *LONG[1:]), True),
+        ((LONG[0] | 1 << 29, *LONG[1:]), True),  # NW without CD
+        ((LONG[0], LONG[1], LONG[2] | 1 << 15, *LONG[3:]), True),  # reserved CR4 bit
+        ((LONG[0], LONG[1], LONG[2] & ~CR4_PAE, *LONG[3:]), True),  # long mode without PAE
+        ((*LONG[:3], LME | 1, LONG[4]), True),  # LME and PG without LMA
+        ((*LONG[:3], 0, LONG[4]), True),  # CS.L outside long mode
+        ((LONG[0], 64 << 20, *LONG[2:]), True),  # CR3 beyond RAM
+    ],
+)
+def test_control_state_rules(state: tuple[int, int, int, int, int], bad: bool) -> None:
+    from vsmtrace.vmm.vsm.control_regs import problem
+
+    assert (problem(*state, ram_top=64 << 20) is not None) is bad
