@@ -38,6 +38,7 @@ CHECKS = (
     "vtl1_canaries_intact", "no_secret_in_vtl0_memory", "ro_canary_unchanged_from_vtl0",
 )  # fmt: skip
 DEFAULT_MEMORY_MIB = 64
+MAX_VPS = 4  # the guest's VSM framework has 4 VP slots
 REPORT_EVERY = 25  # progress line per VP every this many iterations (the failure names the last one)
 NSECRET = 512
 SECRET_TAG = 0x5EC
@@ -91,8 +92,9 @@ class Failure:
     last_iter: dict[int, int] = field(default_factory=dict)
 
     def reproduce(self) -> str:
-        return (f"python -m vsmtrace.cli run $(python -m vsmtrace.guests.build guests/fuzz/fuzz.c) --smp {self.vps} "
-                f"--memory {DEFAULT_MEMORY_MIB} --append 'seed={self.seed} iters={self.iters} cpus={self.vps}'")  # fmt: skip
+        spare = 1 if self.vps < MAX_VPS else 0
+        return (f"python -m vsmtrace.cli run $(python -m vsmtrace.guests.build guests/fuzz/fuzz.c) --smp {self.vps + spare} "
+                f"--memory {DEFAULT_MEMORY_MIB} --append 'seed={self.seed} iters={self.iters} cpus={self.vps} spare={spare}'")  # fmt: skip
 
     def line(self) -> str:
         where = " ".join(f"vp{vp}@{it}" for vp, it in sorted(self.last_iter.items())) or "before the first report"
@@ -231,8 +233,9 @@ def run_one(
     trace.unlink(missing_ok=True)
     base = list(vmm_command or default_vmm_command())
     deadline = 120.0 + iters * vps * 0.25
-    cmd = [*base, "run", str(kernel), "--smp", str(vps), "--memory", str(DEFAULT_MEMORY_MIB),
-           "--append", f"seed={seed} iters={iters} cpus={vps} report={REPORT_EVERY}", "--record", str(trace),
+    spare = 1 if vps < MAX_VPS else 0  # one VP more that is never started: VTL1 loads random state into it
+    cmd = [*base, "run", str(kernel), "--smp", str(vps + spare), "--memory", str(DEFAULT_MEMORY_MIB),
+           "--append", f"seed={seed} iters={iters} cpus={vps} spare={spare} report={REPORT_EVERY}", "--record", str(trace),
            "--timeout", f"{deadline + 30:.0f}"]  # fmt: skip
     began = time.monotonic()
     status, stdout, stderr, killed = _run_vmm(cmd, watchdog_s, deadline, cwd)

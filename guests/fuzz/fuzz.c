@@ -4,6 +4,7 @@
  * canaries VTL1 placed before the fuzzing starts.  See docs/fuzzing.md.
  *
  * Command line: seed=N iters=N (per VP) cpus=N report=N (progress line every N iterations)
+ * spare=1 (VP number cpus exists and is never started: VTL1 loads random state into it)
  * start=N (first iteration number: every iteration's PRNG is seeded from (seed, vp, iteration),
  * so one iteration can be replayed alone with start=K iters=1).
  *
@@ -17,7 +18,8 @@
  * Canaries (VTL1 places them, then protects them against VTL0; docs/fuzzing.md):
  *   canary_secret  no access for VTL0; holds secret words (see secret_word)
  *   canary_ro      read-only for VTL0; holds a known pattern
- *   canary_nx      read/write for VTL0, no execute; holds "mov eax, 0xC0DE; ret"
+ *   canary_nx      read/write for VTL0, no execute; holds "mov eax, 0xC0DE; ret" (VTL0 may
+ *                  overwrite it: what matters is that no fetch from it ever completes)
  *   VTL1's LSTAR/CSTAR/KERNEL_GS_BASE/SYSENTER_EIP/SYSENTER_ESP hold secret words too
  *   (GetVpRegisters of VTL1 from VTL0 must never reveal them).
  *
@@ -266,8 +268,6 @@ static uint64_t v1_check(void)
         if (((uint64_t *)canary_ro)[i] != ro_word(secret_key, i))
             bad |= 2;
     }
-    if (canary_nx[0] != 0xB8 || canary_nx[1] != 0xDE || canary_nx[5] != 0xC3)
-        bad |= 4;
     for (uint32_t i = 0; i < ARRAY_SIZE(secret_msrs); i++)
         if (rdmsr(secret_msrs[i]) != (secret_word(secret_key, i) & REG_SECRET_MASK))
             bad |= 8;
@@ -291,6 +291,9 @@ static const uint32_t read_regs[] = {
     0x00090004u, 0x000B0000u, 0x000B0001u, 0x00010005u,
 };
 
+static void random_context(struct rng *r, struct hv_initial_vp_context *ctx);
+static uint32_t spare_vp; /* a VP that is never started (spare=1): its state may be anything */
+
 static uint64_t v1_fuzz(uint32_t vp, uint64_t s)
 {
     struct rng r = {s};
@@ -298,7 +301,19 @@ static uint64_t v1_fuzz(uint32_t vp, uint64_t s)
     uint8_t *buf = v1arena[vp];
     uint64_t res = 0;
     memset(&io, 0, sizeof(io));
-    switch (below(&r, 8)) {
+    switch (below(&r, spare_vp ? 10 : 8)) {
+    case 8: { /* the spare VP (never started): any register of its VTL0, any value, loaded into KVM */
+        uint32_t name = chance(&r, 85) ? read_regs[below(&r, ARRAY_SIZE(read_regs))] : (uint32_t)rnd(&r);
+        uint64_t v = chance(&r, 50) ? rnd(&r) : 1ull << below(&r, 64);
+        res = hv_set_vp_register_of(spare_vp, chance(&r, 80) ? HV_VTL(0) : HV_VTL(1), name, v, chance(&r, 80) ? 0 : rnd(&r));
+        break;
+    }
+    case 9: { /* the spare VP: enable VTL1 with a random initial context (it never runs) */
+        struct hv_initial_vp_context ctx;
+        random_context(&r, &ctx);
+        res = hv_enable_vp_vtl(HV_PARTITION_ID_SELF, spare_vp, 1, &ctx);
+        break;
+    }
     case 0: { /* random protections on VTL0's arena (and pages that are not RAM) */
         int n = (int)below(&r, 4) + 1;
         uint64_t *in = (uint64_t *)buf;
@@ -344,15 +359,18 @@ static uint64_t v1_fuzz(uint32_t vp, uint64_t s)
         res = fz_raw(chance(&r, 50) ? HVCALL_VTL_CALL : (HVCALL_VTL_CALL | (rnd(&r) << 16)), &io,
                      (uint64_t)vtl1_hypercall_page);
         break;
-    case 5: /* a random hypercall with buffers in VTL1's own page */
+    case 5: { /* a random hypercall with buffers in VTL1's own page */
         io.rdx = (uint64_t)buf + (below(&r, 4) * 8);
         io.r8 = (uint64_t)buf + 2048 + (below(&r, 4) * 8);
         for (int i = 0; i < 16; i++)
             ((uint64_t *)buf)[i] = chance(&r, 30) ? HV_PARTITION_ID_SELF : rnd(&r) & 0xFFFF;
-        res = fz_raw(below(&r, 0x100) | (chance(&r, 30) ? HV_CONTROL_REP_COUNT(below(&r, 4)) : 0) |
-                         (chance(&r, 20) ? HV_CONTROL_FAST : 0),
-                     &io, (uint64_t)vtl1_hypercall_page);
+        uint64_t control = below(&r, 0x100) | (chance(&r, 30) ? HV_CONTROL_REP_COUNT(below(&r, 4)) : 0) |
+                           (chance(&r, 20) ? HV_CONTROL_FAST : 0);
+        if (control == HVCALL_VTL_RETURN)
+            control |= HV_CONTROL_REP_COUNT(1); /* a real VTL return would leave this request half served */
+        res = fz_raw(control, &io, (uint64_t)vtl1_hypercall_page);
         break;
+    }
     case 6: { /* VTL1 MSR reads of its own synthetic state */
         uint64_t v;
         uint32_t msr = 0x40000000u + (uint32_t)below(&r, 0x120);
@@ -544,6 +562,13 @@ static void random_context(struct rng *r, struct hv_initial_vp_context *ctx)
             q[i] = chance(r, 50) ? rnd(r) : q[i] ^ (1ull << below(r, 64));
     if (chance(r, 20))
         ctx->rip = 0x0000800000000000ull | rnd(r); /* non-canonical */
+    if (chance(r, 30)) { /* one control register, EFER or CS attribute bit flipped */
+        uint64_t *f[] = {&ctx->cr0, &ctx->cr3, &ctx->cr4, &ctx->efer};
+        if (chance(r, 80))
+            *f[below(r, 4)] ^= 1ull << below(r, 64);
+        else
+            ctx->cs.attributes ^= (uint16_t)(1u << below(r, 16));
+    }
 }
 
 static void op_near_valid(struct rng *r, uint32_t vp)
@@ -983,6 +1008,8 @@ int kmain(uint32_t magic, uint32_t mbi)
     if (report_every == 0)
         report_every = 1;
     ncpus = (uint32_t)cmdline_get_uint("cpus", 1);
+    if (cmdline_get_uint("spare", 0) && ncpus < VSM_MAX_VPS)
+        spare_vp = ncpus; /* the harness gives the guest one VP more than cpus= */
     if (ncpus < 1)
         ncpus = 1;
     if (ncpus > VSM_MAX_VPS)
