@@ -81,7 +81,11 @@ def scan_stream(buf: pa.Buffer, label: str, base: int = 0) -> StreamScan:
 
 def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
     """The vsmtrace metadata of a schema, with the version checks every reader needs."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        schema.names  # noqa: B018 - decodes every field name: a damaged one is not valid UTF-8
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+    except ValueError:
+        raise TraceFormatError(f"{label}: corrupt schema (a field name or metadata key is not valid UTF-8)") from None
     if raw is None:
         raise TraceFormatError(f"{label}: Arrow IPC data but not a vsmtrace trace (no 'vsmtrace' schema metadata)")
     try:
@@ -138,18 +142,24 @@ class Trace:
         if columns is not None or not threads:
             fields = None if columns is None else self._field_indices(columns)
             options = ipc.IpcReadOptions(included_fields=fields, use_threads=threads)
-        if self.sealed:
-            reader = ipc.open_file(self._buf, options=options)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-            return
-        body = self._buf.slice(self._stream_start, self._stream_end - self._stream_start)
-        stream = ipc.open_stream(pa.BufferReader(body), options=options)
-        while True:
-            try:
-                yield stream.read_next_batch()
-            except StopIteration:
+        try:
+            if self.sealed:
+                reader = ipc.open_file(self._buf, options=options)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
                 return
+            body = self._buf.slice(self._stream_start, self._stream_end - self._stream_start)
+            stream = ipc.open_stream(pa.BufferReader(body), options=options)
+            while True:
+                try:
+                    yield stream.read_next_batch()
+                except StopIteration:
+                    return
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            # Framing was sound when opened, but a batch's body is not (bit rot, a file edited
+            # in place): the reader's own one-line error, never Arrow's exception types.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TraceFormatError(f"{self.path}: damaged record batch: {first}") from None
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """All complete events as one pyarrow Table (chunks = batches), optionally only some columns.

@@ -521,7 +521,7 @@ class Reexecutor:
             result = loads(row["emu_result"])
             fields = fields_of(result)
             if fields.get("retry") or fields.get("exception") is not None:
-                rewind_trap(vp.vcpu)  # as the backend did (backends/hyperv.py, on_trap)
+                rewind_trap(vp)  # as the backend did (backends/hyperv.py, on_trap)
 
     def _vsm_service(self, row: dict[str, Any], op: str, args: list[Any], vp: Any, pending: PendingVsm) -> None:
         """A ``VsmServices`` call the recorded entry made: performed by the live backend."""

@@ -449,8 +449,8 @@ class VirtualProcessor:
         _, _, _, _, _, direction, size, port, count, offset = self.exit_info
         machine = self.machine
         trap = machine.trap_ports.get(port)
-        if trap is not None:
-            trap(self, port, size, direction == IO_OUT)
+        if trap is not None and direction == IO_OUT:  # an IN from a trap port is an ordinary unclaimed read
+            trap(self, port, size, True)
             return
         bus = machine.pio
         recording = machine.sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded

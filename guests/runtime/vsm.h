@@ -360,6 +360,9 @@ void *vsm_vtl1_simp(uint32_t vp);
 /* Optional guest hooks (weak): VTL1 per-VP init, VSM_OP_USER handler. */
 void vtl1_user_init(uint32_t vp);
 uint64_t vtl1_user_op(uint32_t vp, struct vsm_mailbox *m);
+/* Optional guest hook (weak) for VTL1 exceptions 0..31: return true if handled (it may change
+ * f->rip); false falls through to the default (rdmsr_safe/wrmsr_safe fixups, else report and exit). */
+bool vtl1_exception_hook(struct int_frame *f);
 /* VTL1-side IRQ handler table (its own IDT). */
 void vtl1_set_irq_handler(uint8_t vector, irq_handler_t fn);
 

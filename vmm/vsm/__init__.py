@@ -212,6 +212,10 @@ class Vsm:
             return HV_MAP_GPA_PERMISSIONS_ALL
         return self.state.protections[target_vtl].mask(gpa_page)
 
+    def ram_top(self) -> int:
+        """The first guest-physical address above all RAM."""
+        return max(((first + count) << HV_PAGE_SHIFT for first, count in self.ram_ranges), default=0)
+
     def is_ram_page(self, page: int) -> bool:
         return any(first <= page < first + count for first, count in self.ram_ranges)
 

@@ -60,7 +60,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 from vsmtrace.vmm.vp import Segment, Table
-from vsmtrace.vmm.vsm import registers
+from vsmtrace.vmm.vsm import control_regs, registers
 from vsmtrace.vmm.vsm.services import InitialVpContext
 from vsmtrace.vmm.vsm.translate import translate_gva
 
@@ -108,6 +108,18 @@ def decode_context(raw: bytes, *, force_lma: bool = False) -> InitialVpContext:
         efer |= _EFER_LMA
     regs.update(efer=efer, cr0=ctx.cr0, cr3=ctx.cr3, cr4=ctx.cr4, pat=ctx.msr_cr_pat)
     return InitialVpContext(regs)
+
+
+def check_context(vsm: Vsm, context: InitialVpContext) -> InitialVpContext:
+    """An initial context a CPU can hold, or INVALID_PARAMETER (KVM would refuse to load it)."""
+    r = context.registers
+    cs = r["cs"]
+    assert isinstance(cs, Segment)
+    why = control_regs.problem(int(r["cr0"]), int(r["cr3"]), int(r["cr4"]), int(r["efer"]), cs.attributes,  # type: ignore[call-overload]
+                               vsm.ram_top())  # fmt: skip
+    if why is not None:
+        raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)
+    return context
 
 
 def _vp_index(vsm: Vsm, inp: HypercallInput, raw: int) -> int:
@@ -162,7 +174,7 @@ def enable_vp_vtl(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
         first = not any(state.vp_vtl(v, target).enabled for v in range(state.vp_count))
         if not first or _highest_enabled_below(vsm, target) != inp.vtl:
             raise HandlerError(S.HV_STATUS_ACCESS_DENIED)
-    vsm.enable_vp_vtl(inp.vp, inp.vtl, vp, target, decode_context(req.context))
+    vsm.enable_vp_vtl(inp.vp, inp.vtl, vp, target, check_context(vsm, decode_context(req.context)))
     return HypercallResult()
 
 
@@ -183,7 +195,7 @@ def start_virtual_processor(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
         raise HandlerError(S.HV_STATUS_INVALID_VTL_STATE)
     if vp == inp.vp or vsm.services.vp_started(vp):
         raise HandlerError(S.HV_STATUS_INVALID_VP_STATE)
-    vsm.services.load_vp_context(vp, target, decode_context(req.context, force_lma=True))
+    vsm.services.load_vp_context(vp, target, check_context(vsm, decode_context(req.context, force_lma=True)))
     vsm.services.start_vp(vp, target)
     return HypercallResult()
 

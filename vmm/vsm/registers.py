@@ -44,7 +44,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     VsmVpStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
-from vsmtrace.vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.vp import CpuMode, Segment, Table, VpAccess
+from vsmtrace.vmm.vsm import control_regs
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.vsm import Vsm
@@ -218,10 +219,14 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
     low, high = struct.unpack("<QQ", data)
     access = vsm.partition.vp(vp)
     if name in ARCH_REGISTERS:
+        if ARCH_REGISTERS[name] in _CONTROL_STATE:
+            _check_control_state(vsm, access, vtl, ARCH_REGISTERS[name], low)
         access.set_register(vtl, ARCH_REGISTERS[name], low)
         return
     if name in SEGMENT_REGISTERS:
         seg = HvX64SegmentRegister.unpack(data)
+        if name == R.HvX64RegisterCs:
+            _check_control_state(vsm, access, vtl, "cs", seg.attributes)
         access.set_register(vtl, SEGMENT_REGISTERS[name], Segment(seg.base, seg.limit, seg.selector, seg.attributes))
         return
     if name in TABLE_REGISTERS:
@@ -265,6 +270,22 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
         _set_pending_event(vsm, vp, vtl, low, high)
         return
     raise _fail(HvStatus.HV_STATUS_INVALID_PARAMETER)
+
+
+_CONTROL_STATE = ("cr0", "cr3", "cr4", "efer")
+
+
+def _check_control_state(vsm: Vsm, access: VpAccess, vtl: int, changed: str, value: int) -> None:
+    """INVALID_REGISTER_VALUE for a CR0/CR3/CR4/EFER/CS.L value the VP could not hold with the others."""
+    state = {n: int(access.get_register(vtl, n)) for n in _CONTROL_STATE}  # type: ignore[arg-type]
+    cs = access.get_register(vtl, "cs")
+    attributes = cs.attributes if isinstance(cs, Segment) else 0
+    if changed == "cs":
+        attributes = value
+    else:
+        state[changed] = value
+    if control_regs.problem(state["cr0"], state["cr3"], state["cr4"], state["efer"], attributes, vsm.ram_top()):
+        raise _fail(HvStatus.HV_STATUS_INVALID_REGISTER_VALUE)
 
 
 def _set_pending_event(vsm: Vsm, vp: int, vtl: int, low: int, high: int) -> None:
