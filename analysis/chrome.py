@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -75,8 +75,15 @@ def _hex(v: int | None) -> str | None:
     return None if v is None else f"{v:#x}"
 
 
-def write_chrome(lf: pl.LazyFrame, out: IO[str]) -> int:
-    """Write the JSON object format to ``out``; returns the number of trace events."""
+#: How many trace events between two ``on_events`` progress calls.
+PROGRESS_EVERY = 10_000
+
+
+def write_chrome(lf: pl.LazyFrame, out: IO[str], on_events: Callable[[int], object] | None = None) -> int:
+    """Write the JSON object format to ``out``; returns the number of trace events.
+
+    ``on_events(n)`` is called every ``PROGRESS_EVERY`` events written (and with the rest at the end).
+    """
     out.write('{"displayTimeUnit": "ns", "otherData": {"generator": "vsmtrace export"}, "traceEvents": [\n')
     n = 0
     for ev in chrome_events(lf):
@@ -84,17 +91,21 @@ def write_chrome(lf: pl.LazyFrame, out: IO[str]) -> int:
             out.write(",\n")
         out.write(json.dumps(ev, separators=(",", ":")))
         n += 1
+        if on_events is not None and n % PROGRESS_EVERY == 0:
+            on_events(PROGRESS_EVERY)
     out.write("\n]}\n")
+    if on_events is not None:
+        on_events(n % PROGRESS_EVERY)
     return n
 
 
-def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> int:
+def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str], on_events: Callable[[int], object] | None = None) -> int:
     """Write ``path`` atomically (temp file + rename); returns the number of trace events."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            n = write_chrome(lf, f)
+            n = write_chrome(lf, f, on_events)
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)
