@@ -507,3 +507,106 @@ def test_kernel_cut_short_is_described_in_words(tmp_path: Path, keep: int) -> No
     cut.write_bytes(build_guest("hello").read_bytes()[:keep])
     line = assert_error(run_vsmtrace(["run", str(cut), "--timeout", "10"]), str(cut), "ELF file cut short")
     assert "expected" not in line and "found" not in line
+
+
+# -- figures a reader can use --------------------------------------------------------------------------------------------
+
+
+def _synthetic(path: Path) -> Path:
+    """A small trace with adjacent pages under different masks, two intercepts and one timed hypercall."""
+    from vsmtrace.analysis.synthetic import synthetic_writer
+    from vsmtrace.vmm.events import EventKind as K
+
+    with synthetic_writer(path) as w:
+        w.emit(K.VP_START, 0, 0, 0x1000, at=1_000)
+        w.emit(K.PROTECTION, 0, 1, None, at=2_000, target_vtl=0, gpa_start=0x100000, pages=1, old_mask=0xF, new_mask=0x1)
+        w.emit(K.PROTECTION, 0, 1, None, at=2_000, target_vtl=0, gpa_start=0x101000, pages=1, old_mask=0xF, new_mask=0x5)
+        w.emit(K.INTERCEPT, 0, 0, 0x2000, at=5_000, access="read", gpa=0x100010, gva=0x100010)
+        w.emit(K.INTERCEPT, 0, 0, 0x2008, at=5_000, access="write", gpa=0x101020, gva=0x101020)
+        w.emit(K.HYPERCALL, 0, 0, 0x3000, at=5_000, code=2, name="HvCallFlushVirtualAddressSpace", duration_ns=1500, status=0)
+        w.emit(K.VP_STOP, 0, 0, None, at=9_000, reason="guest-exit")
+    return path
+
+
+def test_protection_map_keeps_adjacent_pages_with_different_masks_apart(tmp_path: Path) -> None:
+    from vsmtrace.analysis import figures, load
+    from vsmtrace.analysis import tables as T
+
+    lf = load(_synthetic(tmp_path / "s.arrow"))
+    runs = figures.protection_runs(T.protection_pages(lf).collect(), 9_000)
+    assert sorted(zip(runs["first"].to_list(), runs["pages"].to_list(), runs["new_mask"].to_list(), strict=True)) == [
+        (0x100, 1, 0x1), (0x101, 1, 0x5)
+    ]  # fmt: skip
+
+
+def _drawn(fn, lf, path):  # type: ignore[no-untyped-def]
+    """Call figure ``fn`` and return its matplotlib Figure (still open) as well as writing it."""
+    from vsmtrace.analysis import figures
+
+    kept = []
+    real_save = figures.save
+
+    def keep(fig, p):  # type: ignore[no-untyped-def]
+        fig.canvas.draw()
+        kept.append(fig)
+        return real_save(fig, p)
+
+    figures.save = keep
+    try:
+        fn(lf, path)
+    finally:
+        figures.save = real_save
+    return kept[0]
+
+
+def test_figures_show_page_numbers_in_hex_and_keep_legends_off_the_data(tmp_path: Path) -> None:
+    from vsmtrace.analysis import figures, load
+
+    lf = load(_synthetic(tmp_path / "s.arrow"))
+    for fn in (figures.protection_map, figures.intercept_scatter):
+        fig = _drawn(fn, lf, tmp_path / f"{fn.__name__}.png")
+        ax = fig.axes[0]
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        assert labels and all(re.fullmatch(r"0x[0-9a-f]+", t) for t in labels), labels
+        assert "page number" in ax.get_ylabel()
+        legend = ax.get_legend().get_window_extent()
+        axes_box = ax.get_window_extent()
+        assert legend.x0 >= axes_box.x1 - 1, (fn.__name__, legend, axes_box)  # outside: it hides nothing
+
+
+def test_vtl_timeline_legend_does_not_cover_vp0(recorded: Path, tmp_path: Path) -> None:
+    from vsmtrace.analysis import figures, load
+
+    fig = _drawn(figures.vtl_timeline, load(recorded), tmp_path / "t.png")
+    ax = fig.axes[0]
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1 - 1
+
+
+def test_latency_cdf_shows_a_one_sample_series(tmp_path: Path) -> None:
+    from vsmtrace.analysis import figures, load
+
+    fig = _drawn(figures.latency_cdf, load(_synthetic(tmp_path / "s.arrow")), tmp_path / "cdf.png")
+    ax = fig.axes[1]  # hypercalls: one timed call
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    assert any(ln.get_marker() not in (None, "", "None") for ln in lines)  # a marker per sample
+    ys = [y for ln in lines for y in ln.get_ydata()]
+    assert min(ys) == 0.0 and max(ys) == 1.0  # a visible step from 0 to 1, not a lone point
+
+
+def test_readme_and_help_agree() -> None:
+    readme = (ROOT / "README.md").read_text()
+    top = run_vsmtrace(["--help"]).stdout
+    commands = re.findall(r"^  (\w+)\s", top.split("Commands:")[1], re.M)
+    for cmd in commands:
+        if cmd in ("demo", "run", "info", "seal", "replay", "report", "export", "diff"):
+            assert f"vsmtrace {cmd}" in readme, cmd
+    for cmd in ("demo", "run", "info", "seal", "replay", "report", "export", "diff"):
+        assert cmd in commands, cmd
+    run_help = run_vsmtrace(["run", "--help"]).stdout
+    for status in ("124", "130", "(V << 1) | 1"):
+        assert status in run_help and status.replace("V", "value") in readme
+    for option in ("--force", "--hv-disable", "--timeout", "--serial-input"):
+        assert option in run_help and option in readme
+    export_help = run_vsmtrace(["export", "--help"]).stdout
+    assert "parquet" in export_help and "--format parquet" in readme
+    assert "--json" in run_vsmtrace(["info", "--help"]).stdout and "info trace.arrow [--json]" in readme
