@@ -77,6 +77,22 @@ def run_vsmtrace(args: list[str], *, timeout: float = 60, input: bytes | None = 
     return RunResult(r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
 
 
+def run_in_process(args: list[str]) -> RunResult:
+    """The CLI in this process (as the `vsmtrace` script runs it, minus the interpreter start-up): the sweep's
+    ~100 cases stay fast. Anything but SystemExit escaping the group is what a user would see as a traceback."""
+    from click.testing import CliRunner
+
+    from vsmtrace.cli import main
+
+    result = CliRunner().invoke(main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(result.exception))
+        return RunResult(-1, result.stdout, "Traceback (in process)\n" + tb)
+    return RunResult(result.exit_code, result.stdout, result.stderr)
+
+
 @pytest.fixture
 def vsmtrace():
     return run_vsmtrace

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from tests.conftest import ROOT, RunResult, run_vsmtrace
+from tests.conftest import ROOT, RunResult, run_in_process, run_vsmtrace
 
 
 def assert_error(r: RunResult, *fragments: str) -> str:
@@ -234,7 +234,7 @@ def test_traces_with_bad_core_columns_are_named(recorded: Path, tmp_path: Path, 
     change, fragment = MISTYPED[damage]
     bad = rewritten(recorded, tmp_path / f"{damage}.arrow", change)
     args = [command[0], str(bad), *[str(bad) if a == "SELF" else a for a in command[1:]]]
-    line = assert_error(run_vsmtrace(args), str(bad), fragment)
+    line = assert_error(run_in_process(args), str(bad), fragment)
     assert "schema v1" in line or "vsmtrace v1 trace" in line
 
 

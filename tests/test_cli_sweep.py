@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from tests.conftest import ROOT, RunResult, run_vsmtrace
+from tests.conftest import ROOT, RunResult, run_in_process, run_vsmtrace
 from tests.guests import build_guest
 
 
@@ -109,22 +109,6 @@ def test_bad_traces(inputs: dict[str, Path], tmp_path: Path, command: str, what:
         assert_clean(r, (0, 1))  # 1 = the documented "they diverge" (the torn one ends early)
     else:
         assert_clean(r, (0, 2))
-
-
-def run_in_process(args: list[str]) -> RunResult:
-    """The CLI in this process (as the `vsmtrace` script runs it, minus the interpreter start-up): the sweep's
-    ~100 cases stay fast. Anything but SystemExit escaping the group is what a user would see as a traceback."""
-    from click.testing import CliRunner
-
-    from vsmtrace.cli import main
-
-    result = CliRunner().invoke(main, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-
-        tb = "".join(traceback.format_exception(result.exception))
-        return RunResult(-1, result.stdout, "Traceback (in process)\n" + tb)
-    return RunResult(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.mark.parametrize(
