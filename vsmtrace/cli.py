@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
+
+from vsmtrace.guest_cli import guest
+from vsmtrace.notebooks_cli import notebooks
 
 EXIT_USAGE = 2  # bad input: one `vsmtrace: error:` line
 EXIT_INTERNAL = 6  # a vsmtrace bug (same status `run` gives a VMM internal error)
@@ -366,88 +369,16 @@ def run(
         kvm_device=kvm_device,
         deterministic=deterministic,
     )
-    status, message = run_machine(config, record_path)
+    from vsmtrace.session import SetupError, run_machine
+
+    try:
+        status, message = run_machine(config, record_path)
+    except SetupError as exc:
+        fail(str(exc))
     if message and status != 0:
         click.echo(f"vsmtrace: {message}", err=True)
     serial_out.flush()
     sys.exit(status)
-
-
-def run_machine(config, record_path: Path | None) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    """Build, boot and run a machine (recording if asked); one-line errors for bad input.
-
-    Ctrl-C never raises in here (``interrupts.deferred``): it asks the machine to stop,
-    and the trace is closed and sealed in order however many signals follow, except a
-    third one while sealing, which leaves the complete stream for `vsmtrace seal`.
-    """
-    from vsmtrace import interrupts
-    from vsmtrace.vmm.native import NativeBuildError
-
-    try:  # importing the VMM builds its native modules on first use
-        from vsmtrace.recorder.errors import TraceError
-        from vsmtrace.recorder.writer import TraceWriter
-        from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
-        from vsmtrace.vmm.loader.elf import LoaderError
-        from vsmtrace.vmm.machine import EXIT_INTERRUPTED, Machine
-        from vsmtrace.vmm.trace_metadata import machine_metadata
-        from vsmtrace.vmm.verbose import VerboseSink, verbose_enabled
-    except NativeBuildError as exc:
-        fail(str(exc))
-
-    holder: dict[str, Any] = {"machine": None, "sealing": False}
-    first = interrupts.count()
-
-    def on_sigint(n: int) -> None:
-        machine = holder["machine"]
-        if machine is not None:
-            machine.interrupt()
-        if holder["sealing"] and n - first >= 3:
-            raise KeyboardInterrupt  # abandon sealing: the complete stream stays at record_path
-
-    writer = None
-    with interrupts.deferred(on_sigint):
-        try:
-            machine = holder["machine"] = Machine(config)
-            if interrupts.count() > first:
-                machine.interrupt()
-            if record_path is not None:
-                writer = TraceWriter(record_path, machine_metadata(machine))
-                machine.sink = writer
-            if verbose_enabled():
-                machine.sink = VerboseSink(machine.sink)
-            machine.boot()
-        except (KvmUnavailable, LoaderError, ValueError, TraceError, NativeBuildError) as exc:
-            if writer is not None:
-                writer.close()
-            fail(str(exc))
-        except KvmError as exc:
-            if writer is not None:
-                writer.close()
-            fail(f"KVM refused to set up the guest: {exc}")
-        status = machine.run()
-        message = machine.stop_message
-        if isinstance(machine.sink, VerboseSink):
-            machine.sink.close_log()
-        if writer is None:
-            return status, message
-        holder["sealing"] = True
-        try:
-            writer.close()
-        except KeyboardInterrupt:
-            interrupts.quiet()
-            return EXIT_INTERRUPTED, (
-                f"interrupted while sealing the trace: {record_path} is left as an unsealed stream "
-                f"(every complete batch readable); `vsmtrace seal {record_path}` seals it"
-            )
-    if writer.error is not None:
-        message = f"{message}; recording stopped early: {writer.error}" if message else f"recording stopped early: {writer.error}"
-        status = status or 1
-    if writer.seal_error is not None:
-        note = f"{writer.seal_error}; `vsmtrace seal {record_path}` seals it"
-        message = f"{message}; {note}" if message else note
-        if status == 0:
-            click.echo(f"vsmtrace: warning: {note}", err=True)
-    return status, message
 
 
 @main.command()
@@ -793,6 +724,9 @@ def demo(out_dir: Path, quiet: bool) -> None:
         fail(str(exc))
     print_summary(result)
 
+
+main.add_command(guest)
+main.add_command(notebooks)
 
 if __name__ == "__main__":
     main()
