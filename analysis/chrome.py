@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -133,11 +133,12 @@ def _hex_series(s: pl.Series) -> pl.Series:
     return s.replace_strict(table, default=None, return_dtype=pl.String)
 
 
-def write_chrome(lf: pl.LazyFrame, out: IO[str]) -> int:
+def write_chrome(lf: pl.LazyFrame, out: IO[str], on_events: Callable[[int], object] | None = None) -> int:
     """Write the JSON object format to ``out``; returns the number of trace events.
 
     Stint and hypercall events (nearly all of them) are formatted as JSON text by Polars,
     a slice of rows at a time; ``chrome_events`` is the same content as Python dicts.
+    ``on_events(n)`` is called as events are written (``n`` new ones), so callers can show progress.
     """
     out.write('{"displayTimeUnit": "ns", "otherData": {"generator": "vsmtrace export"}, "traceEvents": [\n')
     n = 0
@@ -148,6 +149,8 @@ def write_chrome(lf: pl.LazyFrame, out: IO[str]) -> int:
             return
         out.write((",\n" if n else "") + ",\n".join(lines))
         n += len(lines)
+        if on_events is not None:
+            on_events(len(lines))
 
     vps = sorted(lf.select(pl.col("vp").unique()).collect(engine=T.COLLECT_ENGINE)["vp"].to_list())
     put([json.dumps(ev, separators=(",", ":")) for ev in _metadata_events(vps)])
@@ -160,13 +163,13 @@ def write_chrome(lf: pl.LazyFrame, out: IO[str]) -> int:
     return n
 
 
-def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> int:
+def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str], on_events: Callable[[int], object] | None = None) -> int:
     """Write ``path`` atomically (temp file + rename); returns the number of trace events."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            n = write_chrome(lf, f)
+            n = write_chrome(lf, f, on_events)
         os.replace(tmp, p)
     except BaseException:
         tmp.unlink(missing_ok=True)

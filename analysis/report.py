@@ -107,11 +107,13 @@ def _fmt(row: dict, key: str) -> str:
     return str(v)
 
 
-def format_report(s: Summary, title: str = "") -> str:
-    """The report as text (what ``vsmtrace report`` prints)."""
+def format_report(s: Summary, title: str = "", note: str | None = None) -> str:
+    """The report as text (what ``vsmtrace report`` prints); ``note`` says e.g. that the trace is partial."""
     out: list[str] = []
     if title:
         out.append(f"trace {title}")
+    if note:
+        out.append(f"note: {note}: every figure below covers only the events recorded before the cut")
     out.append(f"events {s.events}, time span {_ns(s.time_span_ns)}")
     out.append("")
     out.append("events per kind")

@@ -261,8 +261,9 @@ GENERATOR_VERSION = "v2"
 
 
 def default_path(events: int) -> Path:
-    """Cache location for generated traces (VSMTRACE_CACHE or ~/.cache/vsmtrace), per generator version."""
-    base = os.environ.get("VSMTRACE_CACHE") or os.path.join(os.path.expanduser("~/.cache"), "vsmtrace")
-    p = Path(base) / "analysis"
+    """Cache location for generated traces (per generator version): ``<cache>/analysis`` (the cache base of ``vmm.native.cache_dir``)."""
+    from vsmtrace.vmm.native import cache_dir
+
+    p = cache_dir() / "analysis"
     p.mkdir(parents=True, exist_ok=True)
     return p / f"synthetic-{GENERATOR_VERSION}-{events}.vsmt"

@@ -53,6 +53,7 @@ def test_demo_replay_is_verified(demo_run: tuple[Path, str]) -> None:
 def test_demo_report_counts_secure_calls_and_intercepts(demo_run: tuple[Path, str]) -> None:
     out, _ = demo_run
     report = (out / "report.txt").read_text()
+    assert report.splitlines()[0] == f"trace {out / 'demo.arrow'}"  # the header docs/analysis.md shows
     section = report.split("secure calls by service code", 1)[1].split("\n\n", 1)[0]
     counts = {int(m.group(1), 16): int(m.group(2)) for m in re.finditer(r"^\s+(0x[0-9a-f]+)\s+(\d+)\s", section, re.M)}
     for service, count in EXPECTED_SECURE_CALLS.items():

@@ -355,7 +355,7 @@ def test_ctrl_c_stops_the_guest(guest, how: str) -> None:
     out, err = p.communicate(timeout=15)
     assert time.monotonic() - t0 < 5
     assert p.returncode == 130
-    assert err.decode() == "vsmtrace: interrupted (Ctrl-C)\n"
+    assert err.decode() == "vsmtrace: interrupted\n"
     assert out == b""
 
 

@@ -123,6 +123,7 @@ class Machine:
         self.stop_event = threading.Event()
         self.exit_status: int | None = None
         self.stop_message = ""
+        self.interrupted = False  # set by interrupt() (a signal handler), acted on by run()
         self._stop_lock = threading.Lock()
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
@@ -511,15 +512,21 @@ class Machine:
         deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
         try:
             while not self.stop_event.wait(0.1):
+                if self.interrupted:
+                    self.request_stop(EXIT_INTERRUPTED, "interrupted")
                 if deadline is not None and time.monotonic() > deadline:
                     self.request_stop(EXIT_TIMEOUT, f"guest still running after --timeout {self.config.timeout_s:g} s")
                 if all(v.state is VpState.STOPPED for v in self.vps):
                     self.request_stop(EXIT_VMM_ERROR, "every VP stopped without an exit status")
         except KeyboardInterrupt:
-            self.request_stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+            self.request_stop(EXIT_INTERRUPTED, "interrupted")
+        stop_by = time.monotonic() + 5
         for vp in self.vps:
-            if vp.thread is not None:
-                vp.thread.join(timeout=5)
+            while vp.thread is not None and vp.thread.is_alive() and time.monotonic() < stop_by:
+                try:
+                    vp.thread.join(timeout=max(0.0, stop_by - time.monotonic()))
+                except KeyboardInterrupt:  # a second Ctrl-C: already stopping, keep stopping in order
+                    self.request_stop(EXIT_INTERRUPTED, "interrupted")
         for ext in self.extensions:
             ext.stopped()
         if self.timers is not None:
@@ -527,6 +534,14 @@ class Machine:
         assert self.exit_status is not None
         return self.exit_status
 
+
+    def interrupt(self) -> None:
+        """Ask :meth:`run` to stop the guest with status 130 (Ctrl-C).
+
+        Only sets a flag that the run loop polls, so a signal handler may call it at
+        any point, even while this thread holds the machine's locks.
+        """
+        self.interrupted = True
 
     def close(self) -> None:
         for vm in self.vms:
