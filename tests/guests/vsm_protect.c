@@ -192,16 +192,18 @@ static void expect(const struct hv_gpa_intercept *got, enum kind k, uint64_t fau
     w->type = HV_MESSAGE_TYPE_GPA_INTERCEPT;
     w->payload_size = 240;
     w->vp_index = vp;
-    w->insn_length = a->len;
+    w->insn_length = k == K_EXEC ? 2 : a->len; /* execute: length 2, no bytes (seed) */
     w->access_type = (uint8_t)(a->type >= 0 ? a->type : (got->access_type <= 1 ? got->access_type : 1));
     w->execution_state = (1 << 2) | (1 << 4); /* CPL0, CR0.PE, EFER.LMA, VTL0 */
     w->cs = cs_seg;
     w->rip = k == K_EXEC ? fault_addr : (uint64_t)a->insn;
-    w->rflags = pre.rflags;
+    w->rflags = pre.rflags | (1ull << 16); /* RF, as hardware saves it on an EPT violation */
     w->cache_type = 6;
     uint8_t count = got->insn_byte_count;
     if (count != a->len && count != 16)
         count = a->len;
+    if (k == K_EXEC)
+        count = 0;
     w->insn_byte_count = count;
     memcpy(w->insn_bytes, (const void *)w->rip, count);
     if (got->access_info & 1) {

@@ -139,6 +139,9 @@ class VsmBackend:
         else:
             load()  # a VTL that is not running on its VP: its vCPU is idle
 
+    def software_enable_apic(self, vp: int, vtl: int) -> None:
+        self.machine.vps[vp].apics[vtl].software_enable()
+
     def start_vp(self, vp: int, vtl: int) -> None:
         self.machine.vps[vp].start_in_vtl(vtl)
 
