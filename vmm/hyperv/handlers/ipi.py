@@ -17,8 +17,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_IPI_VECTOR_MAX,
     HV_IPI_VECTOR_MIN,
     HvInputSendSyntheticClusterIpi,
-    HvInputVtl,
     HvInputSendSyntheticClusterIpiEx,
+    HvInputVtl,
     HvStatus,
     HypercallCode,
 )
