@@ -29,6 +29,8 @@ class TraceInfo:
     time_span_ns: int
     counts: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Messages of the LIMITATION events: what the host could not do for this guest.
+    limitations: list[str] = field(default_factory=list)
 
     @property
     def bytes_per_event(self) -> float | None:
@@ -53,6 +55,10 @@ def summarize(path: str | os.PathLike[str]) -> TraceInfo:
     smin, smax = row["smin"], row["smax"]
     missing = (int(smax) - int(smin) + 1 - n) if n else 0
     span = int(row["tmax"] - row["tmin"]) if n else 0
+    limitations: list[str] = []
+    if counts.get("LIMITATION"):
+        rows = trace.lazy().filter(pl.col("kind").cast(pl.String) == "LIMITATION").select("text").collect()
+        limitations = [str(t) for t in rows["text"] if t is not None]
     return TraceInfo(
         path=str(trace.path),
         state=trace.state,
@@ -68,6 +74,7 @@ def summarize(path: str | os.PathLike[str]) -> TraceInfo:
         time_span_ns=span,
         counts=counts,
         metadata=trace.metadata,
+        limitations=limitations,
     )
 
 
@@ -104,6 +111,8 @@ def format_info(info: TraceInfo) -> str:
     summary = md.get("summary")
     if isinstance(summary, dict) and (summary.get("dropped") or summary.get("value_errors")):
         lines.append(f"warnings     {summary.get('dropped', 0)} events dropped, {summary.get('value_errors', 0)} bad field values stored as null")
+    for message in info.limitations:
+        lines.append(f"limitation   {message}")
     if info.counts:
         lines.append("per kind")
         width = max(len(k) for k in info.counts)

@@ -32,6 +32,13 @@ EXPECTED: dict[str, list[str]] = {
         "default_mask_read_back", "r_umx_exec", "r_umx_translate_exec", "r_kmx_exec", "r_kmx_translate_exec",
         "explicit_masks_no_intercepts", "r_translate_exec_intercept",
     ],
+    "vsm_c2_nx": [
+        "protect_pml4_rw", "protect_pdpt_rw", "vtl0_runs_on_rw_page_tables", "walk_r_page_tables_vp0",
+        "walk_r_page_tables_vp1", "irq_through_r_idt", "vtl_call_with_r_tables", "hypercall_input_on_r_page",
+        "hypercall_output_written", "read_r_page", "read_r_page_no_intercept", "write_r_page_intercepted",
+        "write_r_page_access_type", "write_r_page_done_after_restore", "exec_r_page_result", "exec_r_page_store_done",
+        "exec_r_page_intercepted", "exec_r_page_last_access_type", "exec_r_page_last_gpa", "exec_r_page_last_rip",
+    ],
     "vsm_c3_flush": [
         *(f"flush_{f}_{w}" for f in ("space", "list", "space_ex", "list_ex") for w in ("no_redelivery_if0", "no_redelivery_if1")),
         *(f"flush_{f}_status" for f in ("space", "list", "space_ex", "list_ex")),
@@ -71,7 +78,7 @@ EXPECTED: dict[str, list[str]] = {
         "flush_list_ex_garbage", "flush_list_ex_garbage_flushed", "flush_all_undefined_bits", "vtl1_flush_garbage",
     ],
 }  # fmt: skip
-SMP: dict[str, int] = {"vsm_c1_mask": 2, "vsm_c3_flush": 2, "vsm_c6_svr": 2, "vsm_c7_pvipi": 2, "vsm_c10_flushflags": 2}
+SMP: dict[str, int] = {"vsm_c1_mask": 2, "vsm_c2_nx": 2, "vsm_c3_flush": 2, "vsm_c6_svr": 2, "vsm_c7_pvipi": 2, "vsm_c10_flushflags": 2}
 
 
 def run_guest(name: str, *extra: str) -> tuple[int, str, str]:
@@ -91,7 +98,7 @@ def assert_checks(name: str, status: int, out: str, err: str, expected: list[str
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("name", sorted(set(EXPECTED) - {"vsm_c10_flushflags"}))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - {"vsm_c10_flushflags", "vsm_c2_nx"}))
 def test_vsm_compat_guest(name: str) -> None:
     status, out, err = run_guest(name)
     assert_checks(name, status, out, err, EXPECTED[name])
@@ -111,3 +118,17 @@ def test_flush_undefined_flag_bits_accepted_and_recorded(tmp_path: Path) -> None
     garbage = [c for c in flushes if int.from_bytes(c["input"][8:16], "little") >> 32 == 0xA5A5A5A5]
     assert len(garbage) >= 5, f"flush calls with the garbage flags in the trace: {len(garbage)}"
     assert all(c["status"] == 0 for c in garbage)
+
+
+@pytest.mark.kvm
+def test_readable_pages_stay_readable_and_limitation_reported_once(tmp_path: Path) -> None:
+    """Item 2: R / R+W pages hold page tables, descriptor tables, hypercall buffers; the host's
+    missing per-page no-execute is reported once on stderr, as a trace event and by ``vsmtrace info``."""
+    trace = tmp_path / "nx.arrow"
+    status, out, err = run_guest("vsm_c2_nx", "--record", str(trace))
+    assert_checks("vsm_c2_nx", status, out, err, EXPECTED["vsm_c2_nx"])
+    assert err.count("cannot deny instruction fetches") == 1, err[-2000:]
+    info = run_vsmtrace(["info", str(trace)])
+    assert info.status == 0, info.stderr
+    lines = [ln for ln in info.stdout.splitlines() if ln.startswith("limitation")]
+    assert len(lines) == 1 and "cannot deny instruction fetches" in lines[0], info.stdout

@@ -35,7 +35,7 @@ from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.kvm.system import ffi, lib
 from vsmtrace.vmm.memory import PAGE_SHIFT
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
-from vsmtrace.vmm.vsm.memory_view import MemoryView
+from vsmtrace.vmm.vsm.memory_view import MemoryView, execute_unenforced
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
 from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
@@ -77,6 +77,8 @@ class VsmBackend:
         self.copiers: dict[int, SharedStateCopier] = {}
         self.vina_notified: set[tuple[int, int]] = set()  # (vp, vtl) told of a lower-VTL interrupt
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
+        self.nx_limitation_reported = False
+        self.resumed_lower: set[int] = set()  # VPs that just switched down: look at their RIP once
         machine.mmio_hook = self.on_mmio
         machine.internal_error_hook = self.on_internal_error
         machine.wake_hook = self.higher_vtl_pending
@@ -157,6 +159,24 @@ class VsmBackend:
         with self._other_vps_out_of_guest():
             for p in protections:
                 view.set_pages(p.first_page, p.count, p.allowed)
+        if view.unenforced_execute and not self.nx_limitation_reported:
+            self._report_nx_limitation(target_vtl, protections)
+
+    def _report_nx_limitation(self, target_vtl: int, protections: Sequence[Any]) -> None:
+        """Once per run: stderr, a LIMITATION trace event (``vsmtrace info`` lists it)."""
+        self.nx_limitation_reported = True
+        first = next((p for p in protections if execute_unenforced(p.allowed)), None)
+        message = (
+            f"VTL{target_vtl} has readable pages without execute permission; this KVM cannot deny instruction "
+            "fetches on readable pages (no per-page no-execute), so allowed reads win and an execute is "
+            "intercepted only where vsmtrace sees it (a lower VTL resuming on such a page)"
+        )
+        log.warning("vsmtrace: %s", message)
+        self.machine.emit(
+            EventKind.LIMITATION, None, message=message,
+            detail={"limitation": "execute_unenforced_on_readable_pages", "target_vtl": target_vtl,
+                    "first_gpa": None if first is None else first.first_page << PAGE_SHIFT},
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _other_vps_out_of_guest(self) -> Iterator[None]:
@@ -251,6 +271,8 @@ class VsmBackend:
         # in RCX), so a secure call's own arguments start at RDX.
         args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if reason is SwitchReason.CALL else None
         vp.set_vtl(to_vtl)
+        if to_vtl < from_vtl and self.views[to_vtl].unenforced_execute:
+            self.resumed_lower.add(vp.index)
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
         return rip, args
@@ -287,7 +309,11 @@ class VsmBackend:
         return any(vp.apics[v].pending_vector() is not None for v in range(top, vp.vtl, -1))
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
-        """Called before entering the guest when interrupts may have changed."""
+        """Called before entering the guest when interrupts may have changed (always after a switch)."""
+        if vp.index in self.resumed_lower:
+            self.resumed_lower.discard(vp.index)
+            if self._resumes_on_unenforced_page(vp):
+                return
         top = self.highest_enabled(vp)
         for vtl in range(top, vp.vtl, -1):
             if vp.apics[vtl].pending_vector() is not None:
@@ -295,6 +321,22 @@ class VsmBackend:
                 return
         if vp.vtl > 0:
             self.check_vina(vp)
+
+    def _resumes_on_unenforced_page(self, vp: VirtualProcessor) -> bool:
+        """A lower VTL about to resume on a readable, non-executable page: the execute intercept.
+
+        KVM would fetch from such a page without exiting (see memory_view); here, where
+        the VP is at an instruction boundary after a VTL switch, the fetch is seen.
+        """
+        view = self.views[vp.vtl]
+        target = self.fetch_target(vp)
+        if target is None:
+            return False
+        gpa, linear = target
+        if not execute_unenforced(view.allowed(gpa >> PAGE_SHIFT)):
+            return False
+        self.intercept(vp, gpa, Access.EXECUTE, 1, gva=linear)
+        return True
 
     def check_vina(self, vp: VirtualProcessor) -> None:
         """VINA: a lower VTL has an interrupt ready while a higher one runs.
