@@ -132,3 +132,28 @@ def test_readable_pages_stay_readable_and_limitation_reported_once(tmp_path: Pat
     assert info.status == 0, info.stderr
     lines = [ln for ln in info.stdout.splitlines() if ln.startswith("limitation")]
     assert len(lines) == 1 and "cannot deny instruction fetches" in lines[0], info.stdout
+
+
+DONE_CHECKS = [
+    "vtl1_apics_sw_enabled", "default_mask_status", "vp0_runs_code", "vp1_runs_code", "protect_pml4_rw",
+    "protect_pdpt_rw_umx", "protect_pd_r", "protect_pt_rx", "walk_vp0", "walk_vp1", "flush_vp1_status",
+    "flush_vp1_seen", "flush_self_status", "walk_vp0_after_flush", "intercepts_vp0", "intercepts_vp1",
+    "vp0_exec_message", "vp1_exec_message_vp", "pv_ipi_vtl0_vp0_to_vtl1_vp1_taken",
+    "pv_ipi_vtl1_vp0_to_vtl0_vp1_taken", "pv_ipi_vtl0_vp1_to_vtl1_vp0_taken", "pv_ipi_vtl1_vp1_to_vtl0_vp0_taken",
+    "vtl0_ipis_exactly_once", "vp0_still_runs_code",
+]  # fmt: skip
+
+
+@pytest.mark.kvm
+def test_independent_style_guest_runs_recorded_and_replays(tmp_path: Path) -> None:
+    """Issue 12 "done when": VTL1 on every VP, an R|W|0x8 default mask, protections of every
+    kind (page tables among them), flushes, cross-VTL IPIs both ways, read/write/execute
+    intercepts, on 2 VPs; recorded, then ``vsmtrace replay`` reproduces it bit for bit."""
+    trace = tmp_path / "done.arrow"
+    kernel = build_guest("vsm_done")
+    run = run_vsmtrace(["run", str(kernel), "--timeout", str(GUEST_TIMEOUT), "--smp", "2", "--record", str(trace)],
+                       timeout=GUEST_TIMEOUT + 30)  # fmt: skip
+    assert_checks("vsm_done", run.status, run.stdout, run.stderr, DONE_CHECKS)
+    replay = run_vsmtrace(["replay", str(trace)], timeout=300)
+    assert replay.status == 0, f"replay: {replay.stdout[-3000:]}\n{replay.stderr[-2000:]}"
+    assert "replay verified" in replay.stdout
