@@ -58,7 +58,7 @@ EXPECTED: dict[str, list[str]] = {
     ]
     + [f"{mask}_exec_{what}" for mask in ("none", "r", "rw", "rx", "rwx") for what in ("intercepts", "result")]
     + [
-        "none_read_message", "r_write_message", "r_push_message", "rx_movsb_w_message", "rw_exec_message",
+        "none_read_message", "r_write_message", "r_push_message", "rx_movsb_w_message", "none_exec_message",
         "skip_write_no_effect", "emulate_read_value", "inject_gp_seen", "inject_gp_error_code",
         "inject_ud_seen", "set_rip_exec_recovers",
     ],

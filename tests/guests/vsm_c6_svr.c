@@ -17,6 +17,6 @@ int kmain(uint32_t magic, uint32_t mbi)
     /* VTL1 (VP0) -> VTL1 (VP1), APIC fixed IPI: VP1's VTL1 is entered to take it. */
     uint32_t before = vsm_log[1].ipi_irqs[1];
     vtl1_op(VSM_OP_SEND_IPI, 1, VSM_VTL1_IPI_VECTOR + 1, 0, 0, 0);
-    hv_check_true("vtl1_fixed_ipi_vp1_taken", compat_wait(&vsm_log[1].ipi_irqs[1], before + 1));
+    hv_check_true("vtl1_fixed_ipi_vp1_taken", compat_spin(&vsm_log[1].ipi_irqs[1], before + 1));
     hv_finish();
 }

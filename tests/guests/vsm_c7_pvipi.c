@@ -53,13 +53,13 @@ int kmain(uint32_t magic, uint32_t mbi)
 
     hv_check("vtl0_to_vp1_vtl1_fast_status", pv_ipi_fast(VSM_VTL1_IPI_VECTOR + 0, HV_VTL(1), 1ull << 1),
              HV_STATUS_SUCCESS);
-    hv_check_true("vtl0_to_vp1_vtl1_fast_delivered", compat_wait(vp1_hits, 1));
+    hv_check_true("vtl0_to_vp1_vtl1_fast_delivered", compat_spin(vp1_hits, 1));
     hv_check("vtl0_to_vp1_vtl1_mem_status", pv_ipi_mem(VSM_VTL1_IPI_VECTOR + 0, HV_VTL(1), 1ull << 1),
              HV_STATUS_SUCCESS);
-    hv_check_true("vtl0_to_vp1_vtl1_mem_delivered", compat_wait(vp1_hits, 2));
+    hv_check_true("vtl0_to_vp1_vtl1_mem_delivered", compat_spin(vp1_hits, 2));
     hv_check("vtl0_to_vp1_vtl1_ex_status", pv_ipi_ex(VSM_VTL1_IPI_VECTOR + 0, HV_VTL(1), 1ull << 1),
              HV_STATUS_SUCCESS);
-    hv_check_true("vtl0_to_vp1_vtl1_ex_delivered", compat_wait(vp1_hits, 3));
+    hv_check_true("vtl0_to_vp1_vtl1_ex_delivered", compat_spin(vp1_hits, 3));
 
     /* To the sender's own VTL1: VP0 switches up to take it (RFLAGS.IF of VTL0 is irrelevant). */
     hv_check("vtl0_to_self_vtl1_status", pv_ipi_fast(VSM_VTL1_IPI_VECTOR + 1, HV_VTL(1), 1ull << 0),

@@ -151,10 +151,10 @@ int kmain(uint32_t magic, uint32_t mbi)
     /* IPIs across VTLs, both directions, across VPs. */
     uint32_t before = vsm_log[1].ipi_irqs[1];
     hv_check("pv_ipi_vtl0_vp0_to_vtl1_vp1", pv_ipi(VSM_VTL1_IPI_VECTOR + 1, HV_VTL(1), 1ull << 1), HV_STATUS_SUCCESS);
-    hv_check_true("pv_ipi_vtl0_vp0_to_vtl1_vp1_taken", compat_wait(&vsm_log[1].ipi_irqs[1], before + 1));
+    hv_check_true("pv_ipi_vtl0_vp0_to_vtl1_vp1_taken", compat_spin(&vsm_log[1].ipi_irqs[1], before + 1));
     hv_check("pv_ipi_vtl1_vp0_to_vtl0_vp1", vtl1_op(VSM_OP_PV_IPI, VTL0_VEC, HV_VTL(0), 1ull << 1, 0, 0),
              HV_STATUS_SUCCESS);
-    compat_wait(&vtl0_hits[1], 1);
+    compat_spin(&vtl0_hits[1], 1);
     hv_check("pv_ipi_vtl1_vp0_to_vtl0_vp1_taken", vtl0_hits[1], 1);
     before = vsm_log[0].ipi_irqs[2];
     compat_vp1_run(vp1_work, 2);
