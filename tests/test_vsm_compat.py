@@ -132,6 +132,8 @@ def test_readable_pages_stay_readable_and_limitation_reported_once(tmp_path: Pat
     assert info.status == 0, info.stderr
     lines = [ln for ln in info.stdout.splitlines() if ln.startswith("limitation")]
     assert len(lines) == 1 and "cannot deny instruction fetches" in lines[0], info.stdout
+    replay = run_vsmtrace(["replay", str(trace)], timeout=300)  # the resume-time execute intercept replays too
+    assert replay.status == 0 and "replay verified" in replay.stdout, f"{replay.stdout[-3000:]}\n{replay.stderr[-2000:]}"
 
 
 DONE_CHECKS = [
@@ -157,3 +159,45 @@ def test_independent_style_guest_runs_recorded_and_replays(tmp_path: Path) -> No
     replay = run_vsmtrace(["replay", str(trace)], timeout=300)
     assert replay.status == 0, f"replay: {replay.stdout[-3000:]}\n{replay.stderr[-2000:]}"
     assert "replay verified" in replay.stdout
+
+
+@pytest.mark.kvm
+def test_special_register_writes_never_inject_a_stale_vector() -> None:
+    """Item 3 at the KVM level: every writer of special registers (the register file's
+    set-many, the CR2 copy of a VTL switch, a TLB flush's write-back) hands KVM_SET_SREGS an
+    empty interrupt_bitmap, even when the copy it started from (the kvm_run sync-regs copy)
+    names a vector. KVM would queue that vector as an injected interrupt."""
+    from vsmtrace.vmm.cpu_state import RegisterFile
+    from vsmtrace.vmm.kvm.system import Kvm, ffi, lib
+    from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
+
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    try:
+        vcpus = [vm.create_vcpu(0), vm.create_vcpu(1)]
+
+        def queued(vcpu: object) -> list[int]:
+            fresh = ffi.new("struct kvm_sregs *")
+            assert lib.ioctl(vcpu.fd, lib.KVM_GET_SREGS, fresh) == 0  # type: ignore[attr-defined]
+            return list(fresh.interrupt_bitmap)
+
+        def stale_copy(vcpu: object, vector: int) -> None:
+            """Make get_sregs() return a copy whose interrupt_bitmap names ``vector``."""
+            s = vcpu.get_sregs()  # type: ignore[attr-defined]
+            s.interrupt_bitmap[vector // 64] = 1 << (vector % 64)
+
+        stale_copy(vcpus[0], 0x30)
+        RegisterFile(vcpus[0]).set_many({"cr2": 0x1000})
+        assert queued(vcpus[0]) == [0, 0, 0, 0], "set_many re-injected the copy's vector"
+        stale_copy(vcpus[0], 0x31)
+        vcpus[0].flush_regs()
+        vcpus[0].set_sregs(vcpus[0].get_sregs())  # what VirtualProcessor.flush_vtl_tlb does
+        assert queued(vcpus[0]) == [0, 0, 0, 0], "a TLB flush re-injected the copy's vector"
+        RegisterFile(vcpus[0]).set_many({"cr2": 0x2000})
+        stale_copy(vcpus[1], 0x32)
+        SharedStateCopier(vcpus).copy(0, 1)  # CR2 differs: the copy writes VTL1's sregs
+        assert vcpus[1].get_sregs().cr2 == 0x2000
+        assert queued(vcpus[1]) == [0, 0, 0, 0], "the CR2 copy re-injected the copy's vector"
+    finally:
+        vm.close()
+        kvm.close()
