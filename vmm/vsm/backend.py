@@ -171,7 +171,7 @@ class VsmBackend:
             "fetches on readable pages (no per-page no-execute), so allowed reads win and an execute is "
             "intercepted only where vsmtrace sees it (a lower VTL resuming on such a page)"
         )
-        log.warning("vsmtrace: %s", message)
+        log.warning("%s", message)
         self.machine.emit(
             EventKind.LIMITATION, None, message=message,
             detail={"limitation": "execute_unenforced_on_readable_pages", "target_vtl": target_vtl,
@@ -469,13 +469,16 @@ class VsmBackend:
             discard_pending_read(vp, clobbered)
         else:
             located = Located(regs["rip"], 0, self._read_ram(gpa, 16), "", gva or regs["rip"], {})
+        # Byte-compatible with the seed where the TLFS allows (docs/vsm.md): no GVA (GvaValid
+        # clear), and the 16 bytes at the instruction's RIP (the decoded length is reported).
+        insn_rip = located.rip if located is not None else regs["rip"]
         message = self.vsm.build_intercept(
             vp=vp.index,
             intercepted_vtl=vtl,
             access=access,
             gpa=gpa,
-            gva=located.gva if located is not None and located.gva else gva,
-            insn_bytes=(located.bytes if located is not None else b"")[:16],
+            gva=None,
+            insn_bytes=read_code(insn_rip, 16) if access is not Access.EXECUTE else b"",
             insn_length=located.length if located is not None else 0,
             regs=regs,
             segments={name: _segment(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
