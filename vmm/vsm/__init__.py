@@ -104,6 +104,7 @@ class Vsm:
             hv.dispatcher.register(spec, replace=True)
         hv.dispatcher.set_vtl_hook(self._vtl_hook)
         hv.tlb_lock_check = self._tlb_lock_check
+        hv.vtl_enabled = self.partition_vtl_enabled
 
     # -- VTL topology --------------------------------------------------------------------------
 

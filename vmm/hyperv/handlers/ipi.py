@@ -34,10 +34,13 @@ def _check_vector(vector: int) -> None:
 
 
 def _ipi_target_vtl(hv: HyperV, caller_vtl: int, raw: int) -> int:
-    """HV_INPUT_VTL of an IPI: reserved bits or a VTL the partition lacks → INVALID_PARAMETER."""
+    """HV_INPUT_VTL of an IPI: reserved bits, or a VTL above the caller that the partition has
+    not enabled (or does not have) → INVALID_PARAMETER."""
     value = HvInputVtl.decode(raw)
     vtl = value.resolve(caller_vtl)
     if value.reserved or vtl >= hv.vtl_count:
+        raise HandlerError(HvStatus.HV_STATUS_INVALID_PARAMETER)
+    if vtl > caller_vtl and (hv.vtl_enabled is None or not hv.vtl_enabled(vtl)):
         raise HandlerError(HvStatus.HV_STATUS_INVALID_PARAMETER)
     return vtl
 
