@@ -167,9 +167,9 @@ def test_special_register_writes_never_inject_a_stale_vector() -> None:
     set-many, the CR2 copy of a VTL switch, a TLB flush's write-back) hands KVM_SET_SREGS an
     empty interrupt_bitmap, even when the copy it started from (the kvm_run sync-regs copy)
     names a vector. KVM would queue that vector as an injected interrupt."""
+    from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
     from vsmtrace.vmm.cpu_state import RegisterFile
     from vsmtrace.vmm.kvm.system import Kvm, ffi, lib
-    from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
 
     kvm = Kvm()
     vm = kvm.create_vm()

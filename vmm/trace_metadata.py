@@ -11,6 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
     from vsmtrace.vmm.machine import Machine
 
 
@@ -35,3 +36,18 @@ def machine_metadata(machine: Machine) -> dict[str, Any]:
         },
         "kvm_capabilities": machine.capabilities,
     }
+
+
+def recorded_policy(vm_config: dict[str, Any]) -> HypervPolicy | None:
+    """The Hyper-V policy a trace was recorded with (None: no Hyper-V).
+
+    Fields this vsmtrace does not know (a trace from a newer one) are left out, so
+    the policy is rebuilt from what both versions share.
+    """
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+
+    fields = vm_config.get("hyperv_policy")
+    if fields is None:
+        return None
+    known = {f.name for f in dataclasses.fields(HypervPolicy)}
+    return HypervPolicy(**{k: v for k, v in fields.items() if k in known})

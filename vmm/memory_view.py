@@ -1,7 +1,7 @@
 """A VTL's view of guest RAM, expressed as a KVM memslot layout.
 
 Stock KVM has no per-page permissions, so a lower VTL's protections become the
-shape of its VM's memslots (docs/vsm.md, "Protections"):
+shape of its VM's memslots (docs/vsm.md, "How protections reach KVM"; docs/architecture.md):
 
 * read and write allowed          → RAM slot (KVM runs the guest natively);
 * read, no write                  → read-only slot (KVM_CAP_READONLY_MEM: stores exit
