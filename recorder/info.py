@@ -29,6 +29,8 @@ class TraceInfo:
     time_span_ns: int
     counts: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Messages of the LIMITATION events: what the host could not do for this guest.
+    limitations: list[str] = field(default_factory=list)
 
     @property
     def bytes_per_event(self) -> float | None:
@@ -53,6 +55,10 @@ def summarize(path: str | os.PathLike[str]) -> TraceInfo:
     smin, smax = row["smin"], row["smax"]
     missing = (int(smax) - int(smin) + 1 - n) if n else 0
     span = int(row["tmax"] - row["tmin"]) if n else 0
+    limitations: list[str] = []
+    if counts.get("LIMITATION"):
+        rows = trace.lazy().filter(pl.col("kind").cast(pl.String) == "LIMITATION").select("text").collect()
+        limitations = [str(t) for t in rows["text"] if t is not None]
     return TraceInfo(
         path=str(trace.path),
         state=trace.state,
@@ -68,6 +74,7 @@ def summarize(path: str | os.PathLike[str]) -> TraceInfo:
         time_span_ns=span,
         counts=counts,
         metadata=trace.metadata,
+        limitations=limitations,
     )
 
 
@@ -152,6 +159,8 @@ def format_info(info: TraceInfo) -> str:
     summary = md.get("summary")
     if isinstance(summary, dict) and (summary.get("dropped") or summary.get("value_errors")):
         rows.append(("warnings", f"{summary.get('dropped', 0)} events dropped, {summary.get('value_errors', 0)} bad field values stored as null"))
+    for message in info.limitations:
+        rows.append(("limitation", message))
     width = max(len(k) for k, _ in rows + [("vm config", ""), ("kvm caps", "")])
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append("vm config")
@@ -173,6 +182,6 @@ def info_json(info: TraceInfo) -> str:
         "torn_offset": info.torn_offset, "file_size": info.file_size, "batches": info.batches, "events": info.events,
         "first_seq": info.first_seq, "last_seq": info.last_seq, "missing_seqs": info.missing_seqs,
         "time_span_ns": info.time_span_ns, "bytes_per_event": info.bytes_per_event, "counts": info.counts,
-        "seal_command": None if info.sealed else f"vsmtrace seal {info.path}", "metadata": info.metadata,
+        "limitations": info.limitations, "seal_command": None if info.sealed else f"vsmtrace seal {info.path}", "metadata": info.metadata,
     }  # fmt: skip
     return json.dumps(d, indent=2, sort_keys=True, default=str)

@@ -62,6 +62,7 @@ SAMPLES: list[tuple[K, int, int, int | None, dict[str, Any]]] = [
     (K.SERIAL, 0, 0, 0x1000, {"data": bytearray(b"hello\n")}),
     (K.GUEST_EXIT, 0, 0, 0xA000, {"exit_status": -1, "message": "triple fault ✗"}),
     (K.ERROR, 0, 1, 0xB000, {"message": "VMM bug in HvCallGetVpRegisters", "detail": {"exception": "KeyError"}}),
+    (K.LIMITATION, 0, 0, 0, {"message": "execute not enforced", "detail": {"limitation": "execute_unenforced_on_readable_pages"}}),
     (K.VP_STOP, 0, 0, 0xC000, {"reason": "guest-exit"}),
     (
         K.EMULATION,

@@ -418,7 +418,13 @@ class VirtualProcessor:
 
         Returns the kvm_run of the VTL that will run (a higher VTL's pending interrupt
         may switch the VP first).
+
+        The hint is cleared *before* anything is looked at: an APIC accepts a vector before
+        its owner is kicked, so a kick that lands while this runs either is seen here or
+        leaves the hint set for the next pass. (Clearing it after finding nothing pending
+        lost such a kick: the IPI then waited for an unrelated exit, seconds under load.)
         """
+        self.interrupt_hint = False
         hook = self.machine.pre_entry_hook
         if hook is not None:
             hook(self)
@@ -426,9 +432,9 @@ class VirtualProcessor:
         apic = self.apic
         vector = apic.pending_vector()
         if vector is None:
-            self.interrupt_hint = False
             run.request_interrupt_window = 0
             return run
+        self.interrupt_hint = True  # look again at the next entry (window exit, or more pending)
         if run.ready_for_interrupt_injection and run.if_flag:
             vector = apic.acknowledge()
             self.vcpu.interrupt(vector)

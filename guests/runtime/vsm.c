@@ -706,6 +706,7 @@ void vtl1_start(void)
     for (int i = 0; i < 4; i++)
         vtl1_irq_handlers[VSM_VTL1_IPI_VECTOR + i] = vtl1_ipi_irq;
     apic_follow_mode();
+    vsm_log[vp].initial_svr = apic_read(APIC_SVR);
     apic_enable();
     hv_synic_enable(vtl1_simp[vp], vtl1_siefp[vp]);
     hv_sint_set(0, VSM_SINT0_VECTOR, 0);

@@ -110,6 +110,8 @@ class HyperV:
         #: VSM TLB locks: ``(caller_vp, caller_vtl, target_vps, target_vtls) -> locked``. A flush
         #: hypercall that hits a lock returns ``retry`` (re-executed once the lock is released).
         self.tlb_lock_check: Callable[[int, int, Sequence[int], Sequence[int]], bool] | None = None
+        #: VSM: is this VTL enabled for the partition? (None: only VTL0 is.)
+        self.vtl_enabled: Callable[[int], bool] | None = None
         self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
         self._vtl_msrs = VtlArray(self.vtl_count, lambda _vtl: VtlPartitionMsrs())
         self._env = MsrEnvironment(

@@ -11,9 +11,10 @@ Which registers, and how:
 * VSM registers → :class:`vmm.vsm.state.VsmState` (through the facade).
 * HvRegisterPendingEvent0 (exception form only) → ``VpAccess.inject_exception`` at once.
 
-Statuses: a name the TLFS does not define → UNKNOWN_REGISTER_NAME; a defined name this VMM
-does not serve (XMM/x87, APIC registers, MTRRs, ...) or a write to a read-only register →
-INVALID_PARAMETER (what the seed returns for everything it does not handle); a bad value
+Statuses: a name the TLFS does not define, a defined name this VMM does not serve (XMM/x87,
+APIC registers, MTRRs, ...) or a write to a read-only register → INVALID_PARAMETER (the TLFS
+return tables, and what the seed returns for everything it does not handle; OpenVMM's
+UNKNOWN_REGISTER_NAME 0x87 is not a TLFS status, docs/vsm.md); a bad value
 → INVALID_REGISTER_VALUE; a per-(VP, VTL) register of a VTL not enabled on that VP →
 INVALID_VTL_STATE.
 """
@@ -142,7 +143,7 @@ def _name(raw: int) -> HvRegisterName:
     try:
         return HvRegisterName(raw)
     except ValueError:
-        raise _fail(HvStatus.HV_STATUS_UNKNOWN_REGISTER_NAME) from None
+        raise _fail(HvStatus.HV_STATUS_INVALID_PARAMETER) from None
 
 
 def _per_vp_vtl(name: HvRegisterName) -> bool:
