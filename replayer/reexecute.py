@@ -43,6 +43,8 @@ from vsmtrace.replayer.errors import Divergence, ReplayError
 from vsmtrace.vmm.emulation_io import decode_exception, decode_value, loads
 from vsmtrace.vmm.events import EventKind
 
+MSR_IA32_APIC_BASE = 0x1B
+
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
     "is_write", "data", "msr", "value", "fault", "vector", "source", "entry", "emu_io", "emu_result",
@@ -270,6 +272,8 @@ class Reexecutor:
                         self._mmio(row, run, reason, machine.memory)
                     elif kind == "MSR":
                         self._msr(row, run, reason)
+                        if row["msr"] == MSR_IA32_APIC_BASE and row["is_write"] and not row["fault"]:
+                            vp.sync_kvm_apic_base(vp.vtl, int(row["value"]))  # KVM's CPUID.01H:EDX.APIC follows it
                     elif kind == "EMULATION":
                         if row["entry"] == "vtl_entry":
                             pending.entries.append(row)  # the switch it belongs to follows; it runs right after it

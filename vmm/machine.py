@@ -51,6 +51,8 @@ APIC_MMIO_SIZE = 0x1000
 APIC_TIMER_HZ = 1_000_000_000  # KVM's convention: one APIC bus cycle per ns
 MSR_IA32_APIC_BASE = 0x1B
 MSR_IA32_TSC = 0x10
+TSC_OFFSET_SAMPLES = 8
+U64_MASK = (1 << 64) - 1
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_X2APIC_FIRST = 0x800
 MSR_X2APIC_LAST = 0x8FF
@@ -217,6 +219,25 @@ class VirtualProcessor:
         if sink.enabled:
             rip = int(self.vcpus[vtl].get_regs().rip)
             sink.emit(EventKind.INTERRUPT, self.index, vtl, rip, vector=vector, source="exception")
+
+    # -- KVM's copy of IA32_APIC_BASE ---------------------------------------------------
+    def sync_kvm_apic_base(self, vtl: int, value: int) -> None:
+        """Give KVM the guest's IA32_APIC_BASE after EN changed (call on this VP's thread).
+
+        The userspace APIC owns the MSR, but KVM answers CPUID in the kernel and derives
+        CPUID.01H:EDX.APIC from *its* copy of the MSR (KVM overrides that bit in any table
+        given to KVM_SET_CPUID2, which it also refuses to change once the vCPU has run),
+        so a host-initiated KVM_SET_MSRS is what clears the bit when the guest disables
+        its APIC and sets it again on re-enable. If KVM refuses the value, the stale bit
+        is reported once rather than failing the guest.
+        """
+        try:
+            self.vcpus[vtl].set_msrs({MSR_IA32_APIC_BASE: value})
+        except OSError as exc:
+            self.machine.warn_once(
+                ("apic-base-sync", self.index, vtl),
+                f"KVM refused IA32_APIC_BASE={value:#x} on VP {self.index} ({exc}): CPUID.01H:EDX.APIC may be stale",
+            )
 
     # -- kicks and waiting -------------------------------------------------------------
     def kick(self) -> None:
@@ -746,6 +767,7 @@ class Machine:
                 self.vsm = VsmBackend(self)
         self.tsc_hz = 0
         self.tsc_offset = 0
+        self.tsc_offset_exact = False  # KVM_VCPU_TSC_OFFSET gave it (else estimated, see init_clock)
         self.clock: GuestClock | ManualClock | None = None
         self.deterministic: DeterministicTime | None = None  # --deterministic: time moves at exits only
         # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
@@ -809,6 +831,7 @@ class Machine:
         self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
         modules = [Module(p, str(p)) for p in cfg.initrds]
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
+        self.sync_tsc_offsets()
         for hook in self.on_vps_created:
             hook()
         if self.sink.enabled:
@@ -867,14 +890,47 @@ class Machine:
     def init_clock(self, vcpu: Vcpu) -> None:
         """Learn the guest TSC rate and offset from the first vCPU; every APIC needs them."""
         self.tsc_hz = vcpu.tsc_khz() * 1000
-        guest_tsc = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
-        self.tsc_offset = guest_tsc - int(lib.vsm_rdtsc())
+        self.tsc_offset_exact = vcpu.has_tsc_offset_attr()
+        offset = vcpu.get_tsc_offset() if self.tsc_offset_exact else self._estimate_tsc_offset(vcpu)
+        self.tsc_offset = offset - (1 << 64) if offset >= 1 << 63 else offset  # KVM's u64, as a signed offset
         if self.config.deterministic:
             self.deterministic = DeterministicTime(self)
             self.clock, self.timers = self.deterministic.clock, self.deterministic.timers
             return
         self.clock = GuestClock(self.tsc_offset)
         self.timers = TimerService(self.clock)
+
+    @staticmethod
+    def _estimate_tsc_offset(vcpu: Vcpu) -> int:
+        """Guest TSC minus host TSC without KVM_VCPU_TSC_OFFSET: the tightest of a few brackets.
+
+        KVM read the guest TSC somewhere between the host TSC before and after the
+        KVM_GET_MSRS call; taking the *earlier* one errs towards a guest TSC slightly ahead,
+        so TIME_REF_COUNT (derived from it) may lead the TSC page by at most the bracket
+        but never runs behind it.
+        """
+        best: tuple[int, int] | None = None
+        for _ in range(TSC_OFFSET_SAMPLES):
+            before = int(lib.vsm_rdtsc())
+            guest = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+            width = int(lib.vsm_rdtsc()) - before
+            if best is None or width < best[0]:
+                best = (width, guest - before)
+        assert best is not None
+        return best[1]
+
+    def sync_tsc_offsets(self) -> None:
+        """Give every VP's vCPUs the machine's TSC offset (one guest TSC, one reference clock).
+
+        KVM normally matches the TSCs of vCPUs created together, but the reference counter
+        is derived from one offset for the whole partition, so make sure rather than hope.
+        """
+        if not self.tsc_offset_exact or self.deterministic is not None:
+            return
+        for vp in self.vps:
+            for vcpu in vp.vcpus:
+                if vcpu.get_tsc_offset() != self.tsc_offset & U64_MASK:
+                    vcpu.set_tsc_offset(self.tsc_offset)
 
     def guest_tsc(self) -> int:
         return int(lib.vsm_rdtsc()) + self.tsc_offset
@@ -941,8 +997,11 @@ class Machine:
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
         apic = vp.apic
         if index == MSR_IA32_APIC_BASE:
+            enabled = apic.hw_enabled
             apic.base_msr = value
             vp.interrupt_hint = True
+            if apic.hw_enabled != enabled:
+                vp.sync_kvm_apic_base(vp.vtl, apic.base_msr)
             return
         if index == MSR_IA32_TSC_DEADLINE:
             apic.tsc_deadline = value
