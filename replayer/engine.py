@@ -301,6 +301,7 @@ class VmmReplayer:
             "msr_write": self.hv.msr_write,
             "eoi": self.hv.on_apic_eoi,
             "auto_eoi": self.hv.is_auto_eoi,
+            "test_device": self.hv.test_device_command,
             "timer": self.timers.fire,
             "vtl_entry": self._vtl_entry,
             "vina": self._vina,

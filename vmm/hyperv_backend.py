@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from vsmtrace.vmm.devices.hyperv_testdev import HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev
 from vsmtrace.vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
 from vsmtrace.vmm.hyperv import HyperV
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
@@ -165,6 +166,7 @@ class HypervBackend:
         )
         boundary.lock = self.hv.lock
         m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
+        m.pio.add(HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev(self.on_test_device))
         m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
         m.on_apic_eoi = self._on_eoi
         m.on_stop.append(self.shutdown)
@@ -218,6 +220,15 @@ class HypervBackend:
         action = outcome.vtl_action
         if action is not None and self.machine.vtl_action_hook is not None:
             self.machine.vtl_action_hook(vp, action)
+
+    def on_test_device(self, value: int) -> None:
+        """A command word written to QEMU's Hyper-V test device, run as a recorded emulation entry."""
+        hv = self.hv
+        vp = self.machine.current_vp()
+        if hv is None or vp is None:
+            return
+        i, vtl = vp.index, vp.vtl
+        self.boundary.entry("test_device", i, vtl, [value], lambda: hv.test_device_command(value))
 
     def on_interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
         hv = self.hv

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.hyperv import test_device
 from vsmtrace.vmm.hyperv.connections import Connections
 from vsmtrace.vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leaves
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash
@@ -100,6 +101,7 @@ class HyperV:
         self.apic = apic
         self.partition_id = partition_id
         self.connections = connections if connections is not None else Connections.with_loopback()
+        self.test_device = test_device.HypervTestdevState()
         self.vp_count = partition.vp_count
         self.vtl_count = vtl_count or self.policy.vtl_count
         self.lock = threading.RLock()
@@ -217,6 +219,11 @@ class HyperV:
     def is_auto_eoi(self, vp: int, vtl: int, vector: int) -> bool:
         with self.lock:
             return self.synic(vp, vtl).is_auto_eoi(vector)
+
+    def test_device_command(self, value: int) -> bool:
+        """One command word written to QEMU's Hyper-V test device (see vmm/hyperv/test_device.py)."""
+        with self.lock:
+            return test_device.apply(self, self.test_device, value)
 
     def post_intercept(self, vp: int, vtl: int, message: HvMessage) -> HvStatus:
         """Queue a hypervisor (intercept) message to SINT0 of (vp, vtl) - used by VSM."""
