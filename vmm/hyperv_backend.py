@@ -183,7 +183,7 @@ class HypervBackend:
             raise MsrFault(index) from exc
 
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
+        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop, MsrFault
 
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
@@ -194,7 +194,7 @@ class HypervBackend:
         except GuestCrash as crash:
             raise GuestStop(EXIT_GUEST_FAULT, crash.report.describe()) from None
         except GuestResetRequest as reset:
-            raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
+            self.machine.request_reset(str(reset))
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         from vsmtrace.vmm.machine import EXIT_VMM_ERROR, GuestStop

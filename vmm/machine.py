@@ -29,9 +29,12 @@ from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
+from vsmtrace.vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from vsmtrace.vmm.devices.ioapic import IOAPIC_BASE, IOAPIC_MMIO_SIZE, IoApic
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
 from vsmtrace.vmm.devices.pc_testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
+from vsmtrace.vmm.devices.port92 import PORT92, Port92
+from vsmtrace.vmm.devices.reset_control import RESET_CONTROL_PORT, ResetControl
 from vsmtrace.vmm.devices.serial import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
 from vsmtrace.vmm.guest_errors import describe_internal_error
@@ -84,6 +87,7 @@ SERIAL_INPUT_CHUNK = 4096
 EXIT_OK = 0
 EXIT_GUEST_FAULT = 4  # triple fault, emulation failure, crash MSRs, all VPs halted for good
 EXIT_VMM_ERROR = 6  # a bug in vsmtrace while serving the guest
+EXIT_RESET = 8  # the guest asked for a reset and was not rebooted (--no-reboot, recording, --deterministic)
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 
@@ -631,7 +635,7 @@ class VirtualProcessor:
 
     def on_shutdown(self) -> None:
         self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
-        raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
+        self.machine.request_reset(f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}", fault=True)
 
     def on_internal_error(self) -> None:
         run = self.vcpu.run_struct
@@ -655,7 +659,8 @@ class VirtualProcessor:
         if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
             raise GuestStop(EXIT_OK, "guest shut down")
         if kind == lib.KVM_SYSTEM_EVENT_RESET:
-            raise GuestStop(EXIT_OK, "guest requested a reset (not supported: stopping)")
+            self.machine.request_reset("KVM system reset event")
+            return
         raise GuestStop(EXIT_GUEST_FAULT, f"unexpected KVM system event {kind}")
 
     def on_unhandled(self) -> None:
@@ -680,6 +685,42 @@ class GuestClock:
         return (int(lib.vsm_rdtsc()) + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
 
 
+class StdinFeeder:
+    """Feeds what the user types (stdin) to the current machine's UART until EOF.
+
+    One reader thread for the whole process: after a reboot the new machine's UART takes
+    over, and no keystroke is lost in a reader still blocked for the old machine.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.target: Uart16550 | None = None
+        self.thread: threading.Thread | None = None
+
+    def attach(self, serial: Uart16550) -> None:
+        with self.lock:
+            self.target = serial
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="serial-input", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = os.read(STDIN_FD, SERIAL_INPUT_CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                target = self.target
+            if target is not None:
+                target.feed(data)
+
+
+STDIN_FEEDER = StdinFeeder()
+
+
 class MsrFault(Exception):
     """An MSR access that must raise #GP in the guest."""
 
@@ -700,6 +741,7 @@ class Machine:
         self.stop_event = threading.Event()
         self.exit_status: int | None = None
         self.stop_message = ""
+        self.rebooting = False  # the run ended in a reset the caller should carry out (run a fresh machine)
         self._stop_lock = threading.Lock()
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
@@ -737,6 +779,9 @@ class Machine:
         self.fw_cfg = FwCfg(self.memory.size, config.smp, config.cmdline)
         self.fw_cfg.add_file(FW_CFG_VERSION_FILE, __version__.encode())  # lets a guest tell it runs under vsmtrace
         self.pio.add(FW_CFG_SELECTOR_PORT, FW_CFG_PORT_COUNT, self.fw_cfg)
+        for port, device in ((RESET_CONTROL_PORT, ResetControl(self.request_reset)), (PORT92, Port92(self.request_reset)),
+                             (I8042_DATA_PORT, (kbc := I8042(self.request_reset))), (I8042_COMMAND_PORT, kbc)):  # fmt: skip
+            self.pio.add(port, 1, device)
         pic = Pic8259Stub()
         self.pio.add(PIC_MASTER, PIC_PORTS, pic)
         self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
@@ -1070,17 +1115,6 @@ class Machine:
         self.emit(EventKind.GUEST_EXIT, None, exit_status=value, message=f"isa-debug-exit {value:#x} (status {status})", **extra)
         self.request_stop(status, "")
 
-    def _serial_input(self) -> None:
-        """Feed what the user types (stdin) to the UART's receiver until EOF or the machine stops."""
-        while not self.stopping:
-            try:
-                data = os.read(STDIN_FD, SERIAL_INPUT_CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            self.serial.feed(data)
-
     def _on_serial(self, data: bytes) -> None:
         if self.sink.enabled:
             vp = self.current_vp()
@@ -1088,6 +1122,42 @@ class Machine:
                 self.sink.emit(EventKind.SERIAL, 0, 0, None, data=data)
             else:
                 self.emit(EventKind.SERIAL, vp, data=data)
+
+    def reboots(self) -> bool:
+        """Does a guest reset reboot the machine? (QEMU's default; not with --no-reboot.)
+
+        A recording or a --deterministic run ends at the reset instead: a trace holds one
+        boot of one machine (replay rebuilds the emulation once).
+        """
+        return not self.config.no_reboot and not self.sink.enabled and self.deterministic is None
+
+    def request_reset(self, cause: str, *, fault: bool = False) -> None:
+        """The guest asked for a reset (``fault``: a triple fault): reboot, or end the run.
+
+        Rebooting means the run ends with ``rebooting`` set and the caller starts a fresh
+        machine from the same configuration (see vsmtrace.cli run): every vCPU, device,
+        the Hyper-V/VSM state and RAM start over as at the first boot, so nothing of the
+        old boot can leak into the new one. Otherwise the run ends with EXIT_RESET (a
+        triple fault with EXIT_GUEST_FAULT, as before).
+        """
+        if self.reboots():
+            with self._stop_lock:
+                if self.exit_status is None:
+                    self.rebooting = True
+            log.info("guest reset (%s): rebooting", cause)
+            self.request_stop(EXIT_OK, f"guest reset: {cause}")
+            return
+        if fault:
+            self.request_stop(EXIT_GUEST_FAULT, cause)
+        else:
+            self.request_stop(EXIT_RESET, f"guest reset: {cause} (not rebooted: {self._no_reboot_reason()})")
+
+    def _no_reboot_reason(self) -> str:
+        if self.config.no_reboot:
+            return "--no-reboot"
+        if self.deterministic is not None:
+            return "--deterministic"
+        return "a trace records one boot"
 
     def request_stop(self, status: int, message: str, vp: VirtualProcessor | None = None) -> None:
         with self._stop_lock:
@@ -1110,7 +1180,7 @@ class Machine:
         for vp in self.vps:
             vp.start()
         if self.config.serial_in_interactive:
-            threading.Thread(target=self._serial_input, name="serial-input", daemon=True).start()
+            STDIN_FEEDER.attach(self.serial)
         deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
         try:
             while not self.stop_event.wait(0.1):

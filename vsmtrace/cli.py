@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -88,6 +90,7 @@ def hyperv_policy(enabled: bool, disable: tuple[str, ...]):  # type: ignore[no-u
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, path_type=Path), help="Record every event into this Arrow trace.")
 @click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
+@click.option("--reboot/--no-reboot", default=True, show_default=True, help="A guest reset (port 0xCF9, 0x92, the keyboard controller, a triple fault, the Hyper-V reset MSR) reboots the guest, as QEMU does; --no-reboot ends the run instead (exit status 8; 4 for a triple fault). Recording and --deterministic runs always end at a reset.")
 @click.option("--deterministic", is_flag=True, help="Virtual time advanced at exits, timers fired at exits, every exit recorded: a trace `vsmtrace replay --reexecute` can re-run (needs --smp 1).")
 @click.option("--kvm-device", "kvm_device", default="/dev/kvm", envvar="VSMTRACE_KVM_DEVICE", hidden=True, help="KVM device node (tests point it elsewhere).")
 def run(
@@ -105,8 +108,18 @@ def run(
     kvm_device: str,
     record_path: Path | None,
     deterministic: bool = False,
+    reboot: bool = True,
 ) -> None:
-    """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
+    """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status.
+
+    \b
+    Exit statuses: the guest's isa-debug-exit status (value << 1) | 1;
+    0 the guest shut down; 2 bad input; 4 the guest faulted (triple fault
+    with --no-reboot or while recording, emulation failure, crash MSRs,
+    halted for good); 6 vsmtrace internal error; 8 the guest reset and was
+    not rebooted (--no-reboot, recording, --deterministic); 124 --timeout;
+    130 Ctrl-C. A reset reboots the guest by default, as QEMU does.
+    """
     from vsmtrace.vmm.config import MachineConfig
 
     # Ctrl-C must stop the guest even when our parent started us with SIGINT ignored
@@ -145,6 +158,7 @@ def run(
         vtls=2 if vsm else 1,
         kvm_device=kvm_device,
         deterministic=deterministic,
+        no_reboot=not reboot,
     )
     status, message = run_machine(config, record_path)
     if message and status != 0:
@@ -159,24 +173,38 @@ def run_machine(config, record_path: Path | None) -> tuple[int, str]:  # type: i
     from vsmtrace.recorder.writer import TraceWriter
     from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
     from vsmtrace.vmm.loader.elf import LoaderError
-    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.machine import EXIT_TIMEOUT, Machine
     from vsmtrace.vmm.trace_metadata import machine_metadata
 
     writer = None
-    try:
-        machine = Machine(config)
-        if record_path is not None:
-            writer = TraceWriter(record_path, machine_metadata(machine))
-            machine.sink = writer
-        machine.boot()
-    except (KvmUnavailable, LoaderError, ValueError, TraceError) as exc:
-        if writer is not None:
-            writer.close()
-        fail(str(exc))
-    except KvmError as exc:
-        fail(f"KVM refused to set up the guest: {exc}")
-    status = machine.run()
-    message = machine.stop_message
+    timeout = config.timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            machine = Machine(config)
+            if record_path is not None:
+                writer = TraceWriter(record_path, machine_metadata(machine))
+                machine.sink = writer
+            machine.boot()
+        except (KvmUnavailable, LoaderError, ValueError, TraceError) as exc:
+            if writer is not None:
+                writer.close()
+            fail(str(exc))
+        except KvmError as exc:
+            fail(f"KVM refused to set up the guest: {exc}")
+        status = machine.run()
+        message = machine.stop_message
+        if status == EXIT_TIMEOUT and timeout is not None:
+            message = f"guest still running after --timeout {timeout:g} s"
+        if not machine.rebooting:
+            break
+        # The guest reset: boot a fresh machine (QEMU's default), within what is left of --timeout.
+        machine.close()
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return EXIT_TIMEOUT, f"guest still running after --timeout {timeout:g} s"
+            config = dataclasses.replace(config, timeout_s=left)
     if writer is not None:
         writer.close()
         if writer.error is not None:
