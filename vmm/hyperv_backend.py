@@ -166,6 +166,7 @@ class HypervBackend:
         )
         boundary.lock = self.hv.lock
         m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
+        m.msr_fast_values = self.hv.fixed_msr_values  # answered in C when nothing records (item: SMP latency)
         m.pio.add(HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev(self.on_test_device))
         m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
         m.on_apic_eoi = self._on_eoi

@@ -393,6 +393,7 @@ class VirtualProcessor:
         waiting = VpState.WAIT_FOR_SIPI
         kvm_run = lib.vsm_kvm_run
         kvm_run_recorded = lib.vsm_kvm_run_recorded
+        kvm_run_fast = lib.vsm_kvm_run_fast
         unpack_exit = EXIT_INFO.unpack_from
         deterministic = machine.deterministic  # fixed once the machine is built
         while not machine.stopping:
@@ -419,7 +420,12 @@ class VirtualProcessor:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
             recorder = vcpu.exit_recorder
-            r = kvm_run(vcpu.fd) if recorder is None else kvm_run_recorded(vcpu.fd, recorder)
+            if recorder is not None:
+                r = kvm_run_recorded(vcpu.fd, recorder)
+            elif vcpu.msr_fastpath is not None:
+                r = kvm_run_fast(vcpu.fd, vcpu.msr_fastpath)
+            else:
+                r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
@@ -761,6 +767,7 @@ class Machine:
         self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
         self.reference_clock: Callable[[], int] | None = None
         self.on_vps_created: list[Callable[[], None]] = []
+        self.msr_fast_values: Callable[[int, int], dict[int, int]] | None = None  # see attach_msr_fastpath
         self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = None
         self.vtl_action_hook: Callable[[VirtualProcessor, Any], None] | None = None
         self.on_apic_eoi: Callable[[int, int, int], None] | None = None
@@ -916,6 +923,29 @@ class Machine:
                 rec.vtl = vtl
                 rec.ports = ports
                 vcpu.exit_recorder = rec
+
+    def attach_msr_fastpath(self, values: Callable[[int, int], dict[int, int]]) -> None:
+        """Answer fixed-value MSR reads in C, without Python's GIL (``vsm_kvm_run_fast``).
+
+        ``values(vp, vtl)`` gives the MSRs whose reads have a fixed answer on that vCPU.
+        Only when nothing records (the emulation must then see every read) and not with
+        --deterministic (every exit is an event there); a vCPU that records port I/O in C
+        keeps that path.
+        """
+        if self.sink.enabled or self.deterministic is not None:
+            return
+        for vp in self.vps:
+            for vtl, vcpu in enumerate(vp.vcpus):
+                table = values(vp.index, vtl)
+                if not table or vcpu.exit_recorder is not None:
+                    continue
+                fp = ffi.new("struct vsm_msr_fastpath *")
+                fp.run = vcpu.run_struct
+                for i, (index, value) in enumerate(sorted(table.items())[: len(fp.index)]):
+                    fp.index[i] = index
+                    fp.value[i] = value
+                    fp.n = i + 1
+                vcpu.msr_fastpath = fp
 
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
@@ -1177,6 +1207,8 @@ class Machine:
         if not self.booted:
             self.boot()
         self.attach_exit_recorders()
+        if self.msr_fast_values is not None:
+            self.attach_msr_fastpath(self.msr_fast_values)
         for vp in self.vps:
             vp.start()
         if self.config.serial_in_interactive:

@@ -16,7 +16,7 @@
 #define MAX_SAMPLES 20000
 static uint32_t samples[MAX_CPUS][MAX_SAMPLES];
 static volatile uint64_t max_cycles[MAX_CPUS];
-static volatile uint32_t over_1ms[MAX_CPUS];
+static volatile uint32_t over_1ms[MAX_CPUS], wrong_index[MAX_CPUS];
 static volatile uint32_t done_count, go, stop_spin;
 static uint32_t ncpus, nsamples;
 static bool spin_others;
@@ -29,8 +29,10 @@ static void measure(int cpu)
     uint64_t worst = 0;
     for (uint32_t i = 0; i < nsamples; i++) {
         uint64_t t0 = rdtsc();
-        (void)rdmsr(HV_MSR_VP_INDEX);
+        uint64_t index = rdmsr(HV_MSR_VP_INDEX);
         uint64_t t1 = rdtsc();
+        if (index != (uint64_t)cpu)
+            wrong_index[cpu]++;
         uint64_t d = t1 > t0 ? t1 - t0 : 0;
         samples[cpu][i] = d > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)d;
         if (d > worst)
@@ -82,6 +84,8 @@ int kmain(uint32_t magic, uint32_t mbi)
     bool raw = cmdline_is("raw", "1");
     for (uint32_t c = 0; c < measured; c++) {
         printf("cpu %u: n=%u max=%lu over1ms=%u\n", c, nsamples, max_cycles[c], over_1ms[c]);
+        if (wrong_index[c])
+            printf("FAIL vp_index: cpu %u read another VP's index %u times\n", c, wrong_index[c]);
         if (!raw)
             continue;
         for (uint32_t i = 0; i < nsamples; i += 16) {

@@ -49,6 +49,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_X64_MSR_RANGE_LAST,
     VSMTRACE_PARTITION_ID,
     HvMessage,
+    HvMsr,
     HvStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
@@ -73,6 +74,10 @@ class VpVtlState:
     synic: Synic
     stimers: SyntheticTimers
     msrs: SyntheticMsrs
+
+
+#: Read-only MSRs whose value never changes for a given VP (VP index, frequencies).
+FIXED_VALUE_MSRS = (HvMsr.HV_X64_MSR_VP_INDEX, HvMsr.HV_X64_MSR_TSC_FREQUENCY, HvMsr.HV_X64_MSR_APIC_FREQUENCY)
 
 
 class HyperV:
@@ -194,6 +199,22 @@ class HyperV:
                 self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
                 raise
             self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
+
+    def fixed_msr_values(self, vp: int, vtl: int) -> dict[int, int]:
+        """Synthetic MSRs whose reads always give the same answer at (vp, vtl), with that answer.
+
+        A machine may answer these without calling in (they change no state); when it
+        records, it must not (every read is an MSR event).
+        """
+        fixed: dict[int, int] = {}
+        with self.lock:
+            msrs = self.msrs(vp, vtl)
+            for msr in FIXED_VALUE_MSRS:
+                try:
+                    fixed[msr] = msrs.read(msr)
+                except GpFault:
+                    pass  # not advertised: the read faults, which the emulation reports itself
+        return fixed
 
     def _emit_msr(self, vp: int, vtl: int, msr: int, value: int, *, is_write: bool, fault: bool) -> None:
         if not self.sink.enabled:
