@@ -229,9 +229,9 @@ class VirtualProcessor:
         """Give KVM the guest's IA32_APIC_BASE after EN changed (call on this VP's thread).
 
         The userspace APIC owns the MSR, but KVM answers CPUID in the kernel and derives
-        CPUID.01H:EDX.APIC from *its* copy of the MSR (KVM overrides that bit in any table
-        given to KVM_SET_CPUID2, which it also refuses to change once the vCPU has run),
-        so a host-initiated KVM_SET_MSRS is what clears the bit when the guest disables
+        CPUID.01H:EDX.APIC from *its* copy of the MSR, and refuses KVM_SET_CPUID2 once the
+        vCPU has run (docs/devices.md), so a host-initiated KVM_SET_MSRS is what clears the
+        bit when the guest disables
         its APIC and sets it again on re-enable. If KVM refuses the value, the stale bit
         is reported once rather than failing the guest.
         """
