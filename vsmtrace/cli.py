@@ -13,6 +13,8 @@ from typing import NoReturn
 import click
 
 from vsmtrace import __version__
+from vsmtrace.guest_cli import guest
+from vsmtrace.notebooks_cli import notebooks
 
 
 class UserError(click.ClickException):
@@ -407,6 +409,9 @@ def demo(out_dir: Path, quiet: bool) -> None:
         fail(str(exc))
     print_summary(result)
 
+
+main.add_command(guest)
+main.add_command(notebooks)
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@ everything is. Each step prints as it starts, so a user sees progress.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +21,9 @@ import click
 DEMO_VPS = 2
 DEMO_MEMORY_MIB = 128
 DEMO_TIMEOUT_S = 300.0
+DEFAULT_OUT = Path("vsmtrace-demo")
+TRACE_NAME = "demo.arrow"
+TRACE_ENV = "VSMTRACE_TRACE"
 
 
 class DemoError(Exception):
@@ -88,7 +93,7 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
 
     say = step or (lambda text: click.echo(text))
     out.mkdir(parents=True, exist_ok=True)
-    trace = out / "demo.arrow"
+    trace = out / TRACE_NAME
     serial_log = out / "serial.log"
     report_path = out / "report.txt"
     figures_dir = out / "figures"
@@ -134,6 +139,32 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     return DemoResult(out, trace, serial_log, report_path, list(figures), chrome, status, replay.entries)
 
 
+def demo_trace(start: Path | None = None, *, record: bool = True) -> Path:
+    """The demo trace a notebook should read, without a source checkout.
+
+    ``$VSMTRACE_TRACE`` if set; else the nearest ``demo.arrow`` or
+    ``vsmtrace-demo/demo.arrow`` in ``start`` (default: the current directory) or
+    a parent folder, which is where `vsmtrace demo` and `vsmtrace notebooks --copy`
+    put them; else (``record=True``) the demo is recorded into ``start/vsmtrace-demo``.
+    """
+    named = os.environ.get(TRACE_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{TRACE_ENV}={named} is not a file")
+        return path
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        for candidate in (folder / TRACE_NAME, folder / DEFAULT_OUT / TRACE_NAME):
+            if candidate.is_file():
+                return candidate
+    if not record:
+        raise FileNotFoundError(f"no {TRACE_NAME} in {here} or its parents, and {TRACE_ENV} is not set")
+    out = here / DEFAULT_OUT
+    print(f"no demo trace found: building the demo guest and recording it into {out} (needs gcc and /dev/kvm)")
+    return run_demo(out, echo=False, step=lambda _text: None).trace
+
+
 def print_summary(result: DemoResult) -> None:
     click.echo("")
     click.echo("Done. What vsmtrace produced:")
@@ -146,5 +177,8 @@ def print_summary(result: DemoResult) -> None:
     click.echo("What to open next:")
     click.echo(f"  cat {result.report}                       # VTL transitions, secure calls, intercepts")
     click.echo(f"  vsmtrace replay {result.trace} --state 2000   # registers, VSM, SynIC, protections at an event")
-    click.echo("  vsmtrace notebooks --copy notebooks/          # the notebooks that walk through this trace")
-    click.echo("  jupyter lab notebooks/                        # (pip install 'vsmtrace[notebook]')")
+    notebooks = result.out / "notebooks"
+    if importlib.util.find_spec("jupyterlab") is None:
+        click.echo("  pip install 'vsmtrace[notebook]'              # JupyterLab, for the notebooks below")
+    click.echo(f"  vsmtrace notebooks --copy {notebooks}   # the notebooks that walk through this trace")
+    click.echo(f"  jupyter lab {notebooks}                 # they find {result.trace.name} in the folder above")
