@@ -3,9 +3,9 @@
 Every VP thread handles its exits in Python, under the GIL. A guest's RDMSR therefore
 waited for whichever thread held the GIL: another VP in the middle of its own exit, the
 timer thread, the recorder - and when the host preempted that holder (2 busy VPs on a
-2-core host), for the whole preemption (tens of ms). Reads whose answer never changes
-(VP_INDEX, the TSC and APIC frequencies) are now answered in C inside the KVM_RUN loop
-(``vsm_kvm_run_fast``) and never take the GIL; the measuring guest checks the values.
+2-core host), for the whole preemption (tens of ms). Reads that change no state (VP_INDEX,
+the TSC and APIC frequencies, TIME_REF_COUNT) are now answered in C inside the KVM_RUN
+loop (``vsm_kvm_run_fast``) and never take the GIL; the guests check the values.
 The figures are for bench/msr_latency: they depend on the host's load, so they are
 printed, not asserted.
 """
@@ -62,5 +62,24 @@ def test_recording_sees_every_read(kvm, guest) -> None:  # type: ignore[no-untyp
         assert all(v.msr_fastpath is None for vp in m.vps for v in vp.vcpus)
         reads = [e for e in sink.events if e[0] == EventKind.MSR and e[4].get("msr") == HV_X64_MSR_VP_INDEX]
         assert len(reads) >= 2 * SAMPLES
+    finally:
+        m.close()
+
+
+def test_time_ref_count_from_the_shared_counter(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    """TIME_REF_COUNT is answered in C from the one reference counter the emulation also reads:
+    still never behind the TSC page and monotonic across VPs (the hv_refcount guest's checks)."""
+    out = io.BytesIO()
+    config = MachineConfig(kernel=guest("hv_refcount"), smp=2, cmdline="cpus=2 rounds=2000", hyperv=HypervPolicy(),
+                           timeout_s=120, serial_out=out)  # fmt: skip
+    m = Machine(config)
+    try:
+        m.boot()
+        status = m.run()
+        text = out.getvalue().decode(errors="replace")
+        assert status == GUEST_OK and "PASSED: 0 failed" in text, text[-2000:]
+        served = [vp.vcpus[0].msr_fastpath.served for vp in m.vps]
+        assert all(n >= 2000 for n in served), served
+        assert m.reference_time() >= int(m.refclock.last)  # the emulation's reads go through the same counter
     finally:
         m.close()

@@ -26,7 +26,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_X64_MSR_RANGE_LAST,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
-from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, guest_tsc_params
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
@@ -132,7 +132,10 @@ class HypervBackend:
             # instead of scaling a raw RDTSC that re-execution could not reproduce.
             self.reference = ReferenceClock.from_monotonic(m.clock.now_ns, m.tsc_hz)
         else:
-            self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+            # The counter lives in C (Machine.reference_counter), shared with the fast path
+            # that answers TIME_REF_COUNT without Python: one monotonic clock for both.
+            params = guest_tsc_params(m.clock.tsc, m.tsc_hz)
+            self.reference = ReferenceClock(m.reference_counter(params.scale, params.offset), params, m.tsc_hz)
         m.hyperv_tlb = MachineTlb(m)
         m.reference_clock = self.reference.reference_time
         # Everything the emulation reads or writes goes through the recorded boundary
@@ -166,7 +169,7 @@ class HypervBackend:
         )
         boundary.lock = self.hv.lock
         m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
-        m.msr_fast_values = self.hv.fixed_msr_values  # answered in C when nothing records (item: SMP latency)
+        m.msr_fast_values = self.hv.fast_msr_values  # answered in C when nothing records (docs/hyperv.md)
         m.pio.add(HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev(self.on_test_device))
         m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
         m.on_apic_eoi = self._on_eoi

@@ -767,7 +767,8 @@ class Machine:
         self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
         self.reference_clock: Callable[[], int] | None = None
         self.on_vps_created: list[Callable[[], None]] = []
-        self.msr_fast_values: Callable[[int, int], dict[int, int]] | None = None  # see attach_msr_fastpath
+        self.msr_fast_values: Callable[[int, int], dict[int, int | None]] | None = None  # see attach_msr_fastpath
+        self.refclock: Any = None  # struct vsm_refclock, see reference_counter
         self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = None
         self.vtl_action_hook: Callable[[VirtualProcessor, Any], None] | None = None
         self.on_apic_eoi: Callable[[int, int, int], None] | None = None
@@ -924,10 +925,18 @@ class Machine:
                 rec.ports = ports
                 vcpu.exit_recorder = rec
 
-    def attach_msr_fastpath(self, values: Callable[[int, int], dict[int, int]]) -> None:
-        """Answer fixed-value MSR reads in C, without Python's GIL (``vsm_kvm_run_fast``).
+    def reference_counter(self, scale: int, offset: int) -> Callable[[], int]:
+        """The partition reference counter in C (``vsm_reference_time``): guest TSC through the
+        TSC page formula with these parameters, never going back, shared with the MSR fast path."""
+        self.refclock = ffi.new("struct vsm_refclock *", {"tsc_offset": self.tsc_offset, "scale": scale, "offset": offset})
+        clock, read = self.refclock, lib.vsm_reference_time
+        return lambda: int(read(clock))
 
-        ``values(vp, vtl)`` gives the MSRs whose reads have a fixed answer on that vCPU.
+    def attach_msr_fastpath(self, values: Callable[[int, int], dict[int, int | None]]) -> None:
+        """Answer MSR reads that change no state in C, without Python's GIL (``vsm_kvm_run_fast``).
+
+        ``values(vp, vtl)`` gives those MSRs with their fixed answer, or None for the
+        reference counter (answered from :meth:`reference_counter`'s clock, if there is one).
         Only when nothing records (the emulation must then see every read) and not with
         --deterministic (every exit is an event there); a vCPU that records port I/O in C
         keeps that path.
@@ -941,10 +950,15 @@ class Machine:
                     continue
                 fp = ffi.new("struct vsm_msr_fastpath *")
                 fp.run = vcpu.run_struct
-                for i, (index, value) in enumerate(sorted(table.items())[: len(fp.index)]):
+                fixed = sorted((index, value) for index, value in table.items() if value is not None)
+                for i, (index, value) in enumerate(fixed[: len(fp.index)]):
                     fp.index[i] = index
                     fp.value[i] = value
                     fp.n = i + 1
+                timed = [index for index, value in table.items() if value is None]
+                if timed and self.refclock is not None:
+                    fp.time_msr = timed[0]
+                    fp.clock = self.refclock
                 vcpu.msr_fastpath = fp
 
     # -- services for devices and layers ------------------------------------------------------

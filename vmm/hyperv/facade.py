@@ -200,21 +200,25 @@ class HyperV:
                 raise
             self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
 
-    def fixed_msr_values(self, vp: int, vtl: int) -> dict[int, int]:
-        """Synthetic MSRs whose reads always give the same answer at (vp, vtl), with that answer.
+    def fast_msr_values(self, vp: int, vtl: int) -> dict[int, int | None]:
+        """Synthetic MSRs a machine may answer at (vp, vtl) without calling in: their reads change no state.
 
-        A machine may answer these without calling in (they change no state); when it
-        records, it must not (every read is an MSR event).
+        The value is the fixed answer, or None for TIME_REF_COUNT, which is
+        ``PartitionAccess.reference_time()`` (the machine's own reference counter). Only
+        MSRs the guest may read are listed; when the machine records it must not use
+        this (every read is an MSR event).
         """
-        fixed: dict[int, int] = {}
+        fast: dict[int, int | None] = {}
         with self.lock:
             msrs = self.msrs(vp, vtl)
             for msr in FIXED_VALUE_MSRS:
                 try:
-                    fixed[msr] = msrs.read(msr)
+                    fast[msr] = msrs.read(msr)
                 except GpFault:
                     pass  # not advertised: the read faults, which the emulation reports itself
-        return fixed
+            if msrs.advertised(HvMsr.HV_X64_MSR_TIME_REF_COUNT):
+                fast[HvMsr.HV_X64_MSR_TIME_REF_COUNT] = None
+        return fast
 
     def _emit_msr(self, vp: int, vtl: int, msr: int, value: int, *, is_write: bool, fault: bool) -> None:
         if not self.sink.enabled:

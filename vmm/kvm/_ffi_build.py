@@ -308,11 +308,20 @@ struct vsm_exit_recorder {
 #define VSM_RUN_RECORDED ...
 int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec);
 #define VSM_FAST_MSRS ...
+struct vsm_refclock {
+    int64_t tsc_offset;
+    uint64_t scale;
+    int64_t offset;
+    uint64_t last;
+};
+uint64_t vsm_reference_time(struct vsm_refclock *clock);
 struct vsm_msr_fastpath {
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[8];
     uint64_t value[8];
+    uint32_t time_msr;
+    struct vsm_refclock *clock;
     uint64_t served;
 };
 int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp);
@@ -405,12 +414,36 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
    table; any other exit, a kick (immediate_exit) or a CR8 change returns to Python.
    Returns like vsm_kvm_run. */
 #define VSM_FAST_MSRS 8
+
+/* The partition reference counter (TIME_REF_COUNT, 100 ns units) from the guest TSC with
+   the reference TSC page's formula, never going back: one clock shared by the Python side
+   (the emulation reads it through the machine) and the C fast path below. */
+struct vsm_refclock {
+    int64_t tsc_offset;  /* KVM's guest TSC offset */
+    uint64_t scale;      /* the TSC page's 64.64 scale */
+    int64_t offset;      /* the TSC page's offset */
+    uint64_t last;       /* the largest value handed out */
+};
+
+uint64_t vsm_reference_time(struct vsm_refclock *clock) {
+    uint64_t tsc = vsm_rdtsc() + (uint64_t)clock->tsc_offset;
+    uint64_t now = (uint64_t)(((unsigned __int128)tsc * clock->scale) >> 64) + (uint64_t)clock->offset;
+    uint64_t last = __atomic_load_n(&clock->last, __ATOMIC_ACQUIRE);
+    while (now > last) {
+        if (__atomic_compare_exchange_n(&clock->last, &last, now, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return now;
+    }
+    return last;
+}
+
 struct vsm_msr_fastpath {
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[VSM_FAST_MSRS];
     uint64_t value[VSM_FAST_MSRS];
-    uint64_t served;  /* reads answered here */
+    uint32_t time_msr;            /* TIME_REF_COUNT's index when answered here from clock, else 0 */
+    struct vsm_refclock *clock;
+    uint64_t served;              /* reads answered here */
 };
 
 int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
@@ -425,9 +458,12 @@ int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
         uint32_t i = 0;
         while (i < fp->n && fp->index[i] != run->msr.index)
             i++;
-        if (i == fp->n)
+        if (i < fp->n)
+            run->msr.data = fp->value[i];
+        else if (fp->time_msr && run->msr.index == fp->time_msr)
+            run->msr.data = vsm_reference_time(fp->clock);
+        else
             return 0;
-        run->msr.data = fp->value[i];
         run->msr.error = 0;
         fp->served++;
     }
