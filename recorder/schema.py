@@ -136,7 +136,7 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("text", pa.string(), "text", ("GUEST_EXIT", "ERROR", "LIMITATION"), "Human-readable message (emit field `message`)."),
     Column("serial_data", pa.binary(), "bytes", ("SERIAL",), "Bytes the guest wrote to the UART (emit field `data`)."),
     # EMULATION (replay inputs and outputs; see vmm/emulation_io.py)
-    Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept, vina."),
+    Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept, vina, test_device."),
     Column("emu_order", pa.uint64(), "count", ("EMULATION",), "Order in which entries started (entries nest: an entry's event is written when it ends)."),
     Column("emu_args", pa.binary(), "JSON", ("EMULATION",), "Arguments of the entry (JSON, vmm.emulation_io.encode)."),
     Column("emu_io", pa.binary(), "JSON", ("EMULATION",), "Every call the emulation made out of the entry, in order: [op, args, result]; reads carry their result (inputs), writes their arguments (outputs), `emit` the seq of the event emitted."),

@@ -293,6 +293,7 @@ class VmmReplayer:
             EntryName.MSR_WRITE: self.hv.msr_write,
             EntryName.EOI: self.hv.on_apic_eoi,
             EntryName.AUTO_EOI: self.hv.is_auto_eoi,
+            EntryName.TEST_DEVICE: self.hv.test_device_command,
             EntryName.TIMER: self.timers.fire,
             EntryName.VTL_ENTRY: self._vtl_entry,
             EntryName.VINA: self._vina,

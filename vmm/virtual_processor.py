@@ -59,6 +59,7 @@ RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
 unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 PIO, MMIO = EventKind.PIO, EventKind.MMIO
+MSR_IA32_APIC_BASE = 0x1B
 RUN_RECORDED = int(lib.VSM_RUN_RECORDED)  # vsm_kvm_run_recorded: recorder status + this
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
@@ -187,6 +188,24 @@ class VirtualProcessor:
         if sink.enabled:
             rip = int(self.vcpus[vtl].get_regs().rip)
             sink.emit(EventKind.INTERRUPT, self.index, vtl, rip, vector=vector, source="exception")
+
+    # -- KVM's copy of IA32_APIC_BASE ---------------------------------------------------
+    def sync_kvm_apic_base(self, vtl: int, value: int) -> None:
+        """Give KVM the guest's IA32_APIC_BASE after EN changed (call on this VP's thread).
+
+        The userspace APIC owns the MSR, but KVM answers CPUID in the kernel and derives
+        CPUID.01H:EDX.APIC from *its* copy of the MSR, and refuses KVM_SET_CPUID2 once the
+        vCPU has run (docs/devices.md), so a host-initiated KVM_SET_MSRS is what clears the
+        bit when the guest disables its APIC and sets it again on re-enable. If KVM refuses
+        the value, the stale bit is reported once rather than failing the guest.
+        """
+        try:
+            self.vcpus[vtl].set_msrs({MSR_IA32_APIC_BASE: value})
+        except OSError as exc:
+            self.machine.warn_once(
+                ("apic-base-sync", self.index, vtl),
+                f"KVM refused IA32_APIC_BASE={value:#x} on VP {self.index} ({exc}): CPUID.01H:EDX.APIC may be stale",
+            )
 
     # -- kicks and waiting -------------------------------------------------------------
     def kick(self) -> None:
@@ -338,6 +357,7 @@ class VirtualProcessor:
         waiting = VpState.WAIT_FOR_SIPI
         kvm_run = lib.vsm_kvm_run
         kvm_run_recorded = lib.vsm_kvm_run_recorded
+        kvm_run_fast = lib.vsm_kvm_run_fast
         unpack_exit = EXIT_INFO.unpack_from
         deterministic = machine.deterministic  # fixed once the machine is built
         while not machine.stopping:
@@ -364,7 +384,12 @@ class VirtualProcessor:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
             recorder = vcpu.exit_recorder
-            r = kvm_run(vcpu.fd) if recorder is None else kvm_run_recorded(vcpu.fd, recorder)
+            if recorder is not None:
+                r = kvm_run_recorded(vcpu.fd, recorder)
+            elif vcpu.msr_fastpath is not None:
+                r = kvm_run_fast(vcpu.fd, vcpu.msr_fastpath)
+            else:
+                r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
@@ -586,7 +611,7 @@ class VirtualProcessor:
 
     def on_shutdown(self) -> None:
         self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
-        raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
+        self.machine.request_reset(f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}", fault=True)
 
     def on_internal_error(self) -> None:
         run = self.vcpu.run_struct
@@ -610,7 +635,8 @@ class VirtualProcessor:
         if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
             raise GuestStop(EXIT_OK, "guest shut down")
         if kind == lib.KVM_SYSTEM_EVENT_RESET:
-            raise GuestStop(EXIT_OK, "guest requested a reset (not supported: stopping)")
+            self.machine.request_reset("KVM system reset event")
+            return
         raise GuestStop(EXIT_GUEST_FAULT, f"unexpected KVM system event {kind}")
 
     def on_unhandled(self) -> None:

@@ -282,14 +282,21 @@ def check_out_dir(out_dir: Path, what: str) -> None:
 RUN_EPILOG = """\b
 Exit status:
   (V << 1) | 1   the guest wrote V to isa-debug-exit (port 0xf4): 1 = V 0
-  0              the guest shut down (or asked for a reset, which stops it)
+  0              the guest shut down
   2              bad input (one `vsmtrace: error:` line on stderr)
-  4              the guest faulted: triple fault, an instruction KVM cannot
-                 emulate, a Hyper-V crash report, halted for good
+  4              the guest faulted: a triple fault that was not rebooted, an
+                 instruction KVM cannot emulate, a Hyper-V crash report,
+                 halted for good
   6              a vsmtrace internal error
+  8              the guest asked for a reset and was not rebooted
+                 (--no-reboot, a recording, --deterministic)
   124            --timeout expired
   130            interrupted (Ctrl-C / SIGINT); a --record trace is sealed
                  first (a third Ctrl-C abandons sealing: `vsmtrace seal TRACE`)
+
+A guest reset (port 0xCF9, 0x92, the keyboard controller, a triple fault, the
+Hyper-V reset MSR) reboots the guest from its entry state, as QEMU does;
+--no-reboot ends the run instead.
 """
 
 
@@ -307,6 +314,7 @@ Exit status:
 @click.option("--force", is_flag=True, help="With --record: replace an existing file.")
 @click.option("--vsm/--no-vsm", default=True, show_default=True, help="Offer Virtual Secure Mode (VTL0 and VTL1; needs --hyperv).")
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
+@click.option("--reboot/--no-reboot", default=True, show_default=True, help="A guest reset (port 0xCF9, 0x92, the keyboard controller, a triple fault, the Hyper-V reset MSR) reboots the guest, as QEMU does; --no-reboot ends the run instead (exit status 8; 4 for a triple fault). Recording and --deterministic runs always end at a reset.")
 @click.option("--deterministic", is_flag=True, help="Virtual time advanced at exits, timers fired at exits, every exit recorded: a trace `vsmtrace replay --reexecute` can re-run (needs --smp 1).")
 @click.option("--kvm-device", "kvm_device", default="/dev/kvm", envvar="VSMTRACE_KVM_DEVICE", hidden=True, help="KVM device node (tests point it elsewhere).")
 def run(
@@ -325,6 +333,7 @@ def run(
     record_path: Path | None,
     force: bool = False,
     deterministic: bool = False,
+    reboot: bool = True,
 ) -> None:
     """Boot KERNEL (Multiboot v1 or raw 64-bit ELF) like `qemu -kernel`, and exit with the guest's status."""
     if "list" in hv_disable:
@@ -369,6 +378,7 @@ def run(
         vtls=2 if vsm else 1,
         kvm_device=kvm_device,
         deterministic=deterministic,
+        no_reboot=not reboot,
     )
     from vsmtrace.session import SetupError, run_machine
 

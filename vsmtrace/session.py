@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +34,7 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
         from vsmtrace.vmm.builder import build_machine
         from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
         from vsmtrace.vmm.loader.elf import LoaderError
-        from vsmtrace.vmm.machine import EXIT_INTERRUPTED
+        from vsmtrace.vmm.stops import EXIT_INTERRUPTED, EXIT_TIMEOUT
         from vsmtrace.vmm.trace_metadata import machine_metadata
         from vsmtrace.vmm.verbose import VerboseSink, verbose_enabled
     except NativeBuildError as exc:
@@ -49,29 +51,43 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
             raise KeyboardInterrupt  # abandon sealing: the complete stream stays at record_path
 
     writer = None
+    timeout = config.timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
     with interrupts.deferred(on_sigint):
-        try:
-            machine = holder["machine"] = build_machine(config)
-            if interrupts.count() > first:
-                machine.interrupt()
-            if record_path is not None:
-                writer = TraceWriter(record_path, machine_metadata(machine))
-                machine.sink = writer
-            if verbose_enabled():
-                machine.sink = VerboseSink(machine.sink)
-            machine.boot()
-        except (KvmUnavailable, LoaderError, ValueError, TraceError, NativeBuildError) as exc:
-            if writer is not None:
-                writer.close()
-            raise SetupError(str(exc)) from None
-        except KvmError as exc:
-            if writer is not None:
-                writer.close()
-            raise SetupError(f"KVM refused to set up the guest: {exc}") from None
-        status = machine.run()
-        message = machine.stop_message
-        if isinstance(machine.sink, VerboseSink):
-            machine.sink.close_log()
+        while True:
+            try:
+                machine = holder["machine"] = build_machine(config)
+                if interrupts.count() > first:
+                    machine.interrupt()
+                if record_path is not None:
+                    writer = TraceWriter(record_path, machine_metadata(machine))
+                    machine.sink = writer
+                if verbose_enabled():
+                    machine.sink = VerboseSink(machine.sink)
+                machine.boot()
+            except (KvmUnavailable, LoaderError, ValueError, TraceError, NativeBuildError) as exc:
+                if writer is not None:
+                    writer.close()
+                raise SetupError(str(exc)) from None
+            except KvmError as exc:
+                if writer is not None:
+                    writer.close()
+                raise SetupError(f"KVM refused to set up the guest: {exc}") from None
+            status = machine.run()
+            message = machine.stop_message
+            if isinstance(machine.sink, VerboseSink):
+                machine.sink.close_log()
+            if not machine.rebooting:
+                break
+            # The guest reset and this run reboots (QEMU's default; never while recording, see
+            # Machine.request_reset): a fresh machine boots the same kernel, within what is left
+            # of --timeout, so nothing of the old boot survives into the new one.
+            machine.close()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return EXIT_TIMEOUT, f"guest still running after --timeout {timeout:g} s"
+                config = dataclasses.replace(config, timeout_s=left)
         if writer is None:
             return status, message
         holder["sealing"] = True

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vsmtrace.vmm.devices.hyperv_testdev import HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev
 from vsmtrace.vmm.emulation import EmulationPorts, build_emulation
 from vsmtrace.vmm.emulation_io import Boundary, recorded_ports
 from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler
@@ -27,9 +28,9 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_INSN_LEN, HV_HYPERCALL_TRAP_PORT
-from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, guest_tsc_params
 from vsmtrace.vmm.protocol import Entry
-from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_OK, EXIT_VMM_ERROR, GuestStop, MsrFault
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_VMM_ERROR, GuestStop, MsrFault
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
@@ -169,6 +170,12 @@ class HypervBackend(MachineExtension):
     def trap_ports(self) -> dict[int, TrapHandler]:
         return {HV_HYPERCALL_TRAP_PORT: self.on_trap}
 
+    def pio_devices(self) -> list[tuple[int, int, Any]]:
+        return [(HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev(self.on_test_device))]
+
+    def fast_msr_values(self, vp_index: int, vtl: int) -> dict[int, int | None]:
+        return {} if self.hv is None else self.hv.fast_msr_values(vp_index, vtl)  # docs/hyperv.md
+
     def reference_time(self) -> int:
         return self.reference.reference_time()
 
@@ -186,7 +193,10 @@ class HypervBackend(MachineExtension):
             # instead of scaling a raw RDTSC that re-execution could not reproduce.
             self.reference = ReferenceClock.from_monotonic(m.clock.now_ns, m.tsc_hz)
         else:
-            self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+            # The counter lives in C (Machine.reference_counter), shared with the fast path
+            # that answers TIME_REF_COUNT without Python: one monotonic clock for both.
+            params = guest_tsc_params(m.clock.tsc, m.tsc_hz)
+            self.reference = ReferenceClock(m.reference_counter(params.scale, params.offset), params, m.tsc_hz)
         # Everything the emulation reads or writes goes through the recorded boundary
         # (a pass-through when nothing records), so a trace can be replayed without KVM.
         self.boundary = boundary = Boundary(m.sink, threading.RLock())
@@ -231,7 +241,7 @@ class HypervBackend(MachineExtension):
         except GuestCrash as crash:
             raise GuestStop(EXIT_GUEST_FAULT, crash.report.describe()) from None
         except GuestResetRequest as reset:
-            raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
+            self.machine.request_reset(str(reset))
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         assert self.hv is not None
@@ -248,6 +258,15 @@ class HypervBackend(MachineExtension):
                 self.vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
         # No blanket interrupt re-check here: everything a hypercall can make deliverable
         # (an IPI, a SynIC message, an EOI, a VTL switch) already sets interrupt_hint.
+
+    def on_test_device(self, value: int) -> None:
+        """A command word written to QEMU's Hyper-V test device, run as a recorded emulation entry."""
+        hv = self.hv
+        vp = self.machine.current_vp()
+        if hv is None or vp is None:
+            return
+        i, vtl = vp.index, vp.vtl
+        self.boundary.entry(Entry.TEST_DEVICE, i, vtl, [value], lambda: hv.test_device_command(value))
 
     def interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
         hv = self.hv
