@@ -16,6 +16,7 @@ import io
 import re
 
 import pytest
+from vsmtrace.vmm.builder import build_machine
 from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.events import EventKind, ListSink
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
@@ -33,7 +34,7 @@ def run_guest(kernel, smp: int, sink=None, vsm: bool = False) -> tuple[Machine, 
     policy = HypervPolicy().with_vsm() if vsm else HypervPolicy()
     config = MachineConfig(kernel=kernel, smp=smp, cmdline=f"cpus={smp} n={SAMPLES}", hyperv=policy,
                            vtls=2 if vsm else 1, timeout_s=120, serial_out=out)  # fmt: skip
-    m = Machine(config, sink)
+    m = build_machine(config, sink)
     m.boot()
     status = m.run()
     return m, status, out.getvalue().decode(errors="replace")
@@ -72,7 +73,7 @@ def test_time_ref_count_from_the_shared_counter(kvm, guest) -> None:  # type: ig
     out = io.BytesIO()
     config = MachineConfig(kernel=guest("hv_refcount"), smp=2, cmdline="cpus=2 rounds=2000", hyperv=HypervPolicy(),
                            timeout_s=120, serial_out=out)  # fmt: skip
-    m = Machine(config)
+    m = build_machine(config)
     try:
         m.boot()
         status = m.run()

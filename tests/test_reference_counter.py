@@ -11,16 +11,16 @@ from __future__ import annotations
 import re
 
 import pytest
+from vsmtrace.vmm.builder import build_machine
 from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
-from vsmtrace.vmm.machine import Machine
 
 pytestmark = pytest.mark.kvm
 
 
 def test_machine_uses_kvm_exact_tsc_offset(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     """The offset behind the reference clock is KVM's own, on every VP and VTL (not an estimate)."""
-    m = Machine(MachineConfig(kernel=guest("hv_refcount"), smp=3, vtls=2, hyperv=HypervPolicy()))
+    m = build_machine(MachineConfig(kernel=guest("hv_refcount"), smp=3, vtls=2, hyperv=HypervPolicy()))
     try:
         m.boot()
         assert m.tsc_offset_exact, "this host offers KVM_VCPU_TSC_OFFSET"
@@ -33,7 +33,7 @@ def test_machine_uses_kvm_exact_tsc_offset(kvm, guest) -> None:  # type: ignore[
 
 def test_estimated_offset_errs_ahead(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     """Without the attribute the estimate may only make the guest TSC (and the counter) lead, never lag."""
-    m = Machine(MachineConfig(kernel=guest("hv_refcount"), smp=1))
+    m = build_machine(MachineConfig(kernel=guest("hv_refcount"), smp=1))
     try:
         vcpu = m.vps[0].vcpus[0]
         exact = vcpu.get_tsc_offset()
