@@ -93,7 +93,8 @@ class Failure:
 
     def reproduce(self) -> str:
         spare = 1 if self.vps < MAX_VPS else 0
-        return (f"python -m vsmtrace.cli run $(python -m vsmtrace.guests.build guests/fuzz/fuzz.c) --smp {self.vps + spare} "
+        build = "python -c 'from vsmtrace.fuzzing import build_fuzz_guest; print(build_fuzz_guest())'"
+        return (f'vsmtrace run "$({build})" --smp {self.vps + spare} '  # the guest: built from the SDK's fuzz/fuzz.c
                 f"--memory {DEFAULT_MEMORY_MIB} --append 'seed={self.seed} iters={self.iters} cpus={self.vps} spare={spare}'")  # fmt: skip
 
     def line(self) -> str:
