@@ -175,9 +175,14 @@ def test_intercept_message_packs_and_decodes(vp, vtl, access, gpa, gva, insn, re
                           cpl=cpl, mode=mode).pack()  # fmt: skip
     assert len(msg) == HV_MESSAGE_SIZE
     assert struct.unpack_from("<I", msg, 0)[0] == HvMessageType.HvMessageTypeGpaIntercept
+    # Execute intercepts carry the seed's length 2 and no bytes; RFLAGS has RF set (docs/vsm.md, compatibility table).
+    execute = access is Access.EXECUTE
+    if execute:
+        length, insn = 2, b""
     assert struct.unpack_from("<IBB", msg, 0x10) == (vp, length, {Access.READ: 0, Access.WRITE: 1, Access.EXECUTE: 2}[access])
-    assert struct.unpack_from("<QQ", msg, 0x28) == (rip, rflags)
+    assert struct.unpack_from("<QQ", msg, 0x28) == (rip, rflags | 0x10000)
     assert msg[0x3C] == min(len(insn), 16) and msg[0x50 : 0x50 + min(len(insn), 16)] == insn[:16]
+    assert msg[0x50 + min(len(insn), 16) : 0x60] == bytes(16 - min(len(insn), 16))
     assert struct.unpack_from("<QQ", msg, 0x40) == (gva or 0, gpa)
     assert struct.unpack_from("<QIHH", msg, 0x18) == (segs["cs"].base, segs["cs"].limit, segs["cs"].selector,
                                                       segs["cs"].attributes)  # fmt: skip
