@@ -256,6 +256,18 @@ def test_cli_info_on_damaged_trace_is_one_line(tmp_path: Path, real_trace: bytes
         assert r.stderr.startswith("vsmtrace: error:"), r.stderr
 
 
+def test_column_metadata_not_utf8_is_one_line(tmp_path: Path, real_trace: bytes) -> None:
+    """Regression (found by the property test above): a damaged byte in a column's own metadata
+    (its doc text) made Polars panic in Rust inside `vsmtrace info`, a traceback instead of one line."""
+    doc = b"Virtual processor index."
+    assert doc in real_trace
+    path = tmp_path / "t.trace"
+    path.write_bytes(real_trace.replace(doc, b"\xff" + doc[1:]))  # the stream's schema and the footer's copy
+    r = run_vsmtrace(["info", str(path)], timeout=60)
+    assert r.status == 2 and "Traceback" not in r.stderr and "panicked" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not valid UTF-8" in r.stderr, r.stderr
+
+
 def test_reader_regression_every_position_flipped(tmp_path: Path, real_trace: bytes) -> None:
     """Regression: flips in a batch's metadata or body used to escape as ArrowInvalid/OSError."""
     path = tmp_path / "t.trace"
