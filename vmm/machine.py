@@ -31,11 +31,13 @@ from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, De
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
 from vsmtrace.vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
+from vsmtrace.vmm.emulation_completions import try_complete
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.firmware.acpi import IoApicInfo, build_acpi_tables
 from vsmtrace.vmm.guest_errors import describe_internal_error
 from vsmtrace.vmm.kvm.exits import exit_name
 from vsmtrace.vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
-from vsmtrace.vmm.loader.multiboot import Module, load_kernel
+from vsmtrace.vmm.loader.kernel import Module, load_kernel
 from vsmtrace.vmm.memory import GuestMemory
 from vsmtrace.vmm.timers import ManualClock, TimerService
 from vsmtrace.vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
@@ -615,10 +617,13 @@ class VirtualProcessor:
         hook = self.machine.internal_error_hook
         if hook is not None and hook(self):
             return  # e.g. VSM: an execute intercept on a no-execute page
+        suberror = int(run.internal.suberror)
         self.machine.emit(
             EventKind.EXIT, self, exit_reason="INTERNAL_ERROR", exit_code=int(lib.KVM_EXIT_INTERNAL_ERROR),
-            suberror=int(run.internal.suberror),
+            suberror=suberror,
         )  # fmt: skip
+        if try_complete(self, suberror) is not None:
+            return  # an instruction KVM lacks, finished here (int3, fwait)
         data = [int(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
         message = describe_internal_error(self, int(run.internal.suberror), data)
         raise GuestStop(EXIT_GUEST_FAULT, message)
@@ -701,6 +706,7 @@ class Machine:
         self.on_apic_eoi: Callable[[int, int, int], None] | None = None
         self.on_stop: list[Callable[[], None]] = []
         self.apic_timer_hz = APIC_TIMER_HZ
+        self.ioapic_info: IoApicInfo | None = None  # what the MADT lists (set when an I/O APIC is attached)
         self.cpuid_policy = CpuidPolicy()
 
         self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
@@ -797,7 +803,9 @@ class Machine:
         self.map_ram()
         self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
         modules = [Module(p, str(p)) for p in cfg.initrds]
-        boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
+        acpi = build_acpi_tables(cfg.smp, self.ioapic_info)
+        self.memory.write(acpi.base, acpi.blob)
+        boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules, rsdp=acpi.rsdp)
         for hook in self.on_vps_created:
             hook()
         if self.sink.enabled:
