@@ -24,6 +24,7 @@ from typing import Any
 from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
+from vsmtrace.vmm.cpuid_probe import ineffective_hiding
 from vsmtrace.vmm.deterministic import DeterministicTime
 from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
@@ -747,6 +748,8 @@ class Machine:
         # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
         # lets later layers (Hyper-V, VSM) attach, after a recorder may have been plugged in.
         self.vps = [VirtualProcessor(self, i) for i in range(config.smp)]
+        # CPUID bits the policy hides that guest kernel code still sees (vmm/cpuid_probe.py)
+        self.cpuid_hiding_ineffective = ineffective_hiding(self.kvm, self.vps[0].cpuid_tables[0], self.cpuid_policy)
         for vp in self.vps:
             for vtl, apic in enumerate(vp.apics):
                 self.routers[vtl].add(apic)
@@ -806,6 +809,7 @@ class Machine:
         acpi = build_acpi_tables(cfg.smp, self.ioapic_info)
         self.memory.write(acpi.base, acpi.blob)
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules, rsdp=acpi.rsdp)
+        self.check_cpuid_hiding(boot.protocol)
         for hook in self.on_vps_created:
             hook()
         if self.sink.enabled:
@@ -815,6 +819,21 @@ class Machine:
                         self.sink.emit(EventKind.CPUID, vp.index, vtl, None, leaf=fn, subleaf=idx, eax=a, ebx=b, ecx=c, edx=d)
         apply_boot_state(self.vps[0].vcpus[0], boot)
         self.booted = True
+
+    def check_cpuid_hiding(self, protocol: str) -> None:
+        """Say once which CPUID bits the policy hides in vain (measured when the machine was built).
+
+        A warning for PVH kernels (real operating systems consult these bits); only a
+        log line for vsmtrace's own guests, which are built without those instructions.
+        """
+        if not self.cpuid_hiding_ineffective:
+            return
+        names = ", ".join(self.cpuid_hiding_ineffective)
+        message = (
+            f"this KVM ignores vsmtrace's CPUID hiding of {names}: guest kernel code still sees them "
+            "(Linux: boot with noxsave clearcpuid=popcnt; see docs/linux-guest.md)"
+        )
+        log.log(logging.WARNING if protocol == "pvh" else logging.INFO, "%s", message)
 
     def attach_exit_recorders(self) -> None:
         """Let KVM_RUN itself record OUTs to device ports (``vsm_kvm_run_recorded``) if the sink can.

@@ -196,7 +196,7 @@ def load_multiboot(
     struct.pack_into("<I", mbi, 64, loader_name)
     memory.write(MBI_ADDR, bytes(mbi))
     return BootState(
-        BootMode.PROTECTED32, entry, regs={"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": MBI_ADDR}
+        BootMode.PROTECTED32, entry, regs={"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": MBI_ADDR}, protocol="multiboot"
     )
 
 
@@ -241,6 +241,7 @@ def load_raw64(path: Path, memory: GuestMemory, *, cmdline: str = "") -> BootSta
         cr3=RAW_PML4_ADDR,
         gdt_base=RAW_GDT_ADDR,
         gdt_limit=len(gdt) - 1,
+        protocol="raw64",
     )
 
 

@@ -162,7 +162,7 @@ def load_pvh(
         0,
     )
     memory.write(START_INFO_ADDR, info)
-    return BootState(BootMode.PROTECTED32, found.entry, regs={"rbx": START_INFO_ADDR})
+    return BootState(BootMode.PROTECTED32, found.entry, regs={"rbx": START_INFO_ADDR}, protocol="pvh")
 
 
 __all__ = ["HVM_START_MAGIC", "PvhImage", "find_pvh_entry", "load_pvh"]
