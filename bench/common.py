@@ -48,19 +48,71 @@ def build(args: list[str], inputs: list[Path], out_name: str) -> Path:
     return out
 
 
-def exits_guest(count: int) -> Path:
+def exits_guest(count: int, rounds: int = 1) -> Path:
+    """bench/guests/exits.S: ``rounds`` rounds of ``count`` port-I/O exits, each timed by the guest."""
     src, ld = GUEST_DIR / "exits.S", GUEST_DIR / "exits.ld"
     return build(
-        ["gcc", "-m32", "-nostdlib", "-static", "-no-pie", f"-DCOUNT={count}", "-Wl,-T," + str(ld),
-         "-Wl,--build-id=none", "-o", "{out}", str(src)],
+        ["gcc", "-m32", "-nostdlib", "-static", "-no-pie", f"-DCOUNT={count}", f"-DROUNDS={rounds}",
+         "-Wl,-T," + str(ld), "-Wl,--build-id=none", "-o", "{out}", str(src)],
         [src, ld],
-        f"exits-{count}.elf",
+        f"exits-{count}x{rounds}.elf",
     )  # fmt: skip
 
 
 def exits_driver() -> Path:
     src = BENCH_DIR / "exits_driver.c"
     return build(["gcc", "-O2", "-o", "{out}", str(src)], [src], "exits_driver")
+
+
+def floor_guest() -> Path:
+    """bench/guests/floor.S: the guest side of every round trip bench/floor times."""
+    src, ld = GUEST_DIR / "floor.S", GUEST_DIR / "exits.ld"
+    return build(
+        ["gcc", "-m32", "-nostdlib", "-static", "-no-pie", "-Wl,-T," + str(ld), "-Wl,--build-id=none",
+         "-o", "{out}", str(src)],
+        [src, ld],
+        "floor.elf",
+    )  # fmt: skip
+
+
+def floor_driver() -> Path:
+    src = BENCH_DIR / "floor.c"
+    return build(["gcc", "-O2", "-Wall", "-o", "{out}", str(src)], [src], "floor_driver")
+
+
+def tick_lines(text: str) -> tuple[dict[str, list[int]], int | None]:
+    """``T <kind> <ticks>`` lines (per-round RDTSC ticks) by kind, and ``tsc_khz`` if printed.
+
+    Guests print ticks in decimal after a kind; the exits guest prints 16 hex digits and
+    no kind (its kind is ``exit``).
+    """
+    rounds: dict[str, list[int]] = {}
+    khz = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == "T":
+            rounds.setdefault(parts[1], []).append(int(parts[2]))
+        elif len(parts) == 2 and parts[0] == "T":
+            rounds.setdefault("exit", []).append(int(parts[1], 16))
+        elif len(parts) == 2 and parts[0] == "tsc_khz":
+            khz = int(parts[1])
+    return rounds, khz
+
+
+def run_rounds(cmd: list[str], what: str) -> tuple[dict[str, list[int]], int | None]:
+    """Run one process whose guest (or driver) prints per-round ticks; exit on failure."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    rounds, khz = tick_lines(r.stdout)
+    if r.returncode not in (0, 1) or not rounds:
+        sys.exit(f"{what} failed (status {r.returncode}): {r.stderr.strip()[-500:] or r.stdout.strip()[-500:]}")
+    return rounds, khz
+
+
+def floor_rounds(mode: str, n: int, rounds: int) -> tuple[list[float], int]:
+    """bench/floor's C loop: ticks per round trip of ``mode`` for each round, and the TSC rate."""
+    got, khz = run_rounds([str(floor_driver()), str(floor_guest()), mode, str(n), str(rounds)], f"bench/floor {mode}")
+    assert khz, "the floor driver prints the TSC rate"
+    return [t / n for t in got[mode]], khz
 
 
 def timed(cmd: list[str], clock: str = "wall") -> float:
@@ -83,4 +135,4 @@ def timed(cmd: list[str], clock: str = "wall") -> float:
 
 
 def vsmtrace_cmd() -> list[str]:
-    return [sys.executable, "-m", "vsmtrace.cli"]
+    return [sys.executable, "-m", "vsmtrace"]

@@ -1,7 +1,11 @@
 /* bench/floor driver: the least any VMM on this host must spend on each round trip
  * that bench/exits, bench/hypercalls and bench/vtl time, with no Python at all.
  *
- *   floor GUEST.elf MODE N     prints "<mode> <N> <seconds>"
+ *   floor GUEST.elf MODE N [ROUNDS]   prints "tsc_khz K", then per round "T <mode> <ticks>"
+ *
+ * Each round runs N round trips on fresh vCPUs (set-up outside the timing) and is
+ * timed with the host's RDTSC, the clock the benchmarks' guests time themselves with,
+ * so a floor row and the vsmtrace figure it bounds are in one unit.
  *
  * MODE:
  *   bare           N port-I/O exits (bench/exits' loop)
@@ -9,6 +13,8 @@
  *   hypercall      N null fast hypercalls through a hypercall page; the handler only
  *                  writes the status into RAX through the sync-regs area
  *   hypercall_min  N bare `call page` round trips (no argument set-up in the guest)
+ *   hypercall_mem  N memory hypercalls as GetVpIndexFromApicId makes them: the handler
+ *                  reads the 24-byte input from guest RAM and writes the 4-byte output
  *   vtl            N VTL call + fast VTL return round trips between two VMs that share
  *                  guest RAM (one per VTL, as vsmtrace does), each switch doing only
  *                  what the TLFS makes unavoidable: shared GPRs moved through sync
@@ -27,7 +33,6 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #define MEM_SIZE (16u << 20)
@@ -42,6 +47,7 @@
 #define OFF_BARE 0x000
 #define OFF_HYPERCALL 0x100
 #define OFF_HYPERCALL_MIN 0x180
+#define OFF_HYPERCALL_MEM 0x1c0
 #define OFF_VTL0 0x200
 #define OFF_VTL1 0x300
 
@@ -50,18 +56,18 @@ static unsigned char *mem;
 static unsigned long entry;
 
 struct vcpu {
+    int vm;
     int fd;
     struct kvm_run *run;
+    int run_size;
 };
 
 static void die(const char *what) { perror(what); exit(1); }
 
-/* Thread CPU time, not wall time: guest time under KVM_RUN counts as the thread's, and
- * other load on the host then inflates the figures much less. */
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
+static inline unsigned long long ticks(void) {
+    unsigned int lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((unsigned long long)hi << 32) | lo;
 }
 
 static void load(const char *path) {
@@ -86,10 +92,11 @@ static struct vcpu new_vcpu(unsigned long rip, unsigned long esp, unsigned long 
     struct kvm_userspace_memory_region region = {0, 0, 0, MEM_SIZE, (unsigned long)mem};
     if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
     struct vcpu v;
+    v.vm = vm;
     v.fd = ioctl(vm, KVM_CREATE_VCPU, 0);
     if (v.fd < 0) die("KVM_CREATE_VCPU");
-    int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    v.run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
+    v.run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    v.run = mmap(NULL, v.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
     struct kvm_sregs s;
     if (ioctl(v.fd, KVM_GET_SREGS, &s) < 0) die("KVM_GET_SREGS");
     struct kvm_segment flat = {.base = 0, .limit = 0xffffffff, .present = 1, .s = 1, .g = 1, .db = 1};
@@ -108,6 +115,12 @@ static struct vcpu new_vcpu(unsigned long rip, unsigned long esp, unsigned long 
     return v;
 }
 
+static void drop_vcpu(struct vcpu *v) {
+    munmap(v->run, v->run_size);
+    close(v->fd);
+    close(v->vm);
+}
+
 static void run(struct vcpu *v) {
     if (ioctl(v->fd, KVM_RUN, 0) < 0) die("KVM_RUN");
     if (v->run->exit_reason != KVM_EXIT_IO) {
@@ -118,19 +131,38 @@ static void run(struct vcpu *v) {
 
 static int exited(struct vcpu *v) { return v->run->io.port == EXIT_PORT; }
 
-/* One vCPU; on each exit optionally one ioctl, and for a hypercall trap the status. */
-static void single(unsigned long offset, unsigned long n, int extra_ioctl) {
+/* A memory hypercall's unavoidable work: read the input page range, write the output. */
+static void memory_call(struct kvm_regs *r) {
+    unsigned char in[24];
+    unsigned int out = 0;
+    memcpy(in, mem + (r->rbx & (MEM_SIZE - 1)), sizeof in);
+    out = in[16]; /* VP index of APIC id in[16..19]: identity here */
+    memcpy(mem + (r->rsi & (MEM_SIZE - 1)), &out, sizeof out);
+    r->rax = 0;
+    r->rdx = 1; /* reps complete */
+}
+
+/* One vCPU; on each exit optionally one ioctl, and for a hypercall trap the status.
+ * Returns the ticks of the run loop alone. */
+static unsigned long long single(unsigned long offset, unsigned long n, int extra_ioctl, int mem_call) {
     struct vcpu v = new_vcpu(entry + offset, VTL0_STACK, n);
     struct kvm_regs regs;
+    unsigned long long t0 = ticks();
     for (;;) {
         run(&v);
         if (exited(&v)) break;
         if (extra_ioctl && ioctl(v.fd, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
         if (v.run->io.port == TRAP_PORT) {
-            v.run->s.regs.regs.rax = 0; /* HV_STATUS_SUCCESS */
+            if (mem_call)
+                memory_call(&v.run->s.regs.regs);
+            else
+                v.run->s.regs.regs.rax = 0; /* HV_STATUS_SUCCESS */
             v.run->kvm_dirty_regs = KVM_SYNC_X86_REGS;
         }
     }
+    unsigned long long dt = ticks() - t0;
+    drop_vcpu(&v);
+    return dt;
 }
 
 struct shared_cache {
@@ -161,10 +193,12 @@ static void vtl_switch(struct vcpu *a, struct vcpu *b, struct shared_cache *held
     }
 }
 
-static void vtl(unsigned long n) {
+static unsigned long long vtl(unsigned long n) {
     struct vcpu v[2] = {new_vcpu(entry + OFF_VTL0, VTL0_STACK, n), new_vcpu(entry + OFF_VTL1, VTL1_STACK, n)};
     static struct shared_cache held[2];
+    memset(held, 0, sizeof held);
     int cur = 0;
+    unsigned long long t0 = ticks();
     for (;;) {
         run(&v[cur]);
         if (exited(&v[cur])) break;
@@ -175,28 +209,41 @@ static void vtl(unsigned long n) {
             cur = to;
         }
     }
+    unsigned long long dt = ticks() - t0;
+    drop_vcpu(&v[0]);
+    drop_vcpu(&v[1]);
+    return dt;
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s guest.elf bare|ioctl|hypercall|hypercall_min|vtl N\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s guest.elf bare|ioctl|hypercall|hypercall_min|hypercall_mem|vtl N [ROUNDS]\n", argv[0]);
         return 2;
     }
     const char *mode = argv[2];
     unsigned long n = strtoul(argv[3], NULL, 0);
+    unsigned long rounds = argc == 5 ? strtoul(argv[4], NULL, 0) : 1;
     kvm = open("/dev/kvm", O_RDWR);
     if (kvm < 0) die("/dev/kvm");
     load(argv[1]);
-    double t0 = now();
-    if (!strcmp(mode, "bare")) single(OFF_BARE, n, 0);
-    else if (!strcmp(mode, "ioctl")) single(OFF_BARE, n, 1);
-    else if (!strcmp(mode, "hypercall")) single(OFF_HYPERCALL, n, 0);
-    else if (!strcmp(mode, "hypercall_min")) single(OFF_HYPERCALL_MIN, n, 0);
-    else if (!strcmp(mode, "vtl")) vtl(n);
-    else {
-        fprintf(stderr, "unknown mode %s\n", mode);
-        return 2;
+    {
+        struct vcpu probe = new_vcpu(entry, VTL0_STACK, 0);
+        printf("tsc_khz %d\n", ioctl(probe.fd, KVM_GET_TSC_KHZ, 0));
+        drop_vcpu(&probe);
     }
-    printf("%s %lu %.6f\n", mode, n, now() - t0);
+    for (unsigned long r = 0; r < rounds; r++) {
+        unsigned long long dt;
+        if (!strcmp(mode, "bare")) dt = single(OFF_BARE, n, 0, 0);
+        else if (!strcmp(mode, "ioctl")) dt = single(OFF_BARE, n, 1, 0);
+        else if (!strcmp(mode, "hypercall")) dt = single(OFF_HYPERCALL, n, 0, 0);
+        else if (!strcmp(mode, "hypercall_min")) dt = single(OFF_HYPERCALL_MIN, n, 0, 0);
+        else if (!strcmp(mode, "hypercall_mem")) dt = single(OFF_HYPERCALL_MEM, n, 0, 1);
+        else if (!strcmp(mode, "vtl")) dt = vtl(n);
+        else {
+            fprintf(stderr, "unknown mode %s\n", mode);
+            return 2;
+        }
+        printf("T %s %llu\n", mode, dt);
+    }
     return 0;
 }

@@ -49,6 +49,22 @@ hypercall_min:
     jnz 1b
     out %eax, $EXIT_PORT
 
+/* 0x1c0 a memory hypercall as a C guest makes GetVpIndexFromApicId (32-bit ABI:
+ * EDX:EAX control with rep count 1, EBX:ECX input GPA, EDI:ESI output GPA). */
+    .org base + 0x1c0
+hypercall_mem:
+    push %esi
+1:  mov $0x009a, %eax
+    mov $1, %edx
+    mov $mem_in, %ebx
+    xor %ecx, %ecx
+    mov $mem_out, %esi
+    xor %edi, %edi
+    call page_hypercall
+    decl (%esp)
+    jnz 1b
+    out %eax, $EXIT_PORT
+
 /* 0x200 VTL0 side of bench/vtl's call loop (bench/guests/vtl.c, vtl0_calls) */
     .org base + 0x200
 vtl0_calls:
@@ -86,3 +102,11 @@ page_vtl_return:
     mov $RETURN_CODE, %ecx
     out %al, $TRAP_PORT
     ret
+
+/* input and output of hypercall_mem */
+    .org base + 0x800
+mem_in:
+    .long 0xffffffff, 0xffffffff, 0, 0, 0, 0
+    .org base + 0x840
+mem_out:
+    .long 0
