@@ -42,6 +42,8 @@ RUNS: dict[str, list[list[str]]] = {
     "raw64": [[]],
     "fault": [["--append", "fault=safe"], ["--append", "fault=gp"]],
     "stop": [["--append", "how=triple"]],
+    "completions": [[]],
+    "cpuid_bits": [[]],
     "smp": [["--smp", "2", "--append", "cpus=2"], ["--smp", "4", "--append", "cpus=4 x2apic=1"]],
     "ipi": [["--smp", "2", "--append", "cpus=2"], ["--smp", "3", "--append", "cpus=3 x2apic=1"]],
     "apic_timer": [["--append", f"mode={m}"] for m in ("oneshot", "periodic", "deadline")],
@@ -58,6 +60,7 @@ RUNS: dict[str, list[list[str]]] = {
 }
 NOT_REPLAYED: dict[str, str] = {  # guest -> why
     "echo": "waits for a line on the serial port (fed from stdin in test_foundation); it makes no Hyper-V call",
+    "pvh": "a PVH kernel only when built with pvh_note.S (tests/test_pvh.py); it makes no Hyper-V call",
 }
 CPUID_ONLY = {"hv_cpuid"}  # Hyper-V guests that only read CPUID (checked against vm_config, no emulation entry)
 
