@@ -30,8 +30,10 @@ from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
+from vsmtrace.vmm.devices.ioapic import IOAPIC_BASE, IOAPIC_MMIO_SIZE, IoApic
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
-from vsmtrace.vmm.devices.serial import COM1_BASE, PORT_COUNT, Uart16550
+from vsmtrace.vmm.devices.pc_testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
+from vsmtrace.vmm.devices.serial import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550
 from vsmtrace.vmm.emulation_completions import try_complete
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
 from vsmtrace.vmm.firmware.acpi import IoApicInfo, build_acpi_tables
@@ -707,7 +709,6 @@ class Machine:
         self.on_apic_eoi: Callable[[int, int, int], None] | None = None
         self.on_stop: list[Callable[[], None]] = []
         self.apic_timer_hz = APIC_TIMER_HZ
-        self.ioapic_info: IoApicInfo | None = None  # what the MADT lists (set when an I/O APIC is attached)
         self.cpuid_policy = CpuidPolicy()
 
         self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
@@ -731,6 +732,15 @@ class Machine:
             ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
             for _ in self.vms
         ]
+        # The I/O APIC sends to VTL0's local APICs (a higher VTL has no legacy devices).
+        self.ioapic = IoApic(self.routers[0])
+        self.ioapic_info = IoApicInfo(self.ioapic.reset_id, IOAPIC_BASE, 0)  # what the MADT lists
+        self.mmio.add(IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
+        self.serial.irq = lambda level: self.ioapic.set_isa_irq(COM1_IRQ, level)
+        self.pc_testdev = PcTestdev(self.ioapic.set_isa_irq, self.ioapic.set_irq)
+        for first, count in self.pc_testdev.port_ranges():
+            self.pio.add(first, count, self.pc_testdev)
+        self.mmio.add(IOMEM_BASE, IOMEM_SIZE, self.pc_testdev)
         self.vps: list[VirtualProcessor] = []
         self.hyperv: Any = None
         if config.hyperv is not None and config.hyperv.enabled:
@@ -753,6 +763,7 @@ class Machine:
         for vp in self.vps:
             for vtl, apic in enumerate(vp.apics):
                 self.routers[vtl].add(apic)
+            vp.apics[0].on_eoi_broadcast = self.ioapic.eoi
 
     # -- construction ----------------------------------------------------------------
     def _check_capabilities(self) -> None:

@@ -504,6 +504,7 @@ class LocalApic:
         tsc_hz: int,
         timer_hz: int,
         on_eoi: Callable[[int], None] | None = None,
+        on_eoi_broadcast: Callable[[int], None] | None = None,
         cmci: bool = False,
         x2apic_supported: bool = True,
         tsc_deadline_supported: bool = True,
@@ -519,6 +520,7 @@ class LocalApic:
         self._bus = bus
         self._on_pending = on_pending
         self._on_eoi = on_eoi
+        self.on_eoi_broadcast = on_eoi_broadcast  # level-triggered EOI to the I/O APICs (set after creation)
         self.tsc_hz = tsc_hz
         self.timer_hz = timer_hz
         self.cmci = cmci
@@ -533,6 +535,7 @@ class LocalApic:
         self._lock = threading.RLock()
         self._notify = False
         self._eoi_notify: list[int] = []
+        self._broadcast_notify: list[int] = []
         self.stats = ApicStats()
         self._timer = _TimerState()
         self._base = APIC_DEFAULT_BASE | APIC_BASE_EN | (APIC_BASE_BSP if bsp else 0)
@@ -600,11 +603,15 @@ class LocalApic:
         with self._lock:
             notify, self._notify = self._notify, False
             eois, self._eoi_notify = self._eoi_notify, []
+            broadcasts, self._broadcast_notify = self._broadcast_notify, []
         if ipi is not None:
             self._bus.deliver_ipi(self, ipi)
         if self._on_eoi is not None:
             for vector in eois:
                 self._on_eoi(vector)
+        if self.on_eoi_broadcast is not None:
+            for vector in broadcasts:
+                self.on_eoi_broadcast(vector)
         if notify:
             self._on_pending()
 
@@ -693,7 +700,7 @@ class LocalApic:
             return vector
 
     def eoi(self) -> None:
-        """End of interrupt: clear the highest ISR bit (no IOAPIC, so nothing is broadcast)."""
+        """End of interrupt: clear the highest ISR bit; a level-triggered vector (TMR set) is broadcast to the I/O APICs."""
         with self._lock:
             self._eoi_locked()
         self._flush()
@@ -702,8 +709,11 @@ class LocalApic:
         vector = _highest_bit(self._regs.isr)
         if vector is None:
             return
-        self._regs.isr &= ~(1 << vector)
+        bit = 1 << vector
+        self._regs.isr &= ~bit
         self._eoi_notify.append(vector)
+        if self._regs.tmr & bit:
+            self._broadcast_notify.append(vector)
 
     def is_focus_for(self, vector: int) -> bool:
         """Lowest-priority focus: the vector is already in IRR/ISR and focus checking is on."""
@@ -1323,6 +1333,44 @@ class ApicRouter:
                     self._on_sipi(apic.apic_id, icr.vector)
             case _:
                 self.ignored += 1
+
+    def deliver_message(
+        self, destination: int, *, logical: bool, mode: DeliveryMode, vector: int, level_triggered: bool
+    ) -> None:
+        """An interrupt message from an I/O APIC: an 8-bit xAPIC-format destination, no shorthand.
+
+        Physical 0xFF is a broadcast; an APIC in x2APIC mode matches its own ID (the I/O
+        APIC reaches x2APIC IDs below 255 only, as without interrupt remapping).
+        """
+        targets = []
+        for apic in self.apics:
+            if not apic.hw_enabled:
+                continue
+            x2 = apic.x2apic
+            if logical:
+                hit = apic.matches_logical(destination, x2)
+            else:
+                hit = destination == XAPIC_BROADCAST or (apic.apic_id == destination if x2 else apic.matches_physical(destination, False))
+            if hit:
+                targets.append(apic)
+        match mode:
+            case DeliveryMode.FIXED:
+                for apic in targets:
+                    apic.accept_interrupt(vector, level_triggered)
+            case DeliveryMode.LOWEST_PRIORITY:
+                chosen = self.lowest_priority(targets, vector)
+                if chosen is not None:
+                    chosen.accept_interrupt(vector, level_triggered)
+            case DeliveryMode.NMI:
+                for apic in targets:
+                    self._on_nmi(apic.apic_id)
+            case DeliveryMode.INIT:
+                for apic in targets:
+                    if self.reset_on_init:
+                        apic.reset()
+                    self._on_init(apic.apic_id)
+            case _:
+                self.ignored += 1  # SMI, ExtINT (no 8259 behind it), reserved modes
 
     def send_fixed(self, apic_ids: list[int], vector: int) -> None:
         """Fixed edge interrupt to APICs by ID (Hyper-V PV IPI hypercalls)."""
