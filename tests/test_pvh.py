@@ -88,7 +88,7 @@ def test_acpi_tables_checksum_and_list_every_vp() -> None:
     while body:
         kinds.append((body[0], body[2], body[3]))
         body = body[body[1] :]
-    assert kinds == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 3, 0)]
+    assert kinds == [(0, 0, 0), (0, 1, 1), (0, 2, 2), (1, 3, 0), (2, 0, 0)]
     with pytest.raises(ValueError):
         build_acpi_tables(300)
 
@@ -130,5 +130,8 @@ def test_pvh_guest_sees_start_info_and_acpi(tmp_path: Path, cpus: int) -> None:
     assert out[9:15] == EXPECTED_ACPI
     madt = out[15:]
     assert madt[0].startswith("acpi APIC length=") and madt[0].endswith("checksum ok")
-    assert madt[1 : 1 + cpus] == [f"madt lapic uid={i} id={i} flags=1" for i in range(cpus)]
-    assert madt[-1] == "pvh done"
+    assert madt[1:] == [f"madt lapic uid={i} id={i} flags=1" for i in range(cpus)] + [
+        "madt ioapic id=0 address=0xfec00000 gsi=0",
+        "madt override bus=0 irq=0 gsi=2 flags=0x0",
+        "pvh done",
+    ]

@@ -15,6 +15,7 @@
  *   acpi <SIG> length=<n> checksum ok|BAD            (XSDT, then each table it lists, then DSDT)
  *   madt lapic uid=<u> id=<id> flags=<f>             (one per Processor Local APIC entry)
  *   madt ioapic id=<id> address=0x<hex> gsi=<g>
+ *   madt override bus=<b> irq=<i> gsi=<g> flags=0x<f>
  *   fadt flags=0x<hex> boot_arch=0x<hex> reset=<space>:0x<port> value=0x<v>
  *   pvh done
  * Exit 0.
@@ -64,6 +65,9 @@ static void madt(const struct acpi_header *h)
         else if (p[0] == 1)
             printf("madt ioapic id=%u address=0x%x gsi=%u\n", p[2], *(const uint32_t *)(p + 4),
                    *(const uint32_t *)(p + 8));
+        else if (p[0] == 2)
+            printf("madt override bus=%u irq=%u gsi=%u flags=0x%x\n", p[2], p[3], *(const uint32_t *)(p + 4),
+                   *(const uint16_t *)(p + 8));
         else
             printf("madt entry type=%u length=%u\n", p[0], p[1]);
         p += p[1];

@@ -13,7 +13,8 @@ What the tables say (ACPI 6.4 field layouts):
   reset control register.
 * DSDT: a definition block with no AML (no devices need describing).
 * MADT: the local APIC at 0xFEE00000, one enabled Processor Local APIC entry per
-  VP (APIC ID = ACPI UID = VP index), and the I/O APIC when the machine has one.
+  VP (APIC ID = ACPI UID = VP index), and the I/O APIC at 0xFEC00000 with the PC's
+  one interrupt source override (ISA IRQ 0 -> GSI 2); every other ISA IRQ n is GSI n.
 
 The tables sit at 0xF0000, which the boot memory map reports as reserved (the
 BIOS area) and where a legacy OS scans for the RSDP. PVH kernels also get the
@@ -58,6 +59,8 @@ RESET_VALUE = 0x06  # CF9: full reset (bit 2) of the CPU (bit 1)
 LOCAL_APIC_ADDRESS = 0xFEE00000
 MADT_LOCAL_APIC = 0
 MADT_IO_APIC = 1
+MADT_INTERRUPT_OVERRIDE = 2
+ISA_IRQ0_GSI = 2  # the PC wiring: the PIT's IRQ 0 is I/O APIC pin 2 (vmm/devices/ioapic.py)
 MADT_LAPIC_ENABLED = 1
 MAX_XAPIC_ID = 254
 
@@ -125,6 +128,8 @@ def madt_body(vp_count: int, ioapic: IoApicInfo | None) -> bytes:
         body += struct.pack("<BBBBI", MADT_LOCAL_APIC, 8, vp, vp, MADT_LAPIC_ENABLED)
     if ioapic is not None:
         body += struct.pack("<BBBBII", MADT_IO_APIC, 12, ioapic.apic_id, 0, ioapic.address, ioapic.gsi_base)
+        # bus 0 (ISA), source IRQ 0, GSI 2, flags 0 (bus-default polarity and trigger)
+        body += struct.pack("<BBBBIH", MADT_INTERRUPT_OVERRIDE, 10, 0, 0, ISA_IRQ0_GSI, 0)
     return bytes(body)
 
 
