@@ -98,7 +98,7 @@ EXPECTED_ACPI = [
     "acpi RSDP revision=2 checksum ok extended ok",
     "acpi XSDT length=52 checksum ok",
     "acpi FACP length=276 checksum ok",
-    "fadt flags=0x100401 boot_arch=0x2c reset=1:0xcf9 value=0x6",
+    "fadt flags=0x100401 boot_arch=0xc reset=1:0xcf9 value=0x6",
     "acpi DSDT length=36 checksum ok",
 ]
 

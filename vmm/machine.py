@@ -28,6 +28,7 @@ from vsmtrace.vmm.cpuid_probe import ineffective_hiding
 from vsmtrace.vmm.deterministic import DeterministicTime
 from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
+from vsmtrace.vmm.devices.cmos_rtc import RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
 from vsmtrace.vmm.devices.ioapic import IOAPIC_BASE, IOAPIC_MMIO_SIZE, IoApic
@@ -726,6 +727,7 @@ class Machine:
         self.pio.add(PIC_MASTER, PIC_PORTS, pic)
         self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
         self.pio.add(POST_PORT, 1, Ignore())
+        self.pio.add(RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc())
 
         self.timers: TimerService | None = None
         self.routers = [

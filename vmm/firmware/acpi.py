@@ -8,7 +8,7 @@ What the tables say (ACPI 6.4 field layouts):
 
 * FADT: a *hardware-reduced* platform (flags.HW_REDUCED_ACPI): no PM timer, no
   SCI, no GPEs, no 8259/PIT expected (Linux then installs no legacy PIC and no
-  PIT timer, which vsmtrace does not have); no CMOS RTC, no VGA; a reset
+  PIT timer, which vsmtrace does not have); no VGA; a reset
   register at I/O port 0xCF9 with value 6 (flags.RESET_REG_SUP), the PC's
   reset control register.
 * DSDT: a definition block with no AML (no devices need describing).
@@ -50,7 +50,6 @@ FADT_RESET_REG_SUP = 1 << 10
 FADT_HW_REDUCED_ACPI = 1 << 20
 BOOT_ARCH_VGA_NOT_PRESENT = 1 << 2
 BOOT_ARCH_MSI_NOT_SUPPORTED = 1 << 3
-BOOT_ARCH_NO_CMOS_RTC = 1 << 5
 GAS_SYSTEM_IO = 1
 GAS_ACCESS_BYTE = 1
 RESET_PORT = 0xCF9
@@ -110,7 +109,7 @@ def fadt_body(dsdt: int) -> bytes:
         struct.pack_into(fmt, body, offset - HEADER_SIZE, *values)
 
     put(40, "<I", dsdt)
-    put(109, "<H", BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_NO_CMOS_RTC | BOOT_ARCH_MSI_NOT_SUPPORTED)
+    put(109, "<H", BOOT_ARCH_VGA_NOT_PRESENT | BOOT_ARCH_MSI_NOT_SUPPORTED)
     put(112, "<I", FADT_WBINVD | FADT_RESET_REG_SUP | FADT_HW_REDUCED_ACPI)
     put(116, "<12s", _gas(GAS_SYSTEM_IO, 8, GAS_ACCESS_BYTE, RESET_PORT))
     put(128, "<B", RESET_VALUE)
