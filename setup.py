@@ -16,6 +16,11 @@ for folder in MAPPED:
     package_dir[f"vsmtrace.{folder}"] = folder
     packages += [f"vsmtrace.{folder}.{sub}" for sub in find_packages(folder)]
 
+# notebooks/ holds the .ipynb files (and an empty __init__.py): shipped as vsmtrace/notebooks/
+# so that `vsmtrace notebooks --copy DIR` finds them in an installed package.
+packages.append("vsmtrace.notebooks")
+package_dir["vsmtrace.notebooks"] = "notebooks"
+
 setup(
     packages=packages,
     package_dir=package_dir,
@@ -23,6 +28,6 @@ setup(
         "vsmtrace.vmm.kvm": ["*.c", "*.h"],
         "vsmtrace.recorder": ["*.c", "*.h"],
         "vsmtrace.guests": ["*.c", "*.h", "*.md", "runtime/*", "linux/*", "linux/**/*"],
-        "vsmtrace": ["notebooks/*.ipynb"],
+        "vsmtrace.notebooks": ["*.ipynb"],
     },
 )

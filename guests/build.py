@@ -11,18 +11,17 @@ flag and the compiler's identity, so a second build is a ``stat`` and parallel
 processes never see half-written files (each build writes a temporary file and
 renames it into place).
 
-``vsmtrace guest build FILE.c`` (or ``python -m vsmtrace.guests.build FILE.c``)
-prints the path of a built guest.
+Users call :func:`build_file` (``from vsmtrace.guests.build import build_file``)
+or ``vsmtrace guest build FILE.c``, which prints the built kernel's path; the
+SDK's documentation is ``README.md`` beside this module.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -74,7 +73,17 @@ LDFLAGS: tuple[str, ...] = (
 
 
 class GuestBuildError(RuntimeError):
-    """gcc or objcopy failed; the message carries the command and its stderr."""
+    """gcc or objcopy failed; the message carries the command and its stderr.
+
+    ``summary`` is the one-line reason and ``output`` the tool's own messages,
+    for a command line that shows gcc's errors and then one error line.
+    """
+
+    def __init__(self, summary: str, command: Sequence[str] = (), output: str = "") -> None:
+        detail = f"\n$ {' '.join(command)}" if command else ""
+        super().__init__(f"{summary}{detail}\n{output}" if command or output else summary)
+        self.summary = summary
+        self.output = output
 
 
 def cache_dir() -> Path:
@@ -88,7 +97,7 @@ def _tool(name: str) -> str:
     """Absolute path of a build tool, with an error that says what is missing."""
     found = shutil.which(name)
     if not found:
-        raise GuestBuildError(f"{name} not found on PATH: test guests need the system {name}")
+        raise GuestBuildError(f"{name} not found on PATH: building a guest needs the system {name}")
     return found
 
 
@@ -131,7 +140,7 @@ def _run(cmd: list[str], what: str) -> None:
     """Run a build command; failures raise with the full stderr."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise GuestBuildError(f"{what} failed (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{proc.stderr}{proc.stdout}")
+        raise GuestBuildError(f"{what} failed (exit {proc.returncode})", cmd, proc.stderr + proc.stdout)
 
 
 def _atomic_output(dest: Path, produce: Callable[[Path], None]) -> Path:
@@ -232,24 +241,3 @@ def build_file(path: str | Path, *, raw64: bool = False, cflags: Sequence[str] =
 def build_demo() -> Path:
     """The bundled VBS-style demo guest (``vbs_demo.c``), as ``vsmtrace demo`` runs it."""
     return build_guest("vbs_demo", sources=[DEMO_SOURCE], source_dir=SDK_DIR)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: build one guest and print its path."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("source", help="the guest's main .c file")
-    ap.add_argument("--raw64", action="store_true", help="build without a Multiboot header")
-    ap.add_argument("--elf32", action="store_true", help="ELF32 copy for QEMU -kernel")
-    ap.add_argument("--cflag", action="append", default=[], help="extra compiler flag (repeatable)")
-    args = ap.parse_args(argv)
-    try:
-        path = build_file(args.source, raw64=args.raw64, cflags=args.cflag, elf32=args.elf32)
-    except GuestBuildError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@
  *      them by injecting #GP into VTL0, which reports it and carries on.
  *   5. The kernel prints a summary and exits with status 0.
  *
- * Built by vsmtrace (`vsmtrace demo`) with the C runtime in tests/guests/runtime.
+ * Built by vsmtrace (`vsmtrace demo`) with the guest SDK runtime (guests/runtime).
  */
 #include "guest.h"
 #include "apic.h"

@@ -14,7 +14,6 @@ the work and memory per entry are what replaying it takes, nothing more.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,9 +29,12 @@ from vsmtrace.recorder.schema import SCHEMA_VERSION
 from vsmtrace.replayer.errors import Divergence, ReplayError
 from vsmtrace.replayer.recorded_rows import KNOWN_KINDS, EmittedRows, kind_columns, paused_gc, pylist
 from vsmtrace.replayer.state import ReplayState
-from vsmtrace.replayer.trace_backend import OpCursor, ReplayPartition, ReplayService, ReplaySink, ReplayTimers
-from vsmtrace.vmm.emulation_io import emitted_events, encode
+from vsmtrace.replayer.trace_backend import OpCursor, ReplaySink, replay_ports
+from vsmtrace.vmm.emulation import build_emulation
+from vsmtrace.vmm.emulation_io import decode_value, emitted_events, encode
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.protocol import Entry as EntryName
+from vsmtrace.vmm.trace_metadata import recorded_policy
 
 ENTRY_COLUMNS = ["seq", "vp", "vtl", "entry", "emu_order", "emu_args", "emu_io", "emu_result"]
 #: What replay reads of every event: its kind (to find the events that need an entry) and
@@ -258,53 +260,37 @@ class VmmReplayer:
 
     # -- the emulation, rebuilt over the trace ---------------------------------------------------
     def _build(self) -> None:
-        from vsmtrace.vmm.hyperv import HyperV
         from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+        from vsmtrace.vmm.memory import ram_layout
 
         cfg = self.config
-        known = {f.name for f in dataclasses.fields(HypervPolicy)}
-        policy_fields = {k: v for k, v in (cfg["hyperv_policy"] or {}).items() if k in known}
-        policy = HypervPolicy(**policy_fields)
+        policy = recorded_policy(cfg) or HypervPolicy()
         cursor = self.cursor
-        self.partition = ReplayPartition(int(cfg["vps"]), cursor)
-        self.timers = ReplayTimers(cursor)
         self.sink = ReplaySink(cursor, self.emitted_rows, self.row)
+        ports = replay_ports(cursor, int(cfg["vps"]), self.sink)
+        self.partition = ports.partition
+        self.timers = ports.timers
         vtls = int(cfg.get("vtls", 1))
-        self.hv = HyperV(
-            self.partition,
-            policy,
-            timers=self.timers,
-            apic=ReplayService(cursor, "apic"),
-            tlb=ReplayService(cursor, "tlb"),
-            sink=self.sink,
-            tsc_page=ReplayService(cursor, "clock").tsc_page_params,
-            tsc_frequency_hz=cfg.get("tsc_hz"),
-            apic_frequency_hz=cfg.get("apic_timer_hz"),
-            vtl_count=vtls,
-        )
-        self.vsm: Any = None
-        if vtls > 1 and policy.enabled:
-            from vsmtrace.vmm.memory import ram_layout
-            from vsmtrace.vmm.vsm import Vsm
-
-            ram = ram_layout(int(cfg.get("ram_bytes") or int(cfg["memory_mib"]) << 20))
-            self.vsm = Vsm(
-                self.hv, self.partition, ReplayService(cursor, "vsm"), vtl_count=vtls, sink=self.sink,
-                ram_ranges=[(r.gpa, r.size) for r in ram],
-            )  # fmt: skip
+        ram = ram_layout(int(cfg.get("ram_bytes") or int(cfg["memory_mib"]) << 20)) if vtls > 1 else []
+        emulation = build_emulation(
+            policy, ports, vtl_count=vtls, tsc_hz=cfg.get("tsc_hz"), apic_hz=cfg.get("apic_timer_hz"),
+            ram_ranges=[(r.gpa, r.size) for r in ram],
+        )  # fmt: skip
+        self.hv = emulation.hv
+        self.vsm: Any = emulation.vsm
         self.state.attach(self.hv, self.vsm)
         self.state.table = self.events
         #: Entry name -> the emulation method it called, with the recorded arguments.
         self.calls: dict[str, Callable[..., Any]] = {
-            "hypercall": self.hv.hypercall,
-            "msr_read": self.hv.msr_read,
-            "msr_write": self.hv.msr_write,
-            "eoi": self.hv.on_apic_eoi,
-            "auto_eoi": self.hv.is_auto_eoi,
-            "timer": self.timers.fire,
-            "vtl_entry": self._vtl_entry,
-            "vina": self._vina,
-            "post_intercept": self._post_intercept,
+            EntryName.HYPERCALL: self.hv.hypercall,
+            EntryName.MSR_READ: self.hv.msr_read,
+            EntryName.MSR_WRITE: self.hv.msr_write,
+            EntryName.EOI: self.hv.on_apic_eoi,
+            EntryName.AUTO_EOI: self.hv.is_auto_eoi,
+            EntryName.TIMER: self.timers.fire,
+            EntryName.VTL_ENTRY: self._vtl_entry,
+            EntryName.VINA: self._vina,
+            EntryName.POST_INTERCEPT: self._post_intercept,
         }
 
     def _vtl_entry(self, vp: int, vtl: int, reason: Any, arg: Any) -> Any:
@@ -318,7 +304,7 @@ class VmmReplayer:
     def _post_intercept(self, vp: int, vtl: int, message: dict[str, str]) -> Any:
         from vsmtrace.vmm.hyperv.hvdef import HvMessage
 
-        return self.hv.post_intercept(vp, vtl, HvMessage.unpack(bytes.fromhex(message["b"])))
+        return self.hv.post_intercept(vp, vtl, HvMessage.unpack(decode_value(message)))
 
     def replay_entry(self, entry: Entry) -> None:
         call = self.calls.get(entry.entry)

@@ -1,6 +1,6 @@
 """Guest re-execution: run the recorded guest again under KVM, driven by its trace.
 
-The second replay mode of DESIGN.md. A trace recorded with ``vsmtrace run
+The second replay mode (docs/architecture.md, "The trace -> replay path"). A trace recorded with ``vsmtrace run
 --deterministic`` has one EXIT event per KVM exit (reason, RIP, GPRs, the
 interrupt-window flag of the entry) followed by everything the VMM did for that
 exit: values returned to port, MMIO and MSR reads, emulation entries with the
@@ -27,7 +27,6 @@ Scope: one VP (refused otherwise).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -40,8 +39,9 @@ from typing import Any
 from vsmtrace.recorder.errors import TraceError
 from vsmtrace.recorder.reader import open_trace
 from vsmtrace.replayer.errors import Divergence, ReplayError
-from vsmtrace.vmm.emulation_io import decode_exception, decode_value, loads
+from vsmtrace.vmm.emulation_io import decode_exception, decode_value, enum_value_of, fields_of, loads
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.protocol import FLUSH_OPS, Entry, Op, Service, VsmOp, service_op
 
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
@@ -57,6 +57,8 @@ TSC_SUSPECT_FIELDS = {"EXIT": ("gprs.", "rip", "exit_reason"), "GUEST_EXIT": ("r
 #: VTL switches the emulation requests inside an entry (``vsm.request_transition``): the
 #: VTL_SWITCH event precedes the EMULATION event of that entry, the switch happens at the op.
 REQUESTED_SWITCHES = frozenset({"call", "return"})
+#: Every op of the VSM services starts with this.
+VSM_OPS = service_op(Service.VSM, "")
 
 
 @dataclass
@@ -151,6 +153,7 @@ class Reexecutor:
             raise ReplayError(f"{self.path}: trace was not recorded with --deterministic: it has no EXIT events")
         self.image = self._check_image(md.get("guest_image"))
         self.machine: Any = None  # the re-executing vmm.machine.Machine, while run() runs
+        self.vsm: Any = None  # its vmm.backends.vsm.VsmBackend, if the trace has VSM
         self.dumps = sorted(dumps or [], key=lambda d: d.seq)
         last_time = table.column("time_ns")[table.num_rows - 1].as_py() if table.num_rows else 0
         self.recorded_seconds = (last_time or 0) / 1e9
@@ -168,15 +171,12 @@ class Reexecutor:
 
     # -- machine ---------------------------------------------------------------------------------
     def _build_machine(self) -> Any:
+        from vsmtrace.vmm.builder import build_machine
         from vsmtrace.vmm.config import MachineConfig
-        from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
-        from vsmtrace.vmm.machine import Machine
+        from vsmtrace.vmm.trace_metadata import recorded_policy
 
         cfg = self.vm_config
-        policy = None
-        if cfg.get("hyperv_policy") is not None:
-            known = {f.name for f in dataclasses.fields(HypervPolicy)}
-            policy = HypervPolicy(**{k: v for k, v in cfg["hyperv_policy"].items() if k in known})
+        policy = recorded_policy(cfg)
         config = MachineConfig(
             kernel=self.image,
             smp=1,
@@ -188,18 +188,19 @@ class Reexecutor:
             hyperv=policy,
             deterministic=True,
         )
-        machine = Machine(config)
+        machine = build_machine(config)
         machine.boot()
         return machine
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, progress: Callable[[int, int], None] | None = None) -> ReexecReport:
+        from vsmtrace.vmm.backends.vsm import VsmBackend
         from vsmtrace.vmm.deterministic import ENTRY_IRQ_WINDOW, pack_gprs, ram_sha256
         from vsmtrace.vmm.kvm.exits import exit_name
-        from vsmtrace.vmm.kvm.system import lib
 
         machine = self._build_machine()
         self.machine = machine
+        self.vsm = machine.extension(VsmBackend)
         vp = machine.vps[0]
         rows = self.rows
         dumps = list(self.dumps)
@@ -231,20 +232,12 @@ class Reexecutor:
                 seq = rec["seq"]
                 if rec["vtl"] != vp.vtl:  # the recorded exit came from another VTL's vCPU
                     raise Divergence(seq, "EXIT", "vtl", rec["vtl"], vp.vtl)
-                vcpu = vp.vcpu
-                run = vcpu.run_struct
-                run.request_interrupt_window = 1 if (rec["entry_flags"] or 0) & ENTRY_IRQ_WINDOW else 0
-                while True:
-                    vcpu.invalidate_cache()
-                    r = lib.vsm_kvm_run(vcpu.fd)
-                    vcpu.exited()  # registers KVM exports with the exit are current again
-                    if r >= 0:
-                        break
-                    if r != -errno.EINTR:  # nothing kicks us, but retry rather than fail
-                        raise ReplayError(f"KVM_RUN failed while re-executing event {seq}: errno {-r}")
+                try:
+                    reason = vp.enter_once(irq_window=bool((rec["entry_flags"] or 0) & ENTRY_IRQ_WINDOW))
+                except OSError as exc:
+                    raise ReplayError(f"KVM_RUN failed while re-executing event {seq}: errno {exc.errno}") from None
                 exits += 1
-                reason = int(run.exit_reason)
-                regs = vcpu.get_regs()
+                regs = vp.vcpu.get_regs()
                 if reason != rec["exit_code"]:
                     raise Divergence(seq, "EXIT", "exit_reason", rec["exit_reason"], exit_name(reason))
                 if int(regs.rip) != rec["rip"]:
@@ -264,14 +257,14 @@ class Reexecutor:
                     row = rows[i]
                     kind = row["kind"]
                     if kind == "PIO":
-                        self._pio(row, run, reason, pio_index)
+                        self._pio(row, vp, reason, pio_index)
                         pio_index += 1
                     elif kind == "MMIO":
-                        self._mmio(row, run, reason, machine.memory)
+                        self._mmio(row, vp, reason, machine.memory)
                     elif kind == "MSR":
-                        self._msr(row, run, reason)
+                        self._msr(row, vp, reason)
                     elif kind == "EMULATION":
-                        if row["entry"] == "vtl_entry":
+                        if row["entry"] == Entry.VTL_ENTRY:
                             pending.entries.append(row)  # the switch it belongs to follows; it runs right after it
                         else:
                             self._emulation(row, vp, pending)
@@ -281,7 +274,7 @@ class Reexecutor:
                         else:
                             self._switch(row, vp, pending)
                     elif kind == "INTERCEPT":
-                        self._intercept(row, vp, run, reason)
+                        self._intercept(row, vp, reason)
                     elif kind == "PROTECTION":
                         pending.protections.append(row)
                     elif kind == "INTERRUPT":
@@ -350,7 +343,7 @@ class Reexecutor:
         ``transition`` is the VtlTransition of the ``vsm.request_transition`` op that asked
         for it (call/return), which also carries a non-fast return's RAX/RCX.
         """
-        from vsmtrace.vmm.vsm.backend import ENTRY_REASON
+        from vsmtrace.vmm.backends.vsm import ENTRY_REASON
         from vsmtrace.vmm.vsm.services import SwitchReason
 
         seq, from_vtl, to_vtl = row["seq"], row["from_vtl"], row["to_vtl"]
@@ -358,12 +351,12 @@ class Reexecutor:
             raise Divergence(seq, "VTL_SWITCH", "from_vtl", from_vtl, vp.vtl)
         return_rax_rcx = None
         if transition is not None:
-            asked = (transition["from_vtl"], transition["to_vtl"], transition["reason"]["E"])
+            asked = (transition["from_vtl"], transition["to_vtl"], enum_value_of(transition["reason"]))
             if asked != (from_vtl, to_vtl, row["reason"]):
                 raise ReplayError(f"event {seq}: VTL_SWITCH {from_vtl}->{to_vtl} ({row['reason']}) was requested as {asked}: inconsistent trace")
             if transition["return_rax_rcx"] is not None:
                 return_rax_rcx = tuple(transition["return_rax_rcx"])
-        rip, args = self.machine.vsm.move_vp(vp, to_vtl, SwitchReason(row["reason"]), return_rax_rcx)
+        rip, args = self.vsm.move_vp(vp, to_vtl, SwitchReason(row["reason"]), return_rax_rcx)
         if rip != row["rip"]:
             raise Divergence(seq, "VTL_SWITCH", "rip", hex(row["rip"]), hex(rip))
         if list(args or []) != list(row["args"] or []):
@@ -377,31 +370,30 @@ class Reexecutor:
                 raise ReplayError(f"event {entry['seq']}: vtl_entry {entry['emu_args']!r} does not match VTL_SWITCH event {seq}: inconsistent trace")
             self._emulation(entry, vp, pending)
 
-    def _intercept(self, row: dict[str, Any], vp: Any, run: Any, reason: int) -> None:
+    def _intercept(self, row: dict[str, Any], vp: Any, reason: int) -> None:
         """The denied access exited again: undo it as live did, and check the intercept message."""
-        from vsmtrace.vmm.kvm.exits import exit_name
-        from vsmtrace.vmm.kvm.system import lib
-        from vsmtrace.vmm.machine import GuestStop
+        from vsmtrace.vmm.backends.vsm import ACCESS_NAMES
+        from vsmtrace.vmm.kvm.exits import EXIT_INTERNAL_ERROR, EXIT_MMIO, exit_name
+        from vsmtrace.vmm.stops import GuestStop
         from vsmtrace.vmm.vp import Access
-        from vsmtrace.vmm.vsm.backend import ACCESS_NAMES
 
         seq = row["seq"]
         access = next(a for a, name in ACCESS_NAMES.items() if name == row["access"])
-        backend = self.machine.vsm
+        backend = self.vsm
         gva: int | None = None
         if access is Access.EXECUTE:
-            if reason != lib.KVM_EXIT_INTERNAL_ERROR:
+            if reason != EXIT_INTERNAL_ERROR:
                 raise Divergence(seq, "INTERCEPT", "exit", "internal_error", exit_name(reason))
             target = backend.fetch_target(vp)
             if target is None:
                 raise Divergence(seq, "INTERCEPT", "gpa", hex(row["gpa"]), "no RAM at RIP")
             (gpa, gva), length = target, 1
         else:
-            if reason != lib.KVM_EXIT_MMIO:
+            if reason != EXIT_MMIO:
                 raise Divergence(seq, "INTERCEPT", "exit", "mmio", exit_name(reason))
-            mmio = run.mmio
-            gpa, length = int(mmio.phys_addr), int(mmio.len)
-            if bool(mmio.is_write) != (access is Access.WRITE):
+            mmio = vp.mmio_exit()
+            gpa, length = mmio.gpa, mmio.size
+            if mmio.is_write != (access is Access.WRITE):
                 raise Divergence(seq, "INTERCEPT", "access", row["access"], "write" if mmio.is_write else "read")
         if gpa != row["gpa"]:
             raise Divergence(seq, "INTERCEPT", "gpa", hex(row["gpa"]), hex(gpa))
@@ -438,65 +430,62 @@ class Reexecutor:
 
     # -- feeding one exit --------------------------------------------------------------------------
     @staticmethod
-    def _pio(row: dict[str, Any], run: Any, reason: int, index: int) -> None:
-        from vsmtrace.vmm.kvm.system import ffi, lib
+    def _pio(row: dict[str, Any], vp: Any, reason: int, index: int) -> None:
+        from vsmtrace.vmm.kvm.exits import EXIT_IO
 
         seq = row["seq"]
-        if reason != lib.KVM_EXIT_IO:
+        if reason != EXIT_IO:
             raise Divergence(seq, "PIO", "exit", "io", "not an I/O exit")
-        io_ = run.io
-        is_write = io_.direction == lib.KVM_EXIT_IO_OUT
-        for name, rec, got in (("address", row["address"], io_.port), ("size", row["size"], io_.size), ("is_write", row["is_write"], is_write)):
+        io_ = vp.pio_exit()
+        for name, rec, got in (("address", row["address"], io_.port), ("size", row["size"], io_.size), ("is_write", row["is_write"], io_.is_write)):
             if rec != got:
                 raise Divergence(seq, "PIO", name, rec, got)
         if index >= io_.count:
-            raise Divergence(seq, "PIO", "count", index + 1, int(io_.count))
-        size = io_.size
-        data = ffi.cast("uint8_t *", run) + io_.data_offset + index * size
-        if is_write:
-            value = int.from_bytes(ffi.buffer(data, size), "little")
+            raise Divergence(seq, "PIO", "count", index + 1, io_.count)
+        if io_.is_write:
+            value = vp.pio_value(index)
             if value != row["data"]:
                 raise Divergence(seq, "PIO", "data", hex(row["data"]), hex(value))
         else:
-            ffi.memmove(data, int(row["data"]).to_bytes(size, "little"), size)
+            vp.complete_pio_in(index, int(row["data"]))
 
     @staticmethod
-    def _mmio(row: dict[str, Any], run: Any, reason: int, memory: Any) -> None:
-        from vsmtrace.vmm.kvm.system import ffi, lib
+    def _mmio(row: dict[str, Any], vp: Any, reason: int, memory: Any) -> None:
+        from vsmtrace.vmm.kvm.exits import EXIT_MMIO
 
         seq = row["seq"]
-        if reason != lib.KVM_EXIT_MMIO:
+        if reason != EXIT_MMIO:
             raise Divergence(seq, "MMIO", "exit", "mmio", "not an MMIO exit")
-        m = run.mmio
-        for name, rec, got in (("address", row["address"], m.phys_addr), ("size", row["size"], m.len), ("is_write", row["is_write"], bool(m.is_write))):
+        m = vp.mmio_exit()
+        for name, rec, got in (("address", row["address"], m.gpa), ("size", row["size"], m.size), ("is_write", row["is_write"], m.is_write)):
             if rec != got:
                 raise Divergence(seq, "MMIO", name, rec, got)
         if m.is_write:
-            value = int.from_bytes(bytes(m.data[0 : m.len]), "little")
+            value = int.from_bytes(m.data, "little")
             if value != row["data"]:
                 raise Divergence(seq, "MMIO", "data", hex(row["data"]), hex(value))
             if memory.is_ram(row["address"], row["size"]):  # RAM behind a VTL protection hole: the VMM completed it
-                memory.write(row["address"], bytes(m.data[0 : m.len]))
+                memory.write(row["address"], m.data)
         else:
-            ffi.memmove(m.data, int(row["data"]).to_bytes(m.len, "little"), m.len)
+            vp.complete_mmio_read(int(row["data"]))
 
     @staticmethod
-    def _msr(row: dict[str, Any], run: Any, reason: int) -> None:
-        from vsmtrace.vmm.kvm.system import lib
+    def _msr(row: dict[str, Any], vp: Any, reason: int) -> None:
+        from vsmtrace.vmm.kvm.exits import EXIT_RDMSR, EXIT_WRMSR
 
         seq = row["seq"]
-        want = lib.KVM_EXIT_X86_WRMSR if row["is_write"] else lib.KVM_EXIT_X86_RDMSR
+        want = EXIT_WRMSR if row["is_write"] else EXIT_RDMSR
         if reason != want:
             raise Divergence(seq, "MSR", "exit", exit_name_of(want), exit_name_of(reason))
-        msr = run.msr
+        msr = vp.msr_exit()
         if msr.index != row["msr"]:
-            raise Divergence(seq, "MSR", "msr", hex(row["msr"]), hex(int(msr.index)))
+            raise Divergence(seq, "MSR", "msr", hex(row["msr"]), hex(msr.index))
         if row["is_write"]:
-            if row["value"] is not None and int(msr.data) != row["value"]:
-                raise Divergence(seq, "MSR", "value", hex(row["value"]), hex(int(msr.data)))
-        elif not row["fault"]:
-            msr.data = int(row["value"] or 0)
-        msr.error = 1 if row["fault"] else 0
+            if row["value"] is not None and msr.value != row["value"]:
+                raise Divergence(seq, "MSR", "value", hex(row["value"]), hex(msr.value))
+            vp.complete_msr(None, bool(row["fault"]))
+        else:
+            vp.complete_msr(None if row["fault"] else int(row["value"] or 0), bool(row["fault"]))
 
     def _emulation(self, row: dict[str, Any], vp: Any, pending: PendingVsm) -> None:
         """Apply what the recorded emulation entry asked of the machine, in the recorded order.
@@ -505,68 +494,56 @@ class Reexecutor:
         calls (VTL creation, initial contexts, protections, VTL switches) go through the
         live ``VsmBackend``.
         """
-        from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_INSN_LEN
-        from vsmtrace.vmm.hyperv_backend import PAGE_OFFSET_MASK
+        from vsmtrace.vmm.backends.hyperv import rewind_trap
 
         memory = vp.machine.memory
         for op, args, result in loads(row["emu_io"]) or []:
             if decode_exception(result) is not None:
                 continue  # the machine refused this output (e.g. a write through a protected view): it had no effect
-            if op == "set_register":
+            if op == Op.SET_REGISTER:
                 _vp, vtl, name, value = args
                 vp.regfiles[vtl].set(name, decode_value(value))
-            elif op == "set_xmm":
+            elif op == Op.SET_XMM:
                 _vp, vtl, index, value = args
                 vp.regfiles[vtl].set_xmm(index, value)
-            elif op == "write_gpa":
+            elif op == Op.WRITE_GPA:
                 _vtl, gpa, data = args
                 memory.write(gpa, decode_value(data))
-            elif op == "inject_exception":
+            elif op == Op.INJECT_EXCEPTION:
                 _vp, vtl, vector, error_code = args
-                target = vp.vcpus[vtl]
-                target.flush_regs()
-                events = target.get_events()
-                events.exception.injected = 1
-                events.exception.nr = vector
-                events.exception.has_error_code = 1 if error_code is not None else 0
-                events.exception.error_code = error_code or 0
-                target.set_events(events)
-            elif op in ("tlb.flush_vps", "vsm.flush_vps"):
+                vp.inject_exception(vtl, vector, error_code)
+            elif op in FLUSH_OPS:
                 _vps, vtl = args
                 vp.flush_vtl_tlb(vtl)
-            elif op.startswith("vsm."):
+            elif op.startswith(VSM_OPS):
                 self._vsm_service(row, op, args, vp, pending)
-        if row["entry"] == "hypercall":
+        if row["entry"] == Entry.HYPERCALL:
             result = loads(row["emu_result"])
-            fields = result.get("f", {}) if isinstance(result, dict) else {}
+            fields = fields_of(result)
             if fields.get("retry") or fields.get("exception") is not None:
-                vcpu = vp.vcpu
-                regs = vcpu.get_regs()  # the backend rewinds onto the trapping OUT (see hyperv_backend.on_trap)
-                if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
-                    regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
-                    vcpu.set_regs(regs)
+                rewind_trap(vp.vcpu)  # as the backend did (backends/hyperv.py, on_trap)
 
     def _vsm_service(self, row: dict[str, Any], op: str, args: list[Any], vp: Any, pending: PendingVsm) -> None:
         """A ``VsmServices`` call the recorded entry made: performed by the live backend."""
         from vsmtrace.vmm.vp import Access
         from vsmtrace.vmm.vsm.services import InitialVpContext, PageProtection
 
-        backend = self.machine.vsm
-        if op == "vsm.request_transition":
+        backend = self.vsm
+        if op == VsmOp.REQUEST_TRANSITION:
             if not pending.switches:
                 raise ReplayError(f"event {row['seq']}: a VTL switch was requested but no VTL_SWITCH event records it: inconsistent trace")
-            self._switch(pending.switches.pop(0), vp, pending, args[0]["f"])
-        elif op == "vsm.set_protections":
+            self._switch(pending.switches.pop(0), vp, pending, fields_of(args[0]))
+        elif op == VsmOp.SET_PROTECTIONS:
             target, runs = args
             backend.set_protections(
-                target, [PageProtection(r["f"]["first_page"], r["f"]["count"], Access(r["f"]["allowed"])) for r in runs]
+                target, [PageProtection(f["first_page"], f["count"], Access(f["allowed"])) for f in map(fields_of, runs)]
             )
-        elif op == "vsm.load_vp_context":
+        elif op == VsmOp.LOAD_VP_CONTEXT:
             index, vtl, context = args
-            backend.load_vp_context(index, vtl, InitialVpContext(decode_value(context["f"]["registers"])))
-        elif op == "vsm.create_vtl":
+            backend.load_vp_context(index, vtl, InitialVpContext(decode_value(fields_of(context)["registers"])))
+        elif op == VsmOp.CREATE_VTL:
             backend.create_vtl(args[0])
-        elif op == "vsm.start_vp":
+        elif op == VsmOp.START_VP:
             raise ReplayError(f"event {row['seq']}: the guest started another VP, which a 1-VP re-execution cannot do")
         # vsm.vp_started is an input: nothing to do
 

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from vsmtrace.vmm.emulation_io import decode_value
+from vsmtrace.vmm.emulation_io import decode_value, fields_of
+from vsmtrace.vmm.protocol import Op, VsmOp
 from vsmtrace.vmm.vp import Access, Segment, Table
+
+if TYPE_CHECKING:
+    from vsmtrace.vmm.vsm import Vsm
 
 ACCESS_LETTERS = ((Access.READ, "R"), (Access.WRITE, "W"), (Access.EXECUTE, "X"))
 #: The I/O ops the state keeps track of (registers as last seen, enabled VTLs, protections).
-TRACKED_OPS = frozenset({"get_register", "set_register", "vsm.create_vtl", "vsm.set_protections"})
+TRACKED_OPS = frozenset({Op.GET_REGISTER, Op.SET_REGISTER, VsmOp.CREATE_VTL, VsmOp.SET_PROTECTIONS})
 
 
 def access_text(allowed: int) -> str:
@@ -40,7 +44,7 @@ class ReplayState:
     seq: int = -1
     entries: int = 0
     hv: Any = None
-    vsm: Any = None
+    vsm: Vsm | None = None
     table: pa.Table | None = None  # the trace: last RIPs and active VTLs are derived from its events
     _registers: dict[tuple[int, int], dict[str, tuple[Any, int]]] = field(default_factory=dict)  # (vp, vtl) → name → (value, seq)
     _enabled_vtls: set[int] = field(default_factory=lambda: {0})
@@ -86,19 +90,19 @@ class ReplayState:
         self._unfolded.clear()
 
     def _apply(self, seq: int, op: str, args: list[Any], result: Any) -> None:
-        if op == "get_register":
+        if op == Op.GET_REGISTER:
             vp, vtl, name = args
             self._registers.setdefault((vp, vtl), {})[name] = (decode_value(result), seq)
-        elif op == "set_register":
+        elif op == Op.SET_REGISTER:
             vp, vtl, name, value = args
             self._registers.setdefault((vp, vtl), {})[name] = (decode_value(value), seq)
-        elif op == "vsm.create_vtl":
+        elif op == VsmOp.CREATE_VTL:
             self._enabled_vtls.add(int(args[0]))
-        elif op == "vsm.set_protections":
+        elif op == VsmOp.SET_PROTECTIONS:
             target, runs = args
             pages = self._protections.setdefault(int(target), {})
             for run in runs:
-                f = run["f"]
+                f = fields_of(run)
                 for page in range(f["first_page"], f["first_page"] + f["count"]):
                     pages[page] = int(f["allowed"])
 
@@ -174,16 +178,10 @@ class ReplayState:
         return {"partition_id": self.hv.partition_id, "msrs": vtls}
 
     def vsm_state(self) -> Any:
+        """The replayed VSM logic's own state (``vmm.vsm.state.VsmState``), as plain values."""
         if self.vsm is None:
             return None
-        for attr in ("snapshot", "to_dict"):
-            fn = getattr(self.vsm, attr, None)
-            if callable(fn):
-                return fn()
-        state = getattr(self.vsm, "state", None)
-        if state is not None and dataclasses.is_dataclass(state):
-            return _plain(dataclasses.asdict(state))
-        return None
+        return _plain(dataclasses.asdict(self.vsm.state))
 
     def to_dict(self) -> dict[str, Any]:
         vps: dict[str, Any] = {}

@@ -17,8 +17,10 @@ from typing import Any
 from vsmtrace.recorder.schema import KIND_FIELDS
 from vsmtrace.replayer.errors import Divergence
 from vsmtrace.replayer.recorded_rows import TIMING_FIELDS, EmittedRows
+from vsmtrace.vmm.emulation import EmulationPorts
 from vsmtrace.vmm.emulation_io import decode_exception, decode_value, encode
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.protocol import TSC_PAGE_PARAMS, Op, Service, service_op
 from vsmtrace.vmm.vp import Access, CpuMode
 
 #: Types that encode to themselves (fast path: most arguments are plain ints and names).
@@ -101,33 +103,33 @@ class ReplayVp:
 
     @property
     def active_vtl(self) -> int:
-        return int(self.cursor.take_plain("active_vtl", [self.index]))
+        return int(self.cursor.take_plain(Op.ACTIVE_VTL, [self.index]))
 
     def get_register(self, vtl: int, name: str) -> Any:
-        value = self.cursor.take_plain("get_register", [self.index, vtl, name], vtl.__class__ is int)
+        value = self.cursor.take_plain(Op.GET_REGISTER, [self.index, vtl, name], vtl.__class__ is int)
         return value if value.__class__ is int else decode_value(value)
 
     def set_register(self, vtl: int, name: str, value: Any) -> None:
         plain = vtl.__class__ is int and value.__class__ is int
-        self.cursor.take_plain("set_register", [self.index, vtl, name, value], plain)
+        self.cursor.take_plain(Op.SET_REGISTER, [self.index, vtl, name, value], plain)
 
     def get_xmm(self, vtl: int, index: int) -> int:
-        return int(self.cursor.take_plain("get_xmm", [self.index, vtl, index], vtl.__class__ is int and index.__class__ is int))
+        return int(self.cursor.take_plain(Op.GET_XMM, [self.index, vtl, index], vtl.__class__ is int and index.__class__ is int))
 
     def set_xmm(self, vtl: int, index: int, value: int) -> None:
         plain = vtl.__class__ is int and index.__class__ is int and value.__class__ is int
-        self.cursor.take_plain("set_xmm", [self.index, vtl, index, value], plain)
+        self.cursor.take_plain(Op.SET_XMM, [self.index, vtl, index, value], plain)
 
     def cpl(self, vtl: int) -> int:
-        return int(self.cursor.take_plain("cpl", [self.index, vtl], vtl.__class__ is int))
+        return int(self.cursor.take_plain(Op.CPL, [self.index, vtl], vtl.__class__ is int))
 
     def mode(self, vtl: int) -> CpuMode:
-        value = self.cursor.take_plain("mode", [self.index, vtl], vtl.__class__ is int)
+        value = self.cursor.take_plain(Op.MODE, [self.index, vtl], vtl.__class__ is int)
         mode = CPU_MODES.get(value)
         return mode if mode is not None else CpuMode(value)  # ValueError for a mode this vsmtrace does not know
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        self.cursor.take("inject_exception", [self.index, vtl, vector, error_code])  # rare: always encoded
+        self.cursor.take(Op.INJECT_EXCEPTION, [self.index, vtl, vector, error_code])  # rare: always encoded
 
 
 class ReplayPartition:
@@ -144,27 +146,27 @@ class ReplayPartition:
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
         plain = vtl.__class__ is int and gpa.__class__ is int and size.__class__ is int and access.__class__ is Access
-        return bytes(decode_value(self.cursor.take_plain("read_gpa", [vtl, gpa, size, access], plain)))
+        return bytes(decode_value(self.cursor.take_plain(Op.READ_GPA, [vtl, gpa, size, access], plain)))
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
-        self.cursor.take("write_gpa", [vtl, gpa, bytes(data)])
+        self.cursor.take(Op.WRITE_GPA, [vtl, gpa, bytes(data)])
 
     def reference_time(self) -> int:
-        return int(self.cursor.take_plain("reference_time", []))
+        return int(self.cursor.take_plain(Op.REFERENCE_TIME, []))
 
     def assert_interrupt(self, vp_index: int, vtl: int, vector: int) -> None:
-        self.cursor.take("assert_interrupt", [vp_index, vtl, vector])
+        self.cursor.take(Op.ASSERT_INTERRUPT, [vp_index, vtl, vector])
 
 
 class ReplayService:
-    """A machine service (``apic``, ``tlb``, ``vsm``, ``clock``): every call is checked against the log."""
+    """A machine service (``vmm.protocol.Service``): every call is checked against the log."""
 
-    def __init__(self, cursor: OpCursor, prefix: str) -> None:
+    def __init__(self, cursor: OpCursor, service: str) -> None:
         self._cursor = cursor
-        self._prefix = prefix
+        self._prefix = service
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        op = f"{self._prefix}.{name}"
+        op = service_op(self._prefix, name)
         cursor = self._cursor
 
         def call(*args: Any) -> Any:
@@ -186,14 +188,14 @@ class ReplayTimers:
     def arm(self, deadline_ns: int, callback: Callable[[], None]) -> int:
         timer_id = self.next_id
         self.next_id += 1
-        self.cursor.take_plain("timer.arm", [timer_id, deadline_ns], deadline_ns.__class__ is int)
+        self.cursor.take_plain(Op.TIMER_ARM, [timer_id, deadline_ns], deadline_ns.__class__ is int)
         self.callbacks[timer_id] = callback
         self.deadlines[timer_id] = deadline_ns
         return timer_id
 
     def cancel(self, handle: Any) -> None:
         timer_id = int(handle)
-        self.cursor.take_plain("timer.cancel", [timer_id])
+        self.cursor.take_plain(Op.TIMER_CANCEL, [timer_id])
         self.callbacks.pop(timer_id, None)
         self.deadlines.pop(timer_id, None)
 
@@ -216,7 +218,7 @@ class ReplaySink:
         self.row = row  # any recorded event (one not among ``rows``: the trace has a mismatch)
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int:
-        seq = int(self.cursor.take_plain("emit", [kind], kind.__class__ is EventKind))
+        seq = int(self.cursor.take_plain(Op.EMIT, [kind], kind.__class__ is EventKind))
         group = self.rows.by_kind.get(kind)
         index = None if group is None else group.index.get(seq)
         if group is None or index is None:  # recorded as another kind, or missing: the whole recorded row decides
@@ -261,3 +263,16 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, int):
         return int(value)
     return value
+
+
+def replay_ports(cursor: OpCursor, vp_count: int, sink: ReplaySink) -> EmulationPorts:
+    """The emulation's ports over the recorded I/O logs (what ``emulation_io.recorded_ports`` recorded)."""
+    return EmulationPorts(
+        partition=ReplayPartition(vp_count, cursor),
+        timers=ReplayTimers(cursor),
+        apic=ReplayService(cursor, Service.APIC),
+        tlb=ReplayService(cursor, Service.TLB),
+        tsc_page=getattr(ReplayService(cursor, Service.CLOCK), TSC_PAGE_PARAMS),
+        sink=sink,  # type: ignore[arg-type]
+        vsm=ReplayService(cursor, Service.VSM),
+    )

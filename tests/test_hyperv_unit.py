@@ -8,18 +8,20 @@ from collections.abc import Sequence
 
 import pytest
 from vsmtrace.vmm.events import EventKind, ListSink
-from vsmtrace.vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy, ManualTimerService
-from vsmtrace.vmm.hyperv.connections import EventPort, MessagePort
-from vsmtrace.vmm.hyperv.cpuid import hyperv_cpuid_leaves
-from vsmtrace.vmm.hyperv.hvdef import (
-    HV_HYPERCALL_TRAP_PORT,
-    HV_MESSAGE_SIZE,
-    HV_PAGE_SIZE,
-    HV_PARTITION_ID_SELF,
+from vsmtrace.vmm.hyperv import GpFault, GuestCrash, GuestResetRequest, HyperV, HypervPolicy
+from vsmtrace.vmm.hyperv.connections import (
     VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID,
     VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID,
     VSMTRACE_LOOPBACK_SINT,
-    VSMTRACE_PARTITION_ID,
+    EventPort,
+    MessagePort,
+)
+from vsmtrace.vmm.hyperv.cpuid import hyperv_cpuid_leaves
+from vsmtrace.vmm.hyperv.facade import VSMTRACE_PARTITION_ID
+from vsmtrace.vmm.hyperv.hvdef import (
+    HV_MESSAGE_SIZE,
+    HV_PAGE_SIZE,
+    HV_PARTITION_ID_SELF,
     HvCpuidLeaf,
     HvCrashCtl,
     HvEnlightenmentInfo,
@@ -53,6 +55,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 from vsmtrace.vmm.hyperv.hypercall_page import (
+    HV_HYPERCALL_TRAP_PORT,
     HYPERCALL_OFFSET,
     VTL_CALL_OFFSET,
     VTL_CALL_OFFSET_32,
@@ -61,8 +64,9 @@ from vsmtrace.vmm.hyperv.hypercall_page import (
     HypercallPage,
 )
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams, tsc_scale_for
-from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.timers import ManualTimerService
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, VtlAccessDenied
+from vsmtrace.vmm.vtl_array import VtlArray
 
 from tests.fakes import FakeVp
 
@@ -849,7 +853,7 @@ def _timer_msg(e: Env, sint: int) -> HvTimerMessagePayload:
 
 def _advance(e: Env, ticks: int) -> None:
     e.part.now += ticks
-    e.timers.run_due(e.part.now * 100)
+    e.timers.advance_to(e.part.now * 100)
 
 
 def test_stimer_one_shot_message() -> None:

@@ -1,8 +1,10 @@
 """notebooks/: committed without outputs, and both run top to bottom on a freshly recorded demo trace.
 
-The demo guest is recorded once for this module (``run_demo`` into a temporary directory, about
-30-60 s on KVM); ``VSMTRACE_DEMO_TRACE`` points the notebooks' kernels at it. Each notebook ends
-with a cell printing ``NOTEBOOK_RESULT {json}``; the tests check those results, so a notebook
+The demo guest is recorded once for this module (``run_demo`` into a temporary directory, a few
+seconds on KVM), and the notebooks are run as the demo tells a user to: copied next to its output
+with ``vsmtrace notebooks --copy OUT/notebooks`` and executed there, so each one must find the
+trace by itself (``$VSMTRACE_TRACE`` is unset) and import only the installed package. Each notebook
+ends with a cell printing ``NOTEBOOK_RESULT {json}``; the tests check those results, so a notebook
 that runs but computes the wrong thing fails.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, _require_kvm
+from tests.conftest import ROOT, _require_kvm, run_vsmtrace
 
 NOTEBOOKS = ROOT / "notebooks"
 TITLES = {
@@ -75,29 +77,36 @@ def python_kernel() -> str:
 
 @pytest.fixture(scope="module")
 def demo_trace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One demo recording for every notebook of this module, named by VSMTRACE_DEMO_TRACE."""
+    """One demo recording for every notebook of this module; $VSMTRACE_TRACE unset meanwhile."""
     _require_kvm()
-    from vsmtrace.demo import run_demo
+    from vsmtrace.demo import TRACE_ENV, run_demo
 
     result = run_demo(tmp_path_factory.mktemp("notebook-demo"), echo=False, step=lambda _text: None)
-    previous = os.environ.get("VSMTRACE_DEMO_TRACE")
-    os.environ["VSMTRACE_DEMO_TRACE"] = str(result.trace)
+    previous = os.environ.pop(TRACE_ENV, None)
     try:
         yield result.trace
     finally:
-        if previous is None:
-            os.environ.pop("VSMTRACE_DEMO_TRACE", None)
-        else:
-            os.environ["VSMTRACE_DEMO_TRACE"] = previous
+        if previous is not None:
+            os.environ[TRACE_ENV] = previous
 
 
-def execute(name: str, kernel: str) -> tuple[Any, dict[str, Any]]:
-    """Run a notebook top to bottom in the repo root; returns it (with outputs) and its result JSON."""
+@pytest.fixture(scope="module")
+def notebook_dir(demo_trace: Path) -> Path:
+    """The shipped notebooks copied beside the demo's output, as the demo's closing advice says."""
+    out = demo_trace.parent / "notebooks"
+    r = run_vsmtrace(["notebooks", "--copy", str(out)])
+    assert r.status == 0, r.stderr
+    assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(TITLES)
+    return out
+
+
+def execute(folder: Path, name: str, kernel: str) -> tuple[Any, dict[str, Any]]:
+    """Run a notebook top to bottom in its own folder (as Jupyter does); returns it with outputs and its result JSON."""
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel, resources={"metadata": {"path": str(ROOT)}})
+    nb = nbformat.read(folder / name, as_version=4)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=kernel, resources={"metadata": {"path": str(folder)}})
     client.execute()  # a failing cell raises CellExecutionError with its traceback
     lines = [
         line
@@ -123,9 +132,9 @@ def images(nb: Any) -> int:
 
 
 @pytest.mark.kvm
-def test_vtl_transitions_notebook(demo_trace: Path, python_kernel: str) -> None:
-    nb, r = execute("vtl_transitions.ipynb", python_kernel)
-    assert r["trace"] == str(demo_trace)
+def test_vtl_transitions_notebook(demo_trace: Path, notebook_dir: Path, python_kernel: str) -> None:
+    nb, r = execute(notebook_dir, "vtl_transitions.ipynb", python_kernel)
+    assert r["trace"] == str(demo_trace.resolve())  # found in the folder above the notebook's
 
     # Secure calls by service code (args[0] = RDX), per VP, as the guest source says.
     calls = r["secure_calls"]
@@ -176,9 +185,9 @@ def test_vtl_transitions_notebook(demo_trace: Path, python_kernel: str) -> None:
 
 
 @pytest.mark.kvm
-def test_reproduce_bug_notebook(demo_trace: Path, python_kernel: str) -> None:
-    _, r = execute("reproduce_bug.ipynb", python_kernel)
-    assert r["trace"] == str(demo_trace)
+def test_reproduce_bug_notebook(demo_trace: Path, notebook_dir: Path, python_kernel: str) -> None:
+    _, r = execute(notebook_dir, "reproduce_bug.ipynb", python_kernel)
+    assert r["trace"] == str(demo_trace.resolve())
 
     base = r["baseline"]
     assert base["verified"] is True and base["entries"] > 100

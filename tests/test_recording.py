@@ -163,11 +163,11 @@ def _port_events(sink: object, kernel: Path) -> bool:
     """Run ``kernel`` in-process (as ``vsmtrace run`` does, Hyper-V on) into ``sink``; did KVM_RUN record in C?"""
     import io
 
+    from vsmtrace.vmm.builder import build_machine
     from vsmtrace.vmm.config import MachineConfig
     from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
-    from vsmtrace.vmm.machine import Machine
 
-    machine = Machine(MachineConfig(kernel=kernel, serial_out=io.BytesIO(), hyperv=HypervPolicy()))
+    machine = build_machine(MachineConfig(kernel=kernel, serial_out=io.BytesIO(), hyperv=HypervPolicy()))
     machine.sink = sink  # type: ignore[assignment]
     try:
         machine.boot()

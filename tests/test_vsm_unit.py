@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 from vsmtrace.vmm.events import EventKind, ListSink
-from vsmtrace.vmm.hyperv import HyperV, HypervPolicy, ManualTimerService
+from vsmtrace.vmm.hyperv import HyperV, HypervPolicy
 from vsmtrace.vmm.hyperv.hvdef import (
     HV_ANY_VP,
     HV_MESSAGE_SIZE,
@@ -49,6 +49,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     X86Exception,
 )
 from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
+from vsmtrace.vmm.timers import ManualTimerService
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
 from vsmtrace.vmm.vsm import Vsm, coalesce, valid_mask
 from vsmtrace.vmm.vsm.intercept_message import build_intercept

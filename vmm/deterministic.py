@@ -32,22 +32,21 @@ import hashlib
 import struct
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.cpu_state import MSR_IA32_TSC
+from vsmtrace.vmm.cpu_state import GPR_NAMES
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.timers import ManualClock, ManualTimerService
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 #: Virtual nanoseconds added per exit: small enough that timer-driven guests are not
 #: slowed down in virtual time, large enough that spinning on an MSR read moves time.
 DEFAULT_QUANTUM_NS = 1000
 
 #: Order of the registers packed into the EXIT ``gprs`` column (18 little-endian u64).
-GPR_ORDER = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
-)  # fmt: skip
+GPR_ORDER = GPR_NAMES
 _GPR_STRUCT = struct.Struct("<18Q")
 
 #: EXIT ``entry_flags`` bits: what the VMM asked of KVM for the entry that ended in this exit.
@@ -79,8 +78,6 @@ class DeterministicTime:
         self.clock = ManualClock(machine.tsc_hz)
         self.timers = ManualTimerService(self.clock)
         self.exits = 0
-        # Filtered (hence exiting) from boot on: KVM would otherwise answer with host cycles.
-        machine.msr_handlers.append((MSR_IA32_TSC, MSR_IA32_TSC, self))
 
     def msr_read(self, vp: VirtualProcessor, index: int) -> int:
         """RDMSR IA32_TSC: the virtual TSC, a recorded input like any MSR read that exits."""
@@ -113,8 +110,6 @@ class DeterministicTime:
 
     def halt(self, vp: VirtualProcessor, interruptible: bool) -> None:
         """HLT: nothing but a timer can wake a lone VP, so jump time to the next deadline."""
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         machine = self.machine
         if not interruptible and machine.wake_hook is None:
             machine.note_halt(vp, False)  # stops the machine: it can never run again

@@ -35,7 +35,7 @@ from vsmtrace.vmm.guest_errors import decode_instruction, fetch_instruction
 from vsmtrace.vmm.kvm.system import ffi
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import VirtualProcessor
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 KVM_INTERNAL_ERROR_EMULATION = 1
 VECTOR_BP = 3

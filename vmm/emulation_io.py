@@ -1,6 +1,6 @@
 """The recorded boundary between the machine and the emulation code (Hyper-V, VSM).
 
-Deterministic replay (DESIGN.md, "replayer") needs every input the emulation
+Deterministic replay (docs/architecture.md, "The trace -> replay path") needs every input the emulation
 reads and every output it produces. The emulation reaches the machine only
 through a few narrow interfaces (``vmm.vp`` VP/partition access, the APIC and
 TLB services, timers, VSM services, the event sink), so wrapping those
@@ -26,10 +26,15 @@ import json
 import re
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.events import EventKind, EventSink
+from vsmtrace.vmm.protocol import SERVICE_INPUTS, TSC_PAGE_PARAMS, Entry, Op, Service, service_op
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment, Table, VtlAccessDenied
+
+if TYPE_CHECKING:
+    from vsmtrace.vmm.emulation import EmulationPorts
 
 # -- value encoding ----------------------------------------------------------------------------
 
@@ -170,6 +175,16 @@ def decode_value(data: Any) -> Any:
     return data
 
 
+def fields_of(encoded: Any) -> dict[str, Any]:
+    """The (still encoded) fields of a dataclass as :func:`encode` wrote it; {} for anything else."""
+    return encoded.get("f", {}) if isinstance(encoded, dict) and "D" in encoded else {}
+
+
+def enum_value_of(encoded: Any) -> Any:
+    """The value of an Enum as :func:`encode` wrote it (ints stay ints, other values were tagged)."""
+    return encoded["E"] if isinstance(encoded, dict) else encoded
+
+
 def input_types() -> dict[str, type]:
     """Dataclasses the machine hands *to* the emulation (so replay must rebuild them)."""
     from vsmtrace.vmm.hyperv.reference_time import TscPageParams
@@ -195,7 +210,7 @@ def loads(data: bytes | None) -> Any:
 
 #: An ``emit`` op of an I/O log, ``["emit",[KIND],SEQ]`` (any JSON whitespace allowed). JSON escapes
 #: every quote inside a string, so this matches log elements only, never text inside a value.
-EMIT_OP = re.compile(rb'\[\s*"emit"\s*,\s*\[\s*(\d+)\s*\]\s*,\s*(\d+)\s*\]')
+EMIT_OP = re.compile(rb'\[\s*"' + Op.EMIT.encode() + rb'"\s*,\s*\[\s*(\d+)\s*\]\s*,\s*(\d+)\s*\]')
 
 
 def emitted_events(log: bytes) -> tuple[list[int], list[int]]:
@@ -314,29 +329,29 @@ class RecordedVp(_Recorded):
 
     @property
     def active_vtl(self) -> int:
-        return int(self._in("active_vtl", [self.index], lambda: self._inner.active_vtl))
+        return int(self._in(Op.ACTIVE_VTL, [self.index], lambda: self._inner.active_vtl))
 
     def get_register(self, vtl: int, name: str) -> Any:
-        return self._in("get_register", [self.index, vtl, name], lambda: self._inner.get_register(vtl, name))
+        return self._in(Op.GET_REGISTER, [self.index, vtl, name], lambda: self._inner.get_register(vtl, name))
 
     def set_register(self, vtl: int, name: str, value: Any) -> None:
-        self._out("set_register", [self.index, vtl, name, value], lambda: self._inner.set_register(vtl, name, value))
+        self._out(Op.SET_REGISTER, [self.index, vtl, name, value], lambda: self._inner.set_register(vtl, name, value))
 
     def get_xmm(self, vtl: int, index: int) -> int:
-        return int(self._in("get_xmm", [self.index, vtl, index], lambda: self._inner.get_xmm(vtl, index)))
+        return int(self._in(Op.GET_XMM, [self.index, vtl, index], lambda: self._inner.get_xmm(vtl, index)))
 
     def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self._out("set_xmm", [self.index, vtl, index, value], lambda: self._inner.set_xmm(vtl, index, value))
+        self._out(Op.SET_XMM, [self.index, vtl, index, value], lambda: self._inner.set_xmm(vtl, index, value))
 
     def cpl(self, vtl: int) -> int:
-        return int(self._in("cpl", [self.index, vtl], lambda: self._inner.cpl(vtl)))
+        return int(self._in(Op.CPL, [self.index, vtl], lambda: self._inner.cpl(vtl)))
 
     def mode(self, vtl: int) -> CpuMode:
-        return CpuMode(self._in("mode", [self.index, vtl], lambda: self._inner.mode(vtl)))
+        return CpuMode(self._in(Op.MODE, [self.index, vtl], lambda: self._inner.mode(vtl)))
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
         self._out(
-            "inject_exception", [self.index, vtl, vector, error_code], lambda: self._inner.inject_exception(vtl, vector, error_code)
+            Op.INJECT_EXCEPTION, [self.index, vtl, vector, error_code], lambda: self._inner.inject_exception(vtl, vector, error_code)
         )
 
 
@@ -358,34 +373,35 @@ class RecordedPartition(_Recorded):
         return int(self._inner.vp_count)
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
-        return self._in("read_gpa", [vtl, gpa, size, access], lambda: self._inner.read_gpa(vtl, gpa, size, access))
+        return self._in(Op.READ_GPA, [vtl, gpa, size, access], lambda: self._inner.read_gpa(vtl, gpa, size, access))
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
-        self._out("write_gpa", [vtl, gpa, bytes(data)], lambda: self._inner.write_gpa(vtl, gpa, data))
+        self._out(Op.WRITE_GPA, [vtl, gpa, bytes(data)], lambda: self._inner.write_gpa(vtl, gpa, data))
 
     def reference_time(self) -> int:
-        return int(self._in("reference_time", [], self._inner.reference_time))
+        return int(self._in(Op.REFERENCE_TIME, [], self._inner.reference_time))
 
     def assert_interrupt(self, vp_index: int, vtl: int, vector: int) -> None:
-        self._out("assert_interrupt", [vp_index, vtl, vector], lambda: self._inner.assert_interrupt(vp_index, vtl, vector))
+        self._out(Op.ASSERT_INTERRUPT, [vp_index, vtl, vector], lambda: self._inner.assert_interrupt(vp_index, vtl, vector))
 
 
 class RecordedService(_Recorded):
-    """Any other machine service (APIC access, TLB flushes, VSM services): reads are inputs, the rest outputs.
+    """Any other machine service (``vmm.protocol.Service``: APIC access, TLB flushes, VSM services, the clock).
 
-    ``inputs`` names the methods whose return value the emulation uses.
+    The methods ``SERVICE_INPUTS`` names for the service are inputs (their results are
+    recorded), every other method an output.
     """
 
-    def __init__(self, inner: Any, boundary: Boundary, prefix: str, inputs: frozenset[str]) -> None:
+    def __init__(self, inner: Any, boundary: Boundary, service: str) -> None:
         super().__init__(inner, boundary)
-        self._prefix = prefix
-        self._inputs = inputs
+        self._prefix = service
+        self._inputs = SERVICE_INPUTS[service]
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self._inner, name)
         if not callable(target):
             return target
-        op = f"{self._prefix}.{name}"
+        op = service_op(self._prefix, name)
 
         def call(*args: Any) -> Any:
             if name in self._inputs:
@@ -407,16 +423,16 @@ class RecordedTimers(_Recorded):
         timer_id = next(self._ids)
 
         def fire() -> None:
-            self._b.entry("timer", -1, -1, [timer_id], callback)
+            self._b.entry(Entry.TIMER, Entry.NO_VP, Entry.NO_VP, [timer_id], callback)
 
         handle = self._inner.arm(deadline_ns, fire)
-        self._b.note("timer.arm", [timer_id, deadline_ns], None)
+        self._b.note(Op.TIMER_ARM, [timer_id, deadline_ns], None)
         self._handles[id(handle)] = timer_id
         return handle
 
     def cancel(self, handle: Any) -> None:
         timer_id = self._handles.pop(id(handle), -1)
-        self._b.note("timer.cancel", [timer_id], None)
+        self._b.note(Op.TIMER_CANCEL, [timer_id], None)
         self._inner.cancel(handle)
 
 
@@ -430,8 +446,24 @@ class RecordedSink:
 
     def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> Any:
         seq = self._inner.emit(kind, vp, vtl, rip, **fields)
-        self._b.note("emit", [int(kind)], seq)
+        self._b.note(Op.EMIT, [int(kind)], seq)
         return seq
 
     def close(self) -> None:
         return None
+
+
+def recorded_ports(ports: EmulationPorts, boundary: Boundary) -> EmulationPorts:
+    """``ports`` with every call the emulation makes through them noted in ``boundary``'s I/O logs."""
+    tsc_page = ports.tsc_page
+    clock = RecordedService(SimpleNamespace(**{TSC_PAGE_PARAMS: tsc_page}), boundary, Service.CLOCK)
+    return dataclasses.replace(
+        ports,
+        partition=RecordedPartition(ports.partition, boundary),
+        timers=RecordedTimers(ports.timers, boundary),
+        apic=RecordedService(ports.apic, boundary, Service.APIC),
+        tlb=RecordedService(ports.tlb, boundary, Service.TLB),
+        tsc_page=getattr(clock, TSC_PAGE_PARAMS),
+        sink=RecordedSink(ports.sink, boundary),  # type: ignore[arg-type]
+        vsm=None if ports.vsm is None else RecordedService(ports.vsm, boundary, Service.VSM),
+    )

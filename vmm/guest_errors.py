@@ -8,16 +8,14 @@ where, so the bytes at RIP are decoded with iced-x86.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import iced_x86
-from vsmtrace.vmm.memory import PAGE_SIZE, GuestMemory
-from vsmtrace.vmm.vp import CpuMode, GuestMemoryError
+from vsmtrace.vmm.guest_walk import read_linear, rip_linear, translator
+from vsmtrace.vmm.vp import CpuMode
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.kvm.system import Vcpu
-    from vsmtrace.vmm.machine import VirtualProcessor
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 SUBERRORS = {
     1: "instruction emulation failed",
@@ -28,44 +26,10 @@ SUBERRORS = {
 MAX_INSN = 15
 
 
-def translator(vcpu: Vcpu) -> Callable[[int], int | None]:
-    """Guest-linear → guest-physical through the vCPU's own page tables (None: not mapped)."""
-
-    def translate(linear: int) -> int | None:
-        try:
-            gpa, valid, _ = vcpu.translate(linear & 0xFFFFFFFFFFFFFFFF)
-        except OSError:
-            return None
-        return int(gpa) if valid else None
-
-    return translate
-
-
-def read_linear(memory: GuestMemory, translate: Callable[[int], int | None], linear: int, size: int) -> bytes:
-    """Up to ``size`` bytes at a guest linear address, page by page through ``translate``.
-
-    Stops early (returns fewer bytes) at an unmapped page or a page outside RAM.
-    """
-    out = bytearray()
-    addr = linear & 0xFFFFFFFFFFFFFFFF
-    while len(out) < size:
-        gpa = translate(addr)
-        if gpa is None:
-            break
-        chunk = min(size - len(out), PAGE_SIZE - (addr & (PAGE_SIZE - 1)))
-        try:
-            out += memory.read(gpa, chunk)
-        except GuestMemoryError:
-            break
-        addr += chunk
-    return bytes(out)
-
-
 def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
     """(rip, up to 15 bytes at rip), translating through the guest's page tables."""
     vcpu = vp.vcpus[vtl]
-    rip = int(vcpu.get_regs().rip)
-    linear = int(vcpu.get_sregs().cs.base) + rip
+    rip, linear = rip_linear(vcpu)
     return rip, read_linear(vp.machine.memory, translator(vcpu), linear, MAX_INSN)
 
 

@@ -1,33 +1,25 @@
-"""The partition: KVM VMs (one per VTL), VPs with their threads, devices, and the run loop.
+"""The partition: guest RAM, one KVM VM per VTL, the VPs, devices, MSR routing and stopping.
 
-Each VP runs in its own host thread. ``VirtualProcessor.run_loop`` enters KVM,
-and the exit is dispatched through ``VirtualProcessor.exit_handlers`` — a table
-from KVM exit reason to handler, so the whole of what the VMM does for a guest
-reads in one place. Interrupts come only from the userspace local APICs and are
-injected just before entry; kicks (a signal to the VP thread plus
-``kvm_run.immediate_exit``) get a VP out of ``KVM_RUN`` when another thread
-makes an interrupt pending or the machine stops.
+The VPs and their run loop are :mod:`vmm.virtual_processor`; this module owns what
+is shared by all of them (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import enum
-import errno
 import logging
 import os
-import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from vsmtrace.vmm.config import MachineConfig
-from vsmtrace.vmm.cpu_state import RegisterFile, apply_boot_state, apply_sipi, cpu_mode
+from vsmtrace.vmm.cpu_state import MSR_IA32_TSC, apply_boot_state
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
 from vsmtrace.vmm.cpuid_probe import ineffective_hiding
 from vsmtrace.vmm.deterministic import DeterministicTime
-from vsmtrace.vmm.devices.apic import ApicGpFault, ApicRouter, LocalApic
-from vsmtrace.vmm.devices.bus import ALL_ONES, MmioBus, PioBus
+from vsmtrace.vmm.devices.apic import ApicRouter
+from vsmtrace.vmm.devices.bus import MmioBus, PioBus
 from vsmtrace.vmm.devices.cmos_rtc import RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
@@ -35,26 +27,32 @@ from vsmtrace.vmm.devices.ioapic import IOAPIC_BASE, IOAPIC_MMIO_SIZE, IoApic
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
 from vsmtrace.vmm.devices.pc_testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
 from vsmtrace.vmm.devices.serial import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550
-from vsmtrace.vmm.emulation_completions import try_complete
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler, overriding
 from vsmtrace.vmm.firmware.acpi import IoApicInfo, build_acpi_tables
-from vsmtrace.vmm.guest_errors import describe_internal_error
-from vsmtrace.vmm.kvm.exits import exit_name
 from vsmtrace.vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
 from vsmtrace.vmm.loader.kernel import Module, load_kernel
 from vsmtrace.vmm.memory import GuestMemory
+from vsmtrace.vmm.memory_view import MemoryView
+from vsmtrace.vmm.stops import (
+    EXIT_GUEST_FAULT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_VMM_ERROR,
+    MsrFault,
+)
 from vsmtrace.vmm.timers import ManualClock, TimerService
-from vsmtrace.vmm.vp import Access, CpuMode, Segment, Table, VtlAccessDenied
+from vsmtrace.vmm.virtual_processor import APIC_TIMER_HZ, VirtualProcessor, VpState
+from vsmtrace.vmm.vp import Access, VtlAccessDenied
+from vsmtrace.vmm.vtl_array import VtlArray
 
 from vsmtrace import __version__
 
 log = logging.getLogger("vsmtrace.machine")
+E = TypeVar("E", bound=MachineExtension)
 
-APIC_MMIO_BASE = 0xFEE00000
-APIC_MMIO_SIZE = 0x1000
-APIC_TIMER_HZ = 1_000_000_000  # KVM's convention: one APIC bus cycle per ns
 MSR_IA32_APIC_BASE = 0x1B
-MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_X2APIC_FIRST = 0x800
 MSR_X2APIC_LAST = 0x8FF
@@ -62,591 +60,29 @@ TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 FW_CFG_VERSION_FILE = "etc/vsmtrace/version"
 MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER")
-
-# kvm_run fields the run loop reads on every exit, unpacked in one call each (a cffi
-# attribute read costs about as much as the struct unpack of all of them).
-# exit_reason, ready_for_interrupt_injection, if_flag, flags, cr8, (apic_base skipped),
-# then the io member of the exit union: direction, size, port, count, data_offset.
-EXIT_INFO = struct.Struct("<IBBHQ8xBBHIQ")
-EXIT_INFO_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
-IMMEDIATE_EXIT_OFFSET = ffi.offsetof("struct kvm_run", "immediate_exit")
-RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
-unpack_rip = struct.Struct("<Q").unpack_from
-IO_OUT = int(lib.KVM_EXIT_IO_OUT)
-PIO, MMIO = EventKind.PIO, EventKind.MMIO
-RUN_RECORDED = int(lib.VSM_RUN_RECORDED)  # vsm_kvm_run_recorded: recorder status + this
 PORTS = 1 << 16
-assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
-assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
 
 STDIN_FD = 0
 SERIAL_INPUT_CHUNK = 4096
 
-# vsmtrace's own exit statuses (the guest's isa-debug-exit statuses are always odd).
-EXIT_OK = 0
-EXIT_GUEST_FAULT = 4  # triple fault, emulation failure, crash MSRs, all VPs halted for good
-EXIT_VMM_ERROR = 6  # a bug in vsmtrace while serving the guest
-EXIT_TIMEOUT = 124
-EXIT_INTERRUPTED = 130
+
+def _any(hooks: list[Callable[..., bool]]) -> Callable[..., bool] | None:
+    """One hook that is true if any of ``hooks`` is (asked in order, stops at the first); None for none."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
+    return lambda *args: any(hook(*args) for hook in hooks)
 
 
-class VpState(enum.Enum):
-    WAIT_FOR_SIPI = "wait-for-sipi"
-    RUNNING = "running"
-    HALTED = "halted"
-    STOPPED = "stopped"
+def _each(hooks: list[Callable[..., None]]) -> Callable[..., None] | None:
+    """One hook that calls each of ``hooks`` in order; None for none."""
+    if len(hooks) <= 1:
+        return hooks[0] if hooks else None
 
+    def call(*args: Any) -> None:
+        for hook in hooks:
+            hook(*args)
 
-class GuestStop(Exception):
-    """Raised inside a VP thread to end the run with a status and a message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class VirtualProcessor:
-    """One VP: a KVM vCPU per VTL, a local APIC per VTL, and the host thread that runs it."""
-
-    def __init__(self, machine: Machine, index: int) -> None:
-        self.machine = machine
-        self.index = index
-        self.vcpus: list[Vcpu] = [vm.create_vcpu(index) for vm in machine.vms]
-        self.regfiles = [RegisterFile(v) for v in self.vcpus]
-        if machine.clock is None:
-            machine.init_clock(self.vcpus[0])
-        assert machine.clock is not None
-        self.vtl = 0
-        self.vcpu: Vcpu = self.vcpus[0]
-        self.exit_info: tuple[int, ...] = ()  # the current exit's kvm_run fields (see EXIT_IO)
-        self.exit_recorded = 0  # > 0: the current exit's PIO event was recorded in C (vsm_kvm_run_recorded)
-        self.state = VpState.RUNNING if index == 0 else VpState.WAIT_FOR_SIPI
-        self.cond = threading.Condition()
-        self.wakeups = 0  # bumped by every notify; see wait()
-        self.thread: threading.Thread | None = None
-        self.thread_id = 0
-        self.in_guest = False
-        self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
-        self.last_cr8 = 0
-        self.sipi_vector: int | None = None
-        self.start_vtl: int | None = None  # HvCallStartVirtualProcessor: start in this VTL, context already loaded
-        self.started = index == 0
-        self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
-        self.pending_flush: set[int] = set()  # VTLs whose cached translations must go before the next entry
-        self.exit_count = 0
-        self.apics: list[LocalApic] = [
-            LocalApic(
-                index,
-                bsp=index == 0,
-                clock=machine.clock,
-                timers=machine.timers,
-                bus=machine.routers[vtl],
-                on_pending=self.kick,
-                tsc_hz=machine.tsc_hz,
-                timer_hz=APIC_TIMER_HZ,
-                on_eoi=lambda vector, vtl=vtl: machine.apic_eoi(index, vtl, vector),
-            )
-            for vtl in range(len(machine.vms))
-        ]
-        # KVM answers CPUID in the kernel (no exit), so the table each vCPU gets is what a
-        # trace records as its CPUID events (see Machine.boot).
-        self.cpuid_tables = [machine.cpuid_for(index, vtl) for vtl in range(len(self.vcpus))]
-        for vcpu, table in zip(self.vcpus, self.cpuid_tables, strict=True):
-            vcpu.set_cpuid(table)
-        self.exit_handlers: dict[int, Callable[[], None]] = {
-            lib.KVM_EXIT_IO: self.on_io,
-            lib.KVM_EXIT_MMIO: self.on_mmio,
-            lib.KVM_EXIT_HLT: self.on_hlt,
-            lib.KVM_EXIT_IRQ_WINDOW_OPEN: self.on_nothing,
-            lib.KVM_EXIT_INTR: self.on_nothing,
-            lib.KVM_EXIT_X86_RDMSR: self.on_rdmsr,
-            lib.KVM_EXIT_X86_WRMSR: self.on_wrmsr,
-            lib.KVM_EXIT_SHUTDOWN: self.on_shutdown,
-            lib.KVM_EXIT_INTERNAL_ERROR: self.on_internal_error,
-            lib.KVM_EXIT_FAIL_ENTRY: self.on_fail_entry,
-            lib.KVM_EXIT_SYSTEM_EVENT: self.on_system_event,
-        }
-
-    # -- the VTL currently running on this VP ---------------------------------------
-    def set_vtl(self, vtl: int) -> None:
-        """Make ``vtl`` the running VTL of this VP (``vcpu`` is a plain attribute: it is read per exit)."""
-        self.vtl = vtl
-        self.vcpu = self.vcpus[vtl]
-
-    @property
-    def apic(self) -> LocalApic:
-        return self.apics[self.vtl]
-
-    @property
-    def active_vtl(self) -> int:
-        return self.vtl
-
-    def rip(self) -> int:
-        vcpu = self.vcpu
-        if vcpu.sync_regs:  # straight from the kvm_run copy (events read it on every exit)
-            return unpack_rip(vcpu.run_view, RIP_OFFSET)[0]
-        return int(vcpu.get_regs().rip)
-
-    # -- VP interface (vmm.vp.VpAccess) ---------------------------------------------
-    def get_register(self, vtl: int, name: str) -> int | Segment | Table:
-        return self.regfiles[vtl].get(name)
-
-    def set_register(self, vtl: int, name: str, value: int | Segment | Table) -> None:
-        self.regfiles[vtl].set(name, value)
-
-    def get_xmm(self, vtl: int, index: int) -> int:
-        return self.regfiles[vtl].get_xmm(index)
-
-    def set_xmm(self, vtl: int, index: int, value: int) -> None:
-        self.regfiles[vtl].set_xmm(index, value)
-
-    def cpl(self, vtl: int) -> int:
-        s = self.vcpus[vtl].get_sregs()
-        if cpu_mode(s) is CpuMode.REAL:
-            return 0
-        return int(s.cs.dpl)
-
-    def mode(self, vtl: int) -> CpuMode:
-        return cpu_mode(self.vcpus[vtl].get_sregs())
-
-    def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
-        events = self.vcpus[vtl].get_events()
-        events.exception.injected = 1
-        events.exception.nr = vector
-        events.exception.has_error_code = 1 if error_code is not None else 0
-        events.exception.error_code = error_code or 0
-        self.vcpus[vtl].flush_regs()
-        self.vcpus[vtl].set_events(events)
-        sink = self.machine.sink
-        if sink.enabled:
-            rip = int(self.vcpus[vtl].get_regs().rip)
-            sink.emit(EventKind.INTERRUPT, self.index, vtl, rip, vector=vector, source="exception")
-
-    # -- kicks and waiting -------------------------------------------------------------
-    def kick(self) -> None:
-        """Make this VP look at its interrupts now (called from any thread)."""
-        self.interrupt_hint = True
-        with self.cond:
-            self.wakeups += 1
-            self.cond.notify_all()
-        if self.in_guest:
-            self.vcpu.run_struct.immediate_exit = 1
-            if self.thread_id:
-                lib.vsm_kick_thread(self.thread_id)
-
-    def wait(self, predicate: Callable[[], bool]) -> None:
-        """Block until ``predicate()`` holds (or the machine stops).
-
-        The predicate runs *without* the condition lock: it may take the emulation's lock
-        (is a higher VTL's interrupt pending?), while a thread holding that lock may be
-        kicking this VP. A wake-up counter read before the check closes the lost-wakeup race.
-        """
-        while True:
-            if self.requests:
-                self.service_requests()
-            with self.cond:
-                seen = self.wakeups
-            if predicate() or self.machine.stopping:
-                return
-            with self.cond:
-                if self.wakeups == seen and not self.requests:
-                    self.cond.wait(0.5)
-
-    # -- work other threads need done on this VP's thread (vCPU ioctls, TLB flushes) --------------
-    def call_on_thread(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on this VP's thread before its next guest entry, and wait for it.
-
-        A vCPU's ioctls would block while its thread is inside KVM_RUN, so cross-VP work
-        (a TLB flush for another VP) is queued here instead. While waiting, the caller
-        keeps serving its own queue, so two VPs flushing each other cannot deadlock.
-        """
-        if self.thread is None or self.state is VpState.STOPPED or threading.current_thread() is self.thread:
-            fn()
-            return
-        done = threading.Event()
-        with self.cond:
-            self.requests.append((fn, done))
-        self.kick()
-        caller = self.machine.current_vp()
-        while not done.wait(0.0005):
-            if self.machine.stopping or self.state is VpState.STOPPED:
-                return
-            if caller is not None and caller.requests:
-                caller.service_requests()
-
-    def request_tlb_flush(self, vtl: int) -> None:
-        """Make this VP drop cached translations of ``vtl`` before it next runs guest code.
-
-        Returns once that is guaranteed: immediately if the VP is outside KVM_RUN (it
-        flushes before re-entering), else after a kick has made it leave KVM_RUN. Never
-        waits for a lock the target might hold, so flushes cannot deadlock.
-        """
-        with self.cond:
-            self.pending_flush.add(vtl)
-        if threading.current_thread() is self.thread or not self.in_guest:
-            return
-        seen = self.exit_count
-        self.kick()
-        deadline = time.monotonic() + 5.0
-        while self.in_guest and self.exit_count == seen and not self.machine.stopping:
-            if time.monotonic() > deadline:
-                self.kick()
-                deadline = time.monotonic() + 5.0
-            time.sleep(0.00005)
-
-    def flush_tlb(self) -> None:
-        with self.cond:
-            vtls, self.pending_flush = self.pending_flush, set()
-        for vtl in vtls:
-            self.flush_vtl_tlb(vtl)
-
-    def flush_vtl_tlb(self, vtl: int) -> None:
-        """Flush ``vtl``'s translations now, on this VP's thread."""
-        vcpu = self.vcpus[vtl]
-        vcpu.flush_regs()
-        vcpu.set_sregs(vcpu.get_sregs())  # KVM resets the MMU context: no stale translation survives
-
-    def service_requests(self) -> None:
-        with self.cond:
-            requests, self.requests = self.requests, []
-        for fn, done in requests:
-            try:
-                fn()
-            finally:
-                done.set()
-
-    # -- INIT / SIPI -------------------------------------------------------------------
-    def on_init(self) -> None:
-        if self.index == 0:
-            return  # the BSP ignores INIT in this VMM (no reset support)
-        with self.cond:
-            self.state = VpState.WAIT_FOR_SIPI
-            self.sipi_vector = None
-            self.wakeups += 1
-            self.cond.notify_all()
-
-    def on_sipi(self, vector: int) -> None:
-        with self.cond:
-            if self.state is VpState.WAIT_FOR_SIPI:
-                self.sipi_vector = vector
-                self.wakeups += 1
-                self.cond.notify_all()
-
-    def start_in_vtl(self, vtl: int) -> None:
-        """Start a VP that waits for SIPI directly in ``vtl`` (its context was loaded already)."""
-        with self.cond:
-            if self.state is VpState.WAIT_FOR_SIPI:
-                self.start_vtl = vtl
-                self.started = True
-                self.wakeups += 1
-                self.cond.notify_all()
-
-    # -- the run loop ----------------------------------------------------------------------
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.thread_main, name=f"vp{self.index}", daemon=True)
-        self.thread.start()
-
-    def thread_main(self) -> None:
-        self.thread_id = lib.vsm_thread_self()
-        machine = self.machine
-        try:
-            self.run_loop()
-        except GuestStop as stop:
-            machine.request_stop(stop.status, str(stop), vp=self)
-        except Exception as exc:  # a VMM bug: stop the guest cleanly, with a message
-            log.exception("VP %d: internal error", self.index)
-            machine.emit(EventKind.ERROR, self, message=f"{type(exc).__name__}: {exc}")
-            machine.request_stop(EXIT_VMM_ERROR, f"vsmtrace internal error on VP {self.index}: {exc}", vp=self)
-        finally:
-            self.state = VpState.STOPPED
-            machine.emit(EventKind.VP_STOP, self)
-
-    def run_loop(self) -> None:
-        machine = self.machine
-        if self.state is VpState.WAIT_FOR_SIPI:
-            self.wait_for_sipi()
-        machine.emit(EventKind.VP_START, self)
-        vcpu = self.vcpu
-        run = vcpu.run_struct
-        handlers = self.exit_handlers
-        waiting = VpState.WAIT_FOR_SIPI
-        kvm_run = lib.vsm_kvm_run
-        kvm_run_recorded = lib.vsm_kvm_run_recorded
-        unpack_exit = EXIT_INFO.unpack_from
-        deterministic = machine.deterministic  # fixed once the machine is built
-        while not machine.stopping:
-            if self.state is waiting:
-                self.wait_for_sipi()
-                vcpu = self.vcpu
-                run = vcpu.run_struct
-                continue
-            kicks = self.wakeups
-            if self.requests:
-                self.service_requests()
-            if self.pending_flush:
-                self.flush_tlb()
-            if self.interrupt_hint:
-                run = self.deliver_interrupts(run)
-                vcpu = self.vcpu
-            self.in_guest = True
-            if self.wakeups != kicks:
-                # kick() came after the checks above but saw in_guest still False, so it set no
-                # immediate_exit: look again rather than enter a guest that may not exit soon.
-                self.in_guest = False
-                continue
-            if machine.stopping:
-                break
-            vcpu._sregs = None  # KVM may change them while the guest runs
-            recorder = vcpu.exit_recorder
-            r = kvm_run(vcpu.fd) if recorder is None else kvm_run_recorded(vcpu.fd, recorder)
-            vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
-            self.in_guest = False
-            self.exit_count += 1
-            view = vcpu.run_view
-            if view[IMMEDIATE_EXIT_OFFSET]:
-                run.immediate_exit = 0
-            self.exit_recorded = r
-            if r:
-                if r < 0:
-                    if r in (-errno.EINTR, -errno.EAGAIN):
-                        continue
-                    raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
-                if r > RUN_RECORDED:  # recorded in C, and the recorder wants a flush
-                    machine.sink.flush_due(r - RUN_RECORDED)
-            info = self.exit_info = unpack_exit(view, EXIT_INFO_OFFSET)
-            reason = info[0]
-            cr8 = info[4]
-            if cr8 != self.last_cr8:  # the guest wrote CR8 (= TPR[7:4]) in long mode
-                self.last_cr8 = cr8
-                self.apic.set_tpr_from_cr8(cr8)
-                self.interrupt_hint = True
-            if deterministic is not None:
-                deterministic.at_exit(self, reason)
-            handler = handlers.get(reason)
-            if handler is None:
-                self.on_unhandled()
-            else:
-                handler()
-            vcpu = self.vcpu  # a handler may have switched the VP to another VTL
-            run = vcpu.run_struct
-
-    def wait_for_sipi(self) -> None:
-        self.wait(lambda: self.sipi_vector is not None or self.start_vtl is not None)
-        if self.machine.stopping:
-            return
-        if self.start_vtl is not None:
-            self.set_vtl(self.start_vtl)
-            self.start_vtl = None
-        else:
-            vector = self.sipi_vector
-            assert vector is not None
-            self.sipi_vector = None
-            apply_sipi(self.vcpu, vector)
-        self.started = True
-        self.last_cr8 = self.vcpu.run_struct.cr8
-        self.interrupt_hint = True
-        self.state = VpState.RUNNING
-
-    def deliver_interrupts(self, run: Any) -> Any:
-        """Inject the highest deliverable APIC vector, or ask KVM for an interrupt window.
-
-        Returns the kvm_run of the VTL that will run (a higher VTL's pending interrupt
-        may switch the VP first).
-        """
-        hook = self.machine.pre_entry_hook
-        if hook is not None:
-            hook(self)
-            run = self.vcpu.run_struct
-        apic = self.apic
-        vector = apic.pending_vector()
-        if vector is None:
-            self.interrupt_hint = False
-            run.request_interrupt_window = 0
-            return run
-        if run.ready_for_interrupt_injection and run.if_flag:
-            vector = apic.acknowledge()
-            self.vcpu.interrupt(vector)
-            if self.machine.on_interrupt_acknowledged is not None:
-                self.machine.on_interrupt_acknowledged(self, vector)
-            self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="apic")
-            run.request_interrupt_window = 1 if apic.pending_vector() is not None else 0
-        else:
-            run.request_interrupt_window = 1
-        return run
-
-    # -- exit handlers ------------------------------------------------------------------------
-    def on_nothing(self) -> None:
-        return None
-
-    def on_io(self) -> None:
-        view = self.vcpu.run_view
-        _, _, _, _, _, direction, size, port, count, offset = self.exit_info
-        machine = self.machine
-        trap = machine.trap_ports.get(port)
-        if trap is not None:
-            trap(self, port, size, direction == IO_OUT)
-            return
-        bus = machine.pio
-        recording = machine.sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded
-        if direction == IO_OUT:
-            device = bus.devices.get(port)  # the bus, inlined: this is the hottest path of all
-            if count == 1 and device is not None:
-                value = int.from_bytes(view[offset : offset + size], "little")
-                if recording:  # rare: KVM_RUN records these in C when it can (attach_exit_recorders)
-                    self.record_io(PIO, port, size, True, value)
-                device.pio_write(port, size, value)
-                return
-            for i in range(count):
-                start = offset + i * size
-                value = int.from_bytes(view[start : start + size], "little")
-                if recording:
-                    self.record_io(PIO, port, size, True, value)
-                if device is None:
-                    bus.write(port, size, value)  # unclaimed: warns once
-                else:
-                    device.pio_write(port, size, value)
-        else:
-            for i in range(count):
-                value = bus.read(port, size)
-                start = offset + i * size
-                view[start : start + size] = value.to_bytes(size, "little")
-                if recording:
-                    self.record_io(PIO, port, size, False, value)
-
-    def record_io(self, kind: EventKind, address: int, size: int, is_write: bool, data: int) -> None:
-        """A PIO or MMIO event for the running VTL, through the sink's positional fast path."""
-        sink = self.machine.sink
-        if sink.enabled:
-            status = sink.record_io(kind, self.index, self.vtl, self.rip(), address, size, is_write, data)
-            if status > 0:
-                sink.flush_due(status)
-
-    def on_mmio(self) -> None:
-        run = self.vcpu.run_struct
-        mmio = run.mmio
-        gpa, length, is_write = mmio.phys_addr, mmio.len, bool(mmio.is_write)
-        machine = self.machine
-        hook = machine.mmio_hook
-        if hook is not None and hook(self, gpa, length, is_write):
-            return  # VSM protections completed or intercepted it
-        apic = self.apic
-        if apic.mmio_decoded and apic.mmio_base <= gpa < apic.mmio_base + APIC_MMIO_SIZE:
-            offset = gpa - apic.mmio_base
-            self.interrupt_hint = True  # EOI, TPR or SVR may have changed what is deliverable
-            if is_write:
-                value = int.from_bytes(bytes(mmio.data[0:length]), "little")
-                apic.mmio_write(offset, length, value)
-                run.cr8 = self.last_cr8 = apic.cr8
-            else:
-                value = apic.mmio_read(offset, length)
-                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
-            self.record_io(MMIO, gpa, length, is_write, value)
-            return
-        found = machine.mmio.find(gpa)
-        if found is not None:
-            base, dev = found
-            if is_write:
-                value = int.from_bytes(bytes(mmio.data[0:length]), "little")
-                dev.mmio_write(gpa - base, length, value)
-            else:
-                value = dev.mmio_read(gpa - base, length)
-                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
-        else:
-            value = int.from_bytes(bytes(mmio.data[0:length]), "little") if is_write else ALL_ONES.get(length, 0)
-            if not is_write:
-                ffi.memmove(mmio.data, value.to_bytes(length, "little"), length)
-            machine.warn_once(("mmio", gpa & ~0xFFF), f"guest accessed unbacked guest-physical address {gpa:#x}")
-        self.record_io(MMIO, gpa, length, is_write, value)
-
-    def on_hlt(self) -> None:
-        run = self.vcpu.run_struct
-        machine = self.machine
-        machine.emit(EventKind.EXIT, self, exit_reason="HLT", exit_code=int(lib.KVM_EXIT_HLT))
-        interruptible = bool(run.if_flag)
-        if machine.deterministic is not None:
-            machine.deterministic.halt(self, interruptible)
-            self.interrupt_hint = True
-            return
-        self.state = VpState.HALTED
-        machine.note_halt(self, interruptible)
-        try:
-            self.wait(lambda: self.can_wake(interruptible))
-        finally:
-            self.state = VpState.RUNNING
-            machine.note_wake(self)
-        self.interrupt_hint = True
-
-    def can_wake(self, interruptible: bool) -> bool:
-        if self.state is VpState.WAIT_FOR_SIPI or self.sipi_vector is not None:
-            return True
-        wake = self.machine.wake_hook
-        if wake is not None and wake(self):
-            return True
-        return interruptible and self.apic.pending_vector() is not None
-
-    def on_rdmsr(self) -> None:
-        msr = self.vcpu.run_struct.msr
-        index = msr.index
-        try:
-            value = self.machine.msr_read(self, index)
-            msr.data = value
-            msr.error = 0
-            fault = False
-        except (ApicGpFault, MsrFault):
-            value = 0
-            msr.error = 1
-            fault = True
-        if not self.machine.msr_records_itself(index):
-            self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=False, fault=fault)
-
-    def on_wrmsr(self) -> None:
-        msr = self.vcpu.run_struct.msr
-        index, value = msr.index, msr.data
-        try:
-            self.machine.msr_write(self, index, value)
-            msr.error = 0
-            fault = False
-        except (ApicGpFault, MsrFault):
-            msr.error = 1
-            fault = True
-        if not self.machine.msr_records_itself(index):
-            self.machine.emit(EventKind.MSR, self, msr=index, value=value, is_write=True, fault=fault)
-
-    def on_shutdown(self) -> None:
-        self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
-        raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
-
-    def on_internal_error(self) -> None:
-        run = self.vcpu.run_struct
-        hook = self.machine.internal_error_hook
-        if hook is not None and hook(self):
-            return  # e.g. VSM: an execute intercept on a no-execute page
-        suberror = int(run.internal.suberror)
-        self.machine.emit(
-            EventKind.EXIT, self, exit_reason="INTERNAL_ERROR", exit_code=int(lib.KVM_EXIT_INTERNAL_ERROR),
-            suberror=suberror,
-        )  # fmt: skip
-        if try_complete(self, suberror) is not None:
-            return  # an instruction KVM lacks, finished here (int3, fwait)
-        data = [int(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
-        message = describe_internal_error(self, int(run.internal.suberror), data)
-        raise GuestStop(EXIT_GUEST_FAULT, message)
-
-    def on_fail_entry(self) -> None:
-        reason = self.vcpu.run_struct.fail_entry.hardware_entry_failure_reason
-        raise GuestStop(EXIT_GUEST_FAULT, f"KVM could not enter the guest on VP {self.index} (reason {reason:#x})")
-
-    def on_system_event(self) -> None:
-        kind = self.vcpu.run_struct.system_event.type
-        if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
-            raise GuestStop(EXIT_OK, "guest shut down")
-        if kind == lib.KVM_SYSTEM_EVENT_RESET:
-            raise GuestStop(EXIT_OK, "guest requested a reset (not supported: stopping)")
-        raise GuestStop(EXIT_GUEST_FAULT, f"unexpected KVM system event {kind}")
-
-    def on_unhandled(self) -> None:
-        reason = self.vcpu.run_struct.exit_reason
-        raise GuestStop(EXIT_VMM_ERROR, f"unhandled KVM exit {exit_name(reason)} on VP {self.index}")
+    return call
 
 
 class GuestClock:
@@ -666,14 +102,18 @@ class GuestClock:
         return (int(lib.vsm_rdtsc()) + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
 
 
-class MsrFault(Exception):
-    """An MSR access that must raise #GP in the guest."""
-
-
 class Machine:
     """A partition: guest RAM, one KVM VM per VTL, VPs, devices and the event sink."""
 
-    def __init__(self, config: MachineConfig, sink: EventSink | None = None, *, kvm_path: str | None = None) -> None:
+    def __init__(
+        self,
+        config: MachineConfig,
+        sink: EventSink | None = None,
+        *,
+        kvm_path: str | None = None,
+        extensions: Sequence[MachineExtension] = (),
+    ) -> None:
+        """A bare machine plus ``extensions`` (vmm/builder.py chooses them from the configuration)."""
         config.validate()
         self.config = config
         self.sink: EventSink = sink if sink is not None else NullSink()
@@ -692,27 +132,11 @@ class Machine:
         self.halted_no_if: set[int] = set()
         self._recorded_ports: Any = None  # bitmap of ports whose OUTs KVM_RUN records in C
 
-        # Hooks later layers install (Hyper-V, VSM); None means "not present".
-        self.trap_ports: dict[int, Callable[[VirtualProcessor, int, int, bool], None]] = {}
-        self.msr_handlers: list[tuple[int, int, Any]] = []  # (first, last, handler with read/write)
-        self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = None
-        self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = None
-        self.wake_hook: Callable[[VirtualProcessor], bool] | None = None
-        self.pre_entry_hook: Callable[[VirtualProcessor], None] | None = None
-        self.views: list[Any] = []  # vmm.vsm.memory_view.MemoryView per VTL
-        self.vsm: Any = None
-        self.hyperv_tlb: Any = None
-        self.extra_cpuid: list[tuple[int, int, int, int, int, int, int]] = []
-        self.reference_clock: Callable[[], int] | None = None
-        self.on_vps_created: list[Callable[[], None]] = []
-        self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = None
-        self.vtl_action_hook: Callable[[VirtualProcessor, Any], None] | None = None
-        self.on_apic_eoi: Callable[[int, int, int], None] | None = None
-        self.on_stop: list[Callable[[], None]] = []
+        self.views: VtlArray[MemoryView] | None = None  # one per VTL, once RAM is mapped (map_ram)
         self.apic_timer_hz = APIC_TIMER_HZ
         self.cpuid_policy = CpuidPolicy()
 
-        self.vms: list[Vm] = [self._create_vm() for _ in range(config.vtls)]
+        self.vms: VtlArray[Vm] = VtlArray(config.vtls, lambda _vtl: self._create_vm())
         self.supported_cpuid = self.kvm.supported_cpuid()
 
         self.pio = PioBus()
@@ -730,10 +154,9 @@ class Machine:
         self.pio.add(RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc())
 
         self.timers: TimerService | None = None
-        self.routers = [
-            ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
-            for _ in self.vms
-        ]
+        self.routers: VtlArray[ApicRouter] = VtlArray(
+            len(self.vms), lambda _vtl: ApicRouter(on_init=self._route_init, on_sipi=self._route_sipi, on_nmi=self._route_nmi)
+        )
         # The I/O APIC sends to VTL0's local APICs (a higher VTL has no legacy devices).
         self.ioapic = IoApic(self.routers[0])
         self.ioapic_info = IoApicInfo(self.ioapic.reset_id, IOAPIC_BASE, 0)  # what the MADT lists
@@ -744,15 +167,28 @@ class Machine:
             self.pio.add(first, count, self.pc_testdev)
         self.mmio.add(IOMEM_BASE, IOMEM_SIZE, self.pc_testdev)
         self.vps: list[VirtualProcessor] = []
-        self.hyperv: Any = None
-        if config.hyperv is not None and config.hyperv.enabled:
-            from vsmtrace.vmm.hyperv_backend import HypervBackend
-
-            self.hyperv = HypervBackend(self, config.hyperv)
-            if config.vtls > 1:
-                from vsmtrace.vmm.vsm.backend import VsmBackend
-
-                self.vsm = VsmBackend(self)
+        # The layers above the bare machine (Hyper-V, VSM), then what they contribute; the
+        # exit-path hooks are resolved once, so a machine without them pays nothing.
+        self.extensions: tuple[MachineExtension, ...] = tuple(extensions)
+        for ext in self.extensions:
+            ext.attach(self)
+        exts = list(self.extensions)
+        self.extra_cpuid: list[CpuidEntry] = [e for ext in exts for e in ext.cpuid_entries()]
+        self.cpuid_policy.hypervisor_bit = any(ext.hypervisor_present() for ext in exts)
+        if config.hyperv is not None and config.hyperv.enabled and not self.cpuid_policy.hypervisor_bit:
+            raise TypeError("this configuration enables Hyper-V: build the machine with vsmtrace.vmm.builder.build_machine")
+        self.msr_handlers: list[tuple[int, int, Any]] = [r for ext in exts for r in ext.msr_ranges()]
+        self.trap_ports: dict[int, TrapHandler] = {p: h for ext in exts for p, h in ext.trap_ports().items()}
+        self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = _any(overriding(exts, "on_mmio"))
+        self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "on_internal_error"))
+        self.wake_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "can_wake"))
+        self.pre_entry_hook: Callable[[VirtualProcessor], None] | None = _each(overriding(exts, "pre_entry"))
+        self.on_interrupt_acknowledged: Callable[[VirtualProcessor, int], None] | None = _each(
+            overriding(exts, "interrupt_acknowledged")
+        )
+        self.on_apic_eoi: Callable[[int, int, int], None] | None = _each(overriding(exts, "apic_eoi"))
+        clocks = overriding(exts, "reference_time")
+        self._reference_clock: Callable[[], int | None] | None = clocks[0] if clocks else None
         self.tsc_hz = 0
         self.tsc_offset = 0
         self.clock: GuestClock | ManualClock | None = None
@@ -798,9 +234,7 @@ class Machine:
 
     def map_ram(self) -> None:
         """Map all guest RAM into every VTL's VM (VSM narrows lower-VTL views later)."""
-        from vsmtrace.vmm.vsm.memory_view import MemoryView
-
-        self.views = [MemoryView(vm, self.memory, vtl) for vtl, vm in enumerate(self.vms)]
+        self.views = VtlArray(len(self.vms), lambda vtl: MemoryView(self.vms[vtl], self.memory, vtl))
         for view in self.views:
             view.apply()
 
@@ -823,8 +257,8 @@ class Machine:
         self.memory.write(acpi.base, acpi.blob)
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules, rsdp=acpi.rsdp)
         self.check_cpuid_hiding(boot.protocol)
-        for hook in self.on_vps_created:
-            hook()
+        for ext in self.extensions:
+            ext.vps_created()
         if self.sink.enabled:
             for vp in self.vps:
                 for vtl, table in enumerate(vp.cpuid_tables):
@@ -872,7 +306,7 @@ class Machine:
                 rec.run = vcpu.run_struct
                 rec.record = ffi.cast("vsm_io_sink", fn)
                 rec.store = ffi.cast("void *", store)
-                rec.kind = int(PIO)
+                rec.kind = int(EventKind.PIO)
                 rec.vp = vp.index
                 rec.vtl = vtl
                 rec.ports = ports
@@ -901,6 +335,8 @@ class Machine:
         if self.config.deterministic:
             self.deterministic = DeterministicTime(self)
             self.clock, self.timers = self.deterministic.clock, self.deterministic.timers
+            # Filtered (hence exiting) from boot on: KVM would otherwise answer with host cycles.
+            self.msr_handlers.append((MSR_IA32_TSC, MSR_IA32_TSC, self.deterministic))
             return
         self.clock = GuestClock(self.tsc_offset)
         self.timers = TimerService(self.clock)
@@ -910,12 +346,12 @@ class Machine:
 
     def read_gpa(self, vtl: int, gpa: int, size: int, access: Access = Access.READ) -> bytes:
         """Guest memory as ``vtl`` may see it: a hypercall can never reach past the caller's protections."""
-        if self.views and not self.views[vtl].check(gpa, size, access):
+        if self.views is not None and not self.views[vtl].check(gpa, size, access):
             raise VtlAccessDenied(vtl, gpa, access)
         return self.memory.read(gpa, size)
 
     def write_gpa(self, vtl: int, gpa: int, data: bytes) -> None:
-        if self.views and not self.views[vtl].check(gpa, len(data), Access.WRITE):
+        if self.views is not None and not self.views[vtl].check(gpa, len(data), Access.WRITE):
             raise VtlAccessDenied(vtl, gpa, Access.WRITE)
         self.memory.write(gpa, data)
 
@@ -926,6 +362,24 @@ class Machine:
         if self.on_apic_eoi is not None:
             self.on_apic_eoi(vp_index, vtl, vector)
 
+    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
+        """Make the listed VPs drop cached translations of ``vtl`` (``vmm.hyperv.facade.TlbFlusher``).
+
+        Reloading a vCPU's special registers makes KVM drop its translations; each target
+        VP does that before its next guest entry, and this returns once no target can run
+        guest code without having done so (see VirtualProcessor.request_tlb_flush).
+        """
+        for index in vp_indices:
+            if 0 <= index < len(self.vps):
+                self.vps[index].request_tlb_flush(vtl)
+
+    def extension(self, kind: type[E]) -> E | None:
+        """The extension of this type the machine was built with, if any."""
+        for ext in self.extensions:
+            if isinstance(ext, kind):
+                return ext
+        return None
+
     def current_vp(self) -> VirtualProcessor | None:
         """The VP whose thread is calling, if any."""
         current = threading.current_thread()
@@ -935,9 +389,10 @@ class Machine:
         return None
 
     def reference_time(self) -> int:
-        if self.reference_clock is None:
+        clock = self._reference_clock
+        if clock is None:
             raise RuntimeError("no reference clock without Hyper-V")
-        return self.reference_clock()
+        return int(clock())  # type: ignore[arg-type]
 
     @property
     def vp_count(self) -> int:
@@ -1025,10 +480,7 @@ class Machine:
         With VSM that is an interrupt for a higher VTL, which needs a higher VTL to
         be enabled; until the guest enables one, a halt with IF=0 everywhere is final.
         """
-        if self.wake_hook is None:
-            return False
-        enabled = getattr(self.vsm, "enabled_vtls", None)
-        return enabled is None or len(enabled) > 1
+        return any(ext.wakes_from_outside() for ext in self.extensions)
 
     def note_wake(self, vp: VirtualProcessor) -> None:
         with self._halt_lock:
@@ -1093,8 +545,8 @@ class Machine:
         for vp in self.vps:
             if vp.thread is not None:
                 vp.thread.join(timeout=5)
-        for hook in self.on_stop:
-            hook()
+        for ext in self.extensions:
+            ext.stopped()
         if self.timers is not None:
             self.timers.stop()
         assert self.exit_status is not None

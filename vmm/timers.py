@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 NS_PER_SEC = 1_000_000_000
 #: The TSC is a 64-bit counter: it wraps.
@@ -123,18 +123,19 @@ class TimerHandle:
 
 
 class TimerScheduler(Protocol):
-    """What a device model needs from a timer service (live or manual)."""
+    """The one timer-service type: what device models and the Hyper-V emulation arm timers on.
 
-    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> TimerHandle:
-        """Call ``callback()`` once the clock reaches ``deadline_ns`` (absolute ns)."""
+    Implemented by :class:`TimerService` (a host thread), :class:`ManualTimerService`
+    (deterministic time, tests), the Hyper-V backend's reference-time adapter and the
+    recording and replay wrappers of the emulation boundary.
+    """
+
+    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> Any:
+        """Call ``callback()`` once the clock reaches ``deadline_ns`` (absolute ns); returns a handle."""
         ...
 
-    def cancel(self, handle: TimerHandle) -> None:
+    def cancel(self, handle: Any) -> None:
         """Forget ``handle``; harmless if it already fired or was cancelled."""
-        ...
-
-    def stop(self) -> None:
-        """Drop every pending timer and release resources (the thread, if any)."""
         ...
 
 
@@ -295,6 +296,11 @@ class ManualTimerService:
     def pending_deadlines(self) -> list[int]:
         with self._lock:
             return self._heap.live_deadlines()
+
+    @property
+    def armed(self) -> int:
+        """How many timers are armed and not yet fired or cancelled."""
+        return len(self.pending_deadlines())
 
     def advance_to(self, now_ns: int) -> int:
         """Fire every timer due at ``now_ns`` (including ones armed by callbacks); return the count."""

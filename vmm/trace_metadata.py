@@ -11,6 +11,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
     from vsmtrace.vmm.machine import Machine
 
 
@@ -37,3 +38,18 @@ def machine_metadata(machine: Machine) -> dict[str, Any]:
         # CPUID bits the policy hides but ring-0 guest code still reads as set on this host
         "cpuid_hiding_ineffective": list(machine.cpuid_hiding_ineffective),
     }
+
+
+def recorded_policy(vm_config: dict[str, Any]) -> HypervPolicy | None:
+    """The Hyper-V policy a trace was recorded with (None: no Hyper-V).
+
+    Fields this vsmtrace does not know (a trace from a newer one) are left out, so
+    the policy is rebuilt from what both versions share.
+    """
+    from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+
+    fields = vm_config.get("hyperv_policy")
+    if fields is None:
+        return None
+    known = {f.name for f in dataclasses.fields(HypervPolicy)}
+    return HypervPolicy(**{k: v for k, v in fields.items() if k in known})

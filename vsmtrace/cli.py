@@ -11,6 +11,8 @@ from typing import NoReturn
 import click
 
 from vsmtrace import __version__
+from vsmtrace.guest_cli import guest
+from vsmtrace.notebooks_cli import notebooks
 
 
 class UserError(click.ClickException):
@@ -146,43 +148,16 @@ def run(
         kvm_device=kvm_device,
         deterministic=deterministic,
     )
-    status, message = run_machine(config, record_path)
+    from vsmtrace.session import SetupError, run_machine
+
+    try:
+        status, message = run_machine(config, record_path)
+    except SetupError as exc:
+        fail(str(exc))
     if message and status != 0:
         click.echo(f"vsmtrace: {message}", err=True)
     serial_out.flush()
     sys.exit(status)
-
-
-def run_machine(config, record_path: Path | None) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    """Build, boot and run a machine (recording if asked); one-line errors for bad input."""
-    from vsmtrace.recorder.errors import TraceError
-    from vsmtrace.recorder.writer import TraceWriter
-    from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
-    from vsmtrace.vmm.loader.elf import LoaderError
-    from vsmtrace.vmm.machine import Machine
-    from vsmtrace.vmm.trace_metadata import machine_metadata
-
-    writer = None
-    try:
-        machine = Machine(config)
-        if record_path is not None:
-            writer = TraceWriter(record_path, machine_metadata(machine))
-            machine.sink = writer
-        machine.boot()
-    except (KvmUnavailable, LoaderError, ValueError, TraceError) as exc:
-        if writer is not None:
-            writer.close()
-        fail(str(exc))
-    except KvmError as exc:
-        fail(f"KVM refused to set up the guest: {exc}")
-    status = machine.run()
-    message = machine.stop_message
-    if writer is not None:
-        writer.close()
-        if writer.error is not None:
-            message = f"{message}; recording stopped early: {writer.error}" if message else f"recording stopped early: {writer.error}"
-            status = status or 1
-    return status, message
 
 
 @main.command()
@@ -379,6 +354,9 @@ def demo(out_dir: Path, quiet: bool) -> None:
         fail(str(exc))
     print_summary(result)
 
+
+main.add_command(guest)
+main.add_command(notebooks)
 
 if __name__ == "__main__":
     main()

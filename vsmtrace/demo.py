@@ -7,6 +7,8 @@ everything is. Each step prints as it starts, so a user sees progress.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +21,9 @@ import click
 DEMO_VPS = 2
 DEMO_MEMORY_MIB = 128
 DEMO_TIMEOUT_S = 300.0
+DEFAULT_OUT = Path("vsmtrace-demo")
+TRACE_NAME = "demo.arrow"
+TRACE_ENV = "VSMTRACE_TRACE"
 
 
 class DemoError(Exception):
@@ -80,15 +85,15 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     from vsmtrace.analysis.chrome import export_chrome
     from vsmtrace.analysis.figures import write_figures
     from vsmtrace.analysis.report import format_report, summarize
-    from vsmtrace.cli import run_machine
     from vsmtrace.replayer.engine import VmmReplayer
     from vsmtrace.replayer.engine import format_report as format_replay
+    from vsmtrace.session import SetupError, run_machine
     from vsmtrace.vmm.config import MachineConfig
     from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 
     say = step or (lambda text: click.echo(text))
     out.mkdir(parents=True, exist_ok=True)
-    trace = out / "demo.arrow"
+    trace = out / TRACE_NAME
     serial_log = out / "serial.log"
     report_path = out / "report.txt"
     figures_dir = out / "figures"
@@ -110,7 +115,10 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
             hyperv=HypervPolicy().with_vsm(),
             vtls=2,
         )
-        status, message = run_machine(config, trace)
+        try:
+            status, message = run_machine(config, trace)
+        except SetupError as exc:
+            raise DemoError(str(exc)) from None
     elapsed = time.monotonic() - started
     if status != 1:  # isa-debug-exit(0) → (0 << 1) | 1
         raise DemoError(f"the demo guest did not finish cleanly (status {status}): {message or 'see ' + str(serial_log)}")
@@ -134,6 +142,32 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     return DemoResult(out, trace, serial_log, report_path, list(figures), chrome, status, replay.entries)
 
 
+def demo_trace(start: Path | None = None, *, record: bool = True) -> Path:
+    """The demo trace a notebook should read, without a source checkout.
+
+    ``$VSMTRACE_TRACE`` if set; else the nearest ``demo.arrow`` or
+    ``vsmtrace-demo/demo.arrow`` in ``start`` (default: the current directory) or
+    a parent folder, which is where `vsmtrace demo` and `vsmtrace notebooks --copy`
+    put them; else (``record=True``) the demo is recorded into ``start/vsmtrace-demo``.
+    """
+    named = os.environ.get(TRACE_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{TRACE_ENV}={named} is not a file")
+        return path
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        for candidate in (folder / TRACE_NAME, folder / DEFAULT_OUT / TRACE_NAME):
+            if candidate.is_file():
+                return candidate
+    if not record:
+        raise FileNotFoundError(f"no {TRACE_NAME} in {here} or its parents, and {TRACE_ENV} is not set")
+    out = here / DEFAULT_OUT
+    print(f"no demo trace found: building the demo guest and recording it into {out} (needs gcc and /dev/kvm)")
+    return run_demo(out, echo=False, step=lambda _text: None).trace
+
+
 def print_summary(result: DemoResult) -> None:
     click.echo("")
     click.echo("Done. What vsmtrace produced:")
@@ -143,8 +177,18 @@ def print_summary(result: DemoResult) -> None:
     click.echo(f"  figures     {', '.join(str(p) for p in result.figures)}")
     click.echo(f"  timeline    {result.chrome}   (open in https://ui.perfetto.dev or chrome://tracing)")
     click.echo("")
+    notebooks = result.out / "notebooks"
+    steps = [
+        (f"cat {result.report}", "VTL transitions, secure calls, intercepts"),
+        (f"vsmtrace replay {result.trace} --state 2000", "registers, VSM, SynIC, protections at an event"),
+    ]
+    if importlib.util.find_spec("jupyterlab") is None:
+        steps.append(("pip install 'vsmtrace[notebook]'", "JupyterLab, for the notebooks below"))
+    steps += [
+        (f"vsmtrace notebooks --copy {notebooks}", "the notebooks that walk through this trace"),
+        (f"jupyter lab {notebooks}", f"they find {result.trace.name} in the folder above"),
+    ]
+    width = max(len(command) for command, _ in steps)
     click.echo("What to open next:")
-    click.echo(f"  cat {result.report}                       # VTL transitions, secure calls, intercepts")
-    click.echo(f"  vsmtrace replay {result.trace} --state 2000   # registers, VSM, SynIC, protections at an event")
-    click.echo("  vsmtrace notebooks --copy notebooks/          # the notebooks that walk through this trace")
-    click.echo("  jupyter lab notebooks/                        # (pip install 'vsmtrace[notebook]')")
+    for command, why in steps:
+        click.echo(f"  {command:<{width}}   # {why}")

@@ -10,7 +10,6 @@ from vsmtrace.vmm.hyperv.facade import HyperV, TlbFlusher
 from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome
 from vsmtrace.vmm.hyperv.msrs import ApicAccess
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, TscPageParams
-from vsmtrace.vmm.hyperv.stimer import ManualTimerService, TimerService
 
 __all__ = [
     "ApicAccess",
@@ -21,9 +20,7 @@ __all__ = [
     "HyperV",
     "HypercallOutcome",
     "HypervPolicy",
-    "ManualTimerService",
     "ReferenceClock",
-    "TimerService",
     "TlbFlusher",
     "TscPageParams",
     "hyperv_cpuid_leaves",

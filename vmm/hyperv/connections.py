@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vsmtrace.vmm.hyperv.hvdef import (
-    HV_EVENT_FLAGS_COUNT,
-    VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID,
-    VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID,
-    VSMTRACE_LOOPBACK_SINT,
-)
+from vsmtrace.vmm.hyperv.hvdef import HV_EVENT_FLAGS_COUNT
+
+#: Connection IDs the VMM registers by default (vsmtrace's own): post/signal back to the caller's own SynIC.
+VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID = 0x00F0_0001
+VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID = 0x00F0_0002
+VSMTRACE_LOOPBACK_SINT = 2
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,6 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_VERSION_MAJOR,
     HV_VERSION_MAJOR_SHIFT,
     HV_VERSION_MINOR,
-    HV_VTL_COUNT_WITH_VSM,
-    HV_VTL_COUNT_WITHOUT_VSM,
     HvCpuidLeaf,
     HvEnlightenmentInfo,
     HvFeatures,
@@ -36,6 +34,10 @@ from vsmtrace.vmm.hyperv.hvdef import (
 CpuidLeaf = tuple[int, int, int, int, int, int]  # (leaf, subleaf, eax, ebx, ecx, edx)
 
 _U32 = 0xFFFF_FFFF
+
+#: VTLs of a partition without and with VSM (vsmtrace implements VTL0 and VTL1 only).
+HV_VTL_COUNT_WITHOUT_VSM = 1
+HV_VTL_COUNT_WITH_VSM = 2
 
 
 @dataclass(frozen=True)

@@ -41,22 +41,25 @@ from vsmtrace.vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leav
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash
 from vsmtrace.vmm.hyperv.handlers import register_default_handlers
 from vsmtrace.vmm.hyperv.hvdef import (
-    HV_HYPERCALL_TRAP_PORT,
     HV_PAGE_MASK,
     HV_SYNIC_INTERCEPTION_SINT_INDEX,
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
-    VSMTRACE_PARTITION_ID,
     HvMessage,
     HvStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.hyperv.msrs import ApicAccess, CrashMsrs, MsrEnvironment, SyntheticMsrs, VtlPartitionMsrs
 from vsmtrace.vmm.hyperv.reference_time import TscPageParams
-from vsmtrace.vmm.hyperv.stimer import SyntheticTimers, TimerService
+from vsmtrace.vmm.hyperv.stimer import SyntheticTimers
 from vsmtrace.vmm.hyperv.synic import Synic
-from vsmtrace.vmm.hyperv.vtl_array import VtlArray
+from vsmtrace.vmm.timers import TimerScheduler
 from vsmtrace.vmm.vp import PartitionAccess
+from vsmtrace.vmm.vtl_array import VtlArray
+
+#: The partition ID this VMM reports from HvCallGetPartitionId (vsmtrace's choice: any non-zero value works).
+VSMTRACE_PARTITION_ID = 0x1
 
 
 class TlbFlusher(Protocol):
@@ -82,7 +85,7 @@ class HyperV:
         partition: PartitionAccess,
         policy: HypervPolicy,
         *,
-        timers: TimerService,
+        timers: TimerScheduler,
         apic: ApicAccess,
         tlb: TlbFlusher,
         sink: EventSink | None = None,
@@ -108,7 +111,7 @@ class HyperV:
         #: hypercall that hits a lock returns ``retry`` (re-executed once the lock is released).
         self.tlb_lock_check: Callable[[int, int, Sequence[int], Sequence[int]], bool] | None = None
         self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
-        self._vtl_msrs = [VtlPartitionMsrs() for _ in range(self.vtl_count)]
+        self._vtl_msrs = VtlArray(self.vtl_count, lambda _vtl: VtlPartitionMsrs())
         self._env = MsrEnvironment(
             partition=partition,
             policy=self.policy,
@@ -126,7 +129,7 @@ class HyperV:
         if self.policy.enabled:
             register_default_handlers(self)
 
-    def _make_vp_vtl(self, vp: int, vtl: int, timers: TimerService) -> VpVtlState:
+    def _make_vp_vtl(self, vp: int, vtl: int, timers: TimerScheduler) -> VpVtlState:
         synic = Synic(self.partition, vp, vtl, self.sink)
         stimers = SyntheticTimers(
             self.partition, vp, vtl, synic, timers, self.sink, self.lock, direct_mode_allowed=self.policy.stimer_direct

@@ -1,9 +1,11 @@
 """Every Hyper-V number the project uses: codes, statuses, MSRs, CPUID bits, registers, layouts.
 
 This is the one place Hyper-V numbers live (as OpenVMM's ``hvdef`` crate): every other
-module imports names from here. Values come from the TLFS (markdown + v6.0b PDF) and
-``/work/shared/reference/vsm-facts.md``; where sources disagree the fact sheet's
-recommendation is followed and noted next to the definition.
+module imports names from here. Values come from the Hypervisor Top-Level Functional
+Specification (TLFS); where sources disagree the choice is noted next to the definition.
+Only the TLFS's numbers live here: vsmtrace's own choices (the hypercall trap port, the
+loopback connections, the partition ID it reports, caches) live with the code that owns
+them (docs/architecture.md, "Layers").
 
 Structures are ``struct``-based dataclasses: ``pack() -> bytes`` and ``unpack(data)``
 (class method), with ``SIZE`` the packed size. All layouts are little endian.
@@ -12,7 +14,6 @@ Structures are ``struct``-based dataclasses: ``pack() -> bytes`` and ``unpack(da
 from __future__ import annotations
 
 import enum
-import functools
 import struct
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Self
@@ -25,7 +26,6 @@ HV_PAGE_SIZE = 4096
 HV_PAGE_SHIFT = 12
 HV_PAGE_MASK = ~(HV_PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
 HV_HYPERCALL_ALIGNMENT = 8  # input/output GPAs must be 8-byte aligned
-HYPERCALL_CONTROL_CACHE = 4096  # decoded hypercall input values kept (vsmtrace's, not the TLFS's)
 HV_X64_REGISTER_PAIR_SIZE = 16  # fast-call register pair (RDX:R8 or one XMM)
 HV_X64_FAST_INPUT_MAX = 112  # RDX:R8 + XMM0..XMM5
 HV_X64_FAST_XMM_COUNT = 6  # XMM0..XMM5 carry fast input/output
@@ -35,32 +35,11 @@ HV_PARTITION_ID_SELF = 0xFFFF_FFFF_FFFF_FFFF
 HV_VP_INDEX_SELF = 0xFFFF_FFFE
 HV_ANY_VP = 0xFFFF_FFFF
 
-#: The partition ID this VMM reports from HvCallGetPartitionId (any non-zero value works).
-VSMTRACE_PARTITION_ID = 0x1
-
 HV_MAX_VTL_COUNT = 16  # VTL numbers are 4 bits
-HV_VTL_COUNT_WITHOUT_VSM = 1
-HV_VTL_COUNT_WITH_VSM = 2  # the seed implements VTL0 and VTL1 only
 
 HV_REFERENCE_TIME_HZ = 10_000_000  # TIME_REF_COUNT ticks per second (100 ns units)
 HV_NS_PER_REFERENCE_TICK = 100
 
-# ---------------------------------------------------------------------------------------------
-# VMM-specific trap: how the hypercall page reaches the VMM (see hypercall_page.py)
-# ---------------------------------------------------------------------------------------------
-
-#: I/O port the hypercall page stubs write to (``out imm8, al``). 0x58 is unused by every
-#: PC device this VMM emulates (PIC 0x20/0xA0, PIT 0x40, KBC 0x60, RTC 0x70, POST 0x80,
-#: debug-exit 0xF4, UART 0x3F8, fw_cfg 0x510) and fits the imm8 form so no GPR is needed
-#: for the port number (RDX carries hypercall input).
-HV_HYPERCALL_TRAP_PORT = 0x58
-HV_HYPERCALL_TRAP_SIZE = 1  # ``out imm8, al`` is a 1-byte access
-HV_HYPERCALL_TRAP_INSN_LEN = 2  # length of ``out imm8, al``; rewind by this to re-execute
-
-#: Connection IDs the VMM registers by default: post/signal back to the caller's own SynIC.
-VSMTRACE_LOOPBACK_MESSAGE_CONNECTION_ID = 0x00F0_0001
-VSMTRACE_LOOPBACK_EVENT_CONNECTION_ID = 0x00F0_0002
-VSMTRACE_LOOPBACK_SINT = 2
 HV_CONNECTION_ID_MASK = 0x00FF_FFFF
 
 
@@ -112,9 +91,8 @@ class HypercallControl:
     reserved: int
 
     @classmethod
-    @functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)
     def decode(cls, value: int) -> HypercallControl:
-        """Decode ``value`` (immutable, so a guest's few distinct control values are decoded once each)."""
+        """Decode a hypercall input value (RCX)."""
         b = HypercallControlBits
         return cls(
             code=value & b.CODE_MASK,

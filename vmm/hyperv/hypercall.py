@@ -38,6 +38,7 @@ a hook they are unknown codes.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections.abc import Callable
@@ -63,6 +64,12 @@ from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, 
 
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
+#: Decoded hypercall input values kept (vsmtrace's choice): a guest uses few distinct control
+#: values, and decoding is immutable, so each is decoded once.
+HYPERCALL_CONTROL_CACHE = 4096
+_decode_control = functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)(HypercallControl.decode)
+
+
 _QWORD = 8
 #: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
 _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
@@ -312,7 +319,7 @@ class HypercallDispatcher:
             return HypercallOutcome(code=0, exception=X86Exception.UD)
         regs = _Registers(vp, vtl, is_64bit=mode == CpuMode.LONG)
         control = regs.control()
-        decoded = HypercallControl.decode(control)
+        decoded = _decode_control(control)
 
         if decoded.code in _VTL_CALL_CODES and self.vtl_hook is not None:
             request = VtlCallRequest(

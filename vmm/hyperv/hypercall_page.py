@@ -35,11 +35,18 @@ from __future__ import annotations
 import struct
 
 from vsmtrace.vmm.hyperv.hvdef import (
-    HV_HYPERCALL_TRAP_PORT,
     HV_PAGE_SIZE,
     HypercallCode,
     VsmCodePageOffsets,
 )
+
+#: I/O port the hypercall page stubs write to (``out imm8, al``): vsmtrace's choice, not the
+#: TLFS's. 0x58 is unused by every PC device this VMM emulates (PIC 0x20/0xA0, PIT 0x40, KBC
+#: 0x60, RTC 0x70, POST 0x80, debug-exit 0xF4, UART 0x3F8, fw_cfg 0x510) and fits the imm8
+#: form so no GPR is needed for the port number (RDX carries hypercall input).
+HV_HYPERCALL_TRAP_PORT = 0x58
+HV_HYPERCALL_TRAP_SIZE = 1  # ``out imm8, al`` is a 1-byte access
+HV_HYPERCALL_TRAP_INSN_LEN = 2  # length of ``out imm8, al``; rewind by this to re-execute
 
 HYPERCALL_OFFSET = 0x00
 VTL_CALL_OFFSET = 0x10
@@ -57,8 +64,13 @@ _MOV_ECX_IMM32 = 0xB9  # mov ecx, imm32 (zero-extends into RCX in 64-bit mode)
 _MOV_EAX_IMM32 = 0xB8  # mov eax, imm32
 
 
+#: The trapping instruction itself, ``out 0x58, al``.
+TRAP_INSTRUCTION = bytes((_OUT_IMM8_AL, HV_HYPERCALL_TRAP_PORT))
+assert len(TRAP_INSTRUCTION) == HV_HYPERCALL_TRAP_INSN_LEN
+
+
 def _trap_and_ret() -> bytes:
-    return bytes((_OUT_IMM8_AL, HV_HYPERCALL_TRAP_PORT, _RET))
+    return TRAP_INSTRUCTION + bytes((_RET,))
 
 
 def _vtl_stub_64(code: int) -> bytes:

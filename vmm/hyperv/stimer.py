@@ -1,10 +1,10 @@
 """Synthetic timers 0-3 of one (VP, VTL), driven by partition reference time.
 
-The machine supplies a :class:`TimerService`: ``arm(deadline_ns, callback) -> handle`` and
-``cancel(handle)``. ``deadline_ns`` is partition reference time in nanoseconds
+The machine supplies a :class:`vmm.timers.TimerScheduler`: ``arm(deadline_ns, callback) -> handle``
+and ``cancel(handle)``. ``deadline_ns`` is partition reference time in nanoseconds
 (``TIME_REF_COUNT * 100``), so the service must run on the same clock as
 ``PartitionAccess.reference_time()``. The live machine uses host threads; deterministic
-mode (and the tests) use :class:`ManualTimerService`, which fires due callbacks when told
+mode (and the tests) use :class:`vmm.timers.ManualTimerService`, which fires due callbacks when told
 the time. A deadline already in the past fires as soon as the service runs, which is the
 TLFS "expires immediately".
 
@@ -22,12 +22,8 @@ facade hands in.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from vsmtrace.vmm.events import EventKind, EventSink
 from vsmtrace.vmm.hyperv.errors import GpFault
@@ -40,53 +36,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HvTimerMessagePayload,
 )
 from vsmtrace.vmm.hyperv.synic import Synic
+from vsmtrace.vmm.timers import TimerScheduler
 from vsmtrace.vmm.vp import PartitionAccess
-
-
-class TimerService(Protocol):
-    """Host timers on the partition reference clock (implemented by the machine)."""
-
-    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> object: ...
-
-    def cancel(self, handle: object) -> None: ...
-
-
-class ManualTimerService:
-    """Deterministic timer service: nothing fires until :meth:`run_due` is called."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, int]] = []
-        self._callbacks: dict[int, Callable[[], None]] = {}
-        self._ids = itertools.count(1)
-
-    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> object:
-        handle = next(self._ids)
-        self._callbacks[handle] = callback
-        heapq.heappush(self._heap, (deadline_ns, handle))
-        return handle
-
-    def cancel(self, handle: object) -> None:
-        self._callbacks.pop(handle, None)  # type: ignore[arg-type]
-
-    def next_deadline(self) -> int | None:
-        while self._heap and self._heap[0][1] not in self._callbacks:
-            heapq.heappop(self._heap)
-        return self._heap[0][0] if self._heap else None
-
-    def run_due(self, now_ns: int) -> int:
-        """Fire every callback whose deadline is <= ``now_ns`` (in deadline order); returns how many."""
-        fired = 0
-        while self._heap and self._heap[0][0] <= now_ns:
-            _, handle = heapq.heappop(self._heap)
-            callback = self._callbacks.pop(handle, None)
-            if callback is not None:
-                callback()
-                fired += 1
-        return fired
-
-    @property
-    def armed(self) -> int:
-        return len(self._callbacks)
 
 
 @dataclass
@@ -133,7 +84,7 @@ class SyntheticTimers:
     vp: int
     vtl: int
     synic: Synic
-    service: TimerService
+    service: TimerScheduler
     sink: EventSink
     lock: threading.RLock
     direct_mode_allowed: bool = True

@@ -15,3 +15,10 @@ EXIT_NAMES: dict[int, str] = {
 
 def exit_name(reason: int) -> str:
     return EXIT_NAMES.get(reason, f"exit{reason}")
+
+# The exit reasons code outside the run loop compares against (re-execution, the VSM backend).
+EXIT_IO: int = _lib.KVM_EXIT_IO
+EXIT_MMIO: int = _lib.KVM_EXIT_MMIO
+EXIT_RDMSR: int = _lib.KVM_EXIT_X86_RDMSR
+EXIT_WRMSR: int = _lib.KVM_EXIT_X86_WRMSR
+EXIT_INTERNAL_ERROR: int = _lib.KVM_EXIT_INTERNAL_ERROR

@@ -284,48 +284,47 @@ class Vcpu:
         """The vCPU ran (or KVM changed its state): cached register copies are stale."""
         self._sregs = None
 
+    def _get(self, ctype: str, request: str) -> Any:
+        """A new ``ctype`` filled by the ``request`` ioctl (KVM_GET_*)."""
+        out = ffi.new(ctype)
+        _check(request, lib.ioctl(self.fd, getattr(lib, request), out))
+        return out
+
+    def _set(self, request: str, value: Any) -> None:
+        _check(request, lib.ioctl(self.fd, getattr(lib, request), value))
+
     def get_fpu(self) -> Any:
-        f = ffi.new("struct kvm_fpu *")
-        _check("KVM_GET_FPU", lib.ioctl(self.fd, lib.KVM_GET_FPU, f))
-        return f
+        return self._get("struct kvm_fpu *", "KVM_GET_FPU")
 
     def set_fpu(self, f: Any) -> None:
         self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
-        _check("KVM_SET_FPU", lib.ioctl(self.fd, lib.KVM_SET_FPU, f))
+        self._set("KVM_SET_FPU", f)
 
     def get_xsave(self) -> Any:
-        x = ffi.new("struct kvm_xsave *")
-        _check("KVM_GET_XSAVE", lib.ioctl(self.fd, lib.KVM_GET_XSAVE, x))
-        return x
+        return self._get("struct kvm_xsave *", "KVM_GET_XSAVE")
 
     def set_xsave(self, x: Any) -> None:
         self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
-        _check("KVM_SET_XSAVE", lib.ioctl(self.fd, lib.KVM_SET_XSAVE, x))
+        self._set("KVM_SET_XSAVE", x)
 
     def get_xcrs(self) -> Any:
-        x = ffi.new("struct kvm_xcrs *")
-        _check("KVM_GET_XCRS", lib.ioctl(self.fd, lib.KVM_GET_XCRS, x))
-        return x
+        return self._get("struct kvm_xcrs *", "KVM_GET_XCRS")
 
     def set_xcrs(self, x: Any) -> None:
-        _check("KVM_SET_XCRS", lib.ioctl(self.fd, lib.KVM_SET_XCRS, x))
+        self._set("KVM_SET_XCRS", x)
 
     def get_debugregs(self) -> Any:
-        d = ffi.new("struct kvm_debugregs *")
-        _check("KVM_GET_DEBUGREGS", lib.ioctl(self.fd, lib.KVM_GET_DEBUGREGS, d))
-        return d
+        return self._get("struct kvm_debugregs *", "KVM_GET_DEBUGREGS")
 
     def set_debugregs(self, d: Any) -> None:
         self.debugregs_writes += 1  # lets callers that cache a stopped vCPU's debug registers notice
-        _check("KVM_SET_DEBUGREGS", lib.ioctl(self.fd, lib.KVM_SET_DEBUGREGS, d))
+        self._set("KVM_SET_DEBUGREGS", d)
 
     def get_events(self) -> Any:
-        e = ffi.new("struct kvm_vcpu_events *")
-        _check("KVM_GET_VCPU_EVENTS", lib.ioctl(self.fd, lib.KVM_GET_VCPU_EVENTS, e))
-        return e
+        return self._get("struct kvm_vcpu_events *", "KVM_GET_VCPU_EVENTS")
 
     def set_events(self, e: Any) -> None:
-        _check("KVM_SET_VCPU_EVENTS", lib.ioctl(self.fd, lib.KVM_SET_VCPU_EVENTS, e))
+        self._set("KVM_SET_VCPU_EVENTS", e)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         m = ffi.new("struct kvm_msrs *", {"entries": len(indices)})

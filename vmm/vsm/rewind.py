@@ -1,7 +1,7 @@
 """Finding and undoing the instruction behind a denied memory access.
 
 A secure memory intercept must leave the lower VTL *at* the faulting
-instruction with no architectural effect (TLFS; DESIGN.md). KVM does not make
+instruction with no architectural effect (TLFS; docs/vsm.md). KVM does not make
 that easy:
 
 * a denied **read** (hole) exits before the instruction completes: RIP is at the

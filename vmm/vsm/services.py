@@ -1,7 +1,7 @@
 """What the VSM emulation asks of the machine, beyond the VP interface.
 
 ``vmm/vsm`` decides *what* happens (is this VTL call legal, which pages get which
-mask, what the intercept message says); the machine (``vmm/vsm/backend.py`` over
+mask, what the intercept message says); the machine (``vmm/backends/vsm.py`` over
 KVM, or the replayer) decides *how*: which vCPU runs, which memslots exist. This
 protocol is the boundary, so both sides can be tested alone.
 """
@@ -67,7 +67,7 @@ class InitialVpContext:
 
 
 class VsmServices(Protocol):
-    """Machine services for VSM (implemented over KVM by vmm/vsm/backend.py)."""
+    """Machine services for VSM (implemented over KVM by vmm/backends/vsm.py)."""
 
     def create_vtl(self, vtl: int) -> None:
         """Make VTL ``vtl`` exist for the partition (its VM, memory view, vCPUs, APICs)."""

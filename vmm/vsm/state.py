@@ -18,6 +18,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     VsmVpSecureConfig,
 )
 from vsmtrace.vmm.vp import Access
+from vsmtrace.vmm.vtl_array import VtlArray
 
 
 def mask_to_access(mask: int) -> Access:
@@ -100,14 +101,14 @@ class VsmState:
     vp_count: int
     enabled_vtls: set[int] = field(default_factory=lambda: {0})
     partition_config: dict[int, VtlPartitionConfig] = field(default_factory=dict)
-    vps: list[list[VpVtlVsmState]] = field(default_factory=list)
+    vps: list[VtlArray[VpVtlVsmState]] = field(default_factory=list)
     protections: dict[int, ProtectionMap] = field(default_factory=dict)
     #: VPs whose flush hypercall is waiting for a TLB lock to be released.
     tlb_waiters: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not self.vps:
-            self.vps = [[VpVtlVsmState() for _ in range(self.vtl_count)] for _ in range(self.vp_count)]
+            self.vps = [VtlArray(self.vtl_count, lambda _vtl: VpVtlVsmState()) for _ in range(self.vp_count)]
             for per_vp in self.vps:
                 per_vp[0].enabled = True
         for vtl in range(self.vtl_count):
@@ -117,7 +118,7 @@ class VsmState:
         return self.vps[vp][vtl]
 
     def enabled_on_vp(self, vp: int) -> list[int]:
-        return [vtl for vtl in range(self.vtl_count) if self.vps[vp][vtl].enabled]
+        return [vtl for vtl, state in self.vps[vp].items() if state.enabled]
 
     def config(self, vtl: int) -> VtlPartitionConfig:
         return self.partition_config.setdefault(vtl, VtlPartitionConfig())

@@ -160,8 +160,26 @@ def _walk_long(reader: _Reader, cr3: int, gva: int, levels: int, nxe: bool) -> _
     top = gva >> (va_bits - 1)
     if top not in (0, (1 << (64 - va_bits + 1)) - 1):
         raise _Fault(Code.PAGE_NOT_PRESENT)  # non-canonical: nothing can map it
+    return _walk_tables(reader, cr3 & ADDR_MASK_64, gva, levels, nxe)
+
+
+def _walk_pae(reader: _Reader, cr3: int, gva: int, nxe: bool) -> _Walk:
+    gva &= 0xFFFF_FFFF
+    pdpte = reader.entry((cr3 & PAE_PDPT_MASK) + ((gva >> 30) & 0x3) * 8, 8)
+    if not pdpte & PTE_P:
+        raise _Fault(Code.PAGE_NOT_PRESENT)
+    if pdpte & (PAE_PDPTE_RESERVED | PTE_XD):
+        raise _Fault(Code.INVALID_PAGE_TABLE_FLAGS)
+    return _walk_tables(reader, pdpte & ADDR_MASK_64, gva, 2, nxe)
+
+
+def _walk_tables(reader: _Reader, table: int, gva: int, levels: int, nxe: bool) -> _Walk:
+    """The 8-byte-entry levels shared by PAE (2 levels below the PDPT) and long mode (4 or 5).
+
+    PS at level 2 (2 MiB) or 3 (1 GiB) maps a large page; above level 3 it is invalid;
+    at level 1 it is the PAT bit of a 4 KiB page.
+    """
     walk = _Walk(gpa=0)
-    table = cr3 & ADDR_MASK_64
     for level in range(levels, 0, -1):
         shift = 12 + 9 * (level - 1)
         entry = reader.entry(table + ((gva >> shift) & 0x1FF) * 8, 8)
@@ -178,32 +196,6 @@ def _walk_long(reader: _Reader, cr3: int, gva: int, levels: int, nxe: bool) -> _
                     raise _Fault(Code.INVALID_PAGE_TABLE_FLAGS)
                 walk.gpa = (entry & ADDR_MASK_64 & ~((1 << shift) - 1)) | (gva & ((1 << shift) - 1))
                 return walk
-        table = entry & ADDR_MASK_64
-    walk.gpa = table | (gva & (PAGE_SIZE - 1))
-    return walk
-
-
-def _walk_pae(reader: _Reader, cr3: int, gva: int, nxe: bool) -> _Walk:
-    gva &= 0xFFFF_FFFF
-    pdpte = reader.entry((cr3 & PAE_PDPT_MASK) + ((gva >> 30) & 0x3) * 8, 8)
-    if not pdpte & PTE_P:
-        raise _Fault(Code.PAGE_NOT_PRESENT)
-    if pdpte & (PAE_PDPTE_RESERVED | PTE_XD):
-        raise _Fault(Code.INVALID_PAGE_TABLE_FLAGS)
-    walk = _Walk(gpa=0)
-    table = pdpte & ADDR_MASK_64
-    for level in (2, 1):
-        shift = 12 + 9 * (level - 1)
-        entry = reader.entry(table + ((gva >> shift) & 0x1FF) * 8, 8)
-        if not entry & PTE_P:
-            raise _Fault(Code.PAGE_NOT_PRESENT)
-        _check_xd(entry, nxe)
-        _accumulate(walk, entry, nxe)
-        if level == 2 and entry & PTE_PS:
-            if entry & ((1 << shift) - 1) & ~((1 << 13) - 1):
-                raise _Fault(Code.INVALID_PAGE_TABLE_FLAGS)
-            walk.gpa = (entry & ADDR_MASK_64 & ~((1 << shift) - 1)) | (gva & ((1 << shift) - 1))
-            return walk
         table = entry & ADDR_MASK_64
     walk.gpa = table | (gva & (PAGE_SIZE - 1))
     return walk

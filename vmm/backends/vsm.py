@@ -21,41 +21,41 @@ VSM needs:
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.emulation_io import RecordedService
+from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
+from vsmtrace.vmm.cpu_state import GPR_NAMES, cpu_mode, segment_from_kvm
+from vsmtrace.vmm.emulation_io import Boundary
 from vsmtrace.vmm.events import EventKind
-from vsmtrace.vmm.guest_errors import read_linear, translator
-from vsmtrace.vmm.hyperv.hvdef import HV_HYPERCALL_TRAP_PORT
+from vsmtrace.vmm.extension import MachineExtension
+from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT, TRAP_INSTRUCTION
 from vsmtrace.vmm.kvm.system import ffi, lib
-from vsmtrace.vmm.memory import PAGE_SHIFT
-from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, Segment
-from vsmtrace.vmm.vsm.memory_view import MemoryView
+from vsmtrace.vmm.memory_view import MemoryView
+from vsmtrace.vmm.protocol import Entry
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
+from vsmtrace.vmm.vp import Access, GuestMemoryError
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
-from vsmtrace.vmm.vsm.vtl_switch import SharedStateCopier
+from vsmtrace.vmm.vtl_array import VtlArray
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.emulation import Emulation
+    from vsmtrace.vmm.hyperv import HyperV
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
+    from vsmtrace.vmm.vsm import Vsm
 
-log = logging.getLogger("vsmtrace.vsm")
-
-GPR_FIELDS = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
-)  # fmt: skip
 ENTRY_REASON = {
     SwitchReason.CALL: EntryReason.VTL_CALL,
     SwitchReason.INTERRUPT: EntryReason.INTERRUPT,
     SwitchReason.INTERCEPT: EntryReason.INTERRUPT,  # intercepts arrive as the SINT0 interrupt
 }
 ACCESS_NAMES = {Access.READ: "read", Access.WRITE: "write", Access.EXECUTE: "execute"}
-OUT_IMM8 = 0xE6  # ``out imm8, al``: the hypercall-page trap instruction
 
 
 @dataclass(frozen=True)
@@ -67,45 +67,37 @@ class DeniedAccess:
     insn_bytes: bytes
 
 
-class VsmBackend:
-    """One per machine with VSM: owns the memory views and performs VTL switches."""
+class VsmBackend(MachineExtension):
+    """One per machine with VSM: owns the VTL switches and intercepts; the Hyper-V backend builds the logic."""
 
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-        self.vsm: Any = None  # vmm.vsm.Vsm, created once the VPs (and Hyper-V) exist
+    def __init__(self) -> None:
+        self.vsm: Vsm | None = None  # the VSM logic, built with HyperV once the VPs exist (take_emulation)
+        self.hv: HyperV | None = None
         self.enabled_vtls = {0}
         self.copiers: dict[int, SharedStateCopier] = {}
         self.vina_notified: set[tuple[int, int]] = set()  # (vp, vtl) told of a lower-VTL interrupt
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
-        machine.mmio_hook = self.on_mmio
-        machine.internal_error_hook = self.on_internal_error
-        machine.wake_hook = self.higher_vtl_pending
-        machine.pre_entry_hook = self.pre_entry
-        machine.on_vps_created.append(self._create)
 
-    # -- construction ---------------------------------------------------------------------
-    def _create(self) -> None:
-        try:
-            from vsmtrace.vmm.vsm import Vsm
-        except ImportError:  # the VSM logic layer is not in this tree yet
-            log.debug("VSM logic unavailable; running without VSM")
-            self.machine.mmio_hook = self.machine.internal_error_hook = None
-            self.machine.wake_hook = self.machine.pre_entry_hook = None
-            return
-        m = self.machine
-        hv = m.hyperv.hv
-        self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in m.vps}
+    def attach(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def vps_created(self) -> None:
+        self.copiers = {vp.index: SharedStateCopier(vp.vcpus) for vp in self.machine.vps}
         self.sync_tsc()
-        hyperv = m.hyperv
-        self.boundary = hyperv.boundary
-        services: Any = self
-        if self.boundary.recording:
-            services = RecordedService(self, self.boundary, "vsm", frozenset({"vp_started"}))
-        self.vsm = Vsm(
-            hv, hyperv.partition, services, vtl_count=len(m.vms), sink=hyperv.sink,
-            ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
-        )  # fmt: skip
-        self.vsm.on_tlb_unlock = self._tlb_unlocked
+
+    def take_emulation(self, emulation: Emulation, boundary: Boundary) -> None:
+        """The emulation the Hyper-V backend built over this backend (``vmm.emulation.build_emulation``)."""
+        self.hv, self.vsm = emulation.hv, emulation.vsm
+        self.boundary = boundary
+        if self.vsm is not None:
+            self.vsm.on_tlb_unlock = self._tlb_unlocked
+
+    def can_wake(self, vp: VirtualProcessor) -> bool:
+        return self.higher_vtl_pending(vp)
+
+    def wakes_from_outside(self) -> bool:
+        """A higher VTL's interrupt can wake a VP whose lower VTL halted with IF=0, once one is enabled."""
+        return len(self.enabled_vtls) > 1
 
     def sync_tsc(self) -> None:
         """Every VTL's vCPU of a VP reads the same TSC (TLFS: TSC is shared)."""
@@ -118,7 +110,8 @@ class VsmBackend:
                 vcpu.set_tsc_offset(offset)
 
     @property
-    def views(self) -> list[MemoryView]:
+    def views(self) -> VtlArray[MemoryView]:
+        assert self.machine.views is not None, "RAM is mapped at boot"
         return self.machine.views
 
     # -- VsmServices -------------------------------------------------------------------------
@@ -200,7 +193,7 @@ class VsmBackend:
             done.set()
 
     def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
-        self.machine.hyperv_tlb.flush_vps(vp_indices, vtl)
+        self.machine.flush_vps(vp_indices, vtl)
 
     # -- VTL switches --------------------------------------------------------------------------
     def switch(
@@ -213,7 +206,7 @@ class VsmBackend:
         if to_vtl > from_vtl and self.vsm is not None:
             vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
             self.boundary.entry(
-                "vtl_entry", i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
+                Entry.VTL_ENTRY, i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
                 lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
             )
         sink = self.machine.sink
@@ -268,7 +261,7 @@ class VsmBackend:
         done = self.trap_out_retired
         if done is None:
             rip = int(vcpu.get_regs().rip)
-            trap = bytes((OUT_IMM8, HV_HYPERCALL_TRAP_PORT))
+            trap = TRAP_INSTRUCTION
             done = self._read_linear(vp, rip - len(trap), len(trap)) == trap and self._read_linear(vp, rip, len(trap)) != trap
             self.trap_out_retired = done
         return done
@@ -281,13 +274,13 @@ class VsmBackend:
     def higher_vtl_pending(self, vp: VirtualProcessor) -> bool:
         """A higher VTL of this VP has a deliverable interrupt (RFLAGS.IF of the lower VTL is irrelevant)."""
         top = self.highest_enabled(vp)
-        return any(vp.apics[v].pending_vector() is not None for v in range(top, vp.vtl, -1))
+        return any(apic.pending_vector() is not None for _vtl, apic in vp.apics.higher(vp.vtl, top))
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
         """Called before entering the guest when interrupts may have changed."""
         top = self.highest_enabled(vp)
-        for vtl in range(top, vp.vtl, -1):
-            if vp.apics[vtl].pending_vector() is not None:
+        for vtl, apic in vp.apics.higher(vp.vtl, top):
+            if apic.pending_vector() is not None:
                 self.switch(vp, vtl, SwitchReason.INTERRUPT)
                 return
         if vp.vtl > 0:
@@ -303,11 +296,11 @@ class VsmBackend:
         key = (vp.index, vp.vtl)
         if vsm is None or key in self.vina_notified or not vsm.state.vp_vtl(vp.index, vp.vtl).vina_enabled:
             return
-        if not any(vp.apics[v].pending_vector() is not None for v in range(vp.vtl)):
+        if not any(apic.pending_vector() is not None for _vtl, apic in vp.apics.lower(vp.vtl)):
             return
         self.vina_notified.add(key)
         i, vtl = key
-        self.boundary.entry("vina", i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
+        self.boundary.entry(Entry.VINA, i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
 
     # -- protections: MMIO exits and fetch failures --------------------------------------------
     def on_mmio(self, vp: VirtualProcessor, gpa: int, length: int, is_write: bool) -> bool:
@@ -342,8 +335,7 @@ class VsmBackend:
     def fetch_target(vp: VirtualProcessor) -> tuple[int, int] | None:
         """(GPA, linear address) of the instruction at RIP, if it is guest RAM."""
         vcpu = vp.vcpu
-        rip = int(vcpu.get_regs().rip)
-        linear = (int(vcpu.get_sregs().cs.base) + rip) & 0xFFFFFFFFFFFFFFFF
+        _rip, linear = rip_linear(vcpu)
         try:
             gpa, valid, _ = vcpu.translate(linear)
         except OSError:
@@ -353,8 +345,6 @@ class VsmBackend:
         return gpa, linear
 
     def intercept(self, vp: VirtualProcessor, gpa: int, access: Access, length: int, gva: int | None = None) -> None:
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         machine = self.machine
         vtl = vp.vtl
         target_vtl = self._next_higher(vp)
@@ -369,9 +359,10 @@ class VsmBackend:
             EventKind.INTERCEPT, vp, access=ACCESS_NAMES[access], gpa=gpa, gva=denied.gva, insn_bytes=denied.insn_bytes,
             message=packed,
         )  # fmt: skip
-        hv, i = machine.hyperv.hv, vp.index
+        hv, i = self.hv, vp.index
+        assert hv is not None
         self.boundary.entry(
-            "post_intercept", i, target_vtl, [i, target_vtl, packed],
+            Entry.POST_INTERCEPT, i, target_vtl, [i, target_vtl, packed],
             lambda: hv.post_intercept(i, target_vtl, message),
         )
         if vp.apics[target_vtl].pending_vector() is None:
@@ -391,13 +382,11 @@ class VsmBackend:
         (a retired write is rewound, a pending read discarded). Re-execution calls this
         for a recorded intercept, so the rewind is the live one.
         """
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, GuestStop
-
         vtl = vp.vtl
         vcpu = vp.vcpu
         sregs = vcpu.get_sregs()
-        mode = _mode(sregs)
-        regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_FIELDS}
+        mode = cpu_mode(sregs)
+        regs = {name: int(getattr(vcpu.get_regs(), name)) for name in GPR_NAMES}
         bases = {"fs": int(sregs.fs.base), "gs": int(sregs.gs.base), "es": int(sregs.es.base)}
         translate, read_code = self._cached_walk(vp)
         located: Located | None
@@ -433,7 +422,7 @@ class VsmBackend:
             insn_bytes=(located.bytes if located is not None else b"")[:16],
             insn_length=located.length if located is not None else 0,
             regs=regs,
-            segments={name: _segment(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
+            segments={name: segment_from_kvm(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},
             cr0=int(sregs.cr0),
             efer=int(sregs.efer),
             cpl=int(sregs.cs.dpl),
@@ -476,21 +465,8 @@ class VsmBackend:
     def _cached_walk(
         self, vp: VirtualProcessor
     ) -> tuple[Callable[[int], int | None], Callable[[int, int], bytes]]:
-        """Translate and read guest-linear memory, each page translated once.
-
-        Locating an instruction decodes up to 16 candidates around RIP; without the
-        cache each would cost KVM_TRANSLATE ioctls (several µs each on some hosts).
-        """
-        pages: dict[int, int | None] = {}
-        walk = translator(vp.vcpu)
-
-        def translate(linear: int) -> int | None:
-            page = (linear & 0xFFFFFFFFFFFFFFFF) >> PAGE_SHIFT
-            if page not in pages:
-                pages[page] = walk(page << PAGE_SHIFT)
-            base = pages[page]
-            return None if base is None else base + (linear & (PAGE - 1))
-
+        """Translate and read guest-linear memory of the running VTL, each page translated once."""
+        translate = cached_translator(vp.vcpu)
         memory = self.machine.memory
         return translate, lambda linear, size: read_linear(memory, translate, linear, size)
 
@@ -546,16 +522,4 @@ def _as_int(mmio: Any, length: int) -> int:
     return int.from_bytes(bytes(mmio.data[0:length]), "little")
 
 
-def _mode(sregs: Any) -> CpuMode:
-    from vsmtrace.vmm.cpu_state import cpu_mode
 
-    return cpu_mode(sregs)
-
-
-def _segment(s: Any) -> Segment:
-    from vsmtrace.vmm.cpu_state import segment_from_kvm
-
-    return segment_from_kvm(s)
-
-
-PAGE = 1 << PAGE_SHIFT

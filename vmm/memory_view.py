@@ -1,7 +1,7 @@
 """A VTL's view of guest RAM, expressed as a KVM memslot layout.
 
 Stock KVM has no per-page permissions, so a lower VTL's protections become the
-shape of its VM's memslots (DESIGN.md, "VTL protections as memslot layouts"):
+shape of its VM's memslots (docs/architecture.md, "The machine and its extensions"):
 
 * every access allowed            → RAM slot (KVM runs the guest natively);
 * read and execute, no write      → read-only slot (stores exit as MMIO);

@@ -11,25 +11,31 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.emulation_io import Boundary, RecordedPartition, RecordedService, RecordedSink, RecordedTimers
+from vsmtrace.vmm.emulation import EmulationPorts, build_emulation
+from vsmtrace.vmm.emulation_io import Boundary, recorded_ports
+from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler
 from vsmtrace.vmm.hyperv import HyperV
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
 from vsmtrace.vmm.hyperv.hvdef import (
-    HV_HYPERCALL_TRAP_INSN_LEN,
-    HV_HYPERCALL_TRAP_PORT,
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_INSN_LEN, HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.protocol import Entry
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_OK, EXIT_VMM_ERROR, GuestStop, MsrFault
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
-    from vsmtrace.vmm.machine import Machine, VirtualProcessor
+    from vsmtrace.vmm.backends.vsm import VsmBackend
+    from vsmtrace.vmm.kvm.system import Vcpu
+    from vsmtrace.vmm.machine import Machine
+    from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
 PAGE_OFFSET_MASK = 0xFFF
 
@@ -65,20 +71,16 @@ class MachineApics:
             owner.vcpu.run_struct.cr8 = owner.last_cr8 = apic.cr8
 
 
-class MachineTlb:
-    """``TlbFlusher``: reloading a vCPU's special registers makes KVM drop its cached translations.
+def rewind_trap(vcpu: Vcpu) -> None:
+    """Put RIP back on the hypercall page's trapping OUT if KVM already stepped over it.
 
-    Each target VP reloads before its next guest entry; ``flush_vps`` returns once no
-    target can run guest code without having done so (see VirtualProcessor.request_tlb_flush).
+    The trap sits at the start of the hypercall page, so RIP just past it is the page
+    offset of its length. Re-execution replays a recorded retry or fault with this too.
     """
-
-    def __init__(self, machine: Machine) -> None:
-        self.machine = machine
-
-    def flush_vps(self, vp_indices: Sequence[int], vtl: int) -> None:
-        for index in vp_indices:
-            if 0 <= index < len(self.machine.vps):
-                self.machine.vps[index].request_tlb_flush(vtl)
+    regs = vcpu.get_regs()
+    if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
+        regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
+        vcpu.set_regs(regs)
 
 
 class ReferenceTimers:
@@ -105,23 +107,43 @@ class ReferenceTimers:
         self.host.cancel(handle)
 
 
-class HypervBackend:
-    """Installs Hyper-V into a machine before boot; creates the :class:`HyperV` once VPs exist."""
+class HypervBackend(MachineExtension):
+    """Hyper-V for a machine: CPUID leaves, the synthetic MSRs and the hypercall trap port; the
+    :class:`HyperV` itself (and VSM's logic, through ``vsm``) is built once the VPs exist."""
 
     #: The emulation emits its own MSR events (with fault reasons); the machine does not repeat them.
     records_events = True
 
-    def __init__(self, machine: Machine, policy: HypervPolicy) -> None:
-        self.machine = machine
+    def __init__(self, policy: HypervPolicy, vsm: VsmBackend | None = None) -> None:
         self.policy = policy.normalized()
+        self.vsm = vsm
         self.hv: HyperV | None = None
         self.lock = threading.Lock()
-        machine.extra_cpuid = [
-            (leaf, subleaf, 0, a, b, c, d) for leaf, subleaf, a, b, c, d in hyperv_cpuid_leaves(self.policy, machine.config.smp)
-        ]
-        machine.cpuid_policy.hypervisor_bit = True
-        machine.msr_handlers.append((HV_X64_MSR_RANGE_FIRST, HV_X64_MSR_RANGE_LAST, self))
-        machine.on_vps_created.append(self._create)
+
+    def attach(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def cpuid_entries(self) -> list[CpuidEntry]:
+        leaves = hyperv_cpuid_leaves(self.policy, self.machine.config.smp)
+        return [(leaf, subleaf, 0, a, b, c, d) for leaf, subleaf, a, b, c, d in leaves]
+
+    def hypervisor_present(self) -> bool:
+        return True
+
+    def msr_ranges(self) -> list[tuple[int, int, Any]]:
+        return [(HV_X64_MSR_RANGE_FIRST, HV_X64_MSR_RANGE_LAST, self)]
+
+    def trap_ports(self) -> dict[int, TrapHandler]:
+        return {HV_HYPERCALL_TRAP_PORT: self.on_trap}
+
+    def reference_time(self) -> int:
+        return self.reference.reference_time()
+
+    def vps_created(self) -> None:
+        self._create()
+
+    def stopped(self) -> None:
+        self.shutdown()
 
     def _create(self) -> None:
         m = self.machine
@@ -132,61 +154,45 @@ class HypervBackend:
             self.reference = ReferenceClock.from_monotonic(m.clock.now_ns, m.tsc_hz)
         else:
             self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
-        m.hyperv_tlb = MachineTlb(m)
-        m.reference_clock = self.reference.reference_time
         # Everything the emulation reads or writes goes through the recorded boundary
         # (a pass-through when nothing records), so a trace can be replayed without KVM.
         self.boundary = boundary = Boundary(m.sink, threading.RLock())
-        recording = boundary.recording
-        self.partition = RecordedPartition(m, boundary) if recording else m
-        apic: Any = MachineApics(m)
-        tlb: Any = m.hyperv_tlb
-        timers: Any = ReferenceTimers(m.timers, self.reference.reference_time_ns, m.clock.now_ns)
-        sink: Any = m.sink
-        tsc_page = self.reference.tsc_page_params
-        if recording:
-            apic = RecordedService(apic, boundary, "apic", frozenset({"read_icr", "read_tpr"}))
-            tlb = RecordedService(tlb, boundary, "tlb", frozenset())
-            timers = RecordedTimers(timers, boundary)
-            sink = RecordedSink(m.sink, boundary)
-            tsc_page = RecordedService(self.reference, boundary, "clock", frozenset({"tsc_page_params"})).tsc_page_params
-        self.sink = sink
-        self.hv = HyperV(
-            self.partition,
-            self.policy,
-            timers=timers,
-            apic=apic,
-            tlb=tlb,
-            sink=sink,
-            tsc_page=tsc_page,
-            tsc_frequency_hz=m.tsc_hz,
-            apic_frequency_hz=m.apic_timer_hz,
-            vtl_count=len(m.vms),
+        ports = EmulationPorts(
+            partition=m,
+            timers=ReferenceTimers(m.timers, self.reference.reference_time_ns, m.clock.now_ns),
+            apic=MachineApics(m),
+            tlb=m,
+            tsc_page=self.reference.tsc_page_params,
+            sink=m.sink,
+            vsm=self.vsm,
         )
+        if boundary.recording:
+            ports = recorded_ports(ports, boundary)
+        self.partition = ports.partition
+        self.sink = ports.sink
+        emulation = build_emulation(
+            self.policy, ports, vtl_count=len(m.vms), tsc_hz=m.tsc_hz, apic_hz=m.apic_timer_hz,
+            ram_ranges=[(r.gpa, r.size) for r in m.memory.ranges],
+        )  # fmt: skip
+        self.hv = emulation.hv
+        if self.vsm is not None:
+            self.vsm.take_emulation(emulation, boundary)
         boundary.lock = self.hv.lock
-        m.trap_ports[HV_HYPERCALL_TRAP_PORT] = self.on_trap
-        m.on_interrupt_acknowledged = self.on_interrupt_acknowledged
-        m.on_apic_eoi = self._on_eoi
-        m.on_stop.append(self.shutdown)
 
     # -- machine hooks -----------------------------------------------------------------------
     def msr_read(self, vp: VirtualProcessor, index: int) -> int:
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            return int(self.boundary.entry("msr_read", i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
+            return int(self.boundary.entry(Entry.MSR_READ, i, vtl, [i, vtl, index], lambda: hv.msr_read(i, vtl, index)))
         except GpFault as exc:
-            from vsmtrace.vmm.machine import MsrFault
-
             raise MsrFault(index) from exc
 
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
-        from vsmtrace.vmm.machine import EXIT_GUEST_FAULT, EXIT_OK, GuestStop, MsrFault
-
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            self.boundary.entry("msr_write", i, vtl, [i, vtl, index, value], lambda: hv.msr_write(i, vtl, index, value))
+            self.boundary.entry(Entry.MSR_WRITE, i, vtl, [i, vtl, index, value], lambda: hv.msr_write(i, vtl, index, value))
         except GpFault as exc:
             raise MsrFault(index) from exc
         except GuestCrash as crash:
@@ -195,42 +201,33 @@ class HypervBackend:
             raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
-        from vsmtrace.vmm.machine import EXIT_VMM_ERROR, GuestStop
-
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
         try:
-            outcome = self.boundary.entry("hypercall", i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
+            outcome = self.boundary.entry(Entry.HYPERCALL, i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
         except HypercallInternalError as exc:
             raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
         if outcome.retry or outcome.exception is not None:
             # Re-execute the trapping OUT (rep continuation), or report the #UD/#GP at it
-            # (a fault's RIP is the faulting instruction): rewind RIP if KVM stepped over it.
-            regs = vp.vcpu.get_regs()
-            if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
-                regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
-                vp.vcpu.set_regs(regs)
-            vsm = self.machine.vsm
-            if outcome.retry and vsm is not None:
-                vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
+            # (a fault's RIP is the faulting instruction).
+            rewind_trap(vp.vcpu)
+            if outcome.retry and self.vsm is not None:
+                self.vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
         # No blanket interrupt re-check here: everything a hypercall can make deliverable
         # (an IPI, a SynIC message, an EOI, a VTL switch) already sets interrupt_hint.
-        action = outcome.vtl_action
-        if action is not None and self.machine.vtl_action_hook is not None:
-            self.machine.vtl_action_hook(vp, action)
 
-    def on_interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
+    def interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
         hv = self.hv
         if hv is None:
             return
         i, vtl = vp.index, vp.vtl
-        if self.boundary.entry("auto_eoi", i, vtl, [i, vtl, vector], lambda: hv.is_auto_eoi(i, vtl, vector)):
+        if self.boundary.entry(Entry.AUTO_EOI, i, vtl, [i, vtl, vector], lambda: hv.is_auto_eoi(i, vtl, vector)):
             vp.apic.eoi()
 
-    def _on_eoi(self, vp: int, vtl: int, vector: int) -> None:
+    def apic_eoi(self, vp_index: int, vtl: int, vector: int) -> None:
         hv = self.hv
         if hv is not None:
-            self.boundary.entry("eoi", vp, vtl, [vp, vtl], lambda: hv.on_apic_eoi(vp, vtl))
+            self.boundary.entry(Entry.EOI, vp_index, vtl, [vp_index, vtl], lambda: hv.on_apic_eoi(vp_index, vtl))
 
     def shutdown(self) -> None:
         if self.hv is not None:
