@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from vsmtrace.vmm.firmware.acpi import ACPI_BASE, IoApicInfo, build_acpi_tables
+from vsmtrace.vmm.firmware.acpi import ACPI_BASE, IoApicInfo, build_acpi_tables, dsdt_body, eisa_id
 from vsmtrace.vmm.loader.elf import LoaderError
 from vsmtrace.vmm.loader.kernel import load_kernel
 from vsmtrace.vmm.loader.multiboot import Module
@@ -93,13 +93,29 @@ def test_acpi_tables_checksum_and_list_every_vp() -> None:
         build_acpi_tables(300)
 
 
+def test_dsdt_describes_com1_with_its_irq() -> None:
+    """The AML of Scope (\\_SB) { Device (COM1) { ... } }, byte for byte as iasl compiles it."""
+    assert eisa_id("PNP0501") == 0x0105D041 and eisa_id("PNP0A03") == 0x030AD041  # as in every PC's DSDT
+    aml = dsdt_body()
+    assert aml == bytes.fromhex(
+        "10 32 5f53425f"  # Scope, PkgLength 50, _SB_ (the table is in the root scope)
+        " 5b82 2b 434f4d31"  # Device, PkgLength 43, COM1
+        " 08 5f484944 0c 41d00501"  # Name (_HID, EisaId ("PNP0501"))
+        " 08 5f554944 01"  # Name (_UID, One)
+        " 08 5f435253 11 10 0a 0d"  # Name (_CRS, Buffer (13) {
+        " 47 01 f803 f803 01 08"  # IO (Decode16, 0x3F8, 0x3F8, 1, 8)
+        " 22 1000"  # IRQNoFlags () {4}
+        " 79 00"  # end tag })
+    )
+
+
 EXPECTED_ACPI = [
     "rsdp=0xf0000",
     "acpi RSDP revision=2 checksum ok extended ok",
     "acpi XSDT length=52 checksum ok",
     "acpi FACP length=276 checksum ok",
     "fadt flags=0x100401 boot_arch=0xc reset=1:0xcf9 value=0x6",
-    "acpi DSDT length=36 checksum ok",
+    "acpi DSDT length=87 checksum ok",
 ]
 
 

@@ -11,7 +11,11 @@ What the tables say (ACPI 6.4 field layouts):
   PIT timer, which vsmtrace does not have); no VGA; a reset
   register at I/O port 0xCF9 with value 6 (flags.RESET_REG_SUP), the PC's
   reset control register.
-* DSDT: a definition block with no AML (no devices need describing).
+* DSDT: one device, COM1 (``PNP0501``: I/O 0x3F8-0x3FF, ISA IRQ 4). A
+  hardware-reduced platform has no legacy IRQs (Linux allocates none for ISA
+  IRQs 0-15 there), so a device's interrupt exists only if ACPI describes it:
+  without this entry the serial console's interrupt is never routed and nothing
+  written to the tty (every line of a user program) leaves the guest.
 * MADT: the local APIC at 0xFEE00000, one enabled Processor Local APIC entry per
   VP (APIC ID = ACPI UID = VP index), and the I/O APIC at 0xFEC00000 with the PC's
   one interrupt source override (ISA IRQ 0 -> GSI 2); every other ISA IRQ n is GSI n.
@@ -61,6 +65,18 @@ MADT_IO_APIC = 1
 MADT_INTERRUPT_OVERRIDE = 2
 ISA_IRQ0_GSI = 2  # the PC wiring: the PIT's IRQ 0 is I/O APIC pin 2 (vmm/devices/ioapic.py)
 MADT_LAPIC_ENABLED = 1
+
+# AML (ACPI 6.4 section 20) opcodes and the COM1 device's resources
+AML_SCOPE = 0x10
+AML_NAME = 0x08
+AML_BUFFER = 0x11
+AML_BYTE_PREFIX = 0x0A
+AML_DWORD_PREFIX = 0x0C
+AML_ONE = 0x01
+AML_DEVICE = b"\x5b\x82"
+COM1_PORT = 0x3F8
+COM1_PORTS = 8
+COM1_ISA_IRQ = 4
 MAX_XAPIC_ID = 254
 
 
@@ -119,6 +135,38 @@ def fadt_body(dsdt: int) -> bytes:
     return bytes(body)
 
 
+def _pkg(body: bytes) -> bytes:
+    """An AML PkgLength (counting itself) followed by ``body``."""
+    n = len(body) + 1
+    if n < 0x40:
+        return bytes([n]) + body
+    n += 1
+    if n >= 0x1000:
+        raise ValueError("AML package too long for a 2-byte PkgLength")
+    return bytes([0x40 | (n & 0xF), n >> 4]) + body
+
+
+def eisa_id(text: str) -> int:
+    """The compressed EISA ID AML's EisaId() makes of e.g. "PNP0501" (as the DWORD stored)."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    big = (letters[0] << 26) | (letters[1] << 21) | (letters[2] << 16) | int(text[3:], 16)
+    return int.from_bytes(big.to_bytes(4, "big"), "little")
+
+
+def dsdt_body() -> bytes:
+    """``Scope (\\_SB) { Device (COM1) { _HID PNP0501, _UID 1, _CRS: IO 0x3F8/8, IRQNoFlags {4} } }``."""
+    resources = (
+        struct.pack("<BBHHBB", 0x47, 1, COM1_PORT, COM1_PORT, 1, COM1_PORTS)  # I/O port, 16-bit decode
+        + struct.pack("<BH", 0x22, 1 << COM1_ISA_IRQ)  # IRQ, no flags: edge, active high
+        + bytes([0x79, 0])  # end tag (checksum 0: not checked)
+    )
+    crs = bytes([AML_NAME]) + b"_CRS" + bytes([AML_BUFFER]) + _pkg(bytes([AML_BYTE_PREFIX, len(resources)]) + resources)
+    hid = bytes([AML_NAME]) + b"_HID" + bytes([AML_DWORD_PREFIX]) + struct.pack("<I", eisa_id("PNP0501"))
+    uid = bytes([AML_NAME]) + b"_UID" + bytes([AML_ONE])
+    device = AML_DEVICE + _pkg(b"COM1" + hid + uid + crs)
+    return bytes([AML_SCOPE]) + _pkg(b"_SB_" + device)  # in the root scope: iasl compiles Scope (\_SB) the same
+
+
 def madt_body(vp_count: int, ioapic: IoApicInfo | None) -> bytes:
     if vp_count - 1 > MAX_XAPIC_ID:
         raise ValueError(f"{vp_count} VPs do not fit in xAPIC MADT entries")
@@ -147,7 +195,7 @@ def build_acpi_tables(vp_count: int, ioapic: IoApicInfo | None = None, base: int
 
     rsdp_off = 0
     place("RSDP", bytes(RSDP_V2_SIZE))
-    dsdt = place("DSDT", _table(b"DSDT", DSDT_REVISION, b""))
+    dsdt = place("DSDT", _table(b"DSDT", DSDT_REVISION, dsdt_body()))
     fadt = place("FACP", _table(b"FACP", FADT_REVISION, fadt_body(dsdt)))
     madt = place("APIC", _table(b"APIC", MADT_REVISION, madt_body(vp_count, ioapic)))
     xsdt = place("XSDT", _table(b"XSDT", XSDT_REVISION, struct.pack("<QQ", fadt, madt)))
