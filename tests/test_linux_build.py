@@ -17,10 +17,11 @@ def test_initramfs_is_a_deterministic_newc_archive(tmp_path: Path) -> None:
         pytest.skip("needs cpio to list the archive")
     listing = subprocess.run(["cpio", "-itv"], input=blob, capture_output=True, check=True).stdout.decode()
     rows = [line.split() for line in listing.splitlines()]
-    assert [r[-1] for r in rows] == ["dev", "dev/console", "proc", "sys", "init"]
+    assert [r[-1] for r in rows] == ["dev", "dev/console", "dev/kmsg", "proc", "sys", "init"]
     console = rows[1]
     assert console[0] == "crw-------" and console[4:6] == ["5,", "1"]
-    assert rows[4][0] == "-rwxr-xr-x" and rows[4][4] == "9"
+    assert rows[2][0] == "crw-------" and rows[2][4:6] == ["1,", "11"]
+    assert rows[5][0] == "-rwxr-xr-x" and rows[5][4] == "9"
 
 
 def test_kernel_key_covers_fragment_and_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

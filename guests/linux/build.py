@@ -59,7 +59,8 @@ REQUIRED = (
     "CONFIG_X86_HV_CALLBACK_VECTOR=y", "CONFIG_PARAVIRT=y", "CONFIG_SERIAL_8250_CONSOLE=y", "CONFIG_BLK_DEV_INITRD=y",
     "CONFIG_BINFMT_ELF=y", "CONFIG_X86_IO_APIC=y", "CONFIG_CC_OPTIMIZE_FOR_PERFORMANCE=y", "CONFIG_SLUB=y",
     "# CONFIG_JUMP_LABEL is not set", "# CONFIG_VT is not set", "# CONFIG_LEGACY_PTYS is not set",
-    "CONFIG_UNWINDER_GUESS=y", "CONFIG_INIT_STACK_NONE=y", "CONFIG_HZ_100=y", "CONFIG_PCI=y",
+    "CONFIG_UNWINDER_GUESS=y", "CONFIG_INIT_STACK_NONE=y", "CONFIG_HZ_100=y", "CONFIG_PCI=y", "CONFIG_PNPACPI=y",
+    "CONFIG_SERIAL_8250_PNP=y",
 )  # fmt: skip
 
 INIT_CFLAGS = (
@@ -204,6 +205,7 @@ S_IFREG = 0o100000
 S_IFCHR = 0o020000
 NEWC_MAGIC = b"070701"
 CONSOLE_MAJOR, CONSOLE_MINOR = 5, 1
+KMSG_MAJOR, KMSG_MINOR = 1, 11
 
 
 def _newc_entry(ino: int, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> bytes:
@@ -215,10 +217,11 @@ def _newc_entry(ino: int, name: str, mode: int, data: bytes = b"", rdev: tuple[i
 
 
 def make_cpio(init: bytes) -> bytes:
-    """The initramfs: /dev/console, /proc, /sys and /init, deterministic (no times, no owners)."""
+    """The initramfs: /dev/console, /dev/kmsg, /proc, /sys and /init, deterministic (no times, no owners)."""
     entries = [
         ("dev", S_IFDIR | 0o755, b"", (0, 0)),
         ("dev/console", S_IFCHR | 0o600, b"", (CONSOLE_MAJOR, CONSOLE_MINOR)),
+        ("dev/kmsg", S_IFCHR | 0o600, b"", (KMSG_MAJOR, KMSG_MINOR)),
         ("proc", S_IFDIR | 0o755, b"", (0, 0)),
         ("sys", S_IFDIR | 0o755, b"", (0, 0)),
         ("init", S_IFREG | 0o755, init, (0, 0)),
@@ -233,6 +236,7 @@ def build_initramfs() -> Path:
     h = hashlib.sha256()
     for part in (INIT_SOURCE.read_text(), " ".join(INIT_CFLAGS), _tool_identity("gcc"), RECIPE_VERSION):
         h.update(part.encode() + b"\0")
+    h.update(make_cpio(b""))  # the archive's layout
     dest = linux_cache() / f"initramfs-{h.hexdigest()[:16]}.cpio"
     if dest.is_file():
         return dest

@@ -11,7 +11,7 @@
  *   init: clocksource <current> (available: <list>)
  *   init: clockevent <name of clockevent0..n> ...   (one line per device)
  *   init: dmesg <every kernel log line that mentions Hyper-V or hyperv>
- *   init: interrupts <the /proc/interrupts lines of Hyper-V vectors (HVS, HYP)>
+ *   init: interrupts <every line of /proc/interrupts but its header>
  *   init: done, rebooting
  *
  * With "vsmtrace_init_out=kmsg" on the kernel command line (the kernel hands
@@ -25,6 +25,7 @@ typedef long ssize_t;
 #define SYS_write 1
 #define SYS_open 2
 #define SYS_close 3
+#define SYS_ioctl 16
 #define SYS_syslog 103
 #define SYS_mount 165
 #define SYS_reboot 169
@@ -33,6 +34,7 @@ typedef long ssize_t;
 #define O_RDONLY 0
 #define O_WRONLY 1
 #define SYSLOG_READ_ALL 3
+#define TCSBRK 0x5409 /* with a non-zero argument: tcdrain(), wait until the output is sent */
 #define REBOOT_MAGIC1 0xfee1dead
 #define REBOOT_MAGIC2 672274793
 #define REBOOT_CMD_RESTART 0x01234567
@@ -199,7 +201,7 @@ static void clocks(void)
 static void kernel_log(void)
 {
     static const char *const hyperv[] = {"Hyper-V", "hyperv", "HyperV", 0};
-    static const char *const vectors[] = {"HVS", "HYP", 0};
+    static const char *const vectors[] = {":", 0}; /* every line but the CPU header */
     long n = sys3(SYS_syslog, SYSLOG_READ_ALL, buf, sizeof(buf) - 1);
     if (n > 0)
         grep_lines("init: dmesg ", (size_t)n, hyperv);
@@ -236,6 +238,7 @@ void start_c(long *sp)
     kernel_log();
     put("init: done, rebooting");
     end_line();
+    sys3(SYS_ioctl, out_fd, TCSBRK, 1); /* the console's output reaches the UART before the reset */
     sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_RESTART, 0, 0);
     sys3(SYS_exit, 1, 0, 0); /* only if reboot failed: the kernel panics when init exits */
 }
