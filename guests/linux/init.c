@@ -147,7 +147,9 @@ static void count_cpuinfo(void)
     unsigned long processors = 0;
     int hypervisor = 0;
     for (ssize_t i = 0; i < n; i++) {
-        if ((i == 0 || buf[i - 1] == '\n') && has(buf + i, 10 < n - i ? 10 : (size_t)(n - i), "processor"))
+        /* a line that starts with "processor" (a window of exactly its length: a blank line before
+           it must not count it twice) */
+        if ((i == 0 || buf[i - 1] == '\n') && has(buf + i, 9 < n - i ? 9 : (size_t)(n - i), "processor"))
             processors++;
     }
     hypervisor = n > 0 && has(buf, (size_t)n, " hypervisor");
