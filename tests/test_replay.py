@@ -44,6 +44,8 @@ RUNS: dict[str, list[list[str]]] = {
     "stop": [["--append", "how=triple"]],
     "completions": [[]],
     "cpuid_bits": [[]],
+    "ioapic": [["--smp", "2"]],
+    "pc_testdev": [["--smp", "2"]],
     "smp": [["--smp", "2", "--append", "cpus=2"], ["--smp", "4", "--append", "cpus=4 x2apic=1"]],
     "ipi": [["--smp", "2", "--append", "cpus=2"], ["--smp", "3", "--append", "cpus=3 x2apic=1"]],
     "apic_timer": [["--append", f"mode={m}"] for m in ("oneshot", "periodic", "deadline")],
