@@ -460,6 +460,10 @@ int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
         if (run->exit_reason != KVM_EXIT_X86_RDMSR || run->immediate_exit || run->cr8 != cr8
             || run->request_interrupt_window)
             return 0;
+        /* Python waits to inject an interrupt and the guest can now take it: hand the exit back
+           (a backend may not exit for the window by itself while the guest keeps exiting here). */
+        if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
+            return 0;
         uint32_t i = 0;
         while (i < fp->n && fp->index[i] != run->msr.index)
             i++;
