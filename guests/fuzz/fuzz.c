@@ -18,8 +18,10 @@
  * Canaries (VTL1 places them, then protects them against VTL0; docs/fuzzing.md):
  *   canary_secret  no access for VTL0; holds secret words (see secret_word)
  *   canary_ro      read-only for VTL0; holds a known pattern
- *   canary_nx      read/write for VTL0, no execute; holds "mov eax, 0xC0DE; ret" (VTL0 may
- *                  overwrite it: what matters is that no fetch from it ever completes)
+ *   canary_nx      no access for VTL0; holds "mov eax, 0xC0DE; ret": no fetch from it may ever
+ *                  complete. (A *readable* no-execute page cannot deny execute on upstream KVM:
+ *                  reads win there and vsmtrace reports the limitation, docs/vsm.md; so the
+ *                  execute oracle uses a page whose every access VTL1 denied.)
  *   VTL1's LSTAR/CSTAR/KERNEL_GS_BASE/SYSENTER_EIP/SYSENTER_ESP hold secret words too
  *   (GetVpRegisters of VTL1 from VTL0 must never reveal them).
  *
@@ -251,7 +253,7 @@ static uint64_t v1_setup(uint64_t key)
         bad |= 2;
     if (v1_protect(canary_ro, HV_MAP_GPA_READ))
         bad |= 4;
-    if (v1_protect(canary_nx, HV_MAP_GPA_READ | HV_MAP_GPA_WRITE))
+    if (v1_protect(canary_nx, HV_MAP_GPA_NONE))
         bad |= 8;
     for (int v = 0; v < VSM_MAX_VPS; v++)
         if (v1_protect(v1arena[v], HV_MAP_GPA_NONE))

@@ -411,8 +411,7 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
 /* Synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
    frequencies), answered here so the guest's RDMSR never waits for Python's GIL, which
    another VP's thread may hold (or hold while the host has preempted it). Python fills the
-   table; any other exit, a kick (immediate_exit), a CR8 change or a pending interrupt
-   returns to Python.
+   table; any other exit, a kick (immediate_exit) or a CR8 change returns to Python.
    Returns like vsm_kvm_run. */
 #define VSM_FAST_MSRS 8
 
@@ -454,11 +453,11 @@ int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
         int r = ioctl(vcpu_fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
-        /* An interrupt waiting for its window (request_interrupt_window) goes back to Python
-           too: this backend may not report the window opening, and Python's re-check at the
-           next entry is what delivers it then (a guest polling an MSR would starve it here). */
-        if (run->exit_reason != KVM_EXIT_X86_RDMSR || run->immediate_exit || run->cr8 != cr8
-            || run->request_interrupt_window)
+        if (run->exit_reason != KVM_EXIT_X86_RDMSR || run->immediate_exit || run->cr8 != cr8)
+            return 0;
+        /* Python waits to inject an interrupt and the guest can now take it: hand the exit back
+           (a backend may not exit for the window by itself while the guest keeps exiting here). */
+        if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
             return 0;
         uint32_t i = 0;
         while (i < fp->n && fp->index[i] != run->msr.index)
