@@ -71,6 +71,7 @@ _decode_control = functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)(Hypercall
 
 
 _QWORD = 8
+_PAIR = struct.Struct("<QQ")
 #: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
 _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
 _CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
@@ -238,6 +239,8 @@ class _Registers:
 
     def read_pairs(self, count: int) -> bytes:
         """Fast input: pair 0 = input/output params, pair n = XMM(n-1)."""
+        if count == 1:  # the common case (up to 16 bytes of input): no buffer to build
+            return _PAIR.pack(self.input_param(), self.output_param())
         out = bytearray()
         for pair in range(count):
             if pair == 0:
