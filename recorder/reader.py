@@ -111,8 +111,13 @@ def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
     try:
         schema.names  # noqa: B018 - decodes every field name: a damaged one is not valid UTF-8
         raw = (schema.metadata or {}).get(METADATA_KEY)
+        # Each column's own metadata (doc, kinds, unit) too: Polars decodes it as UTF-8 and
+        # panics (a Rust panic, not an exception) on a damaged byte.
+        for f in schema:
+            for key, value in (f.metadata or {}).items():
+                key.decode("utf-8"), value.decode("utf-8")
     except ValueError:
-        raise TraceFormatError(f"{label}: corrupt schema (a field name or metadata key is not valid UTF-8)") from None
+        raise TraceFormatError(f"{label}: corrupt schema (a field name or metadata entry is not valid UTF-8)") from None
     if raw is None:
         raise TraceFormatError(f"{label}: Arrow IPC data but not a vsmtrace trace (no 'vsmtrace' schema metadata)")
     try:

@@ -175,9 +175,14 @@ def test_intercept_message_packs_and_decodes(vp, vtl, access, gpa, gva, insn, re
                           cpl=cpl, mode=mode).pack()  # fmt: skip
     assert len(msg) == HV_MESSAGE_SIZE
     assert struct.unpack_from("<I", msg, 0)[0] == HvMessageType.HvMessageTypeGpaIntercept
+    # Execute intercepts carry the seed's length 2 and no bytes; RFLAGS has RF set (docs/vsm.md, compatibility table).
+    execute = access is Access.EXECUTE
+    if execute:
+        length, insn = 2, b""
     assert struct.unpack_from("<IBB", msg, 0x10) == (vp, length, {Access.READ: 0, Access.WRITE: 1, Access.EXECUTE: 2}[access])
-    assert struct.unpack_from("<QQ", msg, 0x28) == (rip, rflags)
+    assert struct.unpack_from("<QQ", msg, 0x28) == (rip, rflags | 0x10000)
     assert msg[0x3C] == min(len(insn), 16) and msg[0x50 : 0x50 + min(len(insn), 16)] == insn[:16]
+    assert msg[0x50 + min(len(insn), 16) : 0x60] == bytes(16 - min(len(insn), 16))
     assert struct.unpack_from("<QQ", msg, 0x40) == (gva or 0, gpa)
     assert struct.unpack_from("<QIHH", msg, 0x18) == (segs["cs"].base, segs["cs"].limit, segs["cs"].selector,
                                                       segs["cs"].attributes)  # fmt: skip
@@ -249,6 +254,18 @@ def test_cli_info_on_damaged_trace_is_one_line(tmp_path: Path, real_trace: bytes
     if r.status != 0:
         assert r.status == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert r.stderr.startswith("vsmtrace: error:"), r.stderr
+
+
+def test_column_metadata_not_utf8_is_one_line(tmp_path: Path, real_trace: bytes) -> None:
+    """Regression (found by the property test above): a damaged byte in a column's own metadata
+    (its doc text) made Polars panic in Rust inside `vsmtrace info`, a traceback instead of one line."""
+    doc = b"Virtual processor index."
+    assert doc in real_trace
+    path = tmp_path / "t.trace"
+    path.write_bytes(real_trace.replace(doc, b"\xff" + doc[1:]))  # the stream's schema and the footer's copy
+    r = run_vsmtrace(["info", str(path)], timeout=60)
+    assert r.status == 2 and "Traceback" not in r.stderr and "panicked" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "not valid UTF-8" in r.stderr, r.stderr
 
 
 def test_reader_regression_every_position_flipped(tmp_path: Path, real_trace: bytes) -> None:
