@@ -173,3 +173,26 @@ def test_control_state_rules(state: tuple[int, int, int, int, int], bad: bool) -
     from vsmtrace.vmm.vsm.control_regs import problem
 
     assert (problem(*state, ram_top=64 << 20) is not None) is bad
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "bad"),
+    [
+        ("lstar", 0x06B2_5A1B_0000_0003, True),  # the fuzz campaign's seed 1010 value class: not canonical
+        ("lstar", 0xFFFF_8000_0000_1000, False),
+        ("cstar", 0x0000_7FFF_FFFF_F000, False),
+        ("kernel_gs_base", 1 << 47, True),
+        ("sysenter_eip", (1 << 64) - 1, False),
+        ("pat", 0x0007_0406_0007_0406, False),
+        ("pat", 0x0007_0406_0007_0402, True),  # type 2 is reserved
+        ("tsc_aux", 1 << 32, True),
+        ("efer", 1 << 15, True),
+        ("cr8", 16, True),
+        ("dr7", 1 << 32, True),
+        ("star", (1 << 64) - 1, False),
+    ],
+)
+def test_register_value_rules(name: str, value: int, bad: bool) -> None:
+    from vsmtrace.vmm.vsm.control_regs import register_problem
+
+    assert (register_problem(name, value) is not None) is bad

@@ -59,6 +59,18 @@ int kmain(uint32_t magic, uint32_t mbi)
         snprintf(n, sizeof(n), "set_%s_unchanged", names[k]);
         hv_check(n, r[1], was);
     }
+    /* MSR-backed registers: a value WRMSR would refuse (non-canonical LSTAR, the fuzz campaign's
+       seed 1010) is INVALID_REGISTER_VALUE and leaves the register as it was, never a VMM error */
+    vtl1_op(VSM_OP_GET_REG, HV_VTL(0), HV_REG_LSTAR, 0, 0, r);
+    uint64_t lstar = r[1];
+    hv_check("set_lstar_noncanonical_refused",
+             vtl1_op(VSM_OP_SET_REG, HV_VTL(0), HV_REG_LSTAR, 0x06B25A1B00000003ull, 0, r), HV_STATUS_INVALID_REGISTER_VALUE);
+    vtl1_op(VSM_OP_GET_REG, HV_VTL(0), HV_REG_LSTAR, 0, 0, r);
+    hv_check("set_lstar_noncanonical_unchanged", r[1], lstar);
+    hv_check("set_lstar_canonical_ok",
+             vtl1_op(VSM_OP_SET_REG, HV_VTL(0), HV_REG_LSTAR, 0xFFFF800000001000ull, 0, r), HV_STATUS_SUCCESS);
+    vtl1_op(VSM_OP_GET_REG, HV_VTL(0), HV_REG_LSTAR, 0, 0, r);
+    hv_check("set_lstar_canonical_readback", r[1], 0xFFFF800000001000ull);
     /* EnableVpVtl (VTL1 enables VP1) and StartVirtualProcessor (VP1 in VTL0) with bad contexts */
     for (int k = 0; k < BAD_CASES; k++) {
         struct hv_initial_vp_context ctx;

@@ -119,6 +119,7 @@ def check_context(vsm: Vsm, context: InitialVpContext) -> InitialVpContext:
     assert isinstance(cs, Segment)
     why = control_regs.problem(int(r["cr0"]), int(r["cr3"]), int(r["cr4"]), int(r["efer"]), cs.attributes,  # type: ignore[call-overload]
                                vsm.ram_top())  # fmt: skip
+    why = why or control_regs.register_problem("pat", int(r["pat"])) or control_regs.register_problem("efer", int(r["efer"]))  # type: ignore[call-overload]
     if why is not None:
         raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)
     return context

@@ -220,6 +220,8 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
     low, high = struct.unpack("<QQ", data)
     access = vsm.partition.vp(vp)
     if name in ARCH_REGISTERS:
+        if control_regs.register_problem(ARCH_REGISTERS[name], low):
+            raise _fail(HvStatus.HV_STATUS_INVALID_REGISTER_VALUE)
         if ARCH_REGISTERS[name] in _CONTROL_STATE:
             _check_control_state(vsm, access, vtl, ARCH_REGISTERS[name], low)
         access.set_register(vtl, ARCH_REGISTERS[name], low)
