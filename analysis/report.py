@@ -26,6 +26,7 @@ class Summary:
     intercepts_by_rip: pl.DataFrame
     protections: pl.DataFrame  # one row: changes, pages touched
     interrupts: pl.DataFrame
+    msrs: pl.DataFrame
     exits: pl.DataFrame
     errors: pl.DataFrame
 
@@ -56,6 +57,7 @@ def summary_queries(lf: pl.LazyFrame, bound_fallback: bool = True) -> list[pl.La
         T.intercept_stats(ic, by=("rip", "access")).head(10),
         prot,
         T.interrupts(lf),
+        T.msr_mix(lf),
         T.exits(lf),
         T.errors(lf).head(20),
     ]
@@ -153,6 +155,11 @@ def format_report(s: Summary, title: str = "", note: str | None = None) -> str:
     out.append("")
     out.append("interrupts")
     out += _table(s.interrupts, [("vector", "hex:vector"), ("vtl", "vtl"), ("source", "source"), ("count", "count")], "no interrupts")
+    out.append("")
+    out.append("MSRs (Hyper-V synthetic first)")
+    msrs = s.msrs.sort(["synthetic", "count"], descending=True, maintain_order=True).head(20)
+    out += _table(msrs, [("msr", "hex:msr"), ("name", "name"), ("reads", "reads"), ("writes", "writes"), ("faults", "faults")],
+                  "no MSR accesses")  # fmt: skip
     out.append("")
     out.append("exits")
     out += _table(s.exits, [("reason", "exit_reason"), ("vtl", "vtl"), ("count", "count")], "no exits")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import polars as pl
+from vsmtrace.vmm.hyperv.hvdef import HV_X64_MSR_RANGE_FIRST, HV_X64_MSR_RANGE_LAST, HvMsr
 
 __all__ = [
     "COLLECT_ENGINE",
@@ -426,6 +427,30 @@ def interrupts(lf: pl.LazyFrame) -> pl.LazyFrame:
         .group_by("vector", "vtl", "source")
         .agg(pl.len().alias("count"), pl.col("time_ns").min().alias("first_ns"), pl.col("time_ns").max().alias("last_ns"))
         .sort(["vector", "vtl", "source"], nulls_last=True)
+    )
+
+
+def msr_mix(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """MSR accesses per MSR: msr, name (Hyper-V synthetic MSRs by TLFS name, else null), synthetic,
+    count, reads, writes, faults (most accessed first)."""
+    names = pl.DataFrame(
+        {"msr": [int(m) for m in HvMsr], "name": [m.name.removeprefix("HV_X64_MSR_") for m in HvMsr]},
+        schema={"msr": pl.UInt32, "name": pl.String},
+    ).lazy()
+    return (
+        _kind(lf, "MSR")
+        .select(pl.col("msr").cast(pl.UInt32), "is_write", "fault")
+        .group_by("msr")
+        .agg(
+            (~pl.col("is_write")).sum().alias("reads"),
+            pl.col("is_write").sum().alias("writes"),
+            pl.col("fault").fill_null(False).sum().alias("faults"),
+        )
+        .join(names, on="msr", how="left")
+        .with_columns(pl.col("msr").is_between(HV_X64_MSR_RANGE_FIRST, HV_X64_MSR_RANGE_LAST).alias("synthetic"))
+        .with_columns((pl.col("reads") + pl.col("writes")).alias("count"))
+        .sort(["count", "msr"], descending=[True, False])
+        .select("msr", "name", "synthetic", "count", "reads", "writes", "faults")
     )
 
 

@@ -16,6 +16,7 @@ from vsmtrace.analysis.diff import diff_traces, format_diff
 from vsmtrace.analysis.figures import FIGURES, write_figures
 from vsmtrace.analysis.report import format_report, summarize
 from vsmtrace.analysis.synthetic import synthetic_writer, write_realistic
+from vsmtrace.analysis.tables import msr_mix
 from vsmtrace.recorder.reader import open_trace
 from vsmtrace.recorder.schema import COLUMN_BY_NAME, KIND_FIELDS
 from vsmtrace.vmm.events import EventKind as K
@@ -342,3 +343,19 @@ def test_bad_input_is_one_line_error(command: list[str], known: Path, tmp_path: 
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vsmtrace: error:") and "notatrace.txt" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_msr_mix_names_synthetic_msrs_and_counts_reads_writes(tmp_path: Path) -> None:
+    with synthetic_writer(tmp_path / "m.vsmt") as w:
+        for at, (msr, is_write, fault) in enumerate(
+            [(0x40000000, True, False), (0x40000000, False, False), (0x40000021, True, False), (0x1B, False, False),
+             (0x40000050, False, True)]
+        ):  # fmt: skip
+            w.emit(K.MSR, 0, 0, 1, at=at, msr=msr, value=0 if fault else 1, is_write=is_write, fault=fault)
+    mix = rows(msr_mix(A.load(tmp_path / "m.vsmt")))
+    assert mix[0] == {"msr": 0x40000000, "name": "GUEST_OS_ID", "synthetic": True, "count": 2, "reads": 1, "writes": 1, "faults": 0}
+    assert {r["msr"]: (r["name"], r["synthetic"], r["faults"]) for r in mix[1:]} == {
+        0x40000021: ("REFERENCE_TSC", True, 0), 0x1B: (None, False, 0), 0x40000050: (None, True, 1),
+    }  # fmt: skip
+    text = format_report(summarize(A.load(tmp_path / "m.vsmt")))
+    assert "MSRs (Hyper-V synthetic first)" in text and "GUEST_OS_ID" in text

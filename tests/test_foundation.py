@@ -137,7 +137,7 @@ def test_bootinfo_modules(vsmtrace, guest, tmp_path: Path) -> None:
 
 def test_loader_zeroes_bss_even_over_dirty_memory(guest) -> None:
     """The guest never clears its BSS; on fresh (zero) RAM a missing fill would go unnoticed, so dirty it first."""
-    from vsmtrace.vmm.loader.multiboot import load_kernel
+    from vsmtrace.vmm.loader.kernel import load_kernel
     from vsmtrace.vmm.memory import GuestMemory
 
     kernel = guest("bootinfo")
@@ -315,20 +315,11 @@ def test_halt_with_interrupts_disabled_everywhere_stops(vsmtrace, guest, cpus: i
     assert "guest halted with interrupts disabled on every VP" in r.stderr
 
 
-@pytest.mark.parametrize(("how", "mnemonic"), [("int3", "int3"), ("popcnt", "popcnt rax,rcx")])
-def test_instruction_kvm_cannot_emulate_is_named(vsmtrace, guest, how: str, mnemonic: str) -> None:
-    r = boot(vsmtrace, guest("stop"), "--append", f"how={how}")
-    out = lines(r)
-    assert out[0] == f"stop test: {how}"
-    if r.status == 4:  # this backend emulates supervisor code and lacks the instruction
-        assert re.fullmatch(
-            rf"vsmtrace: KVM cannot emulate `{re.escape(mnemonic)}` \(instruction emulation failed\) "
-            r"at VP 0 VTL0 rip=0x[0-9a-f]+; rebuild the guest without this instruction\n",
-            r.stderr,
-        ), r.stderr
-    else:  # a backend that runs it natively: then the guest must have seen the right result
-        assert out[1] in ("int3 handled: 1", "popcnt result: 8"), out
-        assert r.status == 3
+def test_int3_in_supervisor_code_reaches_the_guest_handler(vsmtrace, guest) -> None:
+    """KVM's emulator lacks int3 here; the VMM completes it (tests/test_completions.py has the details)."""
+    r = boot(vsmtrace, guest("stop"), "--append", "how=int3")
+    assert lines(r) == ["stop test: int3", "int3 handled: 1", "still running after int3"]
+    assert r.status == 3
 
 
 def test_timeout_stops_a_spinning_guest(vsmtrace, guest) -> None:

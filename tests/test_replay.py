@@ -42,6 +42,10 @@ RUNS: dict[str, list[list[str]]] = {
     "raw64": [[]],
     "fault": [["--append", "fault=safe"], ["--append", "fault=gp"]],
     "stop": [["--append", "how=triple"]],
+    "completions": [[]],
+    "cpuid_bits": [[]],
+    "ioapic": [["--smp", "2"]],
+    "pc_testdev": [["--smp", "2"]],
     "smp": [["--smp", "2", "--append", "cpus=2"], ["--smp", "4", "--append", "cpus=4 x2apic=1"]],
     "ipi": [["--smp", "2", "--append", "cpus=2"], ["--smp", "3", "--append", "cpus=3 x2apic=1"]],
     "apic_timer": [["--append", f"mode={m}"] for m in ("oneshot", "periodic", "deadline")],
@@ -55,8 +59,6 @@ RUNS: dict[str, list[list[str]]] = {
     "hv_replay": [[], ["--smp", "3", "--append", "cpus=3 loop=50"]],
     "vsm_smp": [["--smp", "2"]],
     "vsm_state": [[], ["--smp", "2"]],
-    "ioapic": [["--smp", "2"]],
-    "pc_testdev": [["--smp", "2"]],
     "cpuid_apic": [["--smp", "2"]],
     "hv_refcount": [["--smp", "2", "--append", "cpus=2 rounds=500"]],
     "hv_testdev": [["--smp", "2"], ["--smp", "2", "--no-vsm"]],
@@ -65,6 +67,7 @@ RUNS: dict[str, list[list[str]]] = {
 NOT_REPLAYED: dict[str, str] = {  # guest -> why
     "reset": "a recording ends at the guest's reset (status 8): recorded and replayed in tests/test_reset.py",
     "echo": "waits for a line on the serial port (fed from stdin in test_foundation); it makes no Hyper-V call",
+    "pvh": "a PVH kernel only when built with pvh_note.S (tests/test_pvh.py); it makes no Hyper-V call",
 }
 CPUID_ONLY = {"hv_cpuid"}  # Hyper-V guests that only read CPUID (checked against vm_config, no emulation entry)
 

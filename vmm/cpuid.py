@@ -32,6 +32,8 @@ EBX_APIC_ID_MASK = 0xFF << EBX_APIC_ID_SHIFT
 EBX_LOGICAL_COUNT_SHIFT = 16
 EBX_LOGICAL_COUNT_MASK = 0xFF << EBX_LOGICAL_COUNT_SHIFT
 EDX_HTT = 1 << 28
+LEAF_EXT_ADDRESS_SIZES = 0x80000008
+EBX_XSAVEERPTR = 1 << 2  # FXSAVE/XSAVE always save the x87 error pointers (AMD)
 
 
 @dataclass
@@ -40,7 +42,9 @@ class CpuidPolicy:
 
     XSAVE is hidden by default: this KVM backend cannot emulate ``xrstor`` in
     supervisor code, so a guest that saw XSAVE would stop; with it hidden, OS
-    kernels fall back to FXSAVE.
+    kernels fall back to FXSAVE. Whether the hiding reaches the guest depends on
+    the backend: :mod:`vsmtrace.vmm.cpuid_probe` measures it at start-up (on the
+    PVM host, XSAVE and POPCNT stay visible to ring 0; docs/linux-guest.md).
     """
 
     hide_xsave: bool = True
@@ -70,6 +74,10 @@ def build_cpuid(supported: list[CpuidEntry], vp_index: int, vp_count: int, polic
             b = (b & ~EBX_APIC_ID_MASK) | (vp_index << EBX_APIC_ID_SHIFT)
             b = (b & ~EBX_LOGICAL_COUNT_MASK) | (max(vp_count, 1) << EBX_LOGICAL_COUNT_SHIFT)
             d |= EDX_HTT if vp_count > 1 else 0
+        if fn == LEAF_EXT_ADDRESS_SIZES:
+            # Linux then skips its FXSAVE-leak workaround (fnclex/emms/fild, which KVM's emulator
+            # cannot run here); this leaf does take effect on the PVM host (docs/linux-guest.md)
+            b |= EBX_XSAVEERPTR
         if fn in (LEAF_EXT_TOPOLOGY, LEAF_EXT_TOPOLOGY_V2):
             d = vp_index  # x2APIC ID
         out.append((fn, idx, flags, a, b, c, d))

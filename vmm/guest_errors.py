@@ -33,16 +33,22 @@ def fetch_instruction(vp: VirtualProcessor, vtl: int) -> tuple[int, bytes]:
     return rip, read_linear(vp.machine.memory, translator(vcpu), linear, MAX_INSN)
 
 
-def decode(code: bytes, rip: int, mode: CpuMode) -> str | None:
+def decode_instruction(code: bytes, rip: int, mode: CpuMode) -> iced_x86.Instruction | None:
+    """The first instruction in ``code`` as the CPU in ``mode`` sees it, or None if invalid."""
     bitness = {CpuMode.LONG: 64, CpuMode.REAL: 16}.get(mode, 32)
     if not code:
         return None
-    decoder = iced_x86.Decoder(bitness, code, ip=rip)
-    insn = decoder.decode()
+    insn = iced_x86.Decoder(bitness, code, ip=rip).decode()
     if insn.code == iced_x86.Code.INVALID:
         return None
-    formatter = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
-    return formatter.format(insn)
+    return insn
+
+
+def decode(code: bytes, rip: int, mode: CpuMode) -> str | None:
+    insn = decode_instruction(code, rip, mode)
+    if insn is None:
+        return None
+    return iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL).format(insn)
 
 
 def describe_internal_error(vp: VirtualProcessor, suberror: int, data: list[int]) -> str:

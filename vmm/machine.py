@@ -16,9 +16,11 @@ from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.console_input import STDIN_FEEDER
 from vsmtrace.vmm.cpu_state import MSR_IA32_TSC, apply_boot_state
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
+from vsmtrace.vmm.cpuid_probe import ineffective_hiding
 from vsmtrace.vmm.deterministic import DeterministicTime
 from vsmtrace.vmm.devices.apic import ApicRouter
 from vsmtrace.vmm.devices.bus import MmioBus, PioBus
+from vsmtrace.vmm.devices.cmos_rtc import RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
 from vsmtrace.vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
@@ -30,8 +32,9 @@ from vsmtrace.vmm.devices.reset_control import RESET_CONTROL_PORT, ResetControl
 from vsmtrace.vmm.devices.serial import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
 from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler, overriding
+from vsmtrace.vmm.firmware.acpi import IoApicInfo, build_acpi_tables
 from vsmtrace.vmm.kvm.system import Kvm, KvmUnavailable, Vcpu, Vm, ffi, lib
-from vsmtrace.vmm.loader.multiboot import Module, load_kernel
+from vsmtrace.vmm.loader.kernel import Module, load_kernel
 from vsmtrace.vmm.memory import GuestMemory
 from vsmtrace.vmm.memory_view import MemoryView
 from vsmtrace.vmm.stops import (
@@ -158,6 +161,7 @@ class Machine:
         self.pio.add(PIC_MASTER, PIC_PORTS, pic)
         self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
         self.pio.add(POST_PORT, 1, Ignore())
+        self.pio.add(RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc())
 
         self.timers: TimerService | None = None
         self.routers: VtlArray[ApicRouter] = VtlArray(
@@ -165,6 +169,7 @@ class Machine:
         )
         # The I/O APIC sends to VTL0's local APICs (a higher VTL has no legacy devices).
         self.ioapic = IoApic(self.routers[0])
+        self.ioapic_info = IoApicInfo(self.ioapic.reset_id, IOAPIC_BASE, 0)  # what the MADT lists
         self.mmio.add(IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic)
         self.serial.irq = lambda level: self.ioapic.set_isa_irq(COM1_IRQ, level)
         self.pc_testdev = PcTestdev(self.ioapic.set_isa_irq, self.ioapic.set_irq)
@@ -206,6 +211,8 @@ class Machine:
         # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
         # lets later layers (Hyper-V, VSM) attach, after a recorder may have been plugged in.
         self.vps = [VirtualProcessor(self, i) for i in range(config.smp)]
+        # CPUID bits the policy hides that guest kernel code still sees (vmm/cpuid_probe.py)
+        self.cpuid_hiding_ineffective = ineffective_hiding(self.kvm, self.vps[0].cpuid_tables[0], self.cpuid_policy)
         for vp in self.vps:
             for vtl, apic in enumerate(vp.apics):
                 self.routers[vtl].add(apic)
@@ -261,8 +268,11 @@ class Machine:
         self.map_ram()
         self.set_msr_filter([(first, last - first + 1) for first, last, _ in self.msr_handlers])
         modules = [Module(p, str(p)) for p in cfg.initrds]
-        boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules)
+        acpi = build_acpi_tables(cfg.smp, self.ioapic_info)
+        self.memory.write(acpi.base, acpi.blob)
+        boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules, rsdp=acpi.rsdp)
         self.sync_tsc_offsets()
+        self.check_cpuid_hiding(boot.protocol)
         for ext in self.extensions:
             ext.vps_created()
         if self.sink.enabled:
@@ -272,6 +282,21 @@ class Machine:
                         self.sink.emit(EventKind.CPUID, vp.index, vtl, None, leaf=fn, subleaf=idx, eax=a, ebx=b, ecx=c, edx=d)
         apply_boot_state(self.vps[0].vcpus[0], boot)
         self.booted = True
+
+    def check_cpuid_hiding(self, protocol: str) -> None:
+        """Say once which CPUID bits the policy hides in vain (measured when the machine was built).
+
+        A warning for PVH kernels (real operating systems consult these bits); only a
+        log line for vsmtrace's own guests, which are built without those instructions.
+        """
+        if not self.cpuid_hiding_ineffective:
+            return
+        names = ", ".join(self.cpuid_hiding_ineffective)
+        message = (
+            f"this KVM ignores vsmtrace's CPUID hiding of {names}: guest kernel code still sees them "
+            "(Linux: boot with noxsave clearcpuid=popcnt; see docs/linux-guest.md)"
+        )
+        log.log(logging.WARNING if protocol == "pvh" else logging.INFO, "%s", message)
 
     def attach_exit_recorders(self) -> None:
         """Let KVM_RUN itself record OUTs to device ports (``vsm_kvm_run_recorded``) if the sink can.

@@ -35,6 +35,8 @@ def machine_metadata(machine: Machine) -> dict[str, Any]:
             "cpuid_policy": dataclasses.asdict(machine.cpuid_policy),
         },
         "kvm_capabilities": machine.capabilities,
+        # CPUID bits the policy hides but ring-0 guest code still reads as set on this host
+        "cpuid_hiding_ineffective": list(machine.cpuid_hiding_ineffective),
     }
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vsmtrace.vmm.cpu_state import RegisterFile, apply_sipi
 from vsmtrace.vmm.devices.apic import ApicGpFault, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES
+from vsmtrace.vmm.emulation_completions import try_complete
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.guest_errors import describe_internal_error
 from vsmtrace.vmm.kvm.exits import exit_name
@@ -615,10 +616,13 @@ class VirtualProcessor:
         hook = self.machine.internal_error_hook
         if hook is not None and hook(self):
             return  # e.g. VSM: an execute intercept on a no-execute page
+        suberror = int(run.internal.suberror)
         self.machine.emit(
             EventKind.EXIT, self, exit_reason="INTERNAL_ERROR", exit_code=int(lib.KVM_EXIT_INTERNAL_ERROR),
-            suberror=int(run.internal.suberror),
+            suberror=suberror,
         )  # fmt: skip
+        if try_complete(self, suberror) is not None:
+            return  # an instruction KVM lacks, finished here (int3, fwait)
         data = [int(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
         message = describe_internal_error(self, int(run.internal.suberror), data)
         raise GuestStop(EXIT_GUEST_FAULT, message)

@@ -11,6 +11,7 @@
 #define MB_MAGIC 0x1BADB002
 #define MB_FLAGS 0x00000003      /* bit 0: page-align modules, bit 1: memory info */
 
+#ifndef GUEST_NO_MULTIBOOT_HEADER  /* defined by guests that boot by another protocol (PVH) */
     .section .multiboot, "a"
     .balign 4
     .globl multiboot_header
@@ -18,6 +19,7 @@ multiboot_header:
     .long MB_MAGIC
     .long MB_FLAGS
     .long -(MB_MAGIC + MB_FLAGS)
+#endif
 
     .section .text.boot, "ax"
     .code32

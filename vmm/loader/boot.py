@@ -19,3 +19,4 @@ class BootState:
     cr3: int = 0  # page tables (LONG64)
     gdt_base: int = 0
     gdt_limit: int = 0
+    protocol: str = ""  # which boot protocol loaded the kernel: multiboot, pvh, raw64

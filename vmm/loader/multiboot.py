@@ -196,7 +196,7 @@ def load_multiboot(
     struct.pack_into("<I", mbi, 64, loader_name)
     memory.write(MBI_ADDR, bytes(mbi))
     return BootState(
-        BootMode.PROTECTED32, entry, regs={"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": MBI_ADDR}
+        BootMode.PROTECTED32, entry, regs={"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": MBI_ADDR}, protocol="multiboot"
     )
 
 
@@ -241,24 +241,8 @@ def load_raw64(path: Path, memory: GuestMemory, *, cmdline: str = "") -> BootSta
         cr3=RAW_PML4_ADDR,
         gdt_base=RAW_GDT_ADDR,
         gdt_limit=len(gdt) - 1,
+        protocol="raw64",
     )
 
 
-def load_kernel(
-    path: Path, memory: GuestMemory, *, cmdline: str = "", modules: list[Module] | None = None
-) -> BootState:
-    """Multiboot if the image has a Multiboot header, else a raw ELF64 entered in long mode."""
-    try:
-        head = path.read_bytes()[:MULTIBOOT_SEARCH]
-    except OSError as exc:
-        raise LoaderError(f"cannot read kernel {path}: {exc.strerror}") from None
-    if find_multiboot_header(head) is not None:
-        return load_multiboot(path, memory, cmdline=cmdline, modules=modules)
-    if head.startswith(ELF_MAGIC) and len(head) > 4 and head[4] == 2:
-        if modules:
-            raise LoaderError(f"{path}: modules (--initrd) need a Multiboot kernel")
-        return load_raw64(path, memory, cmdline=cmdline)
-    return load_multiboot(path, memory, cmdline=cmdline, modules=modules)  # raises the right error
-
-
-__all__ = ["HIGH_RAM_BASE", "LoaderError", "Module", "load_kernel", "load_multiboot", "load_raw64"]
+__all__ = ["HIGH_RAM_BASE", "LoaderError", "Module", "load_multiboot", "load_raw64"]

@@ -1,0 +1,1 @@
+"""What a PC's firmware leaves in guest memory for the OS: platform description tables."""
