@@ -320,6 +320,16 @@ static uint64_t v1_fuzz(uint32_t vp, uint64_t s)
     switch (below(&r, spare_vp ? 10 : 8)) {
     case 8: { /* the spare VP (never started): any register of its VTL0, any value, loaded into KVM */
         uint32_t name = chance(&r, 85) ? read_regs[below(&r, ARRAY_SIZE(read_regs))] : (uint32_t)rnd(&r);
+        /* not the registers a VTL shares across its VPs (the hypercall page, the guest OS ID):
+           VTL1 moving VTL0's hypercall overlay onto VTL0's own code is VTL1's right, and it
+           would wreck the running VPs' harness rather than test the VMM */
+        if (name == HV_REG_HYPERCALL || name == HV_REG_GUEST_OS_ID)
+            name = HV_REG_RAX;
+        /* nor the TLB lock: a VP that never runs never returns to VTL0, so a lock set on it
+           would block every flush of the running VPs for good (TLFS: released only by clearing
+           it or by that VP's VTL return) - a hang VTL1 chose, not one the VMM caused */
+        if (name == HV_REG_VSM_VP_SECURE_CONFIG_VTL0)
+            name = HV_REG_RAX;
         uint64_t v = chance(&r, 50) ? rnd(&r) : 1ull << below(&r, 64);
         res = hv_set_vp_register_of(spare_vp, chance(&r, 80) ? HV_VTL(0) : HV_VTL(1), name, v, chance(&r, 80) ? 0 : rnd(&r));
         break;
