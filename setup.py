@@ -27,7 +27,7 @@ setup(
     package_data={
         "vsmtrace.vmm.kvm": ["*.c", "*.h"],
         "vsmtrace.recorder": ["*.c", "*.h"],
-        "vsmtrace.guests": ["*.c", "*.h", "*.md", "runtime/*", "linux/*", "linux/**/*"],
+        "vsmtrace.guests": ["*.c", "*.h", "*.md", "runtime/*", "fuzz/*", "linux/*", "linux/**/*"],
         "vsmtrace.notebooks": ["*.ipynb"],
     },
 )

@@ -10,7 +10,7 @@ large traces are never held in memory at once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,11 +55,16 @@ def _comparable(lf: pl.LazyFrame, ignore: Sequence[str]) -> tuple[pl.LazyFrame, 
 
 
 def first_divergence(
-    a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC, chunk: int = _CHUNK
+    a: pl.LazyFrame,
+    b: pl.LazyFrame,
+    ignore: Sequence[str] = NONDETERMINISTIC,
+    chunk: int = _CHUNK,
+    on_rows: Callable[[int], object] | None = None,
 ) -> Divergence | None:
     """The first row where the compared columns differ, or where one trace ends early; None if equal.
 
-    ``ignore`` names the columns not compared (default ``NONDETERMINISTIC``).
+    ``ignore`` names the columns not compared (default ``NONDETERMINISTIC``); ``on_rows(n)``
+    is told each time another ``n`` rows have been compared (progress).
     """
     la, cols_a = _comparable(a, ignore)
     lb, cols_b = _comparable(b, ignore)
@@ -79,6 +84,8 @@ def first_divergence(
                 show = list(dict.fromkeys(["kind", "vp", "vtl", *which]))
                 return Divergence(off + bad, x["seq"][bad], y["seq"][bad], which,
                                   {c: x[c][bad] for c in show}, {c: y[c][bad] for c in show})  # fmt: skip
+        if on_rows is not None:
+            on_rows(n)
         if da.height != db.height:
             i = off + n
             ra = da.row(n, named=True) if da.height > n else None
@@ -97,8 +104,10 @@ def _side_by_side(a: pl.DataFrame, b: pl.DataFrame, key: list[str], cols: list[s
     return j.select(order).sort(key, nulls_last=True)
 
 
-def diff_traces(a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC) -> TraceDiff:
-    """Counts and latencies of A and B side by side, and their first divergence."""
+def diff_traces(
+    a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC, on_rows: Callable[[int], object] | None = None
+) -> TraceDiff:
+    """Counts and latencies of A and B side by side, and their first divergence (``on_rows``: progress)."""
     ca, cb = T.event_counts(a).collect(), T.event_counts(b).collect()
     counts = (
         ca.rename({"events": "a"})
@@ -118,24 +127,33 @@ def diff_traces(a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDET
         T.transition_latency(T.vtl_transitions(b), by=("reason",)).collect(),
         ["reason"], lat,
     )  # fmt: skip
-    return TraceDiff(counts, hc, tr, first_divergence(a, b, ignore), int(ca["events"].sum()), int(cb["events"].sum()))
+    return TraceDiff(counts, hc, tr, first_divergence(a, b, ignore, on_rows=on_rows), int(ca["events"].sum()), int(cb["events"].sum()))
 
 
-def _v(v: Any) -> str:
+#: Columns whose values read as addresses, ports, bit masks or register values: always hex.
+HEX_COLUMNS = frozenset({
+    "rip", "address", "data", "msr", "value", "leaf", "subleaf", "eax", "ebx", "ecx", "edx", "vector", "code", "control",
+    "status", "input_gpa", "output_gpa", "gpa", "gva", "gpa_start", "old_mask", "new_mask", "message_type", "exit_code",
+})  # fmt: skip
+
+
+def _v(v: Any, column: str = "") -> str:
     if v is None:
         return "null"
     if isinstance(v, bytes):
         return v[:16].hex() + ("..." if len(v) > 16 else "") + f" ({len(v)} bytes)"
-    if isinstance(v, int) and not isinstance(v, bool) and v > 0xFFFF:
+    if isinstance(v, int) and not isinstance(v, bool) and (column in HEX_COLUMNS or v > 0xFFFF):
         return f"{v:#x}"
     return str(v)
 
 
-def format_diff(d: TraceDiff, name_a: str = "A", name_b: str = "B") -> str:
-    """The diff as text: counts table, latency tables, and the divergence verdict."""
+def format_diff(d: TraceDiff, name_a: str = "A", name_b: str = "B", notes: Sequence[str] = ()) -> str:
+    """The diff as text: counts table, latency tables, and the divergence verdict (``notes``: e.g. a partial trace)."""
     from vsmtrace.analysis.report import _ns  # one duration formatter for every text output
 
-    out = [f"A = {name_a} ({d.events_a} events)", f"B = {name_b} ({d.events_b} events)", "", "events per kind"]
+    out = [f"A = {name_a} ({d.events_a} events)", f"B = {name_b} ({d.events_b} events)"]
+    out += [f"note: {n}" for n in notes]
+    out += ["", "events per kind"]
     w = max([len("kind"), *(len(k) for k in d.counts["kind"].to_list())])
     out.append(f"  {'kind'.ljust(w)}  {'A':>10}  {'B':>10}  {'B-A':>8}")
     for r in d.counts.iter_rows(named=True):
@@ -160,10 +178,10 @@ def format_diff(d: TraceDiff, name_a: str = "A", name_b: str = "B") -> str:
         shorter = "A" if v.columns[0] == "<end of A>" else "B"
         longer = v.b if shorter == "A" else v.a
         out.append(f"first divergence at event #{v.index}: {shorter} ends there; the other trace continues with "
-                   + ", ".join(f"{k}={_v(x)}" for k, x in longer.items()))  # fmt: skip
+                   + ", ".join(f"{k}={_v(x, k)}" for k, x in longer.items()))  # fmt: skip
     else:
         out.append(f"first divergence at event #{v.index} (seq A={v.seq_a}, B={v.seq_b}) in {', '.join(v.columns)}:")
         for c in v.a:
             mark = "*" if c in v.columns else " "
-            out.append(f"  {mark} {c}: A={_v(v.a[c])}  B={_v(v.b[c])}")
+            out.append(f"  {mark} {c}: A={_v(v.a[c], c)}  B={_v(v.b[c], c)}")
     return "\n".join(out) + "\n"

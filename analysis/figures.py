@@ -10,8 +10,9 @@ metadata, a fixed SVG hash salt, and no randomness in what is drawn.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -20,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from vsmtrace.analysis import tables as T  # noqa: E402
 
 __all__ = [
@@ -70,6 +72,20 @@ def _figure(height: float = 4.0, width: float = 9.0) -> tuple[Figure, plt.Axes]:
     return fig, ax
 
 
+def _title(ax: plt.Axes, text: str, note: str | None) -> None:
+    """The axes title, with a second line when the trace is partial (what the reader must know first)."""
+    if note:
+        ax.set_title(f"{text}\n({note})", color="#8B0000")
+    else:
+        ax.set_title(text)
+
+
+def _page_axis(axis: Any) -> None:
+    """Tick labels of a guest-physical page-number axis in hex, as a hypervisor engineer reads them."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{int(round(v)):#x}" if v >= 0 else ""))
+    axis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+
+
 def _empty(ax: plt.Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in this trace", ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
@@ -85,13 +101,14 @@ def _time_unit(span_ns: float) -> tuple[float, str]:
     return 1e3, "µs"
 
 
-def vtl_timeline(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
+def vtl_timeline(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
     """Which VTL each VP was in over time: one row per VP, one bar per stint, colour = VTL."""
     stints = T.vtl_stints(lf).collect(engine=ENGINE)
     with plt.rc_context(_RC):
-        fig, ax = _figure(height=1.2 + 0.5 * max(1, stints["vp"].n_unique() if stints.height else 1))
+        fig, ax = _figure(height=1.4 + 0.5 * max(1, stints["vp"].n_unique() if stints.height else 1))
         if stints.height == 0:
             _empty(ax, "VP stints")
+            _title(ax, "VTL timeline per VP", note)
             return save(fig, path)
         span = float(stints["end_ns"].max() - stints["start_ns"].min())  # type: ignore[operator]
         div, unit = _time_unit(span)
@@ -107,31 +124,35 @@ def vtl_timeline(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
         vps = sorted(stints["vp"].unique().to_list())
         for vtl in sorted(stints["vtl"].unique().to_list()):
             sub = stints.filter(pl.col("vtl") == vtl)
+            labelled = False
             for vp in vps:
                 s = sub.filter(pl.col("vp") == vp)
                 if s.height == 0:
                     continue
                 bars = list(zip((s["start_ns"] / div).to_list(), ((s["end_ns"] - s["start_ns"]) / div).to_list(), strict=True))
-                ax.broken_barh(bars, (vp - 0.4, 0.8), facecolors=VTL_COLORS.get(vtl, "0.5"), label=f"VTL{vtl}" if vp == vps[0] else None)
+                ax.broken_barh(bars, (vp - 0.4, 0.8), facecolors=VTL_COLORS.get(vtl, "0.5"), label=None if labelled else f"VTL{vtl}")
+                labelled = True
         ax.set_yticks(vps, [f"VP {v}" for v in vps])
-        ax.invert_yaxis()
+        ax.set_ylim(max(vps) + 0.6, min(vps) - 0.6)  # VP 0 on top
         ax.set_xlabel(f"time since trace start ({unit})")
-        ax.set_title("VTL timeline per VP")
-        ax.legend(loc="upper right", fontsize=8, ncols=3)
+        _title(ax, "VTL timeline per VP", note)
+        # Outside the axes: inside, the legend covered VP 0's bars.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
         return save(fig, path)
 
 
-def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20) -> Path:
+def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20, note: str | None = None) -> Path:
     """How many times each hypercall was made, stacked by calling VTL (top ``top`` names)."""
     stats = T.hypercall_stats(T.hypercalls(lf, bound_fallback=False), by=("name", "vtl")).collect(engine=ENGINE)
     with plt.rc_context(_RC):
         if stats.height == 0:
             fig, ax = _figure()
             _empty(ax, "hypercalls")
+            _title(ax, "Hypercall mix by calling VTL", note)
             return save(fig, path)
         totals = stats.group_by("name").agg(pl.col("count").sum()).sort(["count", "name"], descending=[True, False]).head(top)
         names = totals["name"].to_list()
-        fig, ax = _figure(height=1.2 + 0.3 * len(names))
+        fig, ax = _figure(height=1.4 + 0.3 * len(names))
         left = [0] * len(names)
         for vtl in sorted(stats["vtl"].unique().to_list()):
             sub = dict(stats.filter(pl.col("vtl") == vtl).select("name", "count").iter_rows())
@@ -140,33 +161,44 @@ def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20)
             left = [a + b for a, b in zip(left, vals, strict=True)]
         ax.invert_yaxis()
         ax.set_xlabel("calls (count)")
-        ax.set_title("Hypercall mix by calling VTL")
-        ax.legend(loc="lower right", fontsize=8)
+        _title(ax, "Hypercall mix by calling VTL", note)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
         return save(fig, path)
+
+
+#: Series with at most this many samples get a marker per sample (a short step curve is easy to miss).
+MARK_SAMPLES = 30
 
 
 def _cdf(ax: plt.Axes, values: pl.Series, label: str) -> None:
     v = values.drop_nulls().sort()
-    if v.len() == 0:
+    total = v.len()
+    if total == 0:
         return
-    if v.len() > MAX_POINTS:  # evenly spaced order statistics keep the curve exact at this resolution
-        idx = pl.int_range(0, MAX_POINTS, eager=True) * (v.len() - 1) // (MAX_POINTS - 1)
+    if total > MAX_POINTS:  # evenly spaced order statistics keep the curve exact at this resolution
+        idx = pl.int_range(0, MAX_POINTS, eager=True) * (total - 1) // (MAX_POINTS - 1)
         v = v.gather(idx)
     n = v.len()
-    y = [(i + 1) / n for i in range(n)]
-    ax.step((v / 1e3).to_list(), y, where="post", label=f"{label} (n={values.drop_nulls().len()})")
+    xs = (v / 1e3).to_list()
+    ys = [(i + 1) / n for i in range(n)]
+    # Start the curve at (first value, 0): a one-sample series is then a visible vertical
+    # step from 0 to 1 instead of a single invisible point; few samples also get markers.
+    (line,) = ax.step([xs[0], *xs], [0.0, *ys], where="post", label=f"{label} (n={total})")
+    if total <= MARK_SAMPLES:
+        ax.plot(xs, ys, linestyle="none", marker="o", markersize=4, color=line.get_color())
 
 
-def latency_cdf(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 6) -> Path:
+def latency_cdf(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 6, note: str | None = None) -> Path:
     """Latency CDFs: VTL transitions (entry → return) per entry reason, and the ``top`` most frequent hypercalls."""
     tr = T.vtl_transitions(lf).select("reason", "latency_ns").collect(engine=ENGINE)
     calls = T.hypercalls(lf, bound_fallback=False).select("name", "latency_ns").collect(engine=ENGINE)
     with plt.rc_context(_RC):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
         for ax, df, key, what in ((a1, tr, "reason", "VTL transitions"), (a2, calls, "name", "hypercalls")):
             df = df.filter(pl.col("latency_ns").is_not_null() & (pl.col("latency_ns") > 0))
             if df.height == 0:
                 _empty(ax, f"timed {what}")
+                _title(ax, f"{what}: latency CDF", note)
                 continue
             groups = df.group_by(key).len().sort(["len", key], descending=[True, False]).head(top)[key].to_list()
             for g in groups:
@@ -177,31 +209,21 @@ def latency_cdf(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 6) ->
             ax.set_ylim(0, 1.02)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
-            ax.set_title(f"{what}: latency CDF")
+            _title(ax, f"{what}: latency CDF", note)
         return save(fig, path)
 
 
-def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
-    """VTL protections as GPA × time: each page's mask drawn from its change until the next one."""
+def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
+    """VTL protections as guest-physical page × time: each page's mask drawn from its change until the next one."""
     pp = T.protection_pages(lf).collect(engine=ENGINE)
     t_end = lf.select(pl.col("time_ns").max()).collect(engine=ENGINE).item() or 0
     with plt.rc_context(_RC):
         fig, ax = _figure(height=5)
         if pp.height == 0:
             _empty(ax, "VTL protection changes")
+            _title(ax, "VTL protection map", note)
             return save(fig, path)
-        # One bar per run of consecutive pages that share a mask and a lifetime: enabling
-        # protections touches every page of RAM at once, and a bar per page would be
-        # tens of thousands of artists.
-        keys = ["new_mask", "time_ns", "until_ns"]
-        runs = (
-            pp.with_columns(pl.col("until_ns").fill_null(t_end))
-            .sort([*keys, "page"])
-            .with_columns((pl.col("page") - pl.int_range(pl.len()).over(keys)).alias("run"))
-            .group_by([*keys, "run"])
-            .agg(pl.col("page").min().alias("first"), pl.len().alias("pages"))
-            .sort([*keys, "first"])
-        )
+        runs = protection_runs(pp, t_end)
         # Full-access pages are the background; what a reader wants to see is where access
         # is restricted, so the y axis spans the restricted pages (with some margin).
         restricted = runs.filter(~pl.col("new_mask").is_in(list(FULL_ACCESS_MASKS)))
@@ -211,28 +233,61 @@ def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
             runs = runs.gather(pl.int_range(0, MAX_STINTS, eager=True) * (runs.height - 1) // (MAX_STINTS - 1))
         div, unit = _time_unit(float(max(t_end, 1)))
         masks = sorted(runs["new_mask"].unique().to_list())
-        cmap = plt.get_cmap("viridis", max(2, len(masks)))
-        page_mib = 4096 / (1 << 20)
-        for i, m in enumerate(masks):
+        colors = _mask_colors(masks)
+        vtls = sorted(runs["target_vtl"].unique().to_list())
+        for m in masks:
             s = runs.filter(pl.col("new_mask") == m)
             x0 = (s["time_ns"] / div).to_list()
             w = ((s["until_ns"] - s["time_ns"]) / div).to_list()
-            y = (s["first"].cast(pl.Float64) * page_mib).to_list()
-            h = (s["pages"].cast(pl.Float64) * page_mib).to_list()
-            ax.barh(y, w, left=x0, height=h, align="edge", color=cmap(i), label=f"mask {m:#x} ({_mask_name(m)})", linewidth=0)
-        lo = float(runs["first"].min()) * page_mib  # type: ignore[arg-type]
-        hi = float((runs["first"] + runs["pages"]).max()) * page_mib  # type: ignore[operator]
-        margin = max((hi - lo) * 0.1, 4 * page_mib)
+            y = s["first"].cast(pl.Float64).to_list()
+            h = s["pages"].cast(pl.Float64).to_list()
+            # A thin white edge keeps two adjacent runs with different masks visibly apart.
+            ax.barh(y, w, left=x0, height=h, align="edge", color=colors[m], label=f"mask {m:#x} ({_mask_name(m)})",
+                    edgecolor="white", linewidth=0.4)  # fmt: skip
+        lo = float(runs["first"].min())  # type: ignore[arg-type]
+        hi = float((runs["first"] + runs["pages"]).max())  # type: ignore[operator]
+        margin = max((hi - lo) * 0.1, 4)
         ax.set_ylim(lo - margin, hi + margin)
+        _page_axis(ax.yaxis)
         ax.set_xlabel(f"time since trace start ({unit})")
-        ax.set_ylabel("guest-physical address (MiB)")
-        ax.set_title("VTL protection map: pages with restricted access, by mask" if restricted.height else "VTL protection map")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.set_ylabel("guest-physical page number (GPA >> 12)")
+        views = ", ".join(f"VTL{v}" for v in vtls)
+        _title(ax, f"VTL protection map ({views}'s view): pages with restricted access, by mask" if restricted.height
+               else f"VTL protection map ({views}'s view)", note)  # fmt: skip
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
         return save(fig, path)
+
+
+def protection_runs(pp: pl.DataFrame, t_end: int) -> pl.DataFrame:
+    """The bars of the protection map: runs of consecutive pages of one VTL's view with one mask and one lifetime.
+
+    Enabling protections touches every page of RAM at once, and a bar per page would be
+    tens of thousands of artists. A run never spans two masks, two views or two lifetimes.
+    Columns: target_vtl, new_mask, time_ns, until_ns, first (page), pages.
+    """
+    keys = ["target_vtl", "new_mask", "time_ns", "until_ns"]
+    return (
+        pp.with_columns(pl.col("until_ns").fill_null(t_end))
+        .unique(subset=[*keys, "page"])
+        .sort([*keys, "page"])
+        .with_columns((pl.col("page").cast(pl.Int64) - pl.int_range(pl.len()).over(keys)).alias("run"))
+        .group_by([*keys, "run"])
+        .agg(pl.col("page").min().alias("first"), pl.len().alias("pages"))
+        .sort([*keys, "first"])
+        .drop("run")
+    )
 
 
 #: HV_MAP_GPA masks that allow everything (with and without user-execute).
 FULL_ACCESS_MASKS = (0x7, 0xF)
+
+#: Distinct colours for masks (tab10 order): neighbouring masks never share a shade.
+_MASK_PALETTE = ("#C44E52", "#4C72B0", "#DD8452", "#55A868", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD")
+
+
+def _mask_colors(masks: list[int]) -> dict[int, str]:
+    """A fixed colour per mask value (no access is always red), so figures of different traces agree."""
+    return {m: _MASK_PALETTE[m % len(_MASK_PALETTE)] for m in masks}
 
 
 def _mask_name(mask: int) -> str:
@@ -240,13 +295,14 @@ def _mask_name(mask: int) -> str:
     return "".join(parts) if parts else "none"
 
 
-def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
-    """Secure memory intercepts: time × GPA, marker per access type."""
+def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
+    """Secure memory intercepts: time × guest-physical page, marker per access type."""
     ic = T.intercepts(lf).select("time_ns", "gpa", "access").collect(engine=ENGINE)
     with plt.rc_context(_RC):
         fig, ax = _figure(height=4.5)
         if ic.height == 0:
             _empty(ax, "secure memory intercepts")
+            _title(ax, "Secure memory intercepts", note)
             return save(fig, path)
         if ic.height > MAX_POINTS:
             ic = ic.gather(pl.int_range(0, MAX_POINTS, eager=True) * (ic.height - 1) // (MAX_POINTS - 1))
@@ -254,12 +310,18 @@ def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str]) -> Path:
         for access in sorted(ic["access"].drop_nulls().unique().to_list()):
             s = ic.filter(pl.col("access") == access)
             marker, color = ACCESS_MARKERS.get(access, (".", "0.3"))
-            ax.scatter((s["time_ns"] / div).to_list(), (s["gpa"].cast(pl.Float64) / (1 << 20)).to_list(), s=10, marker=marker,
+            ax.scatter((s["time_ns"] / div).to_list(), (s["gpa"] // 4096).cast(pl.Float64).to_list(), s=14, marker=marker,
                        color=color, label=f"{access} ({s.height})", linewidths=0.8)  # fmt: skip
+        pages = (ic["gpa"] // 4096).cast(pl.Float64)
+        lo, hi = float(pages.min()), float(pages.max())  # type: ignore[arg-type]
+        pad = max((hi - lo) * 0.1, 2)
+        ax.set_ylim(lo - pad, hi + pad)
+        _page_axis(ax.yaxis)
         ax.set_xlabel(f"time since trace start ({unit})")
-        ax.set_ylabel("guest-physical address (MiB)")
-        ax.set_title("Secure memory intercepts")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.set_ylabel("guest-physical page number (GPA >> 12)")
+        _title(ax, "Secure memory intercepts", note)
+        # Outside the axes: inside, a point could hide under it.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
         return save(fig, path)
 
 
@@ -272,8 +334,24 @@ FIGURES = {
 }
 
 
-def write_figures(lf: pl.LazyFrame, out_dir: str | os.PathLike[str], formats: Sequence[str] = ("png",)) -> list[Path]:
-    """Write every figure into ``out_dir`` as ``<name>.<fmt>``; returns the paths written."""
+def write_figures(
+    lf: pl.LazyFrame,
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = ("png",),
+    note: str | None = None,
+    on_figure: Callable[[str], object] | None = None,
+) -> list[Path]:
+    """Write every figure into ``out_dir`` as ``<name>.<fmt>``; returns the paths written.
+
+    ``note`` (e.g. that the trace is partial) goes into every title; ``on_figure(name)`` is
+    called before each figure is drawn (progress).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [fn(lf, out / f"{name}.{fmt}") for name, fn in FIGURES.items() for fmt in formats]
+    paths = []
+    for name, fn in FIGURES.items():
+        for fmt in formats:
+            if on_figure is not None:
+                on_figure(f"{name}.{fmt}")
+            paths.append(fn(lf, out / f"{name}.{fmt}", note=note))
+    return paths

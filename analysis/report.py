@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 from vsmtrace.analysis import tables as T
 
-__all__ = ["Summary", "format_report", "summarize"]
+__all__ = ["Summary", "format_report", "summarize", "summary_from", "summary_queries"]
 
 
 @dataclass
@@ -33,6 +33,12 @@ class Summary:
 
 def summarize(lf: pl.LazyFrame, bound_fallback: bool = True) -> Summary:
     """Collect every summary table in one ``collect_all`` so Polars can share the scans."""
+    return summary_from(pl.collect_all(summary_queries(lf, bound_fallback), engine=T.COLLECT_ENGINE))
+
+
+def summary_queries(lf: pl.LazyFrame, bound_fallback: bool = True) -> list[pl.LazyFrame]:
+    """The queries behind ``summarize``, for callers that collect them with queries of their own
+    (one ``collect_all``, so shared subplans run once); ``summary_from`` turns the results into a Summary."""
     tr = T.vtl_transitions(lf)
     calls = T.hypercalls(lf, bound_fallback=bound_fallback)
     ic = T.intercepts(lf)
@@ -55,9 +61,13 @@ def summarize(lf: pl.LazyFrame, bound_fallback: bool = True) -> Summary:
         T.exits(lf),
         T.errors(lf).head(20),
     ]
-    dfs = pl.collect_all(queries, engine=T.COLLECT_ENGINE)
+    return queries
+
+
+def summary_from(dfs: list[pl.DataFrame]) -> Summary:
+    """The Summary from the collected ``summary_queries`` (in their order)."""
     head = dfs[0].row(0, named=True)
-    return Summary(int(head["n"]), int(head["span"] or 0), *dfs[1:])
+    return Summary(int(head["n"]), int(head["span"] or 0), *dfs[1:14])
 
 
 def _ns(v: float | int | None) -> str:
@@ -99,11 +109,13 @@ def _fmt(row: dict, key: str) -> str:
     return str(v)
 
 
-def format_report(s: Summary, title: str = "") -> str:
-    """The report as text (what ``vsmtrace report`` prints)."""
+def format_report(s: Summary, title: str = "", note: str | None = None) -> str:
+    """The report as text (what ``vsmtrace report`` prints); ``note`` says e.g. that the trace is partial."""
     out: list[str] = []
     if title:
         out.append(f"trace {title}")
+    if note:
+        out.append(f"note: {note}: every figure below covers only the events recorded before the cut")
     out.append(f"events {s.events}, time span {_ns(s.time_span_ns)}")
     out.append("")
     out.append("events per kind")

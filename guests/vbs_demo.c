@@ -146,6 +146,14 @@ uint64_t vtl1_user_op(uint32_t vp, struct vsm_mailbox *m)
     case SVC_GET_RANDOM:
         return vtl1_random();
     case SVC_SEAL_KEY:
+#ifdef DEMO_REGRESSION
+        /* A planted regression (built with -DDEMO_REGRESSION=N; notebooks/fleet.ipynb): sealing
+         * re-reads a VP register N times, so each seal_key call makes N more hypercalls in VTL1. */
+        for (int i = 0; i < DEMO_REGRESSION; i++) {
+            uint64_t lo, hi;
+            hv_get_vp_register(HV_VTL_SELF, HV_REG_VSM_PARTITION_CONFIG, &lo, &hi);
+        }
+#endif
         return (r->r8 * 0x100000001B3ull) ^ secure_secret[r->r8 & 63];
     case SVC_VERIFY_IMAGE:
         return kcore_checksum(kcore_start, 64) == (uint32_t)r->r8;

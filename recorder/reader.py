@@ -24,7 +24,34 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 from vsmtrace.recorder.errors import TraceFormatError
-from vsmtrace.recorder.schema import METADATA_KEY, SCHEMA_VERSION
+from vsmtrace.recorder.schema import COLUMN_BY_NAME, COMMON_NAMES, METADATA_KEY, SCHEMA_VERSION
+
+
+def _keep_python_sigint() -> None:
+    """Give SIGINT back to Python's handler after Polars took it.
+
+    Polars (2.x) installs a native SIGINT handler when imported, and once a signal
+    came that handler leaves SIG_DFL behind: a second Ctrl-C then kills the process
+    in the middle of its cleanup (status -2, a trace left unsealed, no message).
+    Re-installing the current Python-level handler restores Python's own (which
+    ``vsmtrace.interrupts`` builds on); Arrow is told not to swap handlers either.
+    """
+    import signal
+    import threading
+
+    pa.enable_signal_handlers(False)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    current = signal.getsignal(signal.SIGINT)
+    if current is None:  # set outside Python: leave it
+        return
+    try:
+        signal.signal(signal.SIGINT, current)
+    except (ValueError, TypeError):
+        pass
+
+
+_keep_python_sigint()
 
 FILE_MAGIC = b"ARROW1"
 CONTINUATION = b"\xff\xff\xff\xff"
@@ -81,7 +108,16 @@ def scan_stream(buf: pa.Buffer, label: str, base: int = 0) -> StreamScan:
 
 def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
     """The vsmtrace metadata of a schema, with the version checks every reader needs."""
-    raw = (schema.metadata or {}).get(METADATA_KEY)
+    try:
+        schema.names  # noqa: B018 - decodes every field name: a damaged one is not valid UTF-8
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+        # Each column's own metadata (doc, kinds, unit) too: Polars decodes it as UTF-8 and
+        # panics (a Rust panic, not an exception) on a damaged byte.
+        for f in schema:
+            for key, value in (f.metadata or {}).items():
+                key.decode("utf-8"), value.decode("utf-8")
+    except ValueError:
+        raise TraceFormatError(f"{label}: corrupt schema (a field name or metadata entry is not valid UTF-8)") from None
     if raw is None:
         raise TraceFormatError(f"{label}: Arrow IPC data but not a vsmtrace trace (no 'vsmtrace' schema metadata)")
     try:
@@ -96,6 +132,44 @@ def parse_metadata(schema: pa.Schema, label: str) -> dict[str, Any]:
             f"{label}: trace schema version {version} is newer than this vsmtrace supports ({SCHEMA_VERSION}); upgrade vsmtrace"
         )
     return md
+
+
+def _type_matches(actual: pa.DataType, declared: pa.DataType) -> bool:
+    """Whether a column's Arrow type is the one the schema declares (dictionaries: integer codes over strings)."""
+    if pa.types.is_dictionary(declared):
+        return (
+            pa.types.is_dictionary(actual)
+            and pa.types.is_integer(actual.index_type)
+            and (pa.types.is_string(actual.value_type) or pa.types.is_large_string(actual.value_type))
+        )
+    return actual.equals(declared)
+
+
+def validate_schema(schema: pa.Schema, md: dict[str, Any], label: str) -> None:
+    """Check the columns against the schema version the metadata declares; one line naming the bad column.
+
+    Every common column must be there; every column the schema knows must have its
+    declared type (a trace from an older vsmtrace may lack later field columns; unknown
+    extra columns are tolerated). Without this a trace whose metadata says vsmtrace but
+    whose ``kind`` is missing, or whose ``vp`` holds strings, fails deep inside Polars.
+    """
+    version = md.get("schema_version")
+    names = schema.names
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise TraceFormatError(f"{label}: not a valid vsmtrace v{version} trace: column {dupes[0]!r} appears twice")
+    missing = [n for n in COMMON_NAMES if n not in names]
+    if missing:
+        raise TraceFormatError(
+            f"{label}: not a valid vsmtrace v{version} trace: core column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(repr(m) for m in missing)} missing"
+        )
+    for f in schema:
+        col = COLUMN_BY_NAME.get(f.name)
+        if col is not None and not _type_matches(f.type, col.type):
+            raise TraceFormatError(
+                f"{label}: not a valid vsmtrace v{version} trace: column {f.name!r} is {f.type}, schema v{version} says {col.type}"
+            )
 
 
 @dataclass
@@ -126,6 +200,22 @@ class Trace:
             return "unsealed stream, closed cleanly (sealing did not happen)"
         return "unsealed stream, no end marker (writer killed between batches, or still recording)"
 
+    @property
+    def partial(self) -> str | None:
+        """Why this trace does not hold the whole recording, or None if it does.
+
+        A torn tail, a stream without its end marker (killed writer), or a trace that
+        `vsmtrace seal` recovered from either: its report must say it is partial.
+        """
+        if self.torn_tail:
+            return f"recording cut short: torn tail at byte {self.torn_offset} ignored"
+        if not self.end_of_stream:
+            return "recording cut short: the stream has no end marker (writer killed, or still recording)"
+        recovered = self.metadata.get("recovered")
+        if isinstance(recovered, dict):
+            return f"recording cut short: recovered by `vsmtrace seal` ({recovered.get('reason', 'unsealed stream')})"
+        return None
+
     def batches(self, columns: Sequence[str] | None = None, *, threads: bool = True) -> Iterator[pa.RecordBatch]:
         """Every complete record batch, in seq order; only ``columns`` (in schema order) when given.
 
@@ -138,18 +228,24 @@ class Trace:
         if columns is not None or not threads:
             fields = None if columns is None else self._field_indices(columns)
             options = ipc.IpcReadOptions(included_fields=fields, use_threads=threads)
-        if self.sealed:
-            reader = ipc.open_file(self._buf, options=options)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-            return
-        body = self._buf.slice(self._stream_start, self._stream_end - self._stream_start)
-        stream = ipc.open_stream(pa.BufferReader(body), options=options)
-        while True:
-            try:
-                yield stream.read_next_batch()
-            except StopIteration:
+        try:
+            if self.sealed:
+                reader = ipc.open_file(self._buf, options=options)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i)
                 return
+            body = self._buf.slice(self._stream_start, self._stream_end - self._stream_start)
+            stream = ipc.open_stream(pa.BufferReader(body), options=options)
+            while True:
+                try:
+                    yield stream.read_next_batch()
+                except StopIteration:
+                    return
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            # Framing was sound when opened, but a batch's body is not (bit rot, a file edited
+            # in place): the reader's own one-line error, never Arrow's exception types.
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TraceFormatError(f"{self.path}: damaged record batch: {first}") from None
 
     def table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """All complete events as one pyarrow Table (chunks = batches), optionally only some columns.
@@ -209,8 +305,10 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
                 raise TraceFormatError(f"{label}: truncated Arrow IPC file ({size} bytes)") from None
             scan = scan_stream(buf.slice(8), label, base=8)
             md = parse_metadata(scan.schema, label)
+            validate_schema(scan.schema, md, label)
             return Trace(p, md, scan.schema, False, True, scan.data_end, False, size, scan.batches, buf, 8, scan.data_end)
         md = parse_metadata(schema, label)
+        validate_schema(schema, md, label)
         return Trace(p, md, schema, True, False, None, True, size, nbatches, buf, 0, size)
     if head[:4] != CONTINUATION:
         if size < 8 and CONTINUATION.startswith(head[:4]):
@@ -218,6 +316,7 @@ def open_trace(path: str | os.PathLike[str]) -> Trace:
         raise TraceFormatError(f"{label}: not an Arrow IPC trace (foreign file starting with {head!r})")
     scan = scan_stream(buf, label)
     md = parse_metadata(scan.schema, label)
+    validate_schema(scan.schema, md, label)
     return Trace(
         p, md, scan.schema, False, scan.torn_offset is not None, scan.torn_offset, scan.end_of_stream, size, scan.batches, buf, 0, scan.data_end
     )

@@ -133,15 +133,15 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     Column("message_type", pa.uint32(), "HV_MESSAGE_TYPE", ("SYNIC_MESSAGE",), "Message type (e.g. 0x80000001 GPA intercept)."),
     # GUEST_EXIT / ERROR / SERIAL
     Column("exit_status", pa.int32(), "status", ("GUEST_EXIT",), "Guest exit status (isa-debug-exit: the value written; -1 triple fault)."),
-    Column("text", pa.string(), "text", ("GUEST_EXIT", "ERROR"), "Human-readable message (emit field `message`)."),
+    Column("text", pa.string(), "text", ("GUEST_EXIT", "ERROR", "LIMITATION"), "Human-readable message (emit field `message`)."),
     Column("serial_data", pa.binary(), "bytes", ("SERIAL",), "Bytes the guest wrote to the UART (emit field `data`)."),
     # EMULATION (replay inputs and outputs; see vmm/emulation_io.py)
-    Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept, vina."),
+    Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept, vina, test_device."),
     Column("emu_order", pa.uint64(), "count", ("EMULATION",), "Order in which entries started (entries nest: an entry's event is written when it ends)."),
     Column("emu_args", pa.binary(), "JSON", ("EMULATION",), "Arguments of the entry (JSON, vmm.emulation_io.encode)."),
     Column("emu_io", pa.binary(), "JSON", ("EMULATION",), "Every call the emulation made out of the entry, in order: [op, args, result]; reads carry their result (inputs), writes their arguments (outputs), `emit` the seq of the event emitted."),
     Column("emu_result", pa.binary(), "JSON", ("EMULATION",), "What the entry returned (or the exception it raised), JSON."),
-    Column("detail", pa.string(), "JSON", ("EXIT", "VP_START", "VP_STOP", "VTL_ENABLE", "GUEST_EXIT", "ERROR"), "Rare-kind extras as a JSON object (emit a dict or a JSON string)."),
+    Column("detail", pa.string(), "JSON", ("EXIT", "VP_START", "VP_STOP", "VTL_ENABLE", "GUEST_EXIT", "ERROR", "LIMITATION"), "Rare-kind extras as a JSON object (emit a dict or a JSON string)."),
 )
 
 COLUMNS: tuple[Column, ...] = COMMON_COLUMNS + FIELD_COLUMNS
@@ -153,6 +153,7 @@ FIELD_ALIASES: dict[str, dict[str, str]] = {
     "SERIAL": {"data": "serial_data"},
     "GUEST_EXIT": {"message": "text"},
     "ERROR": {"message": "text"},
+    "LIMITATION": {"message": "text"},
 }
 
 

@@ -234,17 +234,23 @@ class VmmReplayer:
                 f"but no EMULATION event records the call that produced it (trace recorded without the emulation boundary?)"
             )
 
+    @cached_property
+    def last_seq(self) -> int:
+        """The sequence number of the last complete event."""
+        return int(pc.max(self.events.column("seq")).as_py())
+
     def _index(self, seq: int) -> int:
         """The row of event ``seq``; ReplayError if the trace does not have it."""
+        if seq > self.last_seq:
+            cut = f"; the recording was cut short ({self.trace.partial})" if self.torn else ""
+            raise ReplayError(f"{self.path}: no event {seq}: the trace ends at event {self.last_seq}{cut}")
         if self.seq_is_row:
             index = seq
         else:
             matches = pc.indices_nonzero(pc.equal(self.events.column("seq"), seq))
             if len(matches) == 0:
-                raise ReplayError(f"{self.path}: event {seq} is missing from the trace")
+                raise ReplayError(f"{self.path}: event {seq} is missing from the trace (a gap in its sequence numbers)")
             index = int(matches[0].as_py())
-        if not 0 <= index < self.events.num_rows:
-            raise ReplayError(f"{self.path}: event {seq} is missing from the trace (torn tail?)")
         return index
 
     def _ops(self, entry: Entry) -> list[Any]:
@@ -287,6 +293,7 @@ class VmmReplayer:
             EntryName.MSR_WRITE: self.hv.msr_write,
             EntryName.EOI: self.hv.on_apic_eoi,
             EntryName.AUTO_EOI: self.hv.is_auto_eoi,
+            EntryName.TEST_DEVICE: self.hv.test_device_command,
             EntryName.TIMER: self.timers.fire,
             EntryName.VTL_ENTRY: self._vtl_entry,
             EntryName.VINA: self._vina,
@@ -431,6 +438,23 @@ def format_report(report: ReplayReport) -> str:
         rip = f"{r['rip']:#x}" if r.get("rip") is not None else "-"
         lines.append(f"    {r['seq']:>8}  {r['kind']:<14} vp{r['vp']} vtl{r['vtl']} rip={rip} {extra}".rstrip())
     return "\n".join(lines)
+
+
+def report_dict(report: ReplayReport) -> dict[str, Any]:
+    """The replay report as plain data (``vsmtrace replay --json``)."""
+    d = report.divergence
+    return {
+        "verified": d is None,
+        "entries_replayed": report.entries,
+        "events": report.events,
+        "cpuid_leaves_checked": report.cpuid_leaves,
+        "note": report.note,
+        "divergence": None if d is None else {
+            "seq": d.seq, "kind": d.kind, "field": d.field, "recorded": d.recorded, "replayed": d.replayed,
+            "entry_seq": d.entry_seq, "entry": d.entry,
+        },
+        "context": report.context,
+    }  # fmt: skip
 
 
 def to_json(obj: Any) -> str:

@@ -43,6 +43,8 @@ from vsmtrace.vmm.emulation_io import decode_exception, decode_value, enum_value
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.protocol import FLUSH_OPS, Entry, Op, Service, VsmOp, service_op
 
+MSR_IA32_APIC_BASE = 0x1B
+
 COLUMNS = [
     "seq", "vp", "vtl", "rip", "kind", "exit_reason", "exit_code", "gprs", "entry_flags", "address", "size",
     "is_write", "data", "msr", "value", "fault", "vector", "source", "entry", "emu_io", "emu_result",
@@ -263,6 +265,8 @@ class Reexecutor:
                         self._mmio(row, vp, reason, machine.memory)
                     elif kind == "MSR":
                         self._msr(row, vp, reason)
+                        if row["msr"] == MSR_IA32_APIC_BASE and row["is_write"] and not row["fault"]:
+                            vp.sync_kvm_apic_base(vp.vtl, int(row["value"]))  # KVM's CPUID.01H:EDX.APIC follows it
                     elif kind == "EMULATION":
                         if row["entry"] == Entry.VTL_ENTRY:
                             pending.entries.append(row)  # the switch it belongs to follows; it runs right after it
@@ -521,7 +525,7 @@ class Reexecutor:
             result = loads(row["emu_result"])
             fields = fields_of(result)
             if fields.get("retry") or fields.get("exception") is not None:
-                rewind_trap(vp.vcpu)  # as the backend did (backends/hyperv.py, on_trap)
+                rewind_trap(vp)  # as the backend did (backends/hyperv.py, on_trap)
 
     def _vsm_service(self, row: dict[str, Any], op: str, args: list[Any], vp: Any, pending: PendingVsm) -> None:
         """A ``VsmServices`` call the recorded entry made: performed by the live backend."""

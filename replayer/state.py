@@ -228,7 +228,9 @@ class ReplayState:
                 lines.append(f"  {vtl_name}: last rip {rip['value']:#x} (event {rip['seq']})" if rip else f"  {vtl_name}: not seen")
                 for name, reg in v["registers"].items():
                     value = reg["value"]
-                    shown = f"{value:#x}" if isinstance(value, int) else value
+                    shown = f"{value:#x}" if isinstance(value, int) else (
+                        " ".join(f"{a}={_text_value(b)}" for a, b in value.items()) if isinstance(value, dict) else value
+                    )
                     lines.append(f"    {name:<10} {shown}  (event {reg['seq']})")
                 syn = v.get("synic")
                 if syn and (syn["scontrol"] or syn["simp"] or syn["siefp"]):
@@ -244,8 +246,47 @@ class ReplayState:
             for r in runs[:50]:
                 lines.append(f"  {r['first_gpa']:#014x} +{r['pages']:<6} pages {r['allowed']}")
         if d["vsm"] is not None:
-            lines.append(f"vsm: {d['vsm']}")
+            lines.append("vsm:")
+            lines += _text_lines(d["vsm"], "  ")
         return "\n".join(lines)
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if isinstance(value, bool) else "-"
+    if isinstance(value, int):
+        return f"{value:#x}" if value > 9 else str(value)
+    return str(value)
+
+
+def _text_lines(obj: Any, indent: str) -> list[str]:
+    """Plain data as indented ``key  value`` lines (integers above 9 in hex), for people rather than parsers."""
+    if isinstance(obj, dict):
+        if not obj:
+            return [f"{indent}-"]
+        width = max(len(str(k)) for k in obj)
+        lines: list[str] = []
+        for k, v in obj.items():
+            if isinstance(v, dict | list | tuple) and v and any(isinstance(x, dict | list | tuple) for x in (v.values() if isinstance(v, dict) else v)):
+                lines.append(f"{indent}{k}")
+                lines += _text_lines(v, indent + "  ")
+            elif isinstance(v, dict):
+                lines.append(f"{indent}{str(k):<{width}}  " + (", ".join(f"{_text_value(a)}={_text_value(b)}" for a, b in v.items()) or "-"))
+            elif isinstance(v, list | tuple):
+                lines.append(f"{indent}{str(k):<{width}}  " + (" ".join(_text_value(x) for x in v) or "-"))
+            else:
+                lines.append(f"{indent}{str(k):<{width}}  {_text_value(v)}")
+        return lines
+    if isinstance(obj, list | tuple):
+        lines = []
+        for i, x in enumerate(obj):
+            if isinstance(x, dict | list | tuple):
+                lines.append(f"{indent}[{i}]")
+                lines += _text_lines(x, indent + "  ")
+            else:
+                lines.append(f"{indent}{_text_value(x)}")
+        return lines or [f"{indent}-"]
+    return [f"{indent}{_text_value(obj)}"]
 
 
 def _plain(value: Any) -> Any:

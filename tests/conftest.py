@@ -68,13 +68,29 @@ class RunResult:
 def run_vsmtrace(args: list[str], *, timeout: float = 60, input: bytes | None = None) -> RunResult:
     """Run the ``vsmtrace`` CLI in a subprocess (the way users run it)."""
     r = subprocess.run(
-        [sys.executable, "-m", "vsmtrace.cli", *args],
+        [sys.executable, "-m", "vsmtrace", *args],
         capture_output=True,
         timeout=timeout,
         input=input,
         cwd=ROOT,
     )
     return RunResult(r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+
+
+def run_in_process(args: list[str]) -> RunResult:
+    """The CLI in this process (as the `vsmtrace` script runs it, minus the interpreter start-up): the sweep's
+    ~100 cases stay fast. Anything but SystemExit escaping the group is what a user would see as a traceback."""
+    from click.testing import CliRunner
+
+    from vsmtrace.cli import main
+
+    result = CliRunner().invoke(main, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        tb = "".join(traceback.format_exception(result.exception))
+        return RunResult(-1, result.stdout, "Traceback (in process)\n" + tb)
+    return RunResult(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture
@@ -90,3 +106,22 @@ def guest():
         return build_raw64(name, **kw) if raw64 else build_guest(name, **kw)
 
     return build
+
+
+@pytest.fixture
+def readonly_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A directory nobody can write to, root included (a read-only tmpfs), or 0555 for other users."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)

@@ -53,6 +53,7 @@ def test_demo_replay_is_verified(demo_run: tuple[Path, str]) -> None:
 def test_demo_report_counts_secure_calls_and_intercepts(demo_run: tuple[Path, str]) -> None:
     out, _ = demo_run
     report = (out / "report.txt").read_text()
+    assert report.splitlines()[0] == f"trace {out / 'demo.arrow'}"  # the header docs/analysis.md shows
     section = report.split("secure calls by service code", 1)[1].split("\n\n", 1)[0]
     counts = {int(m.group(1), 16): int(m.group(2)) for m in re.finditer(r"^\s+(0x[0-9a-f]+)\s+(\d+)\s", section, re.M)}
     for service, count in EXPECTED_SECURE_CALLS.items():
@@ -77,3 +78,21 @@ def test_demo_trace_info(demo_run: tuple[Path, str]) -> None:
     assert info.status == 0
     assert "sealed" in info.stdout
     assert re.search(r"INTERCEPT\s+2\b", info.stdout)
+
+
+def test_synthetic_trace_has_the_demo_time_structure(demo_run: tuple[Path, str], tmp_path: Path) -> None:
+    """analysis.synthetic's traces (behind bench/analysis and bench/fleet) look like this recording."""
+    from vsmtrace.analysis.synthetic import write_realistic
+
+    from tests.test_synthetic import structure
+
+    out, _ = demo_run
+    demo = structure(out / "demo.arrow", vtl_follows_switches=False)
+    synthetic_path = tmp_path / "synthetic.vsmt"
+    write_realistic(synthetic_path, 20_000, vps=2, seed=11)
+    synthetic = structure(synthetic_path)
+    assert demo.unreturned == synthetic.unreturned == 0
+    assert demo.distinct_times > 0.9 and synthetic.distinct_times > 0.9
+    for name in ("gap_p50_ns", "hypercall_p50_ns", "call_latency_p50_ns"):
+        d, s = getattr(demo, name), getattr(synthetic, name)
+        assert d / 10 < s < d * 10, f"{name}: synthetic {s:.0f} ns is not of the demo's order ({d:.0f} ns)"

@@ -298,7 +298,8 @@ def test_unhandled_exception_in_guest(vsmtrace, guest) -> None:
 
 
 def test_triple_fault_stops_with_message(vsmtrace, guest) -> None:
-    r = boot(vsmtrace, guest("stop"), "--append", "how=triple")
+    """With --no-reboot (without it a triple fault reboots the guest, as in QEMU: tests/test_reset.py)."""
+    r = boot(vsmtrace, guest("stop"), "--no-reboot", "--append", "how=triple")
     assert lines(r) == ["stop test: triple"]
     assert r.status == 4
     assert re.fullmatch(r"vsmtrace: guest triple-faulted on VP 0 at rip=0x[0-9a-f]+\n", r.stderr), r.stderr
@@ -346,7 +347,7 @@ def test_ctrl_c_stops_the_guest(guest, how: str) -> None:
     out, err = p.communicate(timeout=15)
     assert time.monotonic() - t0 < 5
     assert p.returncode == 130
-    assert err.decode() == "vsmtrace: interrupted (Ctrl-C)\n"
+    assert err.decode() == "vsmtrace: interrupted\n"
     assert out == b""
 
 

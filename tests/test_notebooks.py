@@ -26,6 +26,7 @@ NOTEBOOKS = ROOT / "notebooks"
 TITLES = {
     "vtl_transitions.ipynb": "# VTL transitions of a VSM boot",
     "reproduce_bug.ipynb": "# Reproducing a VSM bug from a trace",
+    "fleet.ipynb": "# A fleet of VSM boots",  # executed by tests/test_fleet.py (it records its own boots)
     "linux_boot.ipynb": "# Linux's boot on vsmtrace's Hyper-V, next to the VBS demo",  # run by tests/test_linux.py
 }
 CELL_TIMEOUT_S = 600

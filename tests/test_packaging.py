@@ -147,6 +147,9 @@ def test_guest_sdk_command_names_the_shipped_files() -> None:
     assert Path(paths["documentation"].strip()).read_text() == SDK_DOC.read_text()
     assert (Path(paths["runtime"].split()[0]) / "vsm.h").is_file()
     assert Path(paths["demo"].split()[1]).name == "vbs_demo.c"
+    bare = run_vsmtrace(["guest"])  # what is there: help, not an error
+    assert bare.status == 0 and bare.stderr == ""
+    assert re.search(r"^\s+build\s", bare.stdout, re.M) and re.search(r"^\s+sdk\s", bare.stdout, re.M)
 
 
 # -- notebooks -----------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def test_wheel_ships_every_module_the_sdk_and_the_notebooks(wheel: Path) -> None
 
 
 def test_wheel_metadata_has_the_script_and_the_notebook_extra(wheel: Path) -> None:
-    assert re.search(r"^vsmtrace = vsmtrace\.cli:main$", _wheel_text(wheel, ".dist-info/entry_points.txt"), re.M)
+    assert re.search(r"^vsmtrace = vsmtrace\.__main__:main$", _wheel_text(wheel, ".dist-info/entry_points.txt"), re.M)
     meta = email.parser.Parser().parsestr(_wheel_text(wheel, ".dist-info/METADATA"))
     assert "notebook" in meta.get_all("Provides-Extra")
     notebook_reqs = {re.split(r"[<>=; ]", r)[0] for r in meta.get_all("Requires-Dist") if 'extra == "notebook"' in r}

@@ -25,6 +25,7 @@ def test_scratch_register_partial_and_byte_alias() -> None:
     assert dev.pio_read(0xE0, 4) == 0x11AABB44
     dev.pio_write(0xE1, 2, 0xCCDD)  # unaligned: ignored
     assert dev.pio_read(0xE0, 4) == 0x11AABB44
+    assert dev.pio_read(0xE1, 2) == 0 and dev.pio_read(0xE2, 4) == 0  # unaligned reads: 0, as QEMU
     assert dev.pio_read(0xE4, 4) == 0  # flush page reads 0
     dev.pio_write(0xE4, 4, 0x1000)
     assert dev.pio_read(0xE0, 4) == 0x11AABB44

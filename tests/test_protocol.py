@@ -166,6 +166,9 @@ class Recording:
         self.wrmsr(0, 0, HvMsr.HV_X64_MSR_STIMER0_CONFIG, HvStimerConfig.ENABLE | (1 << HvStimerConfig.SINT_SHIFT))
         assert self.timers.advance_to(1 << 40) == 1  # the expiry is an entry of its own
         self.entries += 1
+        for cmd in (1, 3):  # QEMU's Hyper-V test device: route SINT0 of VP 0, then assert it
+            word = cmd << 16
+            self.entry(Entry.TEST_DEVICE, 0, 0, [word], lambda word=word: hv.test_device_command(word))
         self.entry(Entry.AUTO_EOI, 0, 0, [0, 0, SINT_VECTOR], lambda: hv.is_auto_eoi(0, 0, SINT_VECTOR))
         self.entry(Entry.EOI, 0, 0, [0, 0], lambda: hv.on_apic_eoi(0, 0))
         message = HvMessage(HvMessageHeader(0x80000000, 16, 0, 0), bytes(range(16)))
@@ -250,6 +253,7 @@ def test_vocabulary_values_are_the_trace_format() -> None:
     assert protocol.names(Entry) == {
         "HYPERCALL": "hypercall", "MSR_READ": "msr_read", "MSR_WRITE": "msr_write", "EOI": "eoi", "AUTO_EOI": "auto_eoi",
         "TIMER": "timer", "VTL_ENTRY": "vtl_entry", "VINA": "vina", "POST_INTERCEPT": "post_intercept",
+        "TEST_DEVICE": "test_device",
     }  # fmt: skip
     assert set(protocol.names(Op).values()) == {
         "active_vtl", "get_register", "set_register", "get_xmm", "set_xmm", "cpl", "mode", "inject_exception",

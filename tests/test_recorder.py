@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,7 @@ SAMPLES: list[tuple[K, int, int, int | None, dict[str, Any]]] = [
     (K.SERIAL, 0, 0, 0x1000, {"data": bytearray(b"hello\n")}),
     (K.GUEST_EXIT, 0, 0, 0xA000, {"exit_status": -1, "message": "triple fault ✗"}),
     (K.ERROR, 0, 1, 0xB000, {"message": "VMM bug in HvCallGetVpRegisters", "detail": {"exception": "KeyError"}}),
+    (K.LIMITATION, 0, 0, 0, {"message": "execute not enforced", "detail": {"limitation": "execute_unenforced_on_readable_pages"}}),
     (K.VP_STOP, 0, 0, 0xC000, {"reason": "guest-exit"}),
     (
         K.EMULATION,
@@ -613,7 +615,8 @@ def test_vsmtrace_info_reports_sealed_and_recovered(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli_main, ["info", str(path)])
     assert result.exit_code == 0, result.output
     assert "sealed" in result.output and f"events       {len(SAMPLES)}" in result.output
-    assert "HYPERCALL" in result.output and "bytes/event" in result.output and '"smp": 4' in result.output
+    assert "HYPERCALL" in result.output and "bytes/event" in result.output
+    assert re.search(r"^  smp +4$", result.output, re.M), result.output  # the VM config as aligned key/value lines
     stream, _ = _stream_with_batches(tmp_path, 3)
     data = stream.read_bytes()
     torn = tmp_path / "torn.vsmt"

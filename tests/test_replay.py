@@ -59,8 +59,13 @@ RUNS: dict[str, list[list[str]]] = {
     "hv_replay": [[], ["--smp", "3", "--append", "cpus=3 loop=50"]],
     "vsm_smp": [["--smp", "2"]],
     "vsm_state": [[], ["--smp", "2"]],
+    "cpuid_apic": [["--smp", "2"]],
+    "hv_refcount": [["--smp", "2", "--append", "cpus=2 rounds=500"]],
+    "hv_testdev": [["--smp", "2"], ["--smp", "2", "--no-vsm"]],
+    "msr_latency": [["--smp", "2", "--append", "cpus=2 n=200"]],
 }
 NOT_REPLAYED: dict[str, str] = {  # guest -> why
+    "reset": "a recording ends at the guest's reset (status 8): recorded and replayed in tests/test_reset.py",
     "echo": "waits for a line on the serial port (fed from stdin in test_foundation); it makes no Hyper-V call",
     "pvh": "a PVH kernel only when built with pvh_note.S (tests/test_pvh.py); it makes no Hyper-V call",
 }

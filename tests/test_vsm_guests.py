@@ -45,7 +45,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "vsm_interrupts": [
         "vtl0_self_ipi_before_vsm", "timer_hlt_if0_fired", "timer_hlt_if0_entry_reason", "timer_hlt_if0_regs_intact",
-        "timer_hlt_if0_vtl0_still_if0", "pv_ipi_vtl0_to_vtl1_denied", "pv_ipi_vtl1_self_delivered",
+        "timer_hlt_if0_vtl0_still_if0", "pv_ipi_vtl0_to_vtl1_delivered", "pv_ipi_vtl1_self_delivered",
         "pv_ipi_to_vtl0_status", "pv_ipi_to_vtl0_delivered", "pv_ipi_bad_vector", "vtl1_tpr_holds_interrupt",
         "vtl1_tpr_held_across_return", "vtl1_tpr_no_switch", "vtl1_tpr_release_delivers",
         "apic_self_ipi_vtl1_delivered", "apic_self_ipi_stays_in_vtl1", "apic_self_ipi_stays_in_vtl0",
@@ -58,7 +58,7 @@ EXPECTED: dict[str, list[str]] = {
     ]
     + [f"{mask}_exec_{what}" for mask in ("none", "r", "rw", "rx", "rwx") for what in ("intercepts", "result")]
     + [
-        "none_read_message", "r_write_message", "r_push_message", "rx_movsb_w_message", "rw_exec_message",
+        "none_read_message", "r_write_message", "r_push_message", "rx_movsb_w_message", "none_exec_message",
         "skip_write_no_effect", "emulate_read_value", "inject_gp_seen", "inject_gp_error_code",
         "inject_ud_seen", "set_rip_exec_recovers",
     ],
@@ -99,9 +99,9 @@ EXPECTED: dict[str, list[str]] = {
         "apic_ipi_vtl1_cross_vp_delivered", "apic_ipi_vtl1_cross_vp_entry_reason", "apic_ipi_vtl0_cross_vp_delivered",
         "apic_ipi_vtl1_vp1_to_vp0_delivered", "apic_ipi_vtl0_vector_a2_delivered", "apic_ipi_vtl1_stays_in_vtl1",
         "apic_ipi_vtl1_stays_in_vtl1_vp0", "apic_ipi_vtl0_stays_in_vtl0", "apic_ipi_vtl1_exactly_once",
-        "pv_ipi_vtl1_to_vp1_vtl0_delivered", "pv_ipi_vtl1_to_vp1_vtl1_delivered", "pv_ipi_vtl0_to_vp1_vtl1_denied",
+        "pv_ipi_vtl1_to_vp1_vtl0_delivered", "pv_ipi_vtl1_to_vp1_vtl1_delivered", "pv_ipi_vtl0_to_vp1_vtl1_delivered",
         "pv_ipi_vtl0_to_vp1_delivered", "pv_ipi_vtl1_to_all_vtl0_vp0", "pv_ipi_vtl1_to_all_vtl0_vp1",
-        "pv_ipi_vtl0_to_vtl1_not_delivered", "pv_ipi_vtl1_to_vtl0_not_in_vtl1", "pv_ipi_exactly_once",
+        "pv_ipi_vtl1_exactly_twice", "pv_ipi_vtl1_to_vtl0_not_in_vtl1", "pv_ipi_exactly_once",
         "tlb_vp1_vtl1_holds_lock", "tlb_vp1_lock_read_back", "tlb_vp0_vtl1_sees_vp1_lock",
         "tlb_flush_other_vp_status", "tlb_flush_other_vp_not_blocked", "tlb_flush_locked_vp_status",
         "tlb_flush_not_done_while_locked", "tlb_flush_order_issue_release_done", "tlb_flush_done_after_release_time",

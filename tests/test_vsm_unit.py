@@ -91,6 +91,9 @@ class FakeServices:
     def load_vp_context(self, vp: int, vtl: int, context: InitialVpContext) -> None:
         self.calls.append(("load_vp_context", vp, vtl, context))
 
+    def software_enable_apic(self, vp: int, vtl: int) -> None:
+        self.calls.append(("software_enable_apic", vp, vtl))
+
     def start_vp(self, vp: int, vtl: int) -> None:
         self.calls.append(("start_vp", vp, vtl))
         self.started.add(vp)
@@ -320,7 +323,7 @@ def test_enable_partition_vtl_negative(env: Env) -> None:
     assert env.call(code, HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 1).pack())[0] == S.HV_STATUS_INVALID_PARAMETER
     assert env.call(code, HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0x80).pack())[0] == S.HV_STATUS_INVALID_PARAMETER
     assert env.enable_partition(vtl=2) == S.HV_STATUS_INVALID_PARAMETER
-    assert env.enable_partition(vtl=0) == S.HV_STATUS_VTL_ALREADY_ENABLED
+    assert env.enable_partition(vtl=0) == S.HV_STATUS_INVALID_PARAMETER
     good = HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0).pack()
     for offset in range(10, 16):  # RsvdZ[6]
         bad = bytearray(good)
@@ -330,7 +333,7 @@ def test_enable_partition_vtl_negative(env: Env) -> None:
     assert not env.services.named("create_vtl")
     # fast form: RDX = partition id, R8 = vtl | flags << 8
     assert env.fast(code, HvInputEnablePartitionVtl(HV_PARTITION_ID_SELF, 1, 0).pack()) == (S.HV_STATUS_SUCCESS, 0)
-    assert env.enable_partition() == S.HV_STATUS_VTL_ALREADY_ENABLED
+    assert env.enable_partition() == S.HV_STATUS_INVALID_PARAMETER
     assert env.services.named("create_vtl") == [("create_vtl", 1)]
 
 
@@ -349,7 +352,7 @@ def test_enable_vp_vtl_negative(env: Env) -> None:
     assert env.enable_vp(vp=5) == S.HV_STATUS_INVALID_VP_INDEX
     assert env.enable_vp(vtl=2) == S.HV_STATUS_INVALID_PARAMETER
     assert env.enable_vp(vp=HV_VP_INDEX_SELF) == S.HV_STATUS_SUCCESS  # VP0 itself
-    assert env.enable_vp() == S.HV_STATUS_VTL_ALREADY_ENABLED
+    assert env.enable_vp() == S.HV_STATUS_INVALID_PARAMETER
     # once VTL1 runs somewhere, only VTL1 may enable it on other VPs
     assert env.enable_vp(vp=1) == S.HV_STATUS_ACCESS_DENIED
     assert env.enable_vp(vp=1, caller_vtl=1) == S.HV_STATUS_SUCCESS
@@ -594,7 +597,7 @@ def test_register_statuses(vtl1: Env) -> None:
     assert vtl1.get([R.HvX64RegisterRax], target=0xE0)[0] == S.HV_STATUS_INVALID_PARAMETER  # reserved input-VTL bits
     # a failing element stops the rep call; reps completed = its index
     status, reps, _ = vtl1.get([R.HvX64RegisterRax, 0x12345678, R.HvX64RegisterRbx])
-    assert (status, reps) == (S.HV_STATUS_UNKNOWN_REGISTER_NAME, 1)
+    assert (status, reps) == (S.HV_STATUS_INVALID_PARAMETER, 1)
     assert vtl1.get([R.HvX64RegisterXmm0])[0] == S.HV_STATUS_INVALID_PARAMETER  # defined, not served
     status, reps = vtl1.set([(R.HvX64RegisterRbx, q(1)), (R.HvX64RegisterXmm0, q(0))], target=VTL0)
     assert (status, reps) == (S.HV_STATUS_INVALID_PARAMETER, 1)
@@ -855,7 +858,8 @@ def test_translate_protections_overlays_and_bits(vtl1: Env) -> None:
     assert code(0x400000, Fl.VALIDATE_READ) == Xr.GPA_NO_READ_ACCESS
     status, result, page = translate(vtl1, 0x405000)
     assert result == (6 << 32) | (1 << 40) and page == HC_PAGE[0] >> 12  # hypercall overlay
-    assert translate(vtl1, 0x405000, Fl.VALIDATE_WRITE)[1] & 0xFFFFFFFF == Xr.GPA_ILLEGAL_OVERLAY_ACCESS
+    # validating a write to the hypercall overlay: Success with OverlayPage (seed; docs/vsm.md)
+    assert translate(vtl1, 0x405000, Fl.VALIDATE_WRITE)[1:] == ((6 << 32) | (1 << 40), HC_PAGE[0] >> 12)
     # accessed / dirty bits
     assert code(0x401000, Fl.VALIDATE_READ | Fl.SET_PAGE_TABLE_BITS) == Xr.SUCCESS
     assert entry(vtl1, PML4) & A and entry(vtl1, PT + 8) & A and not entry(vtl1, PT + 8) & D
@@ -1006,7 +1010,7 @@ def test_intercept_message_layout() -> None:
     assert u8(0x15) == 1  # access type: write
     assert u16(0x16) == 0 | (1 << 2) | (1 << 3) | (1 << 4)  # CPL0, CR0.PE, CR0.AM, EFER.LMA, VTL0
     assert raw[0x18:0x28] == struct.pack("<QIHH", 0, 0xFFFFFFFF, 0x10, 0xA09B)  # CS
-    assert u64(0x28) == 0xFFFF800000001000 and u64(0x30) == 0x246
+    assert u64(0x28) == 0xFFFF800000001000 and u64(0x30) == 0x246 | (1 << 16)  # RF set (seed, hardware)
     assert u32(0x38) == 6  # write-back
     assert u8(0x3C) == 16 and u8(0x3D) == 1  # byte count, GvaValid
     assert u8(0x3E) == 0 and u8(0x3F) == 0
@@ -1025,7 +1029,7 @@ def test_intercept_message_from_register_dict() -> None:
     raw = build_intercept(vp=1, intercepted_vtl=0, access=Access.READ, gpa=0x9000, gva=0x9000, insn_bytes=b"\x8b\x00",
                           insn_length=2, regs=regs, segments={"cs": Segment(), "es": Segment()}, cr0=0x80000001,
                           efer=0, cpl=0, mode=CpuMode.LONG).pack()  # fmt: skip
-    assert struct.unpack_from("<QQ", raw, 0x28) == (0x7000, 0x202)
+    assert struct.unpack_from("<QQ", raw, 0x28) == (0x7000, 0x10202)
     assert struct.unpack_from("<H", raw, 0x16)[0] == 1 << 2  # PE; LMA follows the explicit EFER
     assert struct.unpack_from("<Q", raw, 0x80)[0] == 5 and raw[0x3C] == 2
 
@@ -1034,7 +1038,7 @@ def test_intercept_message_variants() -> None:
     msg = build_intercept(0, 1, Access.EXECUTE, 0x5000, None, b"", {}, {}, rip=0x5000, rflags=2, insn_length=0,
                           cpl=3, mode=CpuMode.PROTECTED)  # fmt: skip
     raw = msg.pack()
-    assert raw[0x15] == 2  # execute
+    assert raw[0x15] == 2 and raw[0x14] == 2  # execute; instruction length 2 as the seed
     assert struct.unpack_from("<H", raw, 0x16)[0] == 3 | (1 << 2) | (1 << 7)  # CPL3, PE, VTL1
     assert raw[0x3C] == 0 and raw[0x3D] == 0 and struct.unpack_from("<Q", raw, 0x40)[0] == 0
     assert build_intercept(0, 0, Access.READ, 0, None, b"", {}, {}, rip=0, rflags=0, insn_length=1, cpl=0,

@@ -24,6 +24,7 @@ class MachineConfig:
     hyperv: Any = None  # vmm.hyperv.cpuid.HypervPolicy, or None for no Hyper-V
     timeout_s: float | None = None
     deterministic: bool = False
+    no_reboot: bool = False  # a guest reset ends the run (EXIT_RESET) instead of rebooting
     kvm_device: str = "/dev/kvm"  # the CLI's hidden --kvm-device / VSMTRACE_KVM_DEVICE, for error-path tests
 
     def validate(self) -> None:

@@ -42,6 +42,7 @@ class EventKind(enum.IntEnum):
     ERROR = 17  # VMM error or guest stop with a message
     SERIAL = 18  # bytes written to the UART (for analysis and replay)
     EMULATION = 19  # one call into the Hyper-V/VSM emulation, with its I/O log (vmm/emulation_io.py)
+    LIMITATION = 20  # the host cannot do something the guest asked for (reported once per run)
 
 
 class EventSink(Protocol):

@@ -57,6 +57,18 @@ class MachineExtension:
         """I/O ports the extension serves itself."""
         return {}
 
+    def pio_devices(self) -> list[tuple[int, int, Any]]:
+        """(first port, count, device) port-I/O devices the extension adds to the bus (recorded as PIO)."""
+        return []
+
+    def fast_msr_values(self, vp_index: int, vtl: int) -> dict[int, int | None]:
+        """MSRs whose read changes no state, with their fixed value (None: the reference counter).
+
+        The machine answers these in C inside KVM_RUN when nothing records
+        (``Machine.attach_msr_fastpath``), so the guest never waits for Python's GIL.
+        """
+        return {}
+
     # -- lifetime ------------------------------------------------------------------------------------
     def vps_created(self) -> None:
         """The VPs, the guest clock and the timers exist (boot, before the guest runs)."""

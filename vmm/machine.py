@@ -7,13 +7,13 @@ is shared by all of them (docs/architecture.md).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from vsmtrace.vmm.config import MachineConfig
+from vsmtrace.vmm.console_input import STDIN_FEEDER
 from vsmtrace.vmm.cpu_state import MSR_IA32_TSC, apply_boot_state
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
 from vsmtrace.vmm.cpuid_probe import ineffective_hiding
@@ -23,9 +23,12 @@ from vsmtrace.vmm.devices.bus import MmioBus, PioBus
 from vsmtrace.vmm.devices.cmos_rtc import RTC_INDEX_PORT, RTC_PORT_COUNT, CmosRtc
 from vsmtrace.vmm.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from vsmtrace.vmm.devices.fw_cfg import FW_CFG_PORT_COUNT, FW_CFG_SELECTOR_PORT, FwCfg
+from vsmtrace.vmm.devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT
 from vsmtrace.vmm.devices.ioapic import IOAPIC_BASE, IOAPIC_MMIO_SIZE, IoApic
 from vsmtrace.vmm.devices.legacy import PIC_MASTER, PIC_PORTS, PIC_SLAVE, POST_PORT, Ignore, Pic8259Stub
 from vsmtrace.vmm.devices.pc_testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
+from vsmtrace.vmm.devices.port92 import PORT92, Port92
+from vsmtrace.vmm.devices.reset_control import RESET_CONTROL_PORT, ResetControl
 from vsmtrace.vmm.devices.serial import COM1_BASE, COM1_IRQ, PORT_COUNT, Uart16550
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
 from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler, overriding
@@ -38,6 +41,7 @@ from vsmtrace.vmm.stops import (
     EXIT_GUEST_FAULT,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_RESET,
     EXIT_TIMEOUT,
     EXIT_VMM_ERROR,
     MsrFault,
@@ -53,6 +57,8 @@ log = logging.getLogger("vsmtrace.machine")
 E = TypeVar("E", bound=MachineExtension)
 
 MSR_IA32_APIC_BASE = 0x1B
+TSC_OFFSET_SAMPLES = 8  # KVM_GET_MSRS brackets tried when KVM cannot tell the TSC offset (init_clock)
+U64_MASK = (1 << 64) - 1
 MSR_IA32_TSC_DEADLINE = 0x6E0
 MSR_X2APIC_FIRST = 0x800
 MSR_X2APIC_LAST = 0x8FF
@@ -62,8 +68,6 @@ FW_CFG_VERSION_FILE = "etc/vsmtrace/version"
 MSR_EXIT_REASONS = ("KVM_MSR_EXIT_REASON_INVAL", "KVM_MSR_EXIT_REASON_UNKNOWN", "KVM_MSR_EXIT_REASON_FILTER")
 PORTS = 1 << 16
 
-STDIN_FD = 0
-SERIAL_INPUT_CHUNK = 4096
 
 
 def _any(hooks: list[Callable[..., bool]]) -> Callable[..., bool] | None:
@@ -126,6 +130,9 @@ class Machine:
         self.stop_event = threading.Event()
         self.exit_status: int | None = None
         self.stop_message = ""
+        self.interrupted = False  # set by interrupt() (a signal handler), acted on by run()
+        self.rebooting = False  # the run ended in a reset the caller carries out (a fresh machine, vsmtrace.session)
+        self.refclock: Any = None  # struct vsm_refclock, see reference_counter
         self._stop_lock = threading.Lock()
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
@@ -147,6 +154,9 @@ class Machine:
         self.fw_cfg = FwCfg(self.memory.size, config.smp, config.cmdline)
         self.fw_cfg.add_file(FW_CFG_VERSION_FILE, __version__.encode())  # lets a guest tell it runs under vsmtrace
         self.pio.add(FW_CFG_SELECTOR_PORT, FW_CFG_PORT_COUNT, self.fw_cfg)
+        for port, device in ((RESET_CONTROL_PORT, ResetControl(self.request_reset)), (PORT92, Port92(self.request_reset)),
+                             (I8042_DATA_PORT, (kbc := I8042(self.request_reset))), (I8042_COMMAND_PORT, kbc)):  # fmt: skip
+            self.pio.add(port, 1, device)
         pic = Pic8259Stub()
         self.pio.add(PIC_MASTER, PIC_PORTS, pic)
         self.pio.add(PIC_SLAVE, PIC_PORTS, pic)
@@ -179,6 +189,10 @@ class Machine:
             raise TypeError("this configuration enables Hyper-V: build the machine with vsmtrace.vmm.builder.build_machine")
         self.msr_handlers: list[tuple[int, int, Any]] = [r for ext in exts for r in ext.msr_ranges()]
         self.trap_ports: dict[int, TrapHandler] = {p: h for ext in exts for p, h in ext.trap_ports().items()}
+        for ext in exts:
+            for port, count, device in ext.pio_devices():
+                self.pio.add(port, count, device)
+        self._fast_msrs = overriding(exts, "fast_msr_values")
         self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = _any(overriding(exts, "on_mmio"))
         self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "on_internal_error"))
         self.wake_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "can_wake"))
@@ -191,6 +205,7 @@ class Machine:
         self._reference_clock: Callable[[], int | None] | None = clocks[0] if clocks else None
         self.tsc_hz = 0
         self.tsc_offset = 0
+        self.tsc_offset_exact = False  # KVM_VCPU_TSC_OFFSET gave it (else estimated, see init_clock)
         self.clock: GuestClock | ManualClock | None = None
         self.deterministic: DeterministicTime | None = None  # --deterministic: time moves at exits only
         # The vCPUs exist from here on (their CPUID is final); boot() loads the kernel and
@@ -256,6 +271,7 @@ class Machine:
         acpi = build_acpi_tables(cfg.smp, self.ioapic_info)
         self.memory.write(acpi.base, acpi.blob)
         boot = load_kernel(cfg.kernel, self.memory, cmdline=cfg.cmdline, modules=modules, rsdp=acpi.rsdp)
+        self.sync_tsc_offsets()
         self.check_cpuid_hiding(boot.protocol)
         for ext in self.extensions:
             ext.vps_created()
@@ -312,6 +328,44 @@ class Machine:
                 rec.ports = ports
                 vcpu.exit_recorder = rec
 
+    def reference_counter(self, scale: int, offset: int) -> Callable[[], int]:
+        """The partition reference counter in C (``vsm_reference_time``): guest TSC through the
+        TSC page formula with these parameters, never going back, shared with the MSR fast path."""
+        self.refclock = ffi.new("struct vsm_refclock *", {"tsc_offset": self.tsc_offset, "scale": scale, "offset": offset})
+        clock, read = self.refclock, lib.vsm_reference_time
+        return lambda: int(read(clock))
+
+    def attach_msr_fastpath(self) -> None:
+        """Answer MSR reads that change no state in C, without Python's GIL (``vsm_kvm_run_fast``).
+
+        The extensions' ``fast_msr_values(vp, vtl)`` give those MSRs with their fixed answer, or None for the
+        reference counter (answered from :meth:`reference_counter`'s clock, if there is one).
+        Only when nothing records (the emulation must then see every read) and not with
+        --deterministic (every exit is an event there); a vCPU that records port I/O in C
+        keeps that path.
+        """
+        if self.sink.enabled or self.deterministic is not None or not self._fast_msrs:
+            return
+        for vp in self.vps:
+            for vtl, vcpu in enumerate(vp.vcpus):
+                table: dict[int, int | None] = {}
+                for values in self._fast_msrs:
+                    table.update(values(vp.index, vtl))
+                if not table or vcpu.exit_recorder is not None:
+                    continue
+                fp = ffi.new("struct vsm_msr_fastpath *")
+                fp.run = vcpu.run_struct
+                fixed = sorted((index, value) for index, value in table.items() if value is not None)
+                for i, (index, value) in enumerate(fixed[: len(fp.index)]):
+                    fp.index[i] = index
+                    fp.value[i] = value
+                    fp.n = i + 1
+                timed = [index for index, value in table.items() if value is None]
+                if timed and self.refclock is not None:
+                    fp.time_msr = timed[0]
+                    fp.clock = self.refclock
+                vcpu.msr_fastpath = fp
+
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
         sink = self.sink
@@ -330,8 +384,9 @@ class Machine:
     def init_clock(self, vcpu: Vcpu) -> None:
         """Learn the guest TSC rate and offset from the first vCPU; every APIC needs them."""
         self.tsc_hz = vcpu.tsc_khz() * 1000
-        guest_tsc = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
-        self.tsc_offset = guest_tsc - int(lib.vsm_rdtsc())
+        self.tsc_offset_exact = vcpu.has_tsc_offset_attr()
+        offset = vcpu.get_tsc_offset() if self.tsc_offset_exact else self._estimate_tsc_offset(vcpu)
+        self.tsc_offset = offset - (1 << 64) if offset >= 1 << 63 else offset  # KVM's u64, as a signed offset
         if self.config.deterministic:
             self.deterministic = DeterministicTime(self)
             self.clock, self.timers = self.deterministic.clock, self.deterministic.timers
@@ -340,6 +395,38 @@ class Machine:
             return
         self.clock = GuestClock(self.tsc_offset)
         self.timers = TimerService(self.clock)
+
+    @staticmethod
+    def _estimate_tsc_offset(vcpu: Vcpu) -> int:
+        """Guest TSC minus host TSC without KVM_VCPU_TSC_OFFSET: the tightest of a few brackets.
+
+        KVM read the guest TSC somewhere between the host TSC before and after the
+        KVM_GET_MSRS call; taking the *earlier* one errs towards a guest TSC slightly ahead,
+        so TIME_REF_COUNT (derived from it) may lead the TSC page by at most the bracket
+        but never runs behind it.
+        """
+        best: tuple[int, int] | None = None
+        for _ in range(TSC_OFFSET_SAMPLES):
+            before = int(lib.vsm_rdtsc())
+            guest = vcpu.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
+            width = int(lib.vsm_rdtsc()) - before
+            if best is None or width < best[0]:
+                best = (width, guest - before)
+        assert best is not None
+        return best[1]
+
+    def sync_tsc_offsets(self) -> None:
+        """Give every VP's vCPUs the machine's TSC offset (one guest TSC, one reference clock).
+
+        KVM normally matches the TSCs of vCPUs created together, but the reference counter
+        is derived from one offset for the whole partition, so make sure rather than hope.
+        """
+        if not self.tsc_offset_exact or self.deterministic is not None:
+            return
+        for vp in self.vps:
+            for vcpu in vp.vcpus:
+                if vcpu.get_tsc_offset() != self.tsc_offset & U64_MASK:
+                    vcpu.set_tsc_offset(self.tsc_offset)
 
     def guest_tsc(self) -> int:
         return int(lib.vsm_rdtsc()) + self.tsc_offset
@@ -425,8 +512,11 @@ class Machine:
     def msr_write(self, vp: VirtualProcessor, index: int, value: int) -> None:
         apic = vp.apic
         if index == MSR_IA32_APIC_BASE:
+            enabled = apic.hw_enabled
             apic.base_msr = value
             vp.interrupt_hint = True
+            if apic.hw_enabled != enabled:
+                vp.sync_kvm_apic_base(vp.vtl, apic.base_msr)
             return
         if index == MSR_IA32_TSC_DEADLINE:
             apic.tsc_deadline = value
@@ -492,17 +582,6 @@ class Machine:
         self.emit(EventKind.GUEST_EXIT, None, exit_status=value, message=f"isa-debug-exit {value:#x} (status {status})", **extra)
         self.request_stop(status, "")
 
-    def _serial_input(self) -> None:
-        """Feed what the user types (stdin) to the UART's receiver until EOF or the machine stops."""
-        while not self.stopping:
-            try:
-                data = os.read(STDIN_FD, SERIAL_INPUT_CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            self.serial.feed(data)
-
     def _on_serial(self, data: bytes) -> None:
         if self.sink.enabled:
             vp = self.current_vp()
@@ -510,6 +589,42 @@ class Machine:
                 self.sink.emit(EventKind.SERIAL, 0, 0, None, data=data)
             else:
                 self.emit(EventKind.SERIAL, vp, data=data)
+
+    def reboots(self) -> bool:
+        """Does a guest reset reboot the machine? (QEMU's default; not with --no-reboot.)
+
+        A recording or a --deterministic run ends at the reset instead: a trace holds one
+        boot of one machine (replay rebuilds the emulation once).
+        """
+        return not self.config.no_reboot and not self.sink.enabled and self.deterministic is None
+
+    def request_reset(self, cause: str, *, fault: bool = False) -> None:
+        """The guest asked for a reset (``fault``: a triple fault): reboot, or end the run.
+
+        Rebooting means the run ends with ``rebooting`` set and the caller starts a fresh
+        machine from the same configuration (see vsmtrace.cli run): every vCPU, device,
+        the Hyper-V/VSM state and RAM start over as at the first boot, so nothing of the
+        old boot can leak into the new one. Otherwise the run ends with EXIT_RESET (a
+        triple fault with EXIT_GUEST_FAULT, as before).
+        """
+        if self.reboots():
+            with self._stop_lock:
+                if self.exit_status is None:
+                    self.rebooting = True
+            log.info("guest reset (%s): rebooting", cause)
+            self.request_stop(EXIT_OK, f"guest reset: {cause}")
+            return
+        if fault:
+            self.request_stop(EXIT_GUEST_FAULT, cause)
+        else:
+            self.request_stop(EXIT_RESET, f"guest reset: {cause} (not rebooted: {self._no_reboot_reason()})")
+
+    def _no_reboot_reason(self) -> str:
+        if self.config.no_reboot:
+            return "--no-reboot"
+        if self.deterministic is not None:
+            return "--deterministic"
+        return "a trace records one boot"
 
     def request_stop(self, status: int, message: str, vp: VirtualProcessor | None = None) -> None:
         with self._stop_lock:
@@ -529,22 +644,29 @@ class Machine:
         if not self.booted:
             self.boot()
         self.attach_exit_recorders()
+        self.attach_msr_fastpath()
         for vp in self.vps:
             vp.start()
         if self.config.serial_in_interactive:
-            threading.Thread(target=self._serial_input, name="serial-input", daemon=True).start()
+            STDIN_FEEDER.attach(self.serial)  # one reader for every machine of this process (reboots)
         deadline = None if self.config.timeout_s is None else time.monotonic() + self.config.timeout_s
         try:
             while not self.stop_event.wait(0.1):
+                if self.interrupted:
+                    self.request_stop(EXIT_INTERRUPTED, "interrupted")
                 if deadline is not None and time.monotonic() > deadline:
                     self.request_stop(EXIT_TIMEOUT, f"guest still running after --timeout {self.config.timeout_s:g} s")
                 if all(v.state is VpState.STOPPED for v in self.vps):
                     self.request_stop(EXIT_VMM_ERROR, "every VP stopped without an exit status")
         except KeyboardInterrupt:
-            self.request_stop(EXIT_INTERRUPTED, "interrupted (Ctrl-C)")
+            self.request_stop(EXIT_INTERRUPTED, "interrupted")
+        stop_by = time.monotonic() + 5
         for vp in self.vps:
-            if vp.thread is not None:
-                vp.thread.join(timeout=5)
+            while vp.thread is not None and vp.thread.is_alive() and time.monotonic() < stop_by:
+                try:
+                    vp.thread.join(timeout=max(0.0, stop_by - time.monotonic()))
+                except KeyboardInterrupt:  # a second Ctrl-C: already stopping, keep stopping in order
+                    self.request_stop(EXIT_INTERRUPTED, "interrupted")
         for ext in self.extensions:
             ext.stopped()
         if self.timers is not None:
@@ -552,6 +674,13 @@ class Machine:
         assert self.exit_status is not None
         return self.exit_status
 
+    def interrupt(self) -> None:
+        """Ask :meth:`run` to stop the guest with status 130 (Ctrl-C).
+
+        Only sets a flag that the run loop polls, so a signal handler may call it at
+        any point, even while this thread holds the machine's locks.
+        """
+        self.interrupted = True
 
     def close(self) -> None:
         for vm in self.vms:

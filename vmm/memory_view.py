@@ -1,13 +1,21 @@
 """A VTL's view of guest RAM, expressed as a KVM memslot layout.
 
 Stock KVM has no per-page permissions, so a lower VTL's protections become the
-shape of its VM's memslots (docs/architecture.md, "The machine and its extensions"):
+shape of its VM's memslots (docs/vsm.md, "How protections reach KVM"; docs/architecture.md):
 
-* every access allowed            → RAM slot (KVM runs the guest natively);
-* read and execute, no write      → read-only slot (stores exit as MMIO);
-* anything else                   → hole (every access exits; the VMM completes
-  allowed reads/writes against RAM, and an instruction fetch fails, which is
-  the execute intercept).
+* read and write allowed          → RAM slot (KVM runs the guest natively);
+* read, no write                  → read-only slot (KVM_CAP_READONLY_MEM: stores exit
+  as MMIO, the write intercept);
+* no read                         → hole (every access exits; an instruction fetch
+  fails, which is the execute intercept).
+
+A readable page must stay readable for everything: instructions, the CPU's own page
+walks and descriptor-table loads (which KVM cannot complete from a hole: the guest
+would take #PF/#DF and triple-fault) and the VMM's hypercall-buffer reads. Upstream KVM
+has no per-page no-execute (KVM_SET_MEMORY_ATTRIBUTES offers only "private"), so on a
+readable page a denied execute is not enforced by KVM: allowed reads win. Such pages are
+counted in ``unenforced_execute``; the backend reports the limitation once and raises the
+execute intercept where it can see the fetch (a lower VTL resuming on such a page).
 
 Only pages that differ from "everything allowed" are stored, so an unprotected
 view costs nothing, and a change rebuilds only the slots it touches.
@@ -24,7 +32,7 @@ from vsmtrace.vmm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from vsmtrace.vmm.vp import Access
 
 ALL_ACCESS = Access.READ | Access.WRITE | Access.EXECUTE
-READ_EXECUTE = Access.READ | Access.EXECUTE
+READ_WRITE = Access.READ | Access.WRITE
 
 
 class SlotKind(enum.Enum):
@@ -34,11 +42,16 @@ class SlotKind(enum.Enum):
 
 
 def slot_kind(allowed: Access) -> SlotKind:
-    if allowed == ALL_ACCESS:
+    if allowed & READ_WRITE == READ_WRITE:
         return SlotKind.RAM
-    if allowed == READ_EXECUTE:
+    if allowed & Access.READ:
         return SlotKind.READONLY
     return SlotKind.HOLE
+
+
+def execute_unenforced(allowed: Access) -> bool:
+    """A readable page whose denied execute KVM cannot enforce (see the module docstring)."""
+    return bool(allowed & Access.READ) and not allowed & Access.EXECUTE
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,8 @@ class MemoryView:
         self.vtl = vtl
         self.lock = threading.RLock()
         self.restricted: dict[int, Access] = {}  # page → allowed (only pages != ALL_ACCESS)
+        #: Pages readable but not executable: KVM cannot deny their instruction fetches.
+        self.unenforced_execute = 0
         self.slots: dict[Run, int] = {}
         self.next_slot = 0
         self.free_slots: list[int] = []
@@ -139,10 +154,11 @@ class MemoryView:
         """Change the permissions of ``count`` pages and update the memslots."""
         with self.lock:
             for page in range(first_page, first_page + count):
-                if allowed == ALL_ACCESS:
-                    self.restricted.pop(page, None)
-                else:
+                old = self.restricted.pop(page, ALL_ACCESS)
+                self.unenforced_execute -= execute_unenforced(old)
+                if allowed != ALL_ACCESS:
                     self.restricted[page] = allowed
+                    self.unenforced_execute += execute_unenforced(allowed)
             self.apply()
 
     def is_ram_page(self, page: int) -> bool:

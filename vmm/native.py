@@ -1,7 +1,7 @@
 """Compile-once loading of vsmtrace's cffi extensions (the KVM bindings, the recorder's event store).
 
 Each extension is compiled once per source hash into a user cache directory
-(``$VSMTRACE_CACHE``, else ``$XDG_CACHE_HOME/vsmtrace`` or ``~/.cache/vsmtrace``), so
+(``<cache>/cffi``, see :func:`cache_dir`), so
 an editable install, a wheel and a fresh CI clone all work without a build step.
 """
 
@@ -26,11 +26,61 @@ class NativeBuildError(RuntimeError):
     """A cffi extension could not be compiled (no gcc, or missing headers)."""
 
 
+class CacheDirError(NativeBuildError):
+    """``$VSMTRACE_CACHE`` names a directory vsmtrace cannot write."""
+
+
+def _writable_dir(path: Path) -> str | None:
+    """None if ``path`` is (or could be made) a writable directory, else why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "exists and is not a directory"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(path, os.W_OK | os.X_OK):
+        return "not writable"
+    return None
+
+
+_fallback: Path | None = None
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("VSMTRACE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vsmtrace"
-    )
-    return Path(base)
+    """The cache base: ``$VSMTRACE_CACHE``, else ``$XDG_CACHE_HOME/vsmtrace``, else ``~/.cache/vsmtrace``.
+
+    Native modules go to ``<base>/cffi``, guests to ``<base>/guests``. When the default
+    location cannot be written (``HOME=/nonexistent``, a read-only home), a per-user
+    directory under the system temporary directory is used instead, with a warning that
+    names the variable to set; an unwritable ``$VSMTRACE_CACHE`` is an error, since the
+    user chose it.
+    """
+    global _fallback
+    chosen = os.environ.get("VSMTRACE_CACHE")
+    if chosen:
+        path = Path(chosen)
+        why = _writable_dir(path)
+        if why is not None:
+            raise CacheDirError(f"VSMTRACE_CACHE={chosen}: cannot use it as the cache directory: {why}")
+        return path
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    path = Path(xdg if xdg and os.path.isabs(xdg) else os.path.expanduser("~/.cache")) / "vsmtrace"
+    why = _writable_dir(path)
+    if why is None:
+        return path
+    if _fallback is None:
+        import logging
+        import tempfile
+
+        fallback = Path(tempfile.gettempdir()) / f"vsmtrace-cache-{os.getuid()}"
+        problem = _writable_dir(fallback)
+        if problem is not None:
+            raise CacheDirError(f"no writable cache directory: {path}: {why}; {fallback}: {problem}; set VSMTRACE_CACHE")
+        logging.getLogger("vsmtrace").warning(
+            "cache directory %s: %s; using %s (set VSMTRACE_CACHE or XDG_CACHE_HOME to keep builds across runs)", path, why, fallback
+        )
+        _fallback = fallback
+    return _fallback
 
 
 def _load_from(path: Path, name: str) -> ModuleType:
@@ -53,7 +103,10 @@ def load_extension(prefix: str, source: str, make_ffi: Callable[[str], cffi.FFI]
         build = cache_dir() / "cffi" / name
         found = sorted(build.glob(f"{name}*.so")) if build.exists() else []
         if not found:
-            build.mkdir(parents=True, exist_ok=True)
+            try:
+                build.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CacheDirError(f"cannot create {build}: {exc.strerror or exc}; set VSMTRACE_CACHE to a writable directory") from None
             try:
                 so = make_ffi(name).compile(tmpdir=str(build), verbose=False)
             except Exception as exc:  # cffi raises VerificationError and friends

@@ -36,6 +36,7 @@ class Entry:
     VTL_ENTRY: Final = "vtl_entry"  # a VP entered a higher VTL
     VINA: Final = "vina"  # a lower VTL has an interrupt while a higher one runs
     POST_INTERCEPT: Final = "post_intercept"  # a secure memory intercept message to deliver
+    TEST_DEVICE: Final = "test_device"  # a command written to QEMU's Hyper-V test device (port 0x3000)
 
     #: The VP and VTL of an entry that belongs to no VP (a timer expiry).
     NO_VP: Final = -1

@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_GUEST_FAULT = 4  # triple fault, emulation failure, crash MSRs, all VPs halted for good
 EXIT_VMM_ERROR = 6  # a bug in vsmtrace while serving the guest
+EXIT_RESET = 8  # the guest asked for a reset and was not rebooted (--no-reboot, recording, --deterministic)
 EXIT_TIMEOUT = 124
 EXIT_INTERRUPTED = 130
 

@@ -60,6 +60,7 @@ RIP_OFFSET = ffi.offsetof("struct kvm_run", "s", "regs", "regs", "rip")
 unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 PIO, MMIO = EventKind.PIO, EventKind.MMIO
+MSR_IA32_APIC_BASE = 0x1B
 RUN_RECORDED = int(lib.VSM_RUN_RECORDED)  # vsm_kvm_run_recorded: recorder status + this
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
@@ -191,6 +192,24 @@ class VirtualProcessor:
         if sink.enabled:
             rip = int(self.vcpus[vtl].get_regs().rip)
             sink.emit(EventKind.INTERRUPT, self.index, vtl, rip, vector=vector, source="exception")
+
+    # -- KVM's copy of IA32_APIC_BASE ---------------------------------------------------
+    def sync_kvm_apic_base(self, vtl: int, value: int) -> None:
+        """Give KVM the guest's IA32_APIC_BASE after EN changed (call on this VP's thread).
+
+        The userspace APIC owns the MSR, but KVM answers CPUID in the kernel and derives
+        CPUID.01H:EDX.APIC from *its* copy of the MSR, and refuses KVM_SET_CPUID2 once the
+        vCPU has run (docs/devices.md), so a host-initiated KVM_SET_MSRS is what clears the
+        bit when the guest disables its APIC and sets it again on re-enable. If KVM refuses
+        the value, the stale bit is reported once rather than failing the guest.
+        """
+        try:
+            self.vcpus[vtl].set_msrs({MSR_IA32_APIC_BASE: value})
+        except OSError as exc:
+            self.machine.warn_once(
+                ("apic-base-sync", self.index, vtl),
+                f"KVM refused IA32_APIC_BASE={value:#x} on VP {self.index} ({exc}): CPUID.01H:EDX.APIC may be stale",
+            )
 
     # -- kicks and waiting -------------------------------------------------------------
     def kick(self) -> None:
@@ -342,6 +361,7 @@ class VirtualProcessor:
         waiting = VpState.WAIT_FOR_SIPI
         kvm_run = lib.vsm_kvm_run
         kvm_run_recorded = lib.vsm_kvm_run_recorded
+        kvm_run_fast = lib.vsm_kvm_run_fast
         unpack_exit = EXIT_INFO.unpack_from
         deterministic = machine.deterministic  # fixed once the machine is built
         while not machine.stopping:
@@ -368,7 +388,12 @@ class VirtualProcessor:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
             recorder = vcpu.exit_recorder
-            r = kvm_run(vcpu.fd) if recorder is None else kvm_run_recorded(vcpu.fd, recorder)
+            if recorder is not None:
+                r = kvm_run_recorded(vcpu.fd, recorder)
+            elif vcpu.msr_fastpath is not None:
+                r = kvm_run_fast(vcpu.fd, vcpu.msr_fastpath)
+            else:
+                r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
@@ -422,7 +447,13 @@ class VirtualProcessor:
 
         Returns the kvm_run of the VTL that will run (a higher VTL's pending interrupt
         may switch the VP first).
+
+        The hint is cleared *before* anything is looked at: an APIC accepts a vector before
+        its owner is kicked, so a kick that lands while this runs either is seen here or
+        leaves the hint set for the next pass. (Clearing it after finding nothing pending
+        lost such a kick: the IPI then waited for an unrelated exit, seconds under load.)
         """
+        self.interrupt_hint = False
         hook = self.machine.pre_entry_hook
         if hook is not None:
             hook(self)
@@ -430,9 +461,9 @@ class VirtualProcessor:
         apic = self.apic
         vector = apic.pending_vector()
         if vector is None:
-            self.interrupt_hint = False
             run.request_interrupt_window = 0
             return run
+        self.interrupt_hint = True  # look again at the next entry (window exit, or more pending)
         if self.vcpu in self.injected:
             # KVM_INTERRUPT only queues the vector for the next entry; if KVM_RUN returned
             # before entering (a kick from the timer thread), it is still queued, and a second
@@ -465,8 +496,8 @@ class VirtualProcessor:
         _, _, _, _, _, direction, size, port, count, offset = self.exit_info
         machine = self.machine
         trap = machine.trap_ports.get(port)
-        if trap is not None:
-            trap(self, port, size, direction == IO_OUT)
+        if trap is not None and direction == IO_OUT:  # an IN from a trap port is an ordinary unclaimed read
+            trap(self, port, size, True)
             return
         bus = machine.pio
         recording = machine.sink.enabled and self.exit_recorded <= 0  # not already recorded by vsm_kvm_run_recorded
@@ -596,7 +627,7 @@ class VirtualProcessor:
 
     def on_shutdown(self) -> None:
         self.machine.emit(EventKind.EXIT, self, exit_reason="SHUTDOWN", exit_code=int(lib.KVM_EXIT_SHUTDOWN))
-        raise GuestStop(EXIT_GUEST_FAULT, f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}")
+        self.machine.request_reset(f"guest triple-faulted on VP {self.index} at rip={self.rip():#x}", fault=True)
 
     def on_internal_error(self) -> None:
         run = self.vcpu.run_struct
@@ -623,7 +654,8 @@ class VirtualProcessor:
         if kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
             raise GuestStop(EXIT_OK, "guest shut down")
         if kind == lib.KVM_SYSTEM_EVENT_RESET:
-            raise GuestStop(EXIT_OK, "guest requested a reset (not supported: stopping)")
+            self.machine.request_reset("KVM system reset event")
+            return
         raise GuestStop(EXIT_GUEST_FAULT, f"unexpected KVM system event {kind}")
 
     def on_unhandled(self) -> None:

@@ -1,6 +1,22 @@
-"""``python -m vsmtrace``: the same command line as the ``vsmtrace`` script."""
+"""``python -m vsmtrace`` and the ``vsmtrace`` script: Ctrl-C handling first, then the command line."""
 
-from vsmtrace.cli import main
+from vsmtrace import interrupts
+
+interrupts.install()  # before click and the VMM load: a Ctrl-C while they import is status 130 too
+
+
+def main() -> None:
+    import sys
+
+    interrupts.install()
+    try:
+        from vsmtrace.cli import main as cli
+    except KeyboardInterrupt:
+        interrupts.quiet()
+        sys.stderr.write("vsmtrace: interrupted\n")
+        sys.exit(interrupts.EXIT_INTERRUPTED)
+    cli()
+
 
 if __name__ == "__main__":
     main()

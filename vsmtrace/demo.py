@@ -30,6 +30,10 @@ class DemoError(Exception):
     """A step of the demo failed; the message says which and why."""
 
 
+class DemoInterrupted(DemoError):
+    """Ctrl-C stopped the demo's guest; the message says what was kept."""
+
+
 @dataclass
 class DemoResult:
     out: Path
@@ -45,10 +49,11 @@ class DemoResult:
 def build_demo_guest() -> Path:
     """The bundled demo guest, built with the guest SDK shipped in the package."""
     from vsmtrace.guests.build import GuestBuildError, build_demo
+    from vsmtrace.vmm.native import NativeBuildError
 
     try:
         return build_demo()
-    except GuestBuildError as exc:
+    except (GuestBuildError, NativeBuildError) as exc:
         raise DemoError(f"building the demo guest failed: {exc}") from None
 
 
@@ -120,6 +125,8 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
         except SetupError as exc:
             raise DemoError(str(exc)) from None
     elapsed = time.monotonic() - started
+    if status == 130:
+        raise DemoInterrupted(f"interrupted; the trace recorded so far is {trace} ({message})" if message != "interrupted" else f"interrupted; the trace recorded so far is {trace}")
     if status != 1:  # isa-debug-exit(0) → (0 << 1) | 1
         raise DemoError(f"the demo guest did not finish cleanly (status {status}): {message or 'see ' + str(serial_log)}")
     say(f"      guest finished in {elapsed:.1f} s and exited with code 0")
@@ -133,7 +140,7 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
 
     say("[4/5] writing the report and figures")
     lf = load(trace)
-    text = format_report(summarize(lf))
+    text = format_report(summarize(lf), str(trace))
     report_path.write_text(text + "\n")
     figures = write_figures(lf, figures_dir)
 

@@ -13,12 +13,15 @@ from pathlib import Path
 import click
 
 
-@click.group()
-def guest() -> None:
+@click.group(invoke_without_command=True, short_help="Build your own guest with the bundled guest SDK.")
+@click.pass_context
+def guest(ctx: click.Context) -> None:
     """Build guests with the bundled C runtime and two-VTL framework (see `vsmtrace guest sdk`)."""
+    if ctx.invoked_subcommand is None:  # a bare `vsmtrace guest` asks what there is: help, status 0
+        click.echo(ctx.get_help())
 
 
-@guest.command()
+@guest.command(short_help="Build a guest from its C file and print the kernel's path.")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--raw64", is_flag=True, help="No Multiboot header: the VMM enters the guest in 64-bit long mode.")
 @click.option("--elf32", is_flag=True, help="An ELF32 copy of the Multiboot kernel (for qemu -kernel).")
@@ -44,7 +47,7 @@ def build(source: Path, raw64: bool, elf32: bool, cflags: tuple[str, ...]) -> No
     click.echo(path)
 
 
-@guest.command()
+@guest.command(short_help="Say where the SDK's documentation, runtime and demo guest are.")
 def sdk() -> None:
     """Print where the SDK is: its documentation, the runtime's headers and the demo guest to start from."""
     from vsmtrace.guests.build import DEMO_SOURCE, RUNTIME_DIR, SDK_DIR

@@ -49,7 +49,7 @@ def copy_notebooks(dest: Path, *, force: bool = False) -> list[Path]:
     return targets
 
 
-@click.command()
+@click.command(short_help="List the shipped Jupyter notebooks, or copy them out.")
 @click.option("--copy", "copy_to", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Copy the notebooks into DIR (created if needed).")
 @click.option("--force", is_flag=True, help="With --copy: overwrite notebooks already in DIR.")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.config import MachineConfig
+
+log = logging.getLogger("vsmtrace")
 
 
 class SetupError(Exception):
@@ -14,32 +19,92 @@ class SetupError(Exception):
 
 
 def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, str]:
-    """Build, boot and run a machine (recording if asked); one-line errors for bad input."""
-    from vsmtrace.recorder.errors import TraceError
-    from vsmtrace.recorder.writer import TraceWriter
-    from vsmtrace.vmm.builder import build_machine
-    from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
-    from vsmtrace.vmm.loader.elf import LoaderError
-    from vsmtrace.vmm.trace_metadata import machine_metadata
+    """Build, boot and run a machine (recording if asked); ``SetupError`` (one line) for bad input.
+
+    Ctrl-C never raises in here (``interrupts.deferred``): it asks the machine to stop,
+    and the trace is closed and sealed in order however many signals follow, except a
+    third one while sealing, which leaves the complete stream for `vsmtrace seal`.
+    """
+    from vsmtrace import interrupts
+    from vsmtrace.vmm.native import NativeBuildError
+
+    try:  # importing the VMM builds its native modules on first use
+        from vsmtrace.recorder.errors import TraceError
+        from vsmtrace.recorder.writer import TraceWriter
+        from vsmtrace.vmm.builder import build_machine
+        from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
+        from vsmtrace.vmm.loader.elf import LoaderError
+        from vsmtrace.vmm.stops import EXIT_INTERRUPTED, EXIT_TIMEOUT
+        from vsmtrace.vmm.trace_metadata import machine_metadata
+        from vsmtrace.vmm.verbose import VerboseSink, verbose_enabled
+    except NativeBuildError as exc:
+        raise SetupError(str(exc)) from None
+
+    holder: dict[str, Any] = {"machine": None, "sealing": False}
+    first = interrupts.count()
+
+    def on_sigint(n: int) -> None:
+        machine = holder["machine"]
+        if machine is not None:
+            machine.interrupt()
+        if holder["sealing"] and n - first >= 3:
+            raise KeyboardInterrupt  # abandon sealing: the complete stream stays at record_path
 
     writer = None
-    try:
-        machine = build_machine(config)
-        if record_path is not None:
-            writer = TraceWriter(record_path, machine_metadata(machine))
-            machine.sink = writer
-        machine.boot()
-    except (KvmUnavailable, LoaderError, ValueError, TraceError) as exc:
-        if writer is not None:
+    timeout = config.timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with interrupts.deferred(on_sigint):
+        while True:
+            try:
+                machine = holder["machine"] = build_machine(config)
+                if interrupts.count() > first:
+                    machine.interrupt()
+                if record_path is not None:
+                    writer = TraceWriter(record_path, machine_metadata(machine))
+                    machine.sink = writer
+                if verbose_enabled():
+                    machine.sink = VerboseSink(machine.sink)
+                machine.boot()
+            except (KvmUnavailable, LoaderError, ValueError, TraceError, NativeBuildError) as exc:
+                if writer is not None:
+                    writer.close()
+                raise SetupError(str(exc)) from None
+            except KvmError as exc:
+                if writer is not None:
+                    writer.close()
+                raise SetupError(f"KVM refused to set up the guest: {exc}") from None
+            status = machine.run()
+            message = machine.stop_message
+            if isinstance(machine.sink, VerboseSink):
+                machine.sink.close_log()
+            if not machine.rebooting:
+                break
+            # The guest reset and this run reboots (QEMU's default; never while recording, see
+            # Machine.request_reset): a fresh machine boots the same kernel, within what is left
+            # of --timeout, so nothing of the old boot survives into the new one.
+            machine.close()
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return EXIT_TIMEOUT, f"guest still running after --timeout {timeout:g} s"
+                config = dataclasses.replace(config, timeout_s=left)
+        if writer is None:
+            return status, message
+        holder["sealing"] = True
+        try:
             writer.close()
-        raise SetupError(str(exc)) from None
-    except KvmError as exc:
-        raise SetupError(f"KVM refused to set up the guest: {exc}") from None
-    status = machine.run()
-    message = machine.stop_message
-    if writer is not None:
-        writer.close()
-        if writer.error is not None:
-            message = f"{message}; recording stopped early: {writer.error}" if message else f"recording stopped early: {writer.error}"
-            status = status or 1
+        except KeyboardInterrupt:
+            interrupts.quiet()
+            return EXIT_INTERRUPTED, (
+                f"interrupted while sealing the trace: {record_path} is left as an unsealed stream "
+                f"(every complete batch readable); `vsmtrace seal {record_path}` seals it"
+            )
+    if writer.error is not None:
+        message = f"{message}; recording stopped early: {writer.error}" if message else f"recording stopped early: {writer.error}"
+        status = status or 1
+    if writer.seal_error is not None:
+        note = f"{writer.seal_error}; `vsmtrace seal {record_path}` seals it"
+        message = f"{message}; {note}" if message else note
+        if status == 0:
+            log.warning("%s", note)
     return status, message

@@ -495,6 +495,12 @@ __attribute__((weak)) uint64_t vtl1_user_op(uint32_t vp, struct vsm_mailbox *m)
     return ~0ull;
 }
 
+__attribute__((weak)) bool vtl1_exception_hook(struct int_frame *f)
+{
+    (void)f;
+    return false;
+}
+
 static void vtl1_report(const char *fmt, uint64_t a, uint64_t b)
 {
     char buf[120];
@@ -506,6 +512,8 @@ void vtl1_isr_dispatch(struct int_frame *f)
 {
     uint64_t v = f->vector;
     if (v < 32) {
+        if (vtl1_exception_hook(f))
+            return;
         if (f->rip == (uint64_t)rdmsr_safe_insn || f->rip == (uint64_t)wrmsr_safe_insn) {
             f->rip = (uint64_t)msr_fault_fixup; /* rdmsr_safe/wrmsr_safe work in VTL1 too */
             return;
@@ -698,6 +706,7 @@ void vtl1_start(void)
     for (int i = 0; i < 4; i++)
         vtl1_irq_handlers[VSM_VTL1_IPI_VECTOR + i] = vtl1_ipi_irq;
     apic_follow_mode();
+    vsm_log[vp].initial_svr = apic_read(APIC_SVR);
     apic_enable();
     hv_synic_enable(vtl1_simp[vp], vtl1_siefp[vp]);
     hv_sint_set(0, VSM_SINT0_VECTOR, 0);

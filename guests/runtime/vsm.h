@@ -43,8 +43,6 @@
 #define HV_STATUS_INVALID_VP_STATE 0x0015
 #define HV_STATUS_INVALID_REGISTER_VALUE 0x0050
 #define HV_STATUS_INVALID_VTL_STATE 0x0051
-#define HV_STATUS_VTL_ALREADY_ENABLED 0x0086
-#define HV_STATUS_UNKNOWN_REGISTER_NAME 0x0087
 
 #define HV_VP_INDEX_SELF 0xFFFFFFFEu
 #define HV_ANY_VP 0xFFFFFFFFu
@@ -280,6 +278,7 @@ struct vsm_vp_log {
     struct hv_gpa_intercept last_msg;    /* copy of the last intercept message */
     volatile uint32_t ready;
     volatile uint64_t timer_irq_rip;     /* VTL1 RIP interrupted by the timer */
+    volatile uint32_t initial_svr;       /* VTL1's APIC SVR as it first ran (before it touched it) */
 };
 
 extern struct vsm_mailbox vsm_mbox[VSM_MAX_VPS];
@@ -360,6 +359,9 @@ void *vsm_vtl1_simp(uint32_t vp);
 /* Optional guest hooks (weak): VTL1 per-VP init, VSM_OP_USER handler. */
 void vtl1_user_init(uint32_t vp);
 uint64_t vtl1_user_op(uint32_t vp, struct vsm_mailbox *m);
+/* Optional guest hook (weak) for VTL1 exceptions 0..31: return true if handled (it may change
+ * f->rip); false falls through to the default (rdmsr_safe/wrmsr_safe fixups, else report and exit). */
+bool vtl1_exception_hook(struct int_frame *f);
 /* VTL1-side IRQ handler table (its own IDT). */
 void vtl1_set_irq_handler(uint8_t vector, irq_handler_t fn);
 

@@ -67,6 +67,7 @@ int kmain(uint32_t magic, uint32_t mbi)
     hv_check("scratch_partial_writes", inl(0xE0), 0x11AABB44);
     outw(0xE1, 0xCCDD);
     hv_check("unaligned_ignored", inl(0xE0), 0x11AABB44);
+    hv_check("unaligned_reads_0", (uint64_t)inw(0xE1) | inl(0xE2), 0);
     outl(0xE4, 0x200000);
     hv_check("flush_page_reads_0", inl(0xE4), 0);
     hv_check("irq_line_reads_0", inb(0x2000), 0);

@@ -278,7 +278,7 @@ static void translations(void)
     hv_check("xl_overlay_hypercall_page_code", code, HV_XLATE_SUCCESS);
     hv_check("xl_overlay_hypercall_page_identity", overlay_of((uint64_t)hv_hypercall_page, X, &code), 1);
     hv_check("xl_overlay_hypercall_write", overlay_of(GVA(L_HCALL), W, &code), 1);
-    hv_check("xl_overlay_hypercall_write_code", code, HV_XLATE_GPA_ILLEGAL_OVERLAY);
+    hv_check("xl_overlay_hypercall_write_code", code, HV_XLATE_SUCCESS);
     hv_check("xl_plain_page_not_overlay", overlay_of(GVA(L_SUP_RW), R, &code), 0);
     {
         uint64_t r[4];

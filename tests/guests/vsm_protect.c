@@ -192,16 +192,20 @@ static void expect(const struct hv_gpa_intercept *got, enum kind k, uint64_t fau
     w->type = HV_MESSAGE_TYPE_GPA_INTERCEPT;
     w->payload_size = 240;
     w->vp_index = vp;
-    w->insn_length = a->len;
+    w->insn_length = k == K_EXEC ? 2 : a->len; /* execute: length 2, no bytes (seed) */
     w->access_type = (uint8_t)(a->type >= 0 ? a->type : (got->access_type <= 1 ? got->access_type : 1));
     w->execution_state = (1 << 2) | (1 << 4); /* CPL0, CR0.PE, EFER.LMA, VTL0 */
     w->cs = cs_seg;
     w->rip = k == K_EXEC ? fault_addr : (uint64_t)a->insn;
-    w->rflags = pre.rflags;
+    w->rflags = pre.rflags | (1ull << 16); /* RF, as hardware saves it on an EPT violation */
+    if (k == K_ADD) /* KVM retires a read-modify-write before its denied store exits: arithmetic flags are the add's (docs/vsm.md, Limitations) */
+        w->rflags = (w->rflags & ~0x8D5ull) | (got->rflags & 0x8D5ull);
     w->cache_type = 6;
     uint8_t count = got->insn_byte_count;
     if (count != a->len && count != 16)
         count = a->len;
+    if (k == K_EXEC)
+        count = 0;
     w->insn_byte_count = count;
     memcpy(w->insn_bytes, (const void *)w->rip, count);
     if (got->access_info & 1) {
@@ -232,6 +236,10 @@ static void one(int mi, enum kind k)
     uint64_t r = perform(k, &fault);
     uint32_t n = vsm_log[vp].intercepts - before;
     bool denied = (mask & a->need) != a->need;
+    /* A fetch from a readable page is not refused by KVM (docs/vsm.md, "How protections reach
+     * KVM"): it runs, and vsmtrace intercepts it only when VTL0 resumes on that page. */
+    if (k == K_EXEC && (mask & HV_MAP_GPA_READ))
+        denied = false;
     protect(page, HV_MAP_GPA_ALL);
     snprintf(name, sizeof(name), "%s_%s_intercepts", masks[mi].name, a->name);
     hv_check(name, n, denied ? 1 : 0);
@@ -317,7 +325,7 @@ static void resolutions(void)
 
     /* A fetch from a no-execute page resolved by moving RIP to a stub that returns. */
     fill();
-    protect(cpage, HV_MAP_GPA_READ | HV_MAP_GPA_WRITE);
+    protect(cpage, HV_MAP_GPA_NONE);
     set_action(VSM_ACT_SET_RIP, (uint64_t)ret_bad);
     hv_check("set_rip_exec_recovers", (uint32_t)perform(K_EXEC, &fault), 0xBAD);
     protect(cpage, HV_MAP_GPA_ALL);

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vsmtrace.vmm.devices.hyperv_testdev import HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev
 from vsmtrace.vmm.emulation import EmulationPorts, build_emulation
 from vsmtrace.vmm.emulation_io import Boundary, recorded_ports
 from vsmtrace.vmm.extension import CpuidEntry, MachineExtension, TrapHandler
+from vsmtrace.vmm.guest_walk import read_linear, translator
 from vsmtrace.vmm.hyperv import HyperV
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy, hyperv_cpuid_leaves
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
@@ -26,14 +28,13 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_INSN_LEN, HV_HYPERCALL_TRAP_PORT
-from vsmtrace.vmm.hyperv.reference_time import ReferenceClock
+from vsmtrace.vmm.hyperv.reference_time import ReferenceClock, guest_tsc_params
 from vsmtrace.vmm.protocol import Entry
-from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_OK, EXIT_VMM_ERROR, GuestStop, MsrFault
+from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_VMM_ERROR, GuestStop, MsrFault
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.backends.vsm import VsmBackend
-    from vsmtrace.vmm.kvm.system import Vcpu
     from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.virtual_processor import VirtualProcessor
 
@@ -71,15 +72,48 @@ class MachineApics:
             owner.vcpu.run_struct.cr8 = owner.last_cr8 = apic.cr8
 
 
-def rewind_trap(vcpu: Vcpu) -> None:
-    """Put RIP back on the hypercall page's trapping OUT if KVM already stepped over it.
+_OUT_IMM8 = (0xE6, 0xE7)  # out imm8, al / out imm8, eAX (x86 encodings)
+_OUT_DX = (0xEE, 0xEF)  # out dx, al / out dx, eAX
+_OPSIZE_PREFIX = 0x66
 
-    The trap sits at the start of the hypercall page, so RIP just past it is the page
-    offset of its length. Re-execution replays a recorded retry or fault with this too.
+
+def trap_out_length(before: bytes, size: int) -> int:
+    """Length of the OUT to the trap port that ends right where ``before`` ends, 0 if there is none.
+
+    ``before`` holds the (up to 3) bytes in front of RIP. The imm8 form (``E6/E7 58``) and the DX
+    form (``EE/EF``) both trap; a 16-bit OUT carries an operand-size prefix. Traps are not only
+    the hypercall page's ``out 0x58, al``: a guest may trap from anywhere, in any width.
     """
+    prefix = 1 if size == 2 else 0
+    if len(before) >= 2 and before[-2] in _OUT_IMM8 and before[-1] == HV_HYPERCALL_TRAP_PORT:
+        length = HV_HYPERCALL_TRAP_INSN_LEN
+    elif before and before[-1] in _OUT_DX:
+        length = 1
+    else:
+        return 0
+    if prefix and not (len(before) > length and before[-length - 1] == _OPSIZE_PREFIX):
+        return 0
+    return length + prefix
+
+
+def rewind_trap(vp: VirtualProcessor) -> None:
+    """Put RIP back on the trapping OUT of the current I/O exit if KVM already stepped over it.
+
+    A fault's RIP is the faulting instruction and a rep continuation re-executes it, so a
+    retry or a #UD/#GP needs RIP on the OUT, wherever the guest trapped from and in whatever
+    width. Re-execution replays a recorded retry or fault with this too.
+    """
+    vcpu = vp.vcpu
     regs = vcpu.get_regs()
-    if regs.rip & PAGE_OFFSET_MASK == HV_HYPERCALL_TRAP_INSN_LEN:
-        regs.rip -= HV_HYPERCALL_TRAP_INSN_LEN
+    end = int(vcpu.get_sregs().cs.base) + int(regs.rip)
+    translate = translator(vcpu)
+    before = read_linear(vp.machine.memory, translate, end - 3, 3)
+    if len(before) < 3:  # the page before may be unmapped: what is in RIP's own page decides
+        within = min(3, end & PAGE_OFFSET_MASK)
+        before = read_linear(vp.machine.memory, translate, end - within, within)
+    length = trap_out_length(before, vp.pio_exit().size)
+    if length:
+        regs.rip -= length
         vcpu.set_regs(regs)
 
 
@@ -136,6 +170,12 @@ class HypervBackend(MachineExtension):
     def trap_ports(self) -> dict[int, TrapHandler]:
         return {HV_HYPERCALL_TRAP_PORT: self.on_trap}
 
+    def pio_devices(self) -> list[tuple[int, int, Any]]:
+        return [(HYPERV_TESTDEV_PORT, HYPERV_TESTDEV_PORT_COUNT, HypervTestdev(self.on_test_device))]
+
+    def fast_msr_values(self, vp_index: int, vtl: int) -> dict[int, int | None]:
+        return {} if self.hv is None else self.hv.fast_msr_values(vp_index, vtl)  # docs/hyperv.md
+
     def reference_time(self) -> int:
         return self.reference.reference_time()
 
@@ -153,7 +193,10 @@ class HypervBackend(MachineExtension):
             # instead of scaling a raw RDTSC that re-execution could not reproduce.
             self.reference = ReferenceClock.from_monotonic(m.clock.now_ns, m.tsc_hz)
         else:
-            self.reference = ReferenceClock.from_guest_tsc(m.clock.tsc, m.tsc_hz)
+            # The counter lives in C (Machine.reference_counter), shared with the fast path
+            # that answers TIME_REF_COUNT without Python: one monotonic clock for both.
+            params = guest_tsc_params(m.clock.tsc, m.tsc_hz)
+            self.reference = ReferenceClock(m.reference_counter(params.scale, params.offset), params, m.tsc_hz)
         # Everything the emulation reads or writes goes through the recorded boundary
         # (a pass-through when nothing records), so a trace can be replayed without KVM.
         self.boundary = boundary = Boundary(m.sink, threading.RLock())
@@ -198,7 +241,7 @@ class HypervBackend(MachineExtension):
         except GuestCrash as crash:
             raise GuestStop(EXIT_GUEST_FAULT, crash.report.describe()) from None
         except GuestResetRequest as reset:
-            raise GuestStop(EXIT_OK, f"{reset} (reset is not supported: stopping)") from None
+            self.machine.request_reset(str(reset))
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         assert self.hv is not None
@@ -210,11 +253,20 @@ class HypervBackend(MachineExtension):
         if outcome.retry or outcome.exception is not None:
             # Re-execute the trapping OUT (rep continuation), or report the #UD/#GP at it
             # (a fault's RIP is the faulting instruction).
-            rewind_trap(vp.vcpu)
+            rewind_trap(vp)
             if outcome.retry and self.vsm is not None:
                 self.vsm.tlb_wait(vp)  # a TLB lock held by a higher VTL: wait for its VTL return
         # No blanket interrupt re-check here: everything a hypercall can make deliverable
         # (an IPI, a SynIC message, an EOI, a VTL switch) already sets interrupt_hint.
+
+    def on_test_device(self, value: int) -> None:
+        """A command word written to QEMU's Hyper-V test device, run as a recorded emulation entry."""
+        hv = self.hv
+        vp = self.machine.current_vp()
+        if hv is None or vp is None:
+            return
+        i, vtl = vp.index, vp.vtl
+        self.boundary.entry(Entry.TEST_DEVICE, i, vtl, [value], lambda: hv.test_device_command(value))
 
     def interrupt_acknowledged(self, vp: VirtualProcessor, vector: int) -> None:
         hv = self.hv

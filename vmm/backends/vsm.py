@@ -21,6 +21,7 @@ VSM needs:
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,13 +36,16 @@ from vsmtrace.vmm.extension import MachineExtension
 from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT, TRAP_INSTRUCTION
 from vsmtrace.vmm.kvm.system import ffi, lib
-from vsmtrace.vmm.memory_view import MemoryView
+from vsmtrace.vmm.memory import PAGE_SHIFT
+from vsmtrace.vmm.memory_view import MemoryView, execute_unenforced
 from vsmtrace.vmm.protocol import Entry
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.vp import Access, GuestMemoryError
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
 from vsmtrace.vmm.vtl_array import VtlArray
+
+log = logging.getLogger("vsmtrace.vsm")
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.emulation import Emulation
@@ -77,6 +81,8 @@ class VsmBackend(MachineExtension):
         self.copiers: dict[int, SharedStateCopier] = {}
         self.vina_notified: set[tuple[int, int]] = set()  # (vp, vtl) told of a lower-VTL interrupt
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
+        self.nx_limitation_reported = False
+        self.resumed_lower: set[int] = set()  # VPs that just switched down: look at their RIP once
 
     def attach(self, machine: Machine) -> None:
         self.machine = machine
@@ -132,6 +138,9 @@ class VsmBackend(MachineExtension):
         else:
             load()  # a VTL that is not running on its VP: its vCPU is idle
 
+    def software_enable_apic(self, vp: int, vtl: int) -> None:
+        self.machine.vps[vp].apics[vtl].software_enable()
+
     def start_vp(self, vp: int, vtl: int) -> None:
         self.machine.vps[vp].start_in_vtl(vtl)
 
@@ -147,6 +156,24 @@ class VsmBackend(MachineExtension):
         with self._other_vps_out_of_guest():
             for p in protections:
                 view.set_pages(p.first_page, p.count, p.allowed)
+        if view.unenforced_execute and not self.nx_limitation_reported:
+            self._report_nx_limitation(target_vtl, protections)
+
+    def _report_nx_limitation(self, target_vtl: int, protections: Sequence[Any]) -> None:
+        """Once per run: stderr, a LIMITATION trace event (``vsmtrace info`` lists it)."""
+        self.nx_limitation_reported = True
+        first = next((p for p in protections if execute_unenforced(p.allowed)), None)
+        message = (
+            f"VTL{target_vtl} has readable pages without execute permission; this KVM cannot deny instruction "
+            "fetches on readable pages (no per-page no-execute), so allowed reads win and an execute is "
+            "intercepted only where vsmtrace sees it (a lower VTL resuming on such a page)"
+        )
+        log.warning("%s", message)
+        self.machine.emit(
+            EventKind.LIMITATION, None, message=message,
+            detail={"limitation": "execute_unenforced_on_readable_pages", "target_vtl": target_vtl,
+                    "first_gpa": None if first is None else first.first_page << PAGE_SHIFT},
+        )  # fmt: skip
 
     @contextlib.contextmanager
     def _other_vps_out_of_guest(self) -> Iterator[None]:
@@ -241,6 +268,8 @@ class VsmBackend(MachineExtension):
         # in RCX), so a secure call's own arguments start at RDX.
         args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if reason is SwitchReason.CALL else None
         vp.set_vtl(to_vtl)
+        if to_vtl < from_vtl and self.views[to_vtl].unenforced_execute:
+            self.resumed_lower.add(vp.index)
         vp.last_cr8 = dst.run_struct.cr8
         vp.interrupt_hint = True
         return rip, args
@@ -277,7 +306,11 @@ class VsmBackend(MachineExtension):
         return any(apic.pending_vector() is not None for _vtl, apic in vp.apics.higher(vp.vtl, top))
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
-        """Called before entering the guest when interrupts may have changed."""
+        """Called before entering the guest when interrupts may have changed (always after a switch)."""
+        if vp.index in self.resumed_lower:
+            self.resumed_lower.discard(vp.index)
+            if self._resumes_on_unenforced_page(vp):
+                return
         top = self.highest_enabled(vp)
         for vtl, apic in vp.apics.higher(vp.vtl, top):
             if apic.pending_vector() is not None:
@@ -285,6 +318,22 @@ class VsmBackend(MachineExtension):
                 return
         if vp.vtl > 0:
             self.check_vina(vp)
+
+    def _resumes_on_unenforced_page(self, vp: VirtualProcessor) -> bool:
+        """A lower VTL about to resume on a readable, non-executable page: the execute intercept.
+
+        KVM would fetch from such a page without exiting (see memory_view); here, where
+        the VP is at an instruction boundary after a VTL switch, the fetch is seen.
+        """
+        view = self.views[vp.vtl]
+        target = self.fetch_target(vp)
+        if target is None:
+            return False
+        gpa, linear = target
+        if not execute_unenforced(view.allowed(gpa >> PAGE_SHIFT)):
+            return False
+        self.intercept(vp, gpa, Access.EXECUTE, 1, gva=linear)
+        return True
 
     def check_vina(self, vp: VirtualProcessor) -> None:
         """VINA: a lower VTL has an interrupt ready while a higher one runs.
@@ -413,13 +462,16 @@ class VsmBackend(MachineExtension):
             discard_pending_read(vp, clobbered)
         else:
             located = Located(regs["rip"], 0, self._read_ram(gpa, 16), "", gva or regs["rip"], {})
+        # Byte-compatible with the seed where the TLFS allows (docs/vsm.md): no GVA (GvaValid
+        # clear), and the 16 bytes at the instruction's RIP (the decoded length is reported).
+        insn_rip = located.rip if located is not None else regs["rip"]
         message = self.vsm.build_intercept(
             vp=vp.index,
             intercepted_vtl=vtl,
             access=access,
             gpa=gpa,
-            gva=located.gva if located is not None and located.gva else gva,
-            insn_bytes=(located.bytes if located is not None else b"")[:16],
+            gva=None,
+            insn_bytes=read_code(insn_rip, 16) if access is not Access.EXECUTE else b"",
             insn_length=located.length if located is not None else 0,
             regs=regs,
             segments={name: segment_from_kvm(getattr(sregs, name)) for name in ("cs", "ds", "ss", "es")},

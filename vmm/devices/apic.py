@@ -590,6 +590,11 @@ class LocalApic:
             self._stop_timer()
             self._regs = self._power_on_registers()
 
+    def software_enable(self) -> None:
+        """Set SVR to 0x1FF (enabled, spurious vector 0xFF) as a hypervisor may at VTL enablement."""
+        with self._lock:
+            self._write_svr(SVR_APIC_ENABLE | SVR_RESET)
+
     def hard_reset(self) -> None:
         """RESET/power-on: like INIT and also IA32_APIC_BASE back to its default."""
         with self._lock:

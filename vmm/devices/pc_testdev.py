@@ -4,7 +4,7 @@ Regions and behaviour, as QEMU 7.2 answers them (checked against ``qemu-system-x
 -device pc-testdev``, see docs/devices.md):
 
 * ports 0xE0-0xE3: a 32-bit scratch register. An aligned access of 1, 2 or 4 bytes
-  reads or writes those bytes of it; an unaligned access is ignored (reads all ones).
+  reads or writes those bytes of it; an unaligned access is ignored (reads 0).
 * ports 0xE4-0xE7: "flush page": QEMU remaps the written page to force KVM to drop its
   translations; no guest-visible effect, so writes are accepted and ignored, reads 0.
 * ports 0xE8-0xEB: the same scratch register, byte by byte (QEMU splits wider
@@ -57,7 +57,7 @@ class PcTestdev:
             return 0
         shift = (port & 3) * 8
         if (port & 3) % size:
-            return ALL_ONES.get(size, 0)  # unaligned: not decoded
+            return 0  # unaligned: QEMU rejects the access and the guest reads 0
         with self.lock:
             return (self.data >> shift) & ALL_ONES[size]
 

@@ -21,11 +21,17 @@ VSMTRACE_LOOPBACK_SINT = 2
 
 @dataclass(frozen=True)
 class MessagePort:
-    """Messages go to ``sint`` of (``vp``, ``vtl``); ``None`` means "the caller's"."""
+    """Messages go to ``sint`` of (``vp``, ``vtl``); ``None`` means "the caller's".
+
+    ``buffers``: messages the port may have waiting for the slot (None: the TLFS's 16);
+    ``origination_id``: the header's OriginationId (None: the connection ID).
+    """
 
     sint: int
     vp: int | None = None
     vtl: int | None = None
+    buffers: int | None = None
+    origination_id: int | None = None
 
     def target(self, caller_vp: int, caller_vtl: int) -> tuple[int, int]:
         return (caller_vp if self.vp is None else self.vp, caller_vtl if self.vtl is None else self.vtl)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vsmtrace.vmm.events import EventKind, EventSink, NullSink
+from vsmtrace.vmm.hyperv import test_device
 from vsmtrace.vmm.hyperv.connections import Connections
 from vsmtrace.vmm.hyperv.cpuid import CpuidLeaf, HypervPolicy, hyperv_cpuid_leaves
 from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash
@@ -46,6 +47,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
     HvMessage,
+    HvMsr,
     HvStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallDispatcher, HypercallOutcome
@@ -77,6 +79,10 @@ class VpVtlState:
     msrs: SyntheticMsrs
 
 
+#: Read-only MSRs whose value never changes for a given VP (VP index, frequencies).
+FIXED_VALUE_MSRS = (HvMsr.HV_X64_MSR_VP_INDEX, HvMsr.HV_X64_MSR_TSC_FREQUENCY, HvMsr.HV_X64_MSR_APIC_FREQUENCY)
+
+
 class HyperV:
     """Owns SynICs, timers, MSRs and hypercall dispatch for every (VP, VTL) of a partition."""
 
@@ -103,6 +109,7 @@ class HyperV:
         self.apic = apic
         self.partition_id = partition_id
         self.connections = connections if connections is not None else Connections.with_loopback()
+        self.test_device = test_device.HypervTestdevState()
         self.vp_count = partition.vp_count
         self.vtl_count = vtl_count or self.policy.vtl_count
         self.lock = threading.RLock()
@@ -110,6 +117,8 @@ class HyperV:
         #: VSM TLB locks: ``(caller_vp, caller_vtl, target_vps, target_vtls) -> locked``. A flush
         #: hypercall that hits a lock returns ``retry`` (re-executed once the lock is released).
         self.tlb_lock_check: Callable[[int, int, Sequence[int], Sequence[int]], bool] | None = None
+        #: VSM: is this VTL enabled for the partition? (None: only VTL0 is.)
+        self.vtl_enabled: Callable[[int], bool] | None = None
         self.dispatcher = HypercallDispatcher(partition, self.policy, self.sink)
         self._vtl_msrs = VtlArray(self.vtl_count, lambda _vtl: VtlPartitionMsrs())
         self._env = MsrEnvironment(
@@ -196,6 +205,26 @@ class HyperV:
                 raise
             self._emit_msr(vp, vtl, msr, value, is_write=True, fault=False)
 
+    def fast_msr_values(self, vp: int, vtl: int) -> dict[int, int | None]:
+        """Synthetic MSRs a machine may answer at (vp, vtl) without calling in: their reads change no state.
+
+        The value is the fixed answer, or None for TIME_REF_COUNT, which is
+        ``PartitionAccess.reference_time()`` (the machine's own reference counter). Only
+        MSRs the guest may read are listed; when the machine records it must not use
+        this (every read is an MSR event).
+        """
+        fast: dict[int, int | None] = {}
+        with self.lock:
+            msrs = self.msrs(vp, vtl)
+            for msr in FIXED_VALUE_MSRS:
+                try:
+                    fast[msr] = msrs.read(msr)
+                except GpFault:
+                    pass  # not advertised: the read faults, which the emulation reports itself
+            if msrs.advertised(HvMsr.HV_X64_MSR_TIME_REF_COUNT):
+                fast[HvMsr.HV_X64_MSR_TIME_REF_COUNT] = None
+        return fast
+
     def _emit_msr(self, vp: int, vtl: int, msr: int, value: int, *, is_write: bool, fault: bool) -> None:
         if not self.sink.enabled:
             return
@@ -220,6 +249,11 @@ class HyperV:
     def is_auto_eoi(self, vp: int, vtl: int, vector: int) -> bool:
         with self.lock:
             return self.synic(vp, vtl).is_auto_eoi(vector)
+
+    def test_device_command(self, value: int) -> bool:
+        """One command word written to QEMU's Hyper-V test device (see vmm/hyperv/test_device.py)."""
+        with self.lock:
+            return test_device.apply(self, self.test_device, value)
 
     def post_intercept(self, vp: int, vtl: int, message: HvMessage) -> HvStatus:
         """Queue a hypervisor (intercept) message to SINT0 of (vp, vtl) - used by VSM."""

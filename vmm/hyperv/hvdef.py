@@ -205,7 +205,11 @@ class HypercallCode(enum.IntEnum):
 
 
 class HvStatus(enum.IntEnum):
-    """HV_STATUS codes [OpenVMM hvdef; TLFS App. B; vsm-facts §1.6]."""
+    """HV_STATUS codes: the TLFS v6.0b Appendix B table, plus INVALID_VTL_STATE (named in the
+    TLFS return tables of the VSM calls; value from the Windows headers via OpenVMM).
+    INSUFFICIENT_BUFFERS is 0x13 (Appendix B misprints 0x33, vsm-facts §6.9). Codes other
+    hypervisors added (OpenVMM's 0x86 VTL_ALREADY_ENABLED, 0x87 UNKNOWN_REGISTER_NAME, ...)
+    are deliberately absent: vsmtrace returns only TLFS statuses (docs/vsm.md)."""
 
     HV_STATUS_SUCCESS = 0x0000
     HV_STATUS_INVALID_HYPERCALL_CODE = 0x0002
@@ -221,7 +225,6 @@ class HvStatus(enum.IntEnum):
     HV_STATUS_PARTITION_TOO_DEEP = 0x000C
     HV_STATUS_INVALID_PARTITION_ID = 0x000D
     HV_STATUS_INVALID_VP_INDEX = 0x000E
-    HV_STATUS_NOT_FOUND = 0x0010
     HV_STATUS_INVALID_PORT_ID = 0x0011
     HV_STATUS_INVALID_CONNECTION_ID = 0x0012
     HV_STATUS_INSUFFICIENT_BUFFERS = 0x0013
@@ -254,17 +257,8 @@ class HvStatus(enum.IntEnum):
     HV_STATUS_INVALID_DEVICE_STATE = 0x0058
     HV_STATUS_PENDING_PAGE_REQUESTS = 0x0059
     HV_STATUS_PAGE_REQUEST_INVALID = 0x0060
-    HV_STATUS_KEY_ALREADY_EXISTS = 0x0065
-    HV_STATUS_DEVICE_ALREADY_IN_DOMAIN = 0x0066
-    HV_STATUS_INVALID_CPU_GROUP_ID = 0x006F
-    HV_STATUS_INVALID_CPU_GROUP_STATE = 0x0070
     HV_STATUS_OPERATION_FAILED = 0x0071
     HV_STATUS_NOT_ALLOWED_WITH_NESTED_VIRT_ACTIVE = 0x0072
-    HV_STATUS_INSUFFICIENT_ROOT_MEMORY = 0x0073
-    HV_STATUS_EVENT_BUFFER_ALREADY_FREED = 0x0074
-    HV_STATUS_TIMEOUT = 0x0078
-    HV_STATUS_VTL_ALREADY_ENABLED = 0x0086
-    HV_STATUS_UNKNOWN_REGISTER_NAME = 0x0087
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,7 +423,13 @@ class HypercallDispatcher:
 
         status = _STATUSES.get(result.status)
         if status is None:
-            status = HvStatus(result.status)  # ValueError for a status the TLFS does not define
+            try:
+                status = HvStatus(result.status)
+            except ValueError:  # a status the TLFS does not define: a VMM bug, never shown to the guest
+                message = f"{code.name} handler returned {result.status:#x}, not a TLFS status"
+                if self.sink.enabled:
+                    self.sink.emit(EventKind.ERROR, vp_index, vtl, 0, message=message)
+                raise HypercallInternalError(message) from None
         if result.retry:
             state.retry = True
             state.reps_done = c.rep_start

@@ -53,6 +53,13 @@ def tsc_scale_for(tsc_hz: int) -> int:
     return (HV_REFERENCE_TIME_HZ << HV_REFERENCE_TSC_SCALE_SHIFT) // tsc_hz
 
 
+def guest_tsc_params(read_tsc: Callable[[], int], tsc_hz: int) -> TscPageParams:
+    """TSC page parameters of a reference counter that reads 0 now ("zero when the partition is created")."""
+    scale = tsc_scale_for(tsc_hz)
+    start = (read_tsc() * scale) >> HV_REFERENCE_TSC_SCALE_SHIFT
+    return TscPageParams(scale=scale, offset=-start)
+
+
 def invalid_tsc_page() -> HvReferenceTscPage:
     """A page telling the guest to use TIME_REF_COUNT instead."""
     return HvReferenceTscPage(tsc_sequence=HV_REFERENCE_TSC_SEQUENCE_INVALID)
@@ -69,9 +76,7 @@ class ReferenceClock:
 
     @classmethod
     def from_guest_tsc(cls, read_tsc: Callable[[], int], tsc_hz: int) -> ReferenceClock:
-        scale = tsc_scale_for(tsc_hz)
-        start = (read_tsc() * scale) >> HV_REFERENCE_TSC_SCALE_SHIFT
-        params = TscPageParams(scale=scale, offset=-start)
+        params = guest_tsc_params(read_tsc, tsc_hz)
         return cls(lambda: params.reference_time(read_tsc()), params, tsc_hz)
 
     @classmethod

@@ -236,6 +236,10 @@ class Synic:
             )
         self._assert(sint)
 
+    def assert_sint(self, sint: int) -> bool:
+        """Raise the SINT's interrupt without a message (a SINT route, e.g. the test device)."""
+        return self._assert(sint)
+
     def _assert(self, sint: int) -> bool:
         """Raise the SINT's interrupt; False if masked or polling (no interrupt generated)."""
         value = self.sints[sint]

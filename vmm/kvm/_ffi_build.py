@@ -307,6 +307,24 @@ struct vsm_exit_recorder {
 };
 #define VSM_RUN_RECORDED ...
 int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec);
+#define VSM_FAST_MSRS ...
+struct vsm_refclock {
+    int64_t tsc_offset;
+    uint64_t scale;
+    int64_t offset;
+    uint64_t last;
+};
+uint64_t vsm_reference_time(struct vsm_refclock *clock);
+struct vsm_msr_fastpath {
+    struct kvm_run *run;
+    uint32_t n;
+    uint32_t index[8];
+    uint64_t value[8];
+    uint32_t time_msr;
+    struct vsm_refclock *clock;
+    uint64_t served;
+};
+int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp);
 int vsm_install_kick_handler(void);
 int vsm_kick_signal(void);
 unsigned long vsm_thread_self(void);
@@ -388,6 +406,71 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
     memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
     int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
     return VSM_RUN_RECORDED + status;
+}
+
+/* Synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
+   frequencies), answered here so the guest's RDMSR never waits for Python's GIL, which
+   another VP's thread may hold (or hold while the host has preempted it). Python fills the
+   table; any other exit, a kick (immediate_exit) or a CR8 change returns to Python.
+   Returns like vsm_kvm_run. */
+#define VSM_FAST_MSRS 8
+
+/* The partition reference counter (TIME_REF_COUNT, 100 ns units) from the guest TSC with
+   the reference TSC page's formula, never going back: one clock shared by the Python side
+   (the emulation reads it through the machine) and the C fast path below. */
+struct vsm_refclock {
+    int64_t tsc_offset;  /* KVM's guest TSC offset */
+    uint64_t scale;      /* the TSC page's 64.64 scale */
+    int64_t offset;      /* the TSC page's offset */
+    uint64_t last;       /* the largest value handed out */
+};
+
+uint64_t vsm_reference_time(struct vsm_refclock *clock) {
+    uint64_t tsc = vsm_rdtsc() + (uint64_t)clock->tsc_offset;
+    uint64_t now = (uint64_t)(((unsigned __int128)tsc * clock->scale) >> 64) + (uint64_t)clock->offset;
+    uint64_t last = __atomic_load_n(&clock->last, __ATOMIC_ACQUIRE);
+    while (now > last) {
+        if (__atomic_compare_exchange_n(&clock->last, &last, now, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return now;
+    }
+    return last;
+}
+
+struct vsm_msr_fastpath {
+    struct kvm_run *run;
+    uint32_t n;
+    uint32_t index[VSM_FAST_MSRS];
+    uint64_t value[VSM_FAST_MSRS];
+    uint32_t time_msr;            /* TIME_REF_COUNT's index when answered here from clock, else 0 */
+    struct vsm_refclock *clock;
+    uint64_t served;              /* reads answered here */
+};
+
+int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
+    struct kvm_run *run = fp->run;
+    uint64_t cr8 = run->cr8;
+    for (;;) {
+        int r = ioctl(vcpu_fd, KVM_RUN, 0);
+        if (r < 0)
+            return -errno;
+        if (run->exit_reason != KVM_EXIT_X86_RDMSR || run->immediate_exit || run->cr8 != cr8)
+            return 0;
+        /* Python waits to inject an interrupt and the guest can now take it: hand the exit back
+           (a backend may not exit for the window by itself while the guest keeps exiting here). */
+        if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
+            return 0;
+        uint32_t i = 0;
+        while (i < fp->n && fp->index[i] != run->msr.index)
+            i++;
+        if (i < fp->n)
+            run->msr.data = fp->value[i];
+        else if (fp->time_msr && run->msr.index == fp->time_msr)
+            run->msr.data = vsm_reference_time(fp->clock);
+        else
+            return 0;
+        run->msr.error = 0;
+        fp->served++;
+    }
 }
 """
 

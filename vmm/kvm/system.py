@@ -203,6 +203,8 @@ class Vcpu:
         self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
         # struct vsm_exit_recorder when the machine records port-I/O exits in C (vsm_kvm_run_recorded).
         self.exit_recorder: Any = None
+        # struct vsm_msr_fastpath when fixed-value MSR reads are answered in C (vsm_kvm_run_fast).
+        self.msr_fastpath: Any = None
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
 
@@ -264,7 +266,18 @@ class Vcpu:
         return s
 
     def set_sregs(self, s: Any) -> None:
+        """KVM_SET_SREGS, never injecting an interrupt.
+
+        KVM queues the lowest vector set in ``interrupt_bitmap`` as an injected interrupt,
+        and the copy KVM exports in ``kvm_run`` (or an earlier KVM_GET_SREGS) can still name a
+        vector that has since been delivered: writing it back delivers it again, even with
+        RFLAGS.IF = 0 (issue 12 item 3). No caller means to inject through sregs (interrupts
+        go through KVM_INTERRUPT), and an empty bitmap leaves an injection KVM has in flight
+        untouched, so the bitmap is always cleared first.
+        """
         self._sregs = None
+        for i in range(len(s.interrupt_bitmap)):
+            s.interrupt_bitmap[i] = 0
         _check("KVM_SET_SREGS", lib.ioctl(self.fd, lib.KVM_SET_SREGS, s))
         if self.sregs_exported:
             mirror = ffi.addressof(self.run_struct.s.regs.sregs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
@@ -42,7 +43,10 @@ def load_elf(image: bytes, memory: GuestMemory, name: str) -> LoadedImage:
             paddr, filesz, memsz = seg["p_paddr"], seg["p_filesz"], seg["p_memsz"]
             data = seg.data()
             if len(data) != filesz:
-                raise LoaderError(f"{name}: segment at {paddr:#x} is truncated in the file")
+                raise LoaderError(
+                    f"{name}: ELF file cut short: the segment loaded at {paddr:#x} needs file bytes "
+                    f"{seg['p_offset']}..{seg['p_offset'] + filesz}, the file has {len(image)} bytes (a partial copy or download?)"
+                )
             try:
                 memory.write(paddr, data)
                 if memsz > filesz:
@@ -54,5 +58,32 @@ def load_elf(image: bytes, memory: GuestMemory, name: str) -> LoadedImage:
                 ) from None
             low, high = min(low, paddr), max(high, paddr + memsz)
         return LoadedImage(elf["e_entry"], low, high, elf.elfclass)
-    except ELFError as exc:
-        raise LoaderError(f"{name}: malformed ELF: {exc}") from None
+    except (ELFError, ValueError, struct.error):
+        raise LoaderError(f"{name}: {describe_damage(image)}") from None
+
+
+def describe_damage(image: bytes) -> str:
+    """Why an ELF image the parser rejected cannot be loaded, in words (the parser's own text is cryptic)."""
+    size = len(image)
+    is64 = size > 4 and image[4] == 2
+    header = 64 if is64 else 52
+    if size < header:
+        return f"ELF file cut short: {size} bytes, less than its {header}-byte ELF header (a partial copy or download?)"
+    order = "<" if image[5] != 2 else ">"
+    if is64:
+        phoff, shoff = struct.unpack_from(order + "QQ", image, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", image, 54)
+    else:
+        phoff, shoff = struct.unpack_from(order + "II", image, 28)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", image, 42)
+    if phnum and phoff + phentsize * phnum > size:
+        return (
+            f"ELF file cut short: its {phnum} program headers end at byte {phoff + phentsize * phnum}, "
+            f"but the file has only {size} bytes (a partial copy or download?)"
+        )
+    if shnum and shoff + shentsize * shnum > size:
+        return (
+            f"ELF file cut short: its section headers end at byte {shoff + shentsize * shnum}, "
+            f"but the file has only {size} bytes (a partial copy or download?)"
+        )
+    return f"corrupt ELF file ({size} bytes): its headers are inconsistent"

@@ -56,7 +56,7 @@ _SUPPORTED_CONFIG = (
 
 
 def valid_mask(mask: int) -> bool:
-    """TLFS combinations: none, R, R+X, R+W, R+W+X (UMX is ignored without MBEC)."""
+    """TLFS combinations: none, R, R+X, R+W, R+W+X (X = either execute bit without MBEC)."""
     if mask & ~HV_MAP_GPA_PERMISSIONS_ALL:
         return False
     needs_read = HvMapGpaFlags.WRITABLE | HvMapGpaFlags.KERNEL_EXECUTABLE | HvMapGpaFlags.USER_EXECUTABLE
@@ -104,6 +104,7 @@ class Vsm:
             hv.dispatcher.register(spec, replace=True)
         hv.dispatcher.set_vtl_hook(self._vtl_hook)
         hv.tlb_lock_check = self._tlb_lock_check
+        hv.vtl_enabled = self.partition_vtl_enabled
 
     # -- VTL topology --------------------------------------------------------------------------
 
@@ -143,6 +144,10 @@ class Vsm:
 
     def enable_vp_vtl(self, caller_vp: int, caller_vtl: int, vp: int, vtl: int, context: InitialVpContext) -> None:
         self.services.load_vp_context(vp, vtl, context)
+        if vtl > 0:
+            # A higher VTL's APIC starts software-enabled (SVR 0x1FF): the seed does it because
+            # Windows Server 2019's secure kernel expects it; the TLFS is silent (docs/vsm.md).
+            self.services.software_enable_apic(vp, vtl)
         self.state.vp_vtl(vp, vtl).enabled = True
         self._emit(EventKind.VTL_ENABLE, caller_vp, caller_vtl, target_vtl=vtl, target_vp=vp)
 
@@ -212,6 +217,10 @@ class Vsm:
             return HV_MAP_GPA_PERMISSIONS_ALL
         return self.state.protections[target_vtl].mask(gpa_page)
 
+    def ram_top(self) -> int:
+        """The first guest-physical address above all RAM."""
+        return max(((first + count) << HV_PAGE_SHIFT for first, count in self.ram_ranges), default=0)
+
     def is_ram_page(self, page: int) -> bool:
         return any(first <= page < first + count for first, count in self.ram_ranges)
 
@@ -265,8 +274,8 @@ class Vsm:
         with TargetVtl below the caller → that VTL's view (seed); TargetVtl equal to the
         caller → owner form again; above the caller → ACCESS_DENIED. No VTL below the caller
         (VTL0) → ACCESS_DENIED ("a VTL may not set permissions for itself"). MapFlags beyond
-        R/W/KMX/UMX or a TLFS-invalid combination → INVALID_PARAMETER (UMX is accepted and
-        ignored: no MBEC). The caller's EnableVtlProtection must be set, else ACCESS_DENIED
+        R/W/KMX/UMX or a TLFS-invalid combination → INVALID_PARAMETER (without MBEC either
+        execute bit grants execute). The caller's EnableVtlProtection must be set, else ACCESS_DENIED
         (OpenVMM). A page outside RAM → INVALID_PARAMETER with the pages before it applied.
         """
         target = HvInputVtl.decode(raw_target)

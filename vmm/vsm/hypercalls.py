@@ -10,11 +10,13 @@ Statuses per call (TLFS where it speaks; otherwise the choice is noted):
 * EnablePartitionVtl (simple; memory or fast): foreign partition → INVALID_PARTITION_ID;
   any flag (EnableMbec included: MBEC is not offered), a non-zero RsvdZ byte (offsets
   10-15) or a VTL number beyond the partition's → INVALID_PARAMETER; a target above the
-  caller when the caller is not the highest enabled VTL below it → ACCESS_DENIED; already enabled → VTL_ALREADY_ENABLED
-  (OpenVMM; the seed says INVALID_PARAMETER).
+  caller when the caller is not the highest enabled VTL below it → ACCESS_DENIED; already
+  enabled (VTL0 included) → INVALID_PARAMETER (TLFS return table, seed; OpenVMM's
+  VTL_ALREADY_ENABLED 0x86 is not a TLFS status).
 * EnableVpVtl (memory only: 240 bytes): bad partition / VP → INVALID_PARTITION_ID /
   INVALID_VP_INDEX; VTL out of range → INVALID_PARAMETER; VTL not enabled for the
-  partition → INVALID_VTL_STATE; already enabled on the VP → VTL_ALREADY_ENABLED; a caller
+  partition → INVALID_VTL_STATE; already enabled on the VP (VTL0 included) → INVALID_PARAMETER
+  (TLFS return table, seed); a caller
   below the target that is not the first enabler (highest enabled VTL below it, and no VP
   has the target yet) → ACCESS_DENIED.
 * StartVirtualProcessor: as the TLFS table: ACCESS_DENIED (target above the caller, or a
@@ -60,7 +62,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, HypercallSpec
 from vsmtrace.vmm.vp import Segment, Table
-from vsmtrace.vmm.vsm import registers
+from vsmtrace.vmm.vsm import control_regs, registers
 from vsmtrace.vmm.vsm.services import InitialVpContext
 from vsmtrace.vmm.vsm.translate import translate_gva
 
@@ -110,6 +112,19 @@ def decode_context(raw: bytes, *, force_lma: bool = False) -> InitialVpContext:
     return InitialVpContext(regs)
 
 
+def check_context(vsm: Vsm, context: InitialVpContext) -> InitialVpContext:
+    """An initial context a CPU can hold, or INVALID_PARAMETER (KVM would refuse to load it)."""
+    r = context.registers
+    cs = r["cs"]
+    assert isinstance(cs, Segment)
+    why = control_regs.problem(int(r["cr0"]), int(r["cr3"]), int(r["cr4"]), int(r["efer"]), cs.attributes,  # type: ignore[call-overload]
+                               vsm.ram_top())  # fmt: skip
+    why = why or control_regs.register_problem("pat", int(r["pat"])) or control_regs.register_problem("efer", int(r["efer"]))  # type: ignore[call-overload]
+    if why is not None:
+        raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)
+    return context
+
+
 def _vp_index(vsm: Vsm, inp: HypercallInput, raw: int) -> int:
     if raw == HV_VP_INDEX_SELF:
         return inp.vp
@@ -143,7 +158,7 @@ def enable_partition_vtl(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
     if target > inp.vtl and _highest_enabled_below(vsm, target) != inp.vtl:
         raise HandlerError(S.HV_STATUS_ACCESS_DENIED)
     if target in vsm.state.enabled_vtls:
-        raise HandlerError(S.HV_STATUS_VTL_ALREADY_ENABLED)
+        raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)
     vsm.enable_partition_vtl(inp.vp, inp.vtl, target)
     return HypercallResult()
 
@@ -157,12 +172,12 @@ def enable_vp_vtl(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
     if target not in state.enabled_vtls:
         raise HandlerError(S.HV_STATUS_INVALID_VTL_STATE)
     if state.vp_vtl(vp, target).enabled:
-        raise HandlerError(S.HV_STATUS_VTL_ALREADY_ENABLED)
+        raise HandlerError(S.HV_STATUS_INVALID_PARAMETER)
     if target > inp.vtl:
         first = not any(state.vp_vtl(v, target).enabled for v in range(state.vp_count))
         if not first or _highest_enabled_below(vsm, target) != inp.vtl:
             raise HandlerError(S.HV_STATUS_ACCESS_DENIED)
-    vsm.enable_vp_vtl(inp.vp, inp.vtl, vp, target, decode_context(req.context))
+    vsm.enable_vp_vtl(inp.vp, inp.vtl, vp, target, check_context(vsm, decode_context(req.context)))
     return HypercallResult()
 
 
@@ -183,7 +198,7 @@ def start_virtual_processor(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
         raise HandlerError(S.HV_STATUS_INVALID_VTL_STATE)
     if vp == inp.vp or vsm.services.vp_started(vp):
         raise HandlerError(S.HV_STATUS_INVALID_VP_STATE)
-    vsm.services.load_vp_context(vp, target, decode_context(req.context, force_lma=True))
+    vsm.services.load_vp_context(vp, target, check_context(vsm, decode_context(req.context, force_lma=True)))
     vsm.services.start_vp(vp, target)
     return HypercallResult()
 
@@ -254,10 +269,8 @@ def translate_virtual_address(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
     if not vsm.state.vp_vtl(vp, vtl).enabled:
         raise HandlerError(S.HV_STATUS_INVALID_VTL_STATE)
     overlays: set[int] = set()
-    hypercall_page = None
     if vsm.hv.hypercall_page_enabled(vtl):
-        hypercall_page = vsm.hv.vtl_msrs(vtl).hypercall_gpa >> HV_PAGE_SHIFT
-        overlays.add(hypercall_page)
+        overlays.add(vsm.hv.vtl_msrs(vtl).hypercall_gpa >> HV_PAGE_SHIFT)
     assist = vsm.hv.vp_assist_page_gpa(vp, vtl)
     if assist is not None:
         overlays.add(assist >> HV_PAGE_SHIFT)
@@ -271,7 +284,6 @@ def translate_virtual_address(vsm: Vsm, inp: HypercallInput) -> HypercallResult:
         allowed=lambda page: vsm.lower_vtl_allowed(vtl, page),
         is_ram=vsm.is_ram_page,
         overlay_pages=overlays,
-        hypercall_page=hypercall_page,
     )
     if flags & F.TLB_FLUSH_INHIBIT and vtl < inp.vtl:
         vsm.lock_tlb(vp, owner=inp.vtl, lower=vtl)

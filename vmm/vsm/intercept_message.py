@@ -33,6 +33,10 @@ _CR0_PE = 1 << 0
 _CR0_AM = 1 << 18
 _EFER_LMA = 1 << 10
 _MAX_INSN_BYTES = 16
+_RFLAGS_RF = 1 << 16  # architectural resume flag
+#: The seed reports an execute intercept with instruction length 2 and no instruction bytes
+#: (docs/vsm.md, compatibility table); the TLFS does not say what a failed fetch reports.
+SEED_EXECUTE_INSN_LENGTH = 2
 _U64 = (1 << 64) - 1
 
 
@@ -99,11 +103,17 @@ def build_intercept(
     ``regs`` holds RAX..R15 (missing names read as 0) and, unless ``rip`` / ``rflags`` are
     given, RIP and RFLAGS; ``segments`` CS, DS, SS (others ignored). RIP is the faulting
     instruction (not advanced). ``cr0`` gives CR0.PE/AM (else PE follows ``mode``), ``efer``
-    gives EFER.LMA (else it follows ``mode``). Pass empty ``insn_bytes`` when the fetch itself
-    failed (execute intercepts); at most 16 bytes are reported.
+    gives EFER.LMA (else it follows ``mode``). At most 16 instruction bytes are reported.
+
+    Byte-compatible with the seed where the TLFS allows (docs/vsm.md): RFLAGS has RF set, as
+    hardware saves it on an EPT-violation exit (a handler that resumes the instruction relies
+    on it); an execute intercept reports instruction length 2 and no instruction bytes,
+    whatever ``insn_bytes`` / ``insn_length`` say.
     """
     rip = regs.get("rip", 0) if rip is None else rip
-    rflags = regs.get("rflags", 0) if rflags is None else rflags
+    rflags = (regs.get("rflags", 0) if rflags is None else rflags) | _RFLAGS_RF
+    if access_type(access) is HvInterceptAccessType.EXECUTE:
+        insn_length, insn_bytes = SEED_EXECUTE_INSN_LENGTH, b""
     state = execution_state(cpl, mode, intercepted_vtl, cr0=cr0, debug_active=debug_active,
                             interruption_pending=interruption_pending)  # fmt: skip
     if efer is not None:

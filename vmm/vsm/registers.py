@@ -11,9 +11,10 @@ Which registers, and how:
 * VSM registers → :class:`vmm.vsm.state.VsmState` (through the facade).
 * HvRegisterPendingEvent0 (exception form only) → ``VpAccess.inject_exception`` at once.
 
-Statuses: a name the TLFS does not define → UNKNOWN_REGISTER_NAME; a defined name this VMM
-does not serve (XMM/x87, APIC registers, MTRRs, ...) or a write to a read-only register →
-INVALID_PARAMETER (what the seed returns for everything it does not handle); a bad value
+Statuses: a name the TLFS does not define, a defined name this VMM does not serve (XMM/x87,
+APIC registers, MTRRs, ...) or a write to a read-only register → INVALID_PARAMETER (the TLFS
+return tables, and what the seed returns for everything it does not handle; OpenVMM's
+UNKNOWN_REGISTER_NAME 0x87 is not a TLFS status, docs/vsm.md); a bad value
 → INVALID_REGISTER_VALUE; a per-(VP, VTL) register of a VTL not enabled on that VP →
 INVALID_VTL_STATE.
 """
@@ -44,7 +45,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     VsmVpStatus,
 )
 from vsmtrace.vmm.hyperv.hypercall_page import HypercallPage
-from vsmtrace.vmm.vp import CpuMode, Segment, Table
+from vsmtrace.vmm.vp import CpuMode, Segment, Table, VpAccess
+from vsmtrace.vmm.vsm import control_regs
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.vsm import Vsm
@@ -141,7 +143,7 @@ def _name(raw: int) -> HvRegisterName:
     try:
         return HvRegisterName(raw)
     except ValueError:
-        raise _fail(HvStatus.HV_STATUS_UNKNOWN_REGISTER_NAME) from None
+        raise _fail(HvStatus.HV_STATUS_INVALID_PARAMETER) from None
 
 
 def _per_vp_vtl(name: HvRegisterName) -> bool:
@@ -218,10 +220,16 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
     low, high = struct.unpack("<QQ", data)
     access = vsm.partition.vp(vp)
     if name in ARCH_REGISTERS:
+        if control_regs.register_problem(ARCH_REGISTERS[name], low):
+            raise _fail(HvStatus.HV_STATUS_INVALID_REGISTER_VALUE)
+        if ARCH_REGISTERS[name] in _CONTROL_STATE:
+            _check_control_state(vsm, access, vtl, ARCH_REGISTERS[name], low)
         access.set_register(vtl, ARCH_REGISTERS[name], low)
         return
     if name in SEGMENT_REGISTERS:
         seg = HvX64SegmentRegister.unpack(data)
+        if name == R.HvX64RegisterCs:
+            _check_control_state(vsm, access, vtl, "cs", seg.attributes)
         access.set_register(vtl, SEGMENT_REGISTERS[name], Segment(seg.base, seg.limit, seg.selector, seg.attributes))
         return
     if name in TABLE_REGISTERS:
@@ -265,6 +273,22 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
         _set_pending_event(vsm, vp, vtl, low, high)
         return
     raise _fail(HvStatus.HV_STATUS_INVALID_PARAMETER)
+
+
+_CONTROL_STATE = ("cr0", "cr3", "cr4", "efer")
+
+
+def _check_control_state(vsm: Vsm, access: VpAccess, vtl: int, changed: str, value: int) -> None:
+    """INVALID_REGISTER_VALUE for a CR0/CR3/CR4/EFER/CS.L value the VP could not hold with the others."""
+    state = {n: int(access.get_register(vtl, n)) for n in _CONTROL_STATE}  # type: ignore[arg-type]
+    cs = access.get_register(vtl, "cs")
+    attributes = cs.attributes if isinstance(cs, Segment) else 0
+    if changed == "cs":
+        attributes = value
+    else:
+        state[changed] = value
+    if control_regs.problem(state["cr0"], state["cr3"], state["cr4"], state["efer"], attributes, vsm.ram_top()):
+        raise _fail(HvStatus.HV_STATUS_INVALID_REGISTER_VALUE)
 
 
 def _set_pending_event(vsm: Vsm, vp: int, vtl: int, low: int, high: int) -> None:

@@ -77,6 +77,10 @@ class VsmServices(Protocol):
         """Load an initial context into the vCPU of (vp, vtl) (HvCallEnableVpVtl / StartVirtualProcessor)."""
         ...
 
+    def software_enable_apic(self, vp: int, vtl: int) -> None:
+        """Set the (vp, vtl) local APIC's SVR to 0x1FF (HvCallEnableVpVtl of a VTL above 0)."""
+        ...
+
     def start_vp(self, vp: int, vtl: int) -> None:
         """Start a VP that has not run yet, in ``vtl`` (HvCallStartVirtualProcessor)."""
         ...

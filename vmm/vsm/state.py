@@ -22,13 +22,18 @@ from vsmtrace.vmm.vtl_array import VtlArray
 
 
 def mask_to_access(mask: int) -> Access:
-    """HV_MAP_GPA_FLAGS → allowed accesses. Without MBEC, KMX governs every instruction fetch."""
+    """HV_MAP_GPA_FLAGS → allowed accesses.
+
+    Without MBEC either execute bit grants every instruction fetch: the markdown TLFS calls
+    bit 2 kernel-execute and bit 3 user-execute, the v6.0b PDF the opposite, and the seed
+    uses bit 3 as "execute" (docs/vsm.md, compatibility table).
+    """
     allowed = Access(0)
     if mask & HvMapGpaFlags.READABLE:
         allowed |= Access.READ
     if mask & HvMapGpaFlags.WRITABLE:
         allowed |= Access.WRITE
-    if mask & HvMapGpaFlags.KERNEL_EXECUTABLE:
+    if mask & (HvMapGpaFlags.KERNEL_EXECUTABLE | HvMapGpaFlags.USER_EXECUTABLE):
         allowed |= Access.EXECUTE
     return allowed
 

@@ -20,11 +20,13 @@ Access validation (only for the VALIDATE_* flags the caller set):
   ENFORCE_SMAP, or if neither ENFORCE_SMAP nor OVERRIDE_SMAP is set and RFLAGS.AC is clear.
 * then the GPA: outside RAM → GpaUnmapped; VTL protections of the target VTL → GpaNoReadAccess
   / GpaNoWriteAccess, and Intercept for a denied execute (the TLFS has no "no execute"
-  code; a real fetch would be intercepted); a write to the hypercall overlay →
-  GpaIllegalOverlayAccess.
+  code; a real fetch would be intercepted).
 
 OverlayPage is set when the GPA is the target VTL's hypercall page or the (VP, VTL)'s VP
-assist page. The cache type is always write-back (PAT/MTRRs are not evaluated).
+assist page. Validating a write to the hypercall overlay is Success with OverlayPage set and
+the overlay's GPA, as in the seed: the TLFS names GpaIllegalOverlayAccess but never says
+which access is illegal, and a translation grants nothing (docs/vsm.md). GpaIllegalOverlayAccess
+is never returned. The cache type is always write-back (PAT/MTRRs are not evaluated).
 """
 
 from __future__ import annotations
@@ -257,12 +259,11 @@ def translate_gva(
     allowed: Callable[[int], Access],
     is_ram: Callable[[int], bool],
     overlay_pages: set[int],
-    hypercall_page: int | None,
 ) -> Translation:
     """Translate ``gva`` in the context of (``vp``, ``vtl``) and validate per ``flags``.
 
-    ``allowed(page)`` gives the VTL protections of ``vtl``'s view; ``overlay_pages`` and
-    ``hypercall_page`` are GPA page numbers. Page tables are read and updated through
+    ``allowed(page)`` gives the VTL protections of ``vtl``'s view; ``overlay_pages`` are GPA
+    page numbers. Page tables are read and updated through
     ``reader_vtl``'s view (the handler passes the target VTL).
     """
     cr0 = _reg(vp, vtl, "cr0")
@@ -297,8 +298,6 @@ def translate_gva(
     overlay = page in overlay_pages
     if not is_ram(page):
         return Translation(Code.GPA_UNMAPPED, page, overlay)
-    if flags & F.VALIDATE_WRITE and hypercall_page is not None and page == hypercall_page:
-        return Translation(Code.GPA_ILLEGAL_OVERLAY_ACCESS, page, overlay)
     rights = allowed(page)
     if flags & F.VALIDATE_READ and not rights & Access.READ:
         return Translation(Code.GPA_NO_READ_ACCESS, page, overlay)

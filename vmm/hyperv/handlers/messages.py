@@ -45,10 +45,10 @@ def post_message(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     vp, vtl = port.target(inp.vp, inp.vtl)
     if vp >= hv.vp_count or vtl >= hv.vtl_count:
         return HypercallResult(HvStatus.HV_STATUS_INVALID_VP_INDEX)
-    message = HvMessage.build(req.message_type, req.payload[: req.payload_size], origination_id=req.connection_id)
-    status = hv.synic(vp, vtl).post(
-        port.sint, message, guest=True, source=("port", req.connection_id), limit=HV_MESSAGE_BUFFERS_PER_PORT
-    )
+    origination = req.connection_id if port.origination_id is None else port.origination_id
+    message = HvMessage.build(req.message_type, req.payload[: req.payload_size], origination_id=origination)
+    limit = HV_MESSAGE_BUFFERS_PER_PORT if port.buffers is None else port.buffers
+    status = hv.synic(vp, vtl).post(port.sint, message, guest=True, source=("port", req.connection_id), limit=limit)
     return HypercallResult(status)
 
 

@@ -4,6 +4,11 @@ The flush itself is the machine's (:class:`~vmm.hyperv.facade.TlbFlusher`): when
 ``flush_vps`` returns, no target VP at the target VTL may use a stale translation. A list
 flush is carried out as a full flush of the targets (always correct, simpler than per-GVA
 invalidation through KVM); the GVA ranges are still decoded and counted as reps.
+
+Flag bits the TLFS does not define (e.g. garbage in bits 63:32 from an uninitialised struct)
+are ignored, as KVM's in-kernel Hyper-V does and guests in the wild rely on, although the TLFS
+says they must be zero (docs/vsm.md). They stay visible in the trace: the HYPERCALL event's
+``input`` holds the flags word as the guest sent it.
 """
 
 from __future__ import annotations
@@ -29,8 +34,7 @@ if TYPE_CHECKING:
 
 
 def _target_vtls(hv: HyperV, caller_vtl: int, flags: int, is_list: bool) -> list[int]:
-    if flags & ~int(HV_FLUSH_VALID_FLAGS):
-        raise HandlerError(HvStatus.HV_STATUS_INVALID_PARAMETER)
+    flags &= int(HV_FLUSH_VALID_FLAGS)  # undefined bits are ignored (module docstring)
     if flags & HvFlushFlags.USE_EXTENDED_RANGE_FORMAT:  # not advertised (CPUID EDX bit 14 clear)
         raise HandlerError(HvStatus.HV_STATUS_INVALID_PARAMETER)
     if is_list and flags & HvFlushFlags.NON_GLOBAL_MAPPINGS_ONLY:  # TLFS: invalid for list flushes

@@ -1,0 +1,246 @@
+"""A sweep over every subcommand with what users actually hand it: no traceback, no status 1, ever.
+
+Bad paths, directories, foreign files, empty files, traces cut short or with
+mistyped columns, read-only outputs, and two SIGINTs a few milliseconds apart (what
+`timeout -s INT` plus an impatient Ctrl-C send). Each case must end with one
+`vsmtrace: ...` line and a documented status: 2 for bad input, 130 for an interrupt,
+0 when the input was fine after all (a torn trace is readable). The SIGINT cases
+include real `vsmtrace run --record` runs of a test guest, whose trace must come out
+sealed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+
+from tests.conftest import ROOT, RunResult, run_in_process, run_vsmtrace
+from tests.guests import build_guest
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every kind of input, good and bad, made once."""
+    from tests.conftest import _require_kvm
+
+    _require_kvm()
+    d = tmp_path_factory.mktemp("sweep")
+    good = d / "good.arrow"
+    r = run_vsmtrace(["run", str(build_guest("vsm_enable")), "--record", str(good), "--timeout", "120"], timeout=240)
+    assert r.guest_exit_code == 0, r
+    table = ipc.open_file(good).read_all()
+    foreign = d / "foreign.txt"
+    foreign.write_text("not a trace\n" * 20)
+    empty = d / "empty.arrow"
+    empty.touch()
+    header_only = d / "header.arrow"
+    header_only.write_bytes(good.read_bytes()[:100])
+    torn = d / "torn.arrow"
+    with pa.OSFile(str(torn), "wb") as f, ipc.new_stream(f, table.schema) as w:
+        for b in table.to_batches(max_chunksize=200):
+            w.write_batch(b)
+    torn.write_bytes(torn.read_bytes()[:-1500])
+    mistyped = d / "mistyped.arrow"
+    bad = table.set_column(table.schema.get_field_index("vp"), "vp", table["vp"].cast(pa.string()))
+    bad = bad.replace_schema_metadata(table.schema.metadata)
+    with pa.OSFile(str(mistyped), "wb") as f, ipc.new_file(f, bad.schema) as w:
+        w.write_table(bad)
+    plain_arrow = d / "plain.arrow"
+    with pa.OSFile(str(plain_arrow), "wb") as f, ipc.new_file(f, pa.schema([("x", pa.int64())])) as w:
+        w.write_table(pa.table({"x": [1, 2, 3]}))
+    return {
+        "good": good, "missing": d / "missing.arrow", "directory": d, "foreign": foreign, "empty": empty,
+        "header_only": header_only, "torn": torn, "mistyped": mistyped, "plain_arrow": plain_arrow,
+    }  # fmt: skip
+
+
+#: Each subcommand as a user runs it on a trace; TRACE is replaced by the input under test, OUT by a fresh path.
+TRACE_COMMANDS = {
+    "info": ["info", "TRACE"],
+    "info-json": ["info", "--json", "TRACE"],
+    "seal": ["seal", "TRACE"],
+    "report": ["report", "TRACE", "--out", "OUT"],
+    "export-chrome": ["export", "TRACE", "-o", "OUT"],
+    "export-parquet": ["export", "TRACE", "--format", "parquet", "-o", "OUT"],
+    "diff-a": ["diff", "TRACE", "GOOD"],
+    "diff-b": ["diff", "GOOD", "TRACE"],
+    "replay": ["replay", "TRACE"],
+    "replay-state": ["replay", "TRACE", "--state", "5"],
+    "replay-json": ["replay", "TRACE", "--json"],
+    "replay-reexecute": ["replay", "TRACE", "--reexecute"],
+}
+#: Inputs that are readable traces (a torn one included): the command may succeed.
+READABLE = {"torn"}
+
+
+def _args(template: list[str], trace: Path, good: Path, out: Path) -> list[str]:
+    return [{"TRACE": str(trace), "GOOD": str(good), "OUT": str(out)}.get(a, a) for a in template]
+
+
+def assert_clean(r: RunResult, allowed: tuple[int, ...]) -> None:
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert r.status in allowed, (r.status, r.stdout[-500:], r.stderr)
+    if r.status == 2:
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vsmtrace: error: "), r.stderr
+
+
+@pytest.mark.parametrize("what", ["missing", "directory", "foreign", "empty", "header_only", "torn", "mistyped", "plain_arrow"])
+@pytest.mark.parametrize("command", sorted(TRACE_COMMANDS))
+def test_bad_traces(inputs: dict[str, Path], tmp_path: Path, command: str, what: str) -> None:
+    if command == "replay-reexecute" and what == "torn":
+        pytest.skip("re-executing a (non-deterministic) guest trace: covered by tests/test_reexecute.py")
+    trace = inputs[what]
+    if command == "seal" and what in READABLE:
+        trace = tmp_path / "copy.arrow"
+        trace.write_bytes(inputs[what].read_bytes())
+    r = run_in_process(_args(TRACE_COMMANDS[command], trace, inputs["good"], tmp_path / "out"))
+    if what not in READABLE:
+        assert_clean(r, (2,))
+    elif command.startswith("diff"):
+        assert_clean(r, (0, 1))  # 1 = the documented "they diverge" (the torn one ends early)
+    else:
+        assert_clean(r, (0, 2))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        ["report", "GOOD", "--out", "RO/fig"],
+        ["report", "GOOD", "--out", "RO"],
+        ["export", "GOOD", "-o", "RO/t.json"],
+        ["export", "GOOD", "--format", "parquet", "-o", "RO/t.parquet"],
+        ["run", "KERNEL", "--record", "RO/t.arrow", "--timeout", "30"],
+        ["run", "KERNEL", "--serial", "RO/serial.log", "--timeout", "30"],
+        ["demo", "--out", "RO/demo"],
+        ["seal", "RO/none.arrow"],
+    ],
+    ids=lambda t: "-".join(a for a in t if a.isalpha() or a.startswith("--"))[:40],
+)
+def test_readonly_outputs(inputs: dict[str, Path], readonly_dir: Path, template: list[str]) -> None:
+    kernel = build_guest("hello")
+    args = [a.replace("RO", str(readonly_dir)).replace("GOOD", str(inputs["good"])).replace("KERNEL", str(kernel)) for a in template]
+    assert_clean(run_vsmtrace(args, timeout=300), (2,))
+
+
+# -- two rapid SIGINTs ---------------------------------------------------------------------------------------
+
+
+def _wait_until_running(pid: int, timeout: float = 120) -> None:
+    """Wait until the command itself runs: the CLI group has loaded Polars' native library.
+
+    Before that the interpreter is still starting (site-packages, .pth files): a Ctrl-C
+    there is Python's own business, not vsmtrace's, and no program can answer it.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "_polars_runtime" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.005)
+
+
+def _interrupt(args: list[str], *, after: float | None = None, ready: bytes | None = None, gap: float = 0.005) -> RunResult:
+    """Start `vsmtrace ARGS`, wait ``after`` seconds (once it runs) or for ``ready`` on stdout, send two SIGINTs ``gap`` apart."""
+    p = subprocess.Popen([sys.executable, "-m", "vsmtrace", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert p.stdout is not None
+    if after is not None:
+        _wait_until_running(p.pid)
+    if ready is not None:
+        seen = b""
+        deadline = time.monotonic() + 120
+        while ready not in seen and time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert ready in seen, seen
+        time.sleep(0.3)
+    if after is not None:
+        time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    return RunResult(p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def assert_interrupted(r: RunResult) -> None:
+    assert "Traceback" not in r.stderr and "Aborted!" not in r.stderr, r.stderr
+    assert r.status == 130, (r.status, r.stderr)
+    assert r.stderr.splitlines()[0] == "vsmtrace: interrupted", r.stderr
+
+
+@pytest.mark.parametrize("gap", [0.001, 0.005, 0.015, 0.030])
+def test_two_sigints_during_a_recording_leave_a_sealed_trace(tmp_path: Path, gap: float) -> None:
+    from vsmtrace.recorder.reader import open_trace
+
+    trace = tmp_path / "t.arrow"
+    kernel = build_guest("stop")
+    r = _interrupt(["run", str(kernel), "--record", str(trace), "--append", "how=spin", "--timeout", "120"],
+                   ready=b"stop test: spin", gap=gap)  # fmt: skip
+    assert_interrupted(r)
+    t = open_trace(trace)
+    assert t.sealed, t.state
+    seqs = t.table(["seq"])["seq"].to_pylist()
+    assert seqs == list(range(len(seqs))) and len(seqs) > 0
+    kinds = t.table(["kind"])["kind"].cast(pa.string()).to_pylist()
+    assert "VP_STOP" in kinds and "ERROR" in kinds  # the interrupt is in the trace, and the VP stopped in order
+    info = run_vsmtrace(["info", str(trace)])
+    assert info.status == 0 and "state        sealed" in info.stdout
+
+
+@pytest.mark.parametrize("after", [0.0, 0.1, 0.3, 0.6])
+@pytest.mark.parametrize("command", ["run", "replay"])
+def test_ctrl_c_while_starting_is_130(inputs: dict[str, Path], tmp_path: Path, command: str, after: float) -> None:
+    args = {
+        "run": ["run", str(build_guest("stop")), "--append", "how=spin", "--record", str(tmp_path / "t.arrow"), "--timeout", "120"],
+        "replay": ["replay", str(inputs["good"])],
+    }[command]
+    r = _interrupt(args, after=after)
+    if command == "replay" and r.status == 0:
+        pytest.skip("the replay finished before the signal")
+    assert_interrupted(r)
+
+
+@pytest.mark.parametrize("command", sorted(TRACE_COMMANDS))
+def test_two_sigints_to_every_command(inputs: dict[str, Path], tmp_path: Path, command: str) -> None:
+    trace = inputs["good"]
+    if command == "seal":
+        trace = tmp_path / "copy.arrow"
+        trace.write_bytes(inputs["good"].read_bytes())
+    r = _interrupt(_args(TRACE_COMMANDS[command], trace, inputs["good"], tmp_path / "out"), after=0.05)
+    assert "Traceback" not in r.stderr and "Aborted!" not in r.stderr, r.stderr
+    assert r.status in (0, 2, 130), (r.status, r.stderr)  # 0: it finished first; 2: --reexecute refuses this trace
+    if r.status == 130:
+        assert r.stderr.splitlines()[0] == "vsmtrace: interrupted", r.stderr
+    if command == "seal":
+        from vsmtrace.recorder.reader import open_trace
+
+        open_trace(trace)  # still a readable trace, whatever moment the signal came
+
+
+def test_sigint_ignored_by_the_parent_still_interrupts(tmp_path: Path) -> None:
+    """A background job inherits SIGINT ignored: `vsmtrace run` must still stop on it."""
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vsmtrace", "run", str(build_guest("stop")), "--append", "how=idle", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"stop test: idle\n"
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.decode() == "vsmtrace: interrupted\n"

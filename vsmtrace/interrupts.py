@@ -1,0 +1,140 @@
+"""Ctrl-C (SIGINT) for the command line: exit status 130 and one line, whatever the timing.
+
+Python's own handler raises ``KeyboardInterrupt`` at every signal, so a second
+Ctrl-C (or the two signals ``timeout -s INT`` and an impatient user send) lands in
+the middle of whatever cleanup the first one started: a trace left unsealed, a
+traceback, click's ``Aborted!`` and status 1. Here:
+
+* by default the *first* SIGINT raises ``KeyboardInterrupt`` (the command stops
+  where it is; the CLI group turns it into ``vsmtrace: interrupted``, status 130)
+  and later ones are only counted, so cleanup runs to its end;
+* inside :func:`deferred` no signal raises: each one calls a callback that only
+  sets flags (what a signal handler may safely do), and the code that owns the
+  work (``vsmtrace run``'s machine) polls them and stops in order.
+
+This module imports only ``signal`` and ``contextlib``: ``python -m vsmtrace``
+installs the handler before loading anything else.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
+
+
+class _State:
+    count = 0  # SIGINTs received since install()
+    callback: Callable[[int], None] | None = None  # set inside deferred(), or by quiet()
+
+
+def _handler(signum: int, frame: object) -> None:
+    _State.count += 1
+    callback = _State.callback
+    if callback is not None:
+        callback(_State.count)
+        return
+    if _State.count == 1:
+        raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Take over SIGINT (only the main thread of the main interpreter can; elsewhere a no-op)."""
+    try:
+        signal.signal(signal.SIGINT, _handler)
+    except ValueError:
+        pass
+
+
+def reset() -> None:
+    """Forget quiet() and deferred callbacks (the CLI run in-process, e.g. by tests, is over)."""
+    _State.callback = None
+
+
+def installed() -> bool:
+    return signal.getsignal(signal.SIGINT) is _handler
+
+
+def count() -> int:
+    """SIGINTs received so far."""
+    return _State.count
+
+
+def _ignore(n: int) -> None:
+    return None
+
+
+def quiet() -> None:
+    """Ignore SIGINT from now on: the process is on its way out with status 130.
+
+    Ignored rather than counted: Python's finalization puts SIG_DFL back for every
+    signal that has a Python handler, so a second Ctrl-C arriving while the
+    interpreter shuts down would otherwise kill it (status -2 instead of 130).
+    """
+    _State.callback = _ignore
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: the callback alone keeps it quiet
+        pass
+
+
+@contextmanager
+def deferred(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block a SIGINT calls ``callback(count)`` instead of raising.
+
+    The callback runs in the main thread between two bytecodes of whatever it was
+    doing, so it must only set flags; it may raise ``KeyboardInterrupt`` itself to
+    abandon work that is safe to abandon.
+    """
+    if not installed():
+        install()
+    previous = _State.callback
+    _State.callback = callback
+    try:
+        yield
+    finally:
+        _State.callback = previous
+
+
+def reclaim() -> None:
+    """Re-install the current Python-level SIGINT handler at the OS level.
+
+    A native library may have put its own in place (Polars does when imported); this
+    makes Python's, and so ours, the one the kernel calls again.
+    """
+    current = signal.getsignal(signal.SIGINT)
+    if current is None:
+        return
+    try:
+        signal.signal(signal.SIGINT, current)
+    except (ValueError, TypeError):
+        pass
+
+
+def import_guarded(name: str) -> None:
+    """Import module ``name`` with SIGINT held back, then :func:`reclaim` SIGINT.
+
+    Polars installs a one-shot native SIGINT handler while it imports; a Ctrl-C that
+    lands during that import would leave SIG_DFL behind and a second one would kill
+    the process. Held back, the signal is delivered after the import, to Python's handler.
+    """
+    import importlib
+    import sys
+
+    if name in sys.modules:
+        reclaim()
+        return
+    try:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    except (AttributeError, OSError, ValueError):
+        held = None
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        reclaim()
+        if held is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
