@@ -1,8 +1,8 @@
 """The round-trip benchmarks' arithmetic and a short real run of each (bench/ scripts).
 
 A benchmark must never print an impossible figure: the statistics refuse a figure whose
-spread exceeds its signal, and a real run of bench/floor, bench/exits, bench/hypercalls
-and bench/vtl with tiny counts prints only positive figures (or says "too noisy").
+spread exceeds its signal, and a real run of bench/floor, bench/exits, bench/hypercalls,
+bench/vtl and bench/dispatch with tiny counts prints only positive figures (or says "too noisy").
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ NUMBER = re.compile(r"-\d")
 @pytest.mark.kvm
 @pytest.mark.parametrize(
     "script,args",
-    [("floor", ["200", "2"]), ("exits", ["200", "2", "1"]), ("hypercalls", ["100", "2", "1"]), ("vtl", ["50", "5", "2", "1"])],
+    [("floor", ["200", "2"]), ("exits", ["200", "2", "1"]), ("hypercalls", ["100", "2", "1"]), ("vtl", ["50", "5", "2", "1"]),
+     ("dispatch", ["50", "3"])],
 )
 def test_benchmarks_run_and_print_no_negative_figure(kvm, script, args):
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)

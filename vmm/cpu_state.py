@@ -6,9 +6,10 @@ lower-case x86 names documented in ``vmm/vp.py``.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
-from vsmtrace.vmm.kvm.system import Vcpu, ffi
+from vsmtrace.vmm.kvm.system import Vcpu, ffi, lib
 from vsmtrace.vmm.loader.boot import BootMode, BootState
 from vsmtrace.vmm.vp import CpuMode, Segment, Table
 
@@ -16,6 +17,13 @@ GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags",
 )  # fmt: skip
+#: Byte offset of each GPR in kvm_run's sync-regs copy (struct kvm_regs: 18 u64 in GPR_NAMES order).
+SYNC_GPR_OFFSETS = {
+    name: ffi.offsetof("struct kvm_run", "s") + ffi.offsetof("struct kvm_regs", name) for name in GPR_NAMES
+}
+DIRTY_REGS_OFFSET = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
+SYNC_X86_REGS = int(lib.KVM_SYNC_X86_REGS)
+_U64 = struct.Struct("<Q")
 SEGMENT_NAMES = {"cs": "cs", "ds": "ds", "es": "es", "fs": "fs", "gs": "gs", "ss": "ss", "tr": "tr", "ldtr": "ldt"}
 TABLE_NAMES = {"gdtr": "gdt", "idtr": "idt"}
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
@@ -110,6 +118,17 @@ def cpu_mode(sregs: Any) -> CpuMode:
     return CpuMode.PROTECTED
 
 
+_REAL_MODE = (CpuMode.REAL, 0)
+# CS.DPL, CS.L, CR0 and EFER in kvm_run's sync-regs copy of struct kvm_sregs, in one unpack.
+_SREGS_OFFSET = ffi.offsetof("struct kvm_run", "s") + ffi.offsetof("struct kvm_sync_regs", "sregs")
+_DPL_AT = ffi.offsetof("struct kvm_segment", "dpl")
+_L_AT = ffi.offsetof("struct kvm_segment", "l")
+_CR0_AT = ffi.offsetof("struct kvm_sregs", "cr0")
+_EFER_AT = ffi.offsetof("struct kvm_sregs", "efer")
+_MODE_FIELDS = struct.Struct(f"<B{_L_AT - _DPL_AT - 1}xB{_CR0_AT - _L_AT - 1}xQ{_EFER_AT - _CR0_AT - 8}xQ")
+_MODE_FIELDS_OFFSET = _SREGS_OFFSET + ffi.offsetof("struct kvm_sregs", "cs") + _DPL_AT
+
+
 def _flat(s: Any, selector: int, type_: int, *, long_code: bool = False) -> None:
     s.base = 0
     s.limit = 0xFFFFFFFF
@@ -162,12 +181,27 @@ def apply_sipi(vcpu: Vcpu, vector: int) -> None:
 
 
 class RegisterFile:
-    """Named register access over one vCPU (GPRs via sync regs, the rest via ioctls)."""
+    """Named register access over one vCPU (GPRs via sync regs, the rest via ioctls).
+
+    GPRs are read and written as bytes of kvm_run's sync-regs copy when KVM syncs them
+    (what ``Vcpu.get_regs``/``set_regs`` do, without a cffi struct per access: hypercalls
+    read and write several per call). Mode and CPL are derived from the special registers
+    once per copy of them (one per exit, or per KVM_SET_SREGS).
+    """
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
+        self._view = vcpu.run_view if vcpu.sync_regs else None
+        self._mode_of: Any = None  # the sregs object _mode_cpl was derived from
+        self._mode_writes = -1  # and vcpu.sregs_writes at that time
+        self._mode_cpl: tuple[CpuMode, int] = (CpuMode.REAL, 0)
 
     def get(self, name: str) -> int | Segment | Table:
+        view = self._view
+        if view is not None:
+            offset = SYNC_GPR_OFFSETS.get(name)
+            if offset is not None:
+                return _U64.unpack_from(view, offset)[0]
         if name in GPR_NAMES:
             return int(getattr(self.vcpu.get_regs(), name))
         if name in CONTROL_NAMES:
@@ -188,12 +222,44 @@ class RegisterFile:
         raise KeyError(f"unknown register {name!r}")
 
     def set(self, name: str, value: int | Segment | Table) -> None:
-        if name in GPR_NAMES:  # the common case (hypercall results): no dicts to sort through
+        view = self._view
+        if view is not None:
+            offset = SYNC_GPR_OFFSETS.get(name)
+            if offset is not None and value.__class__ is int and 0 <= value <= 0xFFFF_FFFF_FFFF_FFFF:  # type: ignore[operator]
+                _U64.pack_into(view, offset, value)  # type: ignore[arg-type]
+                dirty = _U64.unpack_from(view, DIRTY_REGS_OFFSET)[0]
+                if not dirty & SYNC_X86_REGS:
+                    _U64.pack_into(view, DIRTY_REGS_OFFSET, dirty | SYNC_X86_REGS)
+                return
+        if name in GPR_NAMES:  # no sync regs, or a value cffi must judge (it raises as before)
             regs = self.vcpu.get_regs()
             setattr(regs, name, value)
             self.vcpu.set_regs(regs)
             return
         self.set_many({name: value})
+
+    def mode_cpl(self) -> tuple[CpuMode, int]:
+        """The processor mode and CPL (0 in real mode).
+
+        When KVM exports the special registers with every exit, kvm_run's copy is the
+        current state (``Vcpu.get_sregs`` hands out that very copy): the four fields are
+        read from its bytes at once. Otherwise they are derived once per KVM_GET_SREGS.
+        """
+        vcpu = self.vcpu
+        if vcpu.sregs_exported:
+            dpl, long_cs, cr0, efer = _MODE_FIELDS.unpack_from(vcpu.run_view, _MODE_FIELDS_OFFSET)
+            if not cr0 & CR0_PE:
+                return _REAL_MODE
+            if efer & EFER_LMA:
+                return (CpuMode.LONG if long_cs else CpuMode.COMPAT, dpl)
+            return (CpuMode.PROTECTED, dpl)
+        s = vcpu.get_sregs()
+        if s is self._mode_of and vcpu.sregs_writes == self._mode_writes:
+            return self._mode_cpl
+        mode = cpu_mode(s)
+        result = self._mode_cpl = (mode, 0 if mode is CpuMode.REAL else int(s.cs.dpl))
+        self._mode_of, self._mode_writes = s, vcpu.sregs_writes
+        return result
 
     def set_many(self, values: dict[str, int | Segment | Table]) -> None:
         """Set several registers at once; control/segment registers go in one KVM_SET_SREGS.

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vsmtrace.vmm.cpu_state import RegisterFile, apply_sipi, cpu_mode
+from vsmtrace.vmm.cpu_state import RegisterFile, apply_sipi
 from vsmtrace.vmm.devices.apic import ApicGpFault, LocalApic
 from vsmtrace.vmm.devices.bus import ALL_ONES
 from vsmtrace.vmm.emulation_completions import try_complete
@@ -172,13 +172,10 @@ class VirtualProcessor:
         self.regfiles[vtl].set_xmm(index, value)
 
     def cpl(self, vtl: int) -> int:
-        s = self.vcpus[vtl].get_sregs()
-        if cpu_mode(s) is CpuMode.REAL:
-            return 0
-        return int(s.cs.dpl)
+        return self.regfiles[vtl].mode_cpl()[1]
 
     def mode(self, vtl: int) -> CpuMode:
-        return cpu_mode(self.vcpus[vtl].get_sregs())
+        return self.regfiles[vtl].mode_cpl()[0]
 
     def inject_exception(self, vtl: int, vector: int, error_code: int | None = None) -> None:
         events = self.vcpus[vtl].get_events()

@@ -246,8 +246,12 @@ class HypervBackend(MachineExtension):
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         assert self.hv is not None
         hv, i, vtl = self.hv, vp.index, vp.vtl
+        boundary = self.boundary
         try:
-            outcome = self.boundary.entry(Entry.HYPERCALL, i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
+            if boundary.recording:
+                outcome = boundary.entry(Entry.HYPERCALL, i, vtl, [i, vtl], lambda: hv.hypercall(i, vtl))
+            else:  # what the boundary does when nothing records, without building the closure
+                outcome = hv.hypercall(i, vtl)
         except HypercallInternalError as exc:
             raise GuestStop(EXIT_VMM_ERROR, f"vsmtrace internal error in a hypercall handler: {exc}") from None
         if outcome.retry or outcome.exception is not None:

@@ -232,10 +232,13 @@ class VsmBackend(MachineExtension):
         rip, args = self.move_vp(vp, to_vtl, reason, return_rax_rcx)
         if to_vtl > from_vtl and self.vsm is not None:
             vsm, i, entry_reason = self.vsm, vp.index, ENTRY_REASON[reason]
-            self.boundary.entry(
-                Entry.VTL_ENTRY, i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
-                lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
-            )
+            if self.boundary.recording:
+                self.boundary.entry(
+                    Entry.VTL_ENTRY, i, to_vtl, [i, to_vtl, entry_reason, from_vtl],
+                    lambda: vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl),
+                )
+            else:  # what the boundary does when nothing records, without building the closure
+                vsm.on_vtl_entry(i, to_vtl, entry_reason, from_vtl)
         sink = self.machine.sink
         if sink.enabled:
             sink.emit(

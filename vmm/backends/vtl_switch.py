@@ -10,9 +10,10 @@ ioctl; the rest is copied only when it differs from what the target already hold
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
-from vsmtrace.vmm.kvm.system import Vcpu, ffi
+from vsmtrace.vmm.kvm.system import Vcpu, ffi, lib
 
 SHARED_GPRS = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
@@ -23,6 +24,26 @@ REGS_SIZE = ffi.sizeof("struct kvm_regs")
 #: The kvm_regs fields each VTL keeps to itself; all the others are SHARED_GPRS.
 PRIVATE_REGS = ("rsp", "rip", "rflags")
 assert {name for name, _ in ffi.typeof("struct kvm_regs").fields} == set(SHARED_GPRS) | set(PRIVATE_REGS)
+
+
+# The shared GPRs as two byte ranges of struct kvm_regs: RAX..RDI, then RBP..R15 (RSP sits
+# between them; RIP and RFLAGS follow R15).
+_REGS_AT = ffi.offsetof("struct kvm_run", "s")
+_FIRST = (_REGS_AT, _REGS_AT + ffi.offsetof("struct kvm_regs", "rsp"))
+_SECOND = (_REGS_AT + ffi.offsetof("struct kvm_regs", "rbp"), _REGS_AT + ffi.offsetof("struct kvm_regs", "rip"))
+assert [name for name, _ in ffi.typeof("struct kvm_regs").fields][6:8] == ["rsp", "rbp"], "kvm_regs layout changed"
+assert [name for name, _ in ffi.typeof("struct kvm_regs").fields][-3:] == ["r15", "rip", "rflags"]
+_DIRTY_AT = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
+_CR2_AT = _REGS_AT + ffi.offsetof("struct kvm_sync_regs", "sregs") + ffi.offsetof("struct kvm_sregs", "cr2")
+_U64 = struct.Struct("<Q")
+_SYNC_REGS = int(lib.KVM_SYNC_X86_REGS)
+
+
+def _cr2(vcpu: Vcpu) -> int:
+    """CR2 from the exported kvm_run copy when KVM exports sregs (no cffi struct), else KVM_GET_SREGS."""
+    if vcpu.sregs_exported:
+        return _U64.unpack_from(vcpu.run_view, _CR2_AT)[0]
+    return int(vcpu.get_sregs().cr2)
 
 
 def _pointer(regs: Any) -> Any:
@@ -48,18 +69,25 @@ class SharedStateCopier:
 
     def copy(self, src_vtl: int, dst_vtl: int) -> None:
         src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
-        s_regs: Any = src.get_regs()
-        d_regs: Any = dst.get_regs()
-        # Copy the whole struct in one move and put back the target's PRIVATE_REGS.
-        rsp, rip, rflags = d_regs.rsp, d_regs.rip, d_regs.rflags
-        ffi.memmove(_pointer(d_regs), _pointer(s_regs), REGS_SIZE)
-        d_regs.rsp, d_regs.rip, d_regs.rflags = rsp, rip, rflags
-        dst.set_regs(d_regs)
+        if src.sync_regs and dst.sync_regs:
+            # Both in kvm_run: the shared bytes move view to view, the target's private ones stay.
+            s_view, d_view = src.run_view, dst.run_view
+            d_view[_FIRST[0] : _FIRST[1]] = s_view[_FIRST[0] : _FIRST[1]]
+            d_view[_SECOND[0] : _SECOND[1]] = s_view[_SECOND[0] : _SECOND[1]]
+            _U64.pack_into(d_view, _DIRTY_AT, _U64.unpack_from(d_view, _DIRTY_AT)[0] | _SYNC_REGS)
+        else:
+            s_regs: Any = src.get_regs()
+            d_regs: Any = dst.get_regs()
+            # Copy the whole struct in one move and put back the target's PRIVATE_REGS.
+            rsp, rip, rflags = d_regs.rsp, d_regs.rip, d_regs.rflags
+            ffi.memmove(_pointer(d_regs), _pointer(s_regs), REGS_SIZE)
+            d_regs.rsp, d_regs.rip, d_regs.rflags = rsp, rip, rflags
+            dst.set_regs(d_regs)
 
-        s_sregs = src.get_sregs()
-        d_sregs = dst.get_sregs()
-        if s_sregs.cr2 != d_sregs.cr2:
-            d_sregs.cr2 = s_sregs.cr2
+        cr2 = _cr2(src)
+        if cr2 != _cr2(dst):
+            d_sregs = dst.get_sregs()
+            d_sregs.cr2 = cr2
             dst.flush_regs()
             dst.set_sregs(d_sregs)
 

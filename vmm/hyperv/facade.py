@@ -238,7 +238,7 @@ class HyperV:
 
     def hypercall(self, vp: int, vtl: int) -> HypercallOutcome:
         with self.lock:
-            return self.dispatcher.dispatch(vp, vtl, page_enabled=self.hypercall_page_enabled(vtl))
+            return self.dispatcher.dispatch(vp, vtl, self._vtl_msrs[vtl].hypercall_enabled)
 
     # -- interrupts --------------------------------------------------------------------------
 

@@ -71,6 +71,7 @@ _decode_control = functools.lru_cache(maxsize=HYPERCALL_CONTROL_CACHE)(Hypercall
 
 
 _QWORD = 8
+_PAIR = struct.Struct("<QQ")
 #: Code and status values to their members and names: a dict lookup per call instead of an Enum constructor.
 _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
 _CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
@@ -175,6 +176,8 @@ class HypercallInternalError(Exception):
 class _Registers:
     """Hypercall register conventions for one call, recording every access for the event."""
 
+    __slots__ = ("vp", "vtl", "is_64bit", "read_log", "write_log")
+
     def __init__(self, vp: VpAccess, vtl: int, is_64bit: bool) -> None:
         self.vp = vp
         self.vtl = vtl
@@ -236,6 +239,8 @@ class _Registers:
 
     def read_pairs(self, count: int) -> bytes:
         """Fast input: pair 0 = input/output params, pair n = XMM(n-1)."""
+        if count == 1:  # the common case (up to 16 bytes of input): no buffer to build
+            return _PAIR.pack(self.input_param(), self.output_param())
         out = bytearray()
         for pair in range(count):
             if pair == 0:
@@ -258,6 +263,55 @@ class _Registers:
             else:
                 self.vp.set_xmm(self.vtl, pair - 1, int.from_bytes(chunk, "little"))
                 self.write_log += chunk
+
+
+class _UnloggedRegisters(_Registers):
+    """The same conventions when no event is emitted: register accesses are not logged."""
+
+    __slots__ = ()
+
+    def _get(self, name: str) -> int:
+        return int(self.vp.get_register(self.vtl, name)) & _U64  # type: ignore[arg-type]
+
+    def _set(self, name: str, value: int) -> None:
+        self.vp.set_register(self.vtl, name, value & _U64)
+
+
+class _Plan:
+    """What one hypercall input value means under the current table, decided once per value.
+
+    Everything the checks of step 2 (code, advertisement, privilege, reserved bits, rep
+    and variable-header rules) and the sizes of step 3 depend on is the input value, the
+    frozen policy and the table; the plans are dropped whenever the table changes.
+    """
+
+    __slots__ = ("decoded", "code", "spec", "fail", "vtl_call", "in_size", "out_size", "var_size", "elements_at")
+
+    def __init__(self, decoded: HypercallControl, table: dict[HypercallCode, HypercallSpec], policy: HypervPolicy,
+                 privilege_bits: int) -> None:  # fmt: skip
+        c = self.decoded = decoded
+        self.vtl_call = c.code in _VTL_CALL_CODES
+        self.code = code = _CODES.get(c.code)
+        self.spec = spec = None if code is None else table.get(code)
+        self.in_size = self.out_size = self.var_size = self.elements_at = 0
+        self.fail: HvStatus | None = None
+        if spec is None or not spec.advertised(policy):
+            self.fail = HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE
+        elif spec.privilege is not None and not privilege_bits & int(spec.privilege):
+            self.fail = HvStatus.HV_STATUS_ACCESS_DENIED
+        elif c.reserved or c.nested:
+            self.fail = HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT
+        elif spec.rep and (c.rep_count == 0 or c.rep_start >= c.rep_count):
+            self.fail = HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT
+        elif not spec.rep and (c.rep_count or c.rep_start):
+            self.fail = HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT
+        elif c.var_header_qwords and not spec.variable_header:
+            self.fail = HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT
+        else:
+            self.var_size = c.var_header_qwords * _QWORD
+            self.in_size = spec.input_size + self.var_size + c.rep_count * spec.rep_input_size
+            self.out_size = spec.output_size + c.rep_count * spec.rep_output_size
+            self.elements_at = spec.input_size + self.var_size
 
 
 class _Fail(Exception):
@@ -296,12 +350,23 @@ class HypercallDispatcher:
         self.table: dict[HypercallCode, HypercallSpec] = {}
         self.vtl_hook: VtlHook | None = None
         self._started_ns = 0  # when the call being dispatched started, for the event's duration_ns
+        self._plans: dict[int, _Plan] = {}  # input value -> its plan under the current table
 
     def register(self, spec: HypercallSpec, *, replace: bool = False) -> None:
         """Add a handler (the VSM stage adds its calls the same way)."""
         if spec.code in self.table and not replace:
             raise ValueError(f"{spec.code.name} already has a handler")
         self.table[spec.code] = spec
+        self._plans.clear()
+
+    def _plan(self, control: int) -> _Plan:
+        plans = self._plans
+        plan = plans.get(control)
+        if plan is None:
+            if len(plans) >= HYPERCALL_CONTROL_CACHE:
+                plans.clear()
+            plan = plans[control] = _Plan(_decode_control(control), self.table, self.policy, self._privilege_bits)
+        return plan
 
     def set_vtl_hook(self, hook: VtlHook | None) -> None:
         self.vtl_hook = hook
@@ -309,35 +374,41 @@ class HypercallDispatcher:
     # -- dispatch ----------------------------------------------------------------------------
 
     def dispatch(self, vp_index: int, vtl: int, page_enabled: bool) -> HypercallOutcome:
-        self._started_ns = time.perf_counter_ns()  # for the event's duration_ns (not an emulation input)
+        emitting = self.sink.enabled
+        if emitting:
+            self._started_ns = time.perf_counter_ns()  # for the event's duration_ns (not an emulation input)
         vp = self.partition.vp(vp_index)
         mode = vp.mode(vtl)
-        rip = int(vp.get_register(vtl, "rip")) if self.sink.enabled else 0  # type: ignore[arg-type]
+        rip = int(vp.get_register(vtl, "rip")) if emitting else 0  # type: ignore[arg-type]
         if mode == CpuMode.REAL or vp.cpl(vtl) != 0 or not page_enabled:
             vp.inject_exception(vtl, X86Exception.UD)
-            self._emit(vp_index, vtl, rip, code=0, control=0, status=None, regs=None)
+            if emitting:
+                self._emit(vp_index, vtl, rip, code=0, control=0, status=None, regs=None)
             return HypercallOutcome(code=0, exception=X86Exception.UD)
-        regs = _Registers(vp, vtl, is_64bit=mode == CpuMode.LONG)
+        regs = (_Registers if emitting else _UnloggedRegisters)(vp, vtl, mode == CpuMode.LONG)
         control = regs.control()
-        decoded = _decode_control(control)
+        plan = self._plans.get(control) or self._plan(control)
+        decoded = plan.decoded
 
-        if decoded.code in _VTL_CALL_CODES and self.vtl_hook is not None:
+        if plan.vtl_call and self.vtl_hook is not None:
             request = VtlCallRequest(
                 vp_index, vtl, HypercallCode(decoded.code), control, regs.vtl_input(), regs.is_64bit
             )
             outcome = self.vtl_hook(request)
-            self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=outcome.status, regs=regs,
-                       decoded=decoded)  # fmt: skip
+            if emitting:
+                self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=outcome.status, regs=regs,
+                           decoded=decoded)  # fmt: skip
             return outcome
 
         state = _CallState()
         try:
-            status = self._run(vp_index, vtl, regs, control, decoded, state)
+            status = self._run(vp_index, vtl, regs, control, plan, state)
         except _Fail as fail:
             if fail.exception is not None:
                 vp.inject_exception(vtl, fail.exception)
-                self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=None, regs=regs,
-                           decoded=decoded, state=state)  # fmt: skip
+                if emitting:
+                    self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=None, regs=regs,
+                               decoded=decoded, state=state)  # fmt: skip
                 return HypercallOutcome(code=decoded.code, exception=fail.exception)
             assert fail.status is not None
             status = fail.status
@@ -348,35 +419,18 @@ class HypercallDispatcher:
             outcome.retry = True
         else:
             regs.set_result(hypercall_result(status, state.reps_done))
-        self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=status, regs=regs, decoded=decoded,
-                   state=state)  # fmt: skip
+        if emitting:
+            self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=status, regs=regs,
+                       decoded=decoded, state=state)  # fmt: skip
         return outcome
 
-    def _run(
-        self, vp_index: int, vtl: int, regs: _Registers, control: int, c: HypercallControl, state: _CallState
-    ) -> HvStatus:
-        code = _CODES.get(c.code)
-        if code is None:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
-        spec = self.table.get(code)
-        if spec is None or not spec.advertised(self.policy):
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE)
-        if spec.privilege is not None and not self._privilege_bits & int(spec.privilege):
-            raise _Fail(HvStatus.HV_STATUS_ACCESS_DENIED)
-        if c.reserved or c.nested:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        if spec.rep:
-            if c.rep_count == 0 or c.rep_start >= c.rep_count:
-                raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        elif c.rep_count or c.rep_start:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        if c.var_header_qwords and not spec.variable_header:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
+    def _run(self, vp_index: int, vtl: int, regs: _Registers, control: int, plan: _Plan, state: _CallState) -> HvStatus:
+        if plan.fail is not None:
+            raise _Fail(plan.fail)
+        c, spec, code = plan.decoded, plan.spec, plan.code
+        assert spec is not None and code is not None
         state.reps_done = c.rep_start  # a later failure reports the reps completed before this call
-
-        var_size = c.var_header_qwords * _QWORD
-        in_size = spec.input_size + var_size + c.rep_count * spec.rep_input_size
-        out_size = spec.output_size + c.rep_count * spec.rep_output_size
+        in_size, out_size = plan.in_size, plan.out_size
 
         if c.fast:
             data = self._fast_input(regs, in_size, out_size)
@@ -396,22 +450,20 @@ class HypercallDispatcher:
                 raise _Fail(_memory_status(exc)) from None
         state.input = data
 
-        elements_at = spec.input_size + var_size
+        elements_at = plan.elements_at
+        size = spec.rep_input_size
         hc_input = HypercallInput(
-            vp=vp_index,
-            vtl=vtl,
-            code=code,
-            control=control,
-            fast=c.fast,
-            header=data[: spec.input_size],
-            var_header=data[spec.input_size : elements_at],
-            rep_start=c.rep_start,
-            rep_count=c.rep_count,
-            rep_elements=[
-                data[elements_at + i * spec.rep_input_size : elements_at + (i + 1) * spec.rep_input_size]
-                for i in range(c.rep_start, c.rep_count)
-            ],
-            is_64bit=regs.is_64bit,
+            vp_index,
+            vtl,
+            code,
+            control,
+            c.fast,
+            data[: spec.input_size],
+            data[spec.input_size : elements_at],
+            c.rep_start,
+            c.rep_count,
+            [data[elements_at + i * size : elements_at + (i + 1) * size] for i in range(c.rep_start, c.rep_count)],
+            regs.is_64bit,
         )
         try:
             result = spec.handler(hc_input)
@@ -524,11 +576,13 @@ class HypercallDispatcher:
         )
 
 
-@dataclass
 class _CallState:
     """Bookkeeping of one dispatch, for the result and the event."""
 
-    reps_done: int = 0
-    retry: bool = False
-    input: bytes = b""
-    output: bytes = b""
+    __slots__ = ("reps_done", "retry", "input", "output")
+
+    def __init__(self) -> None:
+        self.reps_done = 0
+        self.retry = False
+        self.input = b""
+        self.output = b""

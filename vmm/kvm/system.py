@@ -194,6 +194,7 @@ class Vcpu:
         self.run_view = memoryview(self._map)  # raw bytes of kvm_run, for struct-based hot paths
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
         self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
+        self.sregs_writes = 0  # KVM_SET_SREGS calls so far (lets values derived from sregs be cached)
         self.xsave_writes = 0  # KVM_SET_XSAVE / KVM_SET_FPU calls so far
         sync = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
         self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
@@ -276,6 +277,7 @@ class Vcpu:
         untouched, so the bitmap is always cleared first.
         """
         self._sregs = None
+        self.sregs_writes += 1
         for i in range(len(s.interrupt_bitmap)):
             s.interrupt_bitmap[i] = 0
         _check("KVM_SET_SREGS", lib.ioctl(self.fd, lib.KVM_SET_SREGS, s))

@@ -116,19 +116,34 @@ class Vsm:
         with self.lock:
             return 0 <= vtl < self.state.vtl_count and self.state.vp_vtl(vp, vtl).enabled
 
+    # These three run on every VTL call, return and lower-VTL entry: plain walks over the
+    # VP's per-VTL states, nothing built per call.
     def highest_enabled_vtl(self, vp: int) -> int:
         with self.lock:
-            return max(self.state.enabled_on_vp(vp))
+            per = self.state.vps[vp]
+            for v in range(len(per) - 1, 0, -1):
+                if per[v].enabled:
+                    return v
+            if not per[0].enabled:
+                raise ValueError(f"no VTL is enabled on VP {vp}")
+            return 0
 
     def next_higher_vtl(self, vp: int, vtl: int) -> int | None:
         """The VTL a call (or an intercept) from ``vtl`` goes to: the next higher enabled on ``vp``."""
         with self.lock:
-            higher = [v for v in self.state.enabled_on_vp(vp) if v > vtl]
-            return min(higher) if higher else None
+            per = self.state.vps[vp]
+            for v in range(max(vtl + 1, 0), len(per)):
+                if per[v].enabled:
+                    return v
+            return None
 
     def next_lower_vtl(self, vp: int, vtl: int) -> int:
         with self.lock:
-            return max(v for v in self.state.enabled_on_vp(vp) if v < vtl)
+            per = self.state.vps[vp]
+            for v in range(min(vtl, len(per)) - 1, -1, -1):
+                if per[v].enabled:
+                    return v
+            raise ValueError(f"no VTL below VTL{vtl} is enabled on VP {vp}")
 
     def hypervisor_vtl(self) -> int:
         """The VTL whose view the hypervisor reads through: the highest enabled, which nothing restricts."""
@@ -162,8 +177,9 @@ class Vsm:
         (the TLFS "Fast Return" text and the seed; OpenVMM leaves them alone).
         """
         with self.lock:
-            control = vp_assist.read_control(self.hv, self.partition, vp, to_vtl)
-            if control is None:
+            gpa = vp_assist.control_gpa(self.hv, vp, to_vtl)  # once: read and written at the same place
+            control = None if gpa is None else vp_assist.read_control_at(self.partition, to_vtl, gpa)
+            if control is None or gpa is None:
                 return
             access = self.partition.vp(vp)
             control.entry_reason = int(reason)
@@ -171,7 +187,7 @@ class Vsm:
                 control.vina_status &= ~HV_VINA_STATUS_ASSERTED & 0xFF
             control.vtl_return_rax = int(access.get_register(to_vtl, "rax"))  # type: ignore[arg-type]
             control.vtl_return_rcx = int(access.get_register(to_vtl, "rcx"))  # type: ignore[arg-type]
-            vp_assist.write_control(self.hv, self.partition, vp, to_vtl, control)
+            vp_assist.write_control_at(self.partition, to_vtl, gpa, control)
 
     def on_vtl_return(self, vp: int, vtl: int) -> None:
         """VTL ``vtl`` of ``vp`` returns: release its TLB locks, auto-reset VINA."""

@@ -25,8 +25,11 @@ def control_gpa(hv: HyperV, vp: int, vtl: int) -> int | None:
 
 def read_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int) -> HvVpVtlControl | None:
     gpa = control_gpa(hv, vp, vtl)
-    if gpa is None:
-        return None
+    return None if gpa is None else read_control_at(partition, vtl, gpa)
+
+
+def read_control_at(partition: PartitionAccess, vtl: int, gpa: int) -> HvVpVtlControl | None:
+    """The control area at ``gpa`` (from :func:`control_gpa`), read through ``vtl``'s view."""
     try:
         return HvVpVtlControl.unpack(partition.read_gpa(vtl, gpa, HvVpVtlControl.SIZE))
     except (GuestMemoryError, VtlAccessDenied):
@@ -35,8 +38,10 @@ def read_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int) -> H
 
 def write_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int, control: HvVpVtlControl) -> bool:
     gpa = control_gpa(hv, vp, vtl)
-    if gpa is None:
-        return False
+    return False if gpa is None else write_control_at(partition, vtl, gpa, control)
+
+
+def write_control_at(partition: PartitionAccess, vtl: int, gpa: int, control: HvVpVtlControl) -> bool:
     try:
         partition.write_gpa(vtl, gpa, control.pack())
     except (GuestMemoryError, VtlAccessDenied):

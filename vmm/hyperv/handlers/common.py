@@ -50,10 +50,9 @@ def vp_mask_members(hv: HyperV, mask: int) -> list[int]:
 def target_vtl(hv: HyperV, caller_vtl: int, raw: int) -> int:
     """Resolve an HV_INPUT_VTL byte: reserved bits → INVALID_PARAMETER; higher than the
     caller → ACCESS_DENIED; a VTL the partition does not have → INVALID_PARAMETER."""
-    value = HvInputVtl.decode(raw)
-    if value.reserved:
+    if raw & HvInputVtl.RESERVED_MASK:  # HvInputVtl.decode(raw).reserved, without building one per call
         raise HandlerError(HvStatus.HV_STATUS_INVALID_PARAMETER)
-    vtl = value.resolve(caller_vtl)
+    vtl = raw & HvInputVtl.TARGET_VTL_MASK if raw & HvInputVtl.USE_TARGET_VTL else caller_vtl
     if vtl > caller_vtl:
         raise HandlerError(HvStatus.HV_STATUS_ACCESS_DENIED)
     if vtl >= hv.vtl_count:

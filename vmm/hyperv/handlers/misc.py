@@ -24,9 +24,8 @@ if TYPE_CHECKING:
 
 def notify_long_spin_wait(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     """Advisory: always SUCCESS (TLFS). The machine may use ``hv.on_long_spin_wait`` to yield."""
-    request = HvInputNotifyLongSpinWait.unpack(inp.header)
     if hv.on_long_spin_wait is not None:
-        hv.on_long_spin_wait(inp.vp, request.spin_count)
+        hv.on_long_spin_wait(inp.vp, HvInputNotifyLongSpinWait.unpack(inp.header).spin_count)
     return HypercallResult()
 
 
