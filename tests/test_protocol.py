@@ -260,3 +260,41 @@ def test_vocabulary_values_are_the_trace_format() -> None:
         "read_gpa", "write_gpa", "reference_time", "assert_interrupt", "timer.arm", "timer.cancel", "emit",
     }  # fmt: skip
     assert protocol.names(Service) == {"APIC": "apic", "TLB": "tlb", "VSM": "vsm", "CLOCK": "clock"}
+
+
+def test_a_timer_cancelled_after_the_timer_thread_took_it_is_not_an_entry() -> None:
+    """The live timer thread pops a due timer before it holds the emulation's lock; an entry
+    that cancels it in between (Linux re-arming stimer0 on another VP) wins, and the late
+    expiry is neither run nor recorded (the replay, which saw the cancel, would diverge)."""
+
+    class Sink:
+        enabled = True
+
+        def __init__(self) -> None:
+            self.entries: list[Any] = []
+
+        def emit(self, kind: Any, vp: Any, vtl: Any, rip: Any, **fields: Any) -> int:
+            self.entries.append(fields.get("entry"))
+            return len(self.entries)
+
+    class Inner:
+        def __init__(self) -> None:
+            self.fires: list[Callable[[], None]] = []
+
+        def arm(self, deadline_ns: int, callback: Callable[[], None]) -> object:
+            self.fires.append(callback)  # what the timer thread would call once due
+            return object()
+
+        def cancel(self, handle: object) -> None:
+            pass
+
+    sink, inner = Sink(), Inner()
+    timers = emulation_io.RecordedTimers(inner, Boundary(sink, threading.RLock()))  # type: ignore[arg-type]
+    ran: list[str] = []
+    first = timers.arm(100, lambda: ran.append("first"))
+    timers.arm(200, lambda: ran.append("second"))
+    timers.cancel(first)
+    inner.fires[0]()  # the cancelled timer, already taken by the timer thread
+    inner.fires[1]()
+    inner.fires[1]()  # a timer expires once
+    assert ran == ["second"] and sink.entries == [Entry.TIMER]

@@ -418,20 +418,31 @@ class RecordedTimers(_Recorded):
         super().__init__(inner, boundary)
         self._ids = itertools.count()
         self._handles: dict[int, Any] = {}
+        self._live: set[int] = set()  # armed, neither fired nor cancelled (guarded by the emulation's lock)
 
     def arm(self, deadline_ns: int, callback: Callable[[], None]) -> Any:
         timer_id = next(self._ids)
 
         def fire() -> None:
-            self._b.entry(Entry.TIMER, Entry.NO_VP, Entry.NO_VP, [timer_id], callback)
+            # The timer thread takes a due timer before it holds the emulation's lock, so an
+            # entry may cancel it in between (a guest re-arming its synthetic timer on another
+            # VP). The emulation ignores such a late expiry; it is not an entry either, or the
+            # replay, which knows the timer was cancelled, would diverge there.
+            with self._b.lock:
+                if timer_id not in self._live:
+                    return
+                self._live.discard(timer_id)
+                self._b.entry(Entry.TIMER, Entry.NO_VP, Entry.NO_VP, [timer_id], callback)
 
         handle = self._inner.arm(deadline_ns, fire)
         self._b.note(Op.TIMER_ARM, [timer_id, deadline_ns], None)
         self._handles[id(handle)] = timer_id
+        self._live.add(timer_id)
         return handle
 
     def cancel(self, handle: Any) -> None:
         timer_id = self._handles.pop(id(handle), -1)
+        self._live.discard(timer_id)
         self._b.note(Op.TIMER_CANCEL, [timer_id], None)
         self._inner.cancel(handle)
 

@@ -96,6 +96,9 @@ class VirtualProcessor:
         self.in_guest = False
         self.interrupt_hint = False  # set by APIC callbacks; cleared when nothing is deliverable
         self.last_cr8 = 0
+        # vCPUs (one per VTL) handed a vector by KVM_INTERRUPT that may not have taken it yet
+        # (see deliver_interrupts).
+        self.injected: set[Vcpu] = set()
         self.sipi_vector: int | None = None
         self.start_vtl: int | None = None  # HvCallStartVirtualProcessor: start in this VTL, context already loaded
         self.started = index == 0
@@ -458,9 +461,21 @@ class VirtualProcessor:
             run.request_interrupt_window = 0
             return run
         self.interrupt_hint = True  # look again at the next entry (window exit, or more pending)
+        if self.vcpu in self.injected:
+            # KVM_INTERRUPT only queues the vector for the next entry; if KVM_RUN returned
+            # before entering (a kick from the timer thread), it is still queued, and a second
+            # KVM_INTERRUPT would replace it: the first vector, already acknowledged (in ISR),
+            # would be lost for good. Seen on this host in a recorded Linux boot: the serial
+            # vector injected, a timer kick, then the stimer vector injected at the same RIP;
+            # the serial interrupt never reached the guest and its console stopped.
+            if self.vcpu.get_events().interrupt.injected:
+                run.request_interrupt_window = 1
+                return run
+            self.injected.discard(self.vcpu)
         if run.ready_for_interrupt_injection and run.if_flag:
             vector = apic.acknowledge()
             self.vcpu.interrupt(vector)
+            self.injected.add(self.vcpu)
             if self.machine.on_interrupt_acknowledged is not None:
                 self.machine.on_interrupt_acknowledged(self, vector)
             self.machine.emit(EventKind.INTERRUPT, self, vector=vector, source="apic")
