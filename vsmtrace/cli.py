@@ -16,7 +16,8 @@ from vsmtrace.guest_cli import guest
 from vsmtrace.notebooks_cli import notebooks
 
 EXIT_USAGE = 2  # bad input: one `vsmtrace: error:` line
-EXIT_INTERNAL = 6  # a vsmtrace bug (same status `run` gives a VMM internal error)
+EXIT_INTERNAL = 6
+EXIT_INTERRUPTED_STATUS = 130  # vsmtrace.interrupts.EXIT_INTERRUPTED  # a vsmtrace bug (same status `run` gives a VMM internal error)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of our output went away (`vsmtrace info T | head -1`)
 
 log = logging.getLogger("vsmtrace")
@@ -386,6 +387,10 @@ def run(
         status, message = run_machine(config, record_path)
     except SetupError as exc:
         fail(str(exc))
+    if status == EXIT_INTERRUPTED_STATUS:
+        from vsmtrace import interrupts
+
+        interrupts.quiet()  # on the way out: a second Ctrl-C now must not turn 130 into "killed by SIGINT"
     if message and status != 0:
         click.echo(f"vsmtrace: {message}", err=True)
     serial_out.flush()

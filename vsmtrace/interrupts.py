@@ -32,6 +32,13 @@ class _State:
 
 def _handler(signum: int, frame: object) -> None:
     _State.count += 1
+    # A native library may have swapped in its own (one-shot) handler while this signal was
+    # on its way, leaving SIG_DFL behind: take SIGINT back at once, so the next Ctrl-C (two
+    # usually come a few ms apart) reaches Python instead of killing the process.
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN if _State.callback is _ignore else _handler)
+    except (ValueError, TypeError):
+        pass
     callback = _State.callback
     if callback is not None:
         callback(_State.count)
