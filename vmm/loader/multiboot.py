@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from vsmtrace.vmm.loader.boot import BootMode, BootState
+from vsmtrace.vmm.loader.boot import BootMode, BootState, BootStrings
 from vsmtrace.vmm.loader.elf import ELF_MAGIC, LoaderError, load_elf
 from vsmtrace.vmm.memory import HIGH_RAM_BASE, PAGE_SIZE, GuestMemory
 
@@ -108,22 +108,6 @@ def _load_aout_kludge(image: bytes, hdr: MultibootHeader, memory: GuestMemory, n
     return hdr.entry_addr, max(end, hdr.bss_end_addr)
 
 
-class _Strings:
-    """Packs NUL-terminated strings into the boot-info string area."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.next = STRINGS_ADDR
-
-    def put(self, text: str) -> int:
-        data = text.encode() + b"\0"
-        if self.next + len(data) > STRINGS_END:
-            raise LoaderError("command line and module strings are too long for the boot information area")
-        addr = self.next
-        self.memory.write(addr, data)
-        self.next += len(data)
-        return addr
-
 
 def memory_map(memory: GuestMemory) -> list[tuple[int, int, int]]:
     """(base, length, type) entries describing guest RAM and the legacy holes."""
@@ -160,7 +144,7 @@ def load_multiboot(
     if entry >= 1 << 32:
         raise LoaderError(f"{name}: Multiboot entry point {entry:#x} is above 4 GiB")
 
-    strings = _Strings(memory)
+    strings = BootStrings(memory, STRINGS_ADDR, STRINGS_END, "the boot information area")
     flags = MBI_FLAG_MEM | MBI_FLAG_CMDLINE | MBI_FLAG_MMAP | MBI_FLAG_LOADER_NAME
     cmdline_addr = strings.put(f"{name} {cmdline}".rstrip())  # QEMU passes "<kernel> <append>"
     loader_name = strings.put(BOOTLOADER_NAME)
@@ -228,7 +212,7 @@ def load_raw64(path: Path, memory: GuestMemory, *, cmdline: str = "") -> BootSta
     for i in range(4 * 512):
         struct.pack_into("<Q", pds, 8 * i, (i << 21) | PTE_PRESENT | PTE_WRITE | PTE_LARGE)
     memory.write(RAW_PD_ADDR, bytes(pds))
-    strings = _Strings(memory)
+    strings = BootStrings(memory, STRINGS_ADDR, STRINGS_END, "the boot information area")
     mbi = bytearray(MBI_SIZE)
     mem_upper_kib = (memory.low_end - ONE_MIB) // 1024
     struct.pack_into("<IIII", mbi, 0, MBI_FLAG_MEM | MBI_FLAG_CMDLINE, LOWER_MEMORY_END // 1024, mem_upper_kib, 0)

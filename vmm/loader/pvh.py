@@ -23,7 +23,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
-from vsmtrace.vmm.loader.boot import BootMode, BootState
+from vsmtrace.vmm.loader.boot import BootMode, BootState, BootStrings
 from vsmtrace.vmm.loader.elf import ELF_MAGIC, LoaderError, load_elf
 from vsmtrace.vmm.loader.multiboot import Module, memory_map
 from vsmtrace.vmm.memory import PAGE_SIZE, GuestMemory
@@ -77,22 +77,6 @@ def find_pvh_entry(image: bytes) -> PvhImage | None:
     return None
 
 
-class _Strings:
-    """NUL-terminated strings packed into the boot string area."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.next = STRINGS_ADDR
-
-    def put(self, text: str) -> int:
-        data = text.encode() + b"\0"
-        if self.next + len(data) > STRINGS_END:
-            raise LoaderError("command line and module strings are too long for the PVH boot area (20 KiB)")
-        addr = self.next
-        self.memory.write(addr, data)
-        self.next += len(data)
-        return addr
-
 
 def load_pvh(
     path: Path,
@@ -123,7 +107,7 @@ def load_pvh(
     if not loaded.low <= found.entry < loaded.high:
         raise LoaderError(f"{name}: PVH entry point {found.entry:#x} is outside the loaded image")
 
-    strings = _Strings(memory)
+    strings = BootStrings(memory, STRINGS_ADDR, STRINGS_END, "the PVH boot area (20 KiB)")
     cmdline_addr = strings.put(cmdline)
     mods = modules or []
     if len(mods) > MAX_MODULES:
