@@ -280,21 +280,20 @@ def hypercalls(lf: pl.LazyFrame, bound_fallback: bool = True) -> pl.LazyFrame:
     Columns: seq, time_ns, vp, vtl, rip, code, name, status, status_name, fast,
     rep_count, reps_done, latency_ns, latency_is_bound.
     """
+    if bound_fallback:
+        # The previous event on the VP: one shift per VP in seq order over all events, before the
+        # kind filter (an as-of join of the calls against every event cost 1.5x the whole table).
+        src = lf.with_columns((pl.col("time_ns") - pl.col("time_ns").shift(1).over("vp", order_by="seq")).alias("_gap"))
+    else:
+        src = lf.with_columns(pl.lit(None, pl.Int64).alias("_gap"))
     calls = (
-        _kind(lf, "HYPERCALL")
+        _kind(src, "HYPERCALL")
         .select(
             "seq", "time_ns", "vp", "vtl", "rip", "code", _s("name"), "status", _s("status_name"), "fast",
-            "rep_count", "reps_done", "duration_ns",
+            "rep_count", "reps_done", "duration_ns", "_gap",
         )  # fmt: skip
         .sort("seq")
     )
-    if bound_fallback:
-        prev = lf.select(pl.col("seq").alias("_pseq"), "vp", pl.col("time_ns").alias("_ptime")).sort("_pseq")
-        calls = calls.join_asof(
-            prev, left_on="seq", right_on="_pseq", by="vp", strategy="backward", allow_exact_matches=False, check_sortedness=False
-        ).with_columns((pl.col("time_ns") - pl.col("_ptime")).alias("_gap"))
-    else:
-        calls = calls.with_columns(pl.lit(None, pl.Int64).alias("_gap"))
     return calls.select(
         "seq", "time_ns", "vp", "vtl", "rip", "code", "name", "status", "status_name", "fast", "rep_count", "reps_done",
         pl.coalesce("duration_ns", "_gap").alias("latency_ns"),

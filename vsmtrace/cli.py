@@ -495,8 +495,8 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
     A partial trace (a killed recording, torn or recovered) is said to be partial in
     the text and in every figure's title.
     """
-    from vsmtrace.analysis.figures import FIGURES, write_figures
-    from vsmtrace.analysis.report import format_report, summarize
+    from vsmtrace.analysis.figures import FIGURES
+    from vsmtrace.analysis.report import format_report, summarize, summarize_with_figures
     from vsmtrace.progress import Steps, wanted
 
     trace, lf = _open_trace(trace_path)
@@ -507,8 +507,11 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
     try:
         with Steps("report", steps, wanted(progress)) as bar:
             bar.step("summary tables")
-            text = format_report(summarize(lf), str(trace_path), note=note)
-            paths = [] if no_figures else write_figures(lf, out_dir, formats, note=note, on_figure=bar.step)
+            if no_figures:
+                summary, paths = summarize(lf), []
+            else:  # one collect_all for both: the figures' tables share the summary's scans
+                summary, paths = summarize_with_figures(lf, out_dir, formats, note=note, on_figure=bar.step)
+            text = format_report(summary, str(trace_path), note=note)
     except OSError as exc:
         fail(f"cannot write figures to {out_dir}: {describe_os_error(exc)}")
     except _analysis_errors() as exc:
