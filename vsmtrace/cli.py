@@ -578,11 +578,11 @@ def diff(trace_a: Path, trace_b: Path, ignore: tuple[str, ...], progress: bool |
     unknown = [c for c in ignore if c not in COLUMN_BY_NAME]
     if unknown:
         fail(f"--ignore: no trace column named {', '.join(repr(c) for c in unknown)} (columns: docs/trace-format.md, or `vsmtrace info --json`)")
-    ta, la = _open_trace(trace_a)
-    tb, lb = _open_trace(trace_b)
+    ta, _ = _open_trace(trace_a)
+    tb, _ = _open_trace(trace_b)
     try:
         with counting("diff", wanted(progress), "event") as bar:
-            d = diff_traces(la, lb, ignore=(*NONDETERMINISTIC, *ignore), on_rows=bar.update)
+            d = diff_traces(ta, tb, ignore=(*NONDETERMINISTIC, *ignore), on_rows=bar.update)  # traces: compared batch by batch
     except _analysis_errors() as exc:
         fail(f"cannot compare {trace_a} and {trace_b}: {_first_line(exc)}")
     notes = [f"{name}: {n}" for name, n in ((trace_a, _partial_note(ta)), (trace_b, _partial_note(tb))) if n]
