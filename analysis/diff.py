@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,16 +216,20 @@ def diff_traces(
 
     A and B are traces (paths or opened ``Trace``s: the divergence search reads their
     batches) or frames. The six tables are collected together, so each trace's shared
-    subplans (hypercalls, transitions) run once.
+    subplans (hypercalls, transitions) run once, and on a worker thread while the rows are
+    compared (Polars and Arrow release the GIL: the two overlap on a second core).
     """
     la, lb = load(a), load(b)
     lat = ["count", "p50_ns", "p99_ns"]
-    ca, cb, ha, hb, ra, rb = pl.collect_all(
+    queries = (
         [T.event_counts(la), T.event_counts(lb)]
         + [T.hypercall_stats(T.hypercalls(x, bound_fallback=False), by=("name",)) for x in (la, lb)]
-        + [T.transition_latency(T.vtl_transitions(x), by=("reason",)) for x in (la, lb)],
-        engine=T.COLLECT_ENGINE,
+        + [T.transition_latency(T.vtl_transitions(x), by=("reason",)) for x in (la, lb)]
     )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tables = pool.submit(pl.collect_all, queries, engine=T.COLLECT_ENGINE)
+        div = first_divergence(a, b, ignore, on_rows=on_rows)
+        ca, cb, ha, hb, ra, rb = tables.result()
     counts = (
         ca.rename({"events": "a"})
         .join(cb.rename({"events": "b"}), on="kind", how="full", coalesce=True)
@@ -234,7 +239,6 @@ def diff_traces(
     )
     hc = _side_by_side(ha, hb, ["name"], lat)
     tr = _side_by_side(ra, rb, ["reason"], lat)
-    div = first_divergence(a, b, ignore, on_rows=on_rows)
     return TraceDiff(counts, hc, tr, div, int(ca["events"].sum()), int(cb["events"].sum()))
 
 
