@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import matplotlib
 
@@ -28,6 +28,15 @@ from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from vsmtrace.analysis import tables as T  # noqa: E402
+from vsmtrace.analysis.figure_tables import (  # noqa: E402
+    FIGURE_NAMES,
+    MAX_POINTS,
+    MAX_STINTS,
+    cdf_samples,
+    figure_queries,
+    protection_runs,
+    timeline_bars,
+)
 
 __all__ = [
     "FIGURES",
@@ -38,6 +47,7 @@ __all__ = [
     "intercept_scatter",
     "latency_cdf",
     "protection_map",
+    "protection_runs",
     "save",
     "timeline_bars",
     "vtl_timeline",
@@ -45,11 +55,8 @@ __all__ = [
 ]
 
 ENGINE = T.COLLECT_ENGINE
-FrameT = TypeVar("FrameT", pl.DataFrame, pl.LazyFrame)
 VTL_COLORS = {0: "#4C72B0", 1: "#DD8452", 2: "#55A868"}
 ACCESS_MARKERS = {"read": ("o", "#4C72B0"), "write": ("x", "#C44E52"), "execute": ("^", "#55A868")}
-MAX_STINTS = 20000  # per figure: beyond this, stints are merged per VP into time bins
-MAX_POINTS = 50000
 
 _RC = {
     "svg.hashsalt": "vsmtrace",
@@ -155,23 +162,6 @@ def _vtl_timeline(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], n
         return save(fig, path)
 
 
-def timeline_bars(stints: pl.LazyFrame) -> pl.LazyFrame:
-    """The bars of the VTL timeline (vp, vtl, start_ns, end_ns): one per stint, or beyond MAX_STINTS,
-    one per VP and time bin coloured by the highest VTL entered in it (binned in the query, so a
-    10-million-event trace's million stints never reach Python)."""
-    n_vp = pl.col("vp").n_unique().cast(pl.Float64)
-    span = (pl.col("end_ns").max() - pl.col("start_ns").min()).cast(pl.Float64)
-    width = pl.max_horizontal(pl.lit(1, pl.Int64), (span / (MAX_STINTS / pl.max_horizontal(n_vp, 1.0))).floor().cast(pl.Int64))
-    binned = pl.when(pl.len() > MAX_STINTS).then(pl.col("start_ns") // width).otherwise(pl.int_range(pl.len(), dtype=pl.Int64))
-    return (
-        stints.select("vp", "vtl", "start_ns", "end_ns")
-        .with_columns(binned.alias("_bin"))
-        .group_by("vp", "_bin")
-        .agg(pl.col("vtl").max(), pl.col("start_ns").min(), pl.col("end_ns").max())
-        .sort("vp", "_bin")
-    )
-
-
 def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20, note: str | None = None) -> Path:
     """How many times each hypercall was made, stacked by calling VTL (top ``top`` names)."""
     return _draw_one("hypercall_mix", lf, path, note, top=top)
@@ -203,19 +193,6 @@ def _hypercall_mix(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], 
 
 #: Series with at most this many samples get a marker per sample (a short step curve is easy to miss).
 MARK_SAMPLES = 30
-
-
-def cdf_samples(df: pl.LazyFrame, key: str, col: str = "latency_ns") -> pl.LazyFrame:
-    """Per ``key``: how many positive ``col`` values (n) and up to MAX_POINTS of them, sorted (values).
-
-    Beyond MAX_POINTS, evenly spaced order statistics (which keep a CDF exact at this
-    resolution); computed in the query, so millions of latencies never reach Python.
-    """
-    v = pl.col(col)
-    n = pl.len().cast(pl.Int64)
-    m = pl.min_horizontal(n, MAX_POINTS)
-    idx = pl.int_range(0, m) * (n - 1) // pl.max_horizontal(m - 1, 1)
-    return df.filter(v.is_not_null() & (v > 0)).group_by(key).agg(n.alias("n"), v.sort().gather(idx).alias("values"))
 
 
 def _cdf(ax: plt.Axes, values: list[int], total: int, label: str) -> None:
@@ -308,27 +285,6 @@ def _protection_map(data: dict[str, pl.DataFrame], path: str | os.PathLike[str],
         return save(fig, path)
 
 
-def protection_runs(pp: FrameT, t_end: int | pl.Expr) -> FrameT:
-    """The bars of the protection map: runs of consecutive pages of one VTL's view with one mask and one lifetime.
-
-    Enabling protections touches every page of RAM at once, and a bar per page would be
-    tens of thousands of artists. A run never spans two masks, two views or two lifetimes.
-    ``pp`` is ``T.protection_pages`` (eager or lazy); ``t_end`` ends the runs still open at
-    the end of the trace. Columns: target_vtl, new_mask, time_ns, until_ns, first (page), pages.
-    """
-    keys = ["target_vtl", "new_mask", "time_ns", "until_ns"]
-    return (
-        pp.with_columns(pl.col("until_ns").fill_null(t_end))
-        .unique(subset=[*keys, "page"])
-        .sort([*keys, "page"])
-        .with_columns((pl.col("page").cast(pl.Int64) - pl.int_range(pl.len()).over(keys)).alias("run"))
-        .group_by([*keys, "run"])
-        .agg(pl.col("page").min().alias("first"), pl.len().alias("pages"))
-        .sort([*keys, "first"])
-        .drop("run")
-    )
-
-
 #: HV_MAP_GPA masks that allow everything (with and without user-execute).
 FULL_ACCESS_MASKS = (0x7, 0xF)
 
@@ -380,6 +336,7 @@ def _intercept_scatter(data: dict[str, pl.DataFrame], path: str | os.PathLike[st
         return save(fig, path)
 
 
+#: Every figure by name (the order of FIGURE_NAMES).
 FIGURES = {
     "vtl_timeline": vtl_timeline,
     "hypercall_mix": hypercall_mix,
@@ -389,15 +346,6 @@ FIGURES = {
 }
 
 
-#: What each figure draws: the names of its tables in ``figure_queries``.
-_NEEDS = {
-    "vtl_timeline": ("stints",),
-    "hypercall_mix": ("call_mix",),
-    "latency_cdf": ("transition_latency", "call_latency"),
-    "protection_map": ("protection_runs", "t_end"),
-    "intercept_scatter": ("intercepts",),
-}
-
 _DRAW: dict[str, Callable[..., Path]] = {
     "vtl_timeline": _vtl_timeline,
     "hypercall_mix": _hypercall_mix,
@@ -405,31 +353,6 @@ _DRAW: dict[str, Callable[..., Path]] = {
     "protection_map": _protection_map,
     "intercept_scatter": _intercept_scatter,
 }
-
-
-def figure_queries(lf: pl.LazyFrame, names: Sequence[str] | None = None) -> dict[str, pl.LazyFrame]:
-    """The tables behind the figures ``names`` (default: all), by table name, not yet collected.
-
-    Collect them together with other queries of the same trace (``pl.collect_all``) so the
-    subplans they share run once, then hand the frames to ``draw_figures``. The hypercall
-    tables derive from ``T.hypercalls(lf)`` (the summary's): the figures keep only the
-    recorded service times (``latency_is_bound`` rows are upper bounds, not drawn).
-    """
-    wanted = set(FIGURES) if names is None else set(names)
-    calls = T.hypercalls(lf)
-    tables = {
-        "stints": lambda: timeline_bars(T.vtl_stints(lf)),
-        "call_mix": lambda: calls.group_by("name", "vtl").agg(pl.len().alias("count")),
-        "transition_latency": lambda: cdf_samples(T.vtl_transitions(lf), "reason"),
-        "call_latency": lambda: cdf_samples(calls.with_columns(pl.when(~pl.col("latency_is_bound")).then(pl.col("latency_ns")).alias("latency_ns")), "name"),
-        "protection_runs": lambda: protection_runs(
-            T.protection_pages(lf).join(lf.select(pl.col("time_ns").max().fill_null(0).alias("_t_end")), how="cross"), pl.col("_t_end")
-        ),
-        "t_end": lambda: lf.select(pl.col("time_ns").max()),
-        "intercepts": lambda: T.intercepts(lf).select("time_ns", "gpa", "access"),
-    }
-    need = dict.fromkeys(t for name in FIGURES if name in wanted for t in _NEEDS[name])
-    return {t: tables[t]() for t in need}
 
 
 def draw_figures(
@@ -443,7 +366,7 @@ def draw_figures(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in FIGURES:
+    for name in FIGURE_NAMES:
         for fmt in formats:
             if on_figure is not None:
                 on_figure(f"{name}.{fmt}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +50,18 @@ def summarize_with_figures(
     """``summarize`` and ``figures.write_figures`` from one ``collect_all`` (what ``vsmtrace report`` does).
 
     The figures draw transitions, stints and hypercalls the summary also derives: collected
-    together, those run once instead of twice. ``on_figure`` as in ``write_figures``.
+    together, those run once instead of twice. The collect runs on a worker thread while
+    matplotlib is imported (Polars releases the GIL). ``on_figure`` as in ``write_figures``.
     """
-    from vsmtrace.analysis.figures import draw_figures, figure_queries  # matplotlib only when figures are wanted
+    from vsmtrace.analysis.figure_tables import figure_queries
 
     sq = summary_queries(lf)
     fq = figure_queries(lf)
-    dfs = pl.collect_all([*sq, *fq.values()], engine=T.COLLECT_ENGINE)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        collected = pool.submit(pl.collect_all, [*sq, *fq.values()], engine=T.COLLECT_ENGINE)
+        from vsmtrace.analysis.figures import draw_figures  # matplotlib: only when figures are wanted
+
+        dfs = collected.result()
     figures = dict(zip(fq, dfs[len(sq):], strict=True))
     return summary_from(dfs[: len(sq)]), draw_figures(figures, out_dir, formats, note, on_figure)
 

@@ -495,7 +495,7 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
     A partial trace (a killed recording, torn or recovered) is said to be partial in
     the text and in every figure's title.
     """
-    from vsmtrace.analysis.figures import FIGURES
+    from vsmtrace.analysis.figure_tables import FIGURE_NAMES  # no matplotlib yet: it loads during the collect
     from vsmtrace.analysis.report import format_report, summarize, summarize_with_figures
     from vsmtrace.progress import Steps, wanted
 
@@ -503,7 +503,7 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
     if not no_figures:
         check_out_dir(out_dir, "figures")
     note = _partial_note(trace)
-    steps = 1 + (0 if no_figures else len(FIGURES) * len(formats))
+    steps = 1 + (0 if no_figures else len(FIGURE_NAMES) * len(formats))
     try:
         with Steps("report", steps, wanted(progress)) as bar:
             bar.step("summary tables")
