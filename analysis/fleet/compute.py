@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import polars as pl
@@ -34,18 +35,6 @@ __all__ = [
     "traces_frame",
 ]
 
-#: Columns no summary table reads; left out of the per-trace read (they are most of the bytes).
-_BULK = ("gprs", "input", "output", "regs_in", "regs_out", "insn_bytes", "message", "emu_args", "emu_io", "emu_result",
-         "serial_data", "detail")  # fmt: skip
-
-def _table_columns() -> tuple[str, ...]:
-    from vsmtrace.recorder.schema import arrow_schema
-
-    return tuple(n for n in arrow_schema().names if n not in _BULK)
-
-
-_TABLE_COLUMNS = _table_columns()
-
 #: The single-trace report's tables (``analysis.report.Summary`` fields), kept per trace.
 PER_TRACE_TABLES = ("counts", "transitions", "secure_calls", "residency", "hypercalls", "hypercall_failures",
                     "intercepts_by_page", "intercepts_by_rip", "protections", "interrupts", "exits", "errors")  # fmt: skip
@@ -57,6 +46,9 @@ LATENCY_TABLES: dict[str, tuple[str, ...]] = {
     "hypercalls": ("code", "name", "vtl"),
 }
 QUANTILES = (0.5, 0.9, 0.99)
+#: Engine for a trace's queries. A trace is one partition, already in memory when its
+#: queries run; the streaming engine bounds memory by the partition either way.
+TASK_ENGINE = "in-memory"
 #: Traces analysed at once on the local path.
 LOCAL_THREADS = max(2, min(4, os.cpu_count() or 1))
 
@@ -119,17 +111,15 @@ def _latency_parts(lf: pl.LazyFrame, keys: Sequence[str]) -> tuple[pl.LazyFrame,
     return parts, buckets
 
 
-def trace_task(spec: TraceSpec) -> TracePart:
-    """The per-trace work (runs in a Dask worker or here): report tables and latency parts."""
-    from vsmtrace.analysis import load
+def _task_queries(lf: pl.LazyFrame, bound_fallback: bool) -> tuple[int, list[pl.LazyFrame]]:
+    """Everything trace_task collects from one trace: the report's own queries (``summary_queries``,
+    whose count is returned first) followed by the latency parts, hypercall statuses and intercepts."""
     from vsmtrace.analysis import tables as T
-    from vsmtrace.analysis.report import summary_from, summary_queries
+    from vsmtrace.analysis.report import summary_queries
 
-    df = read_trace(spec, _TABLE_COLUMNS, sort=False)
-    lf = load(df.lazy())
-    summary = summary_queries(lf)
+    summary = summary_queries(lf, bound_fallback)
     tr = T.vtl_transitions(lf)
-    calls = T.hypercalls(lf)
+    calls = T.hypercalls(lf, bound_fallback=bound_fallback)
     sources = {
         "transitions": tr,
         "secure_calls": tr.filter(pl.col("reason") == "call").with_columns(pl.col("arg0").alias("service")),
@@ -141,10 +131,57 @@ def trace_task(spec: TraceSpec) -> TracePart:
     status = T.hypercall_status(calls)
     failed = calls.group_by("code", "name", "vtl").agg((pl.col("status").is_not_null() & (pl.col("status") != 0)).sum().alias("failed"))
     icpt = T.intercept_stats(T.intercepts(lf)).select("page", "access", "count")
+    return len(summary), [*summary, *queries, status, failed, icpt]
+
+
+@cache
+def report_columns() -> tuple[str, ...]:
+    """The trace columns trace_task's queries read, learned from their optimised plans.
+
+    Why: a trace file has ~80 columns and the report reads about a third of them;
+    decoding the rest was a third of each trace's time. Polars pushes each query's
+    projection down to its source, so the queries are collected once over an empty
+    frame of every trace column behind an IO-plugin source that records the columns
+    it is asked for. Deriving the list (rather than writing it down) keeps it right
+    when a table starts reading another column: a column left out would silently read
+    as nulls (``load`` fills in missing columns).
+    """
+    from polars.io.plugins import register_io_source
+    from vsmtrace.analysis.load import _full_schema
+
+    empty = pl.DataFrame(schema=_full_schema())
+    asked: set[str] = set()
+
+    def source(with_columns: list[str] | None, predicate: Any, n_rows: int | None, batch_size: int | None) -> Iterator[pl.DataFrame]:
+        asked.update(empty.columns if with_columns is None else with_columns)
+        yield empty if with_columns is None else empty.select(with_columns)
+
+    _, queries = _task_queries(register_io_source(source, schema=empty.schema), bound_fallback=True)
+    pl.collect_all(queries, engine=TASK_ENGINE)
+    return tuple(c for c in empty.columns if c in asked)
+
+
+def _has_unmeasured_hypercalls(lf: pl.LazyFrame) -> bool:
+    """Whether some HYPERCALL row lacks ``duration_ns`` (only then does ``tables.hypercalls``
+    need its bound fallback: an as-of join over every event, half of a trace's query time)."""
+    missing = (pl.col("kind") == "HYPERCALL") & pl.col("duration_ns").is_null()
+    return bool(lf.select(missing.any()).collect().item())
+
+
+def trace_task(spec: TraceSpec) -> TracePart:
+    """The per-trace work (runs in a Dask worker or here): report tables and latency parts."""
+    from vsmtrace.analysis import load
+    from vsmtrace.analysis.report import summary_from
+
+    df = read_trace(spec, report_columns(), sort=False)
+    lf = load(df.lazy())
+    # Without unmeasured hypercalls the fallback changes nothing (latency_ns is duration_ns,
+    # latency_is_bound is false either way), so it is skipped: same tables, less work.
+    n, queries = _task_queries(lf, bound_fallback=_has_unmeasured_hypercalls(lf))
     # one collect_all with the report's own queries: the transitions and hypercalls they share run once
-    collected = pl.collect_all([*summary, *queries, status, failed, icpt], engine=T.COLLECT_ENGINE)
-    s = summary_from(collected[: len(summary)])
-    results = collected[len(summary) :]
+    collected = pl.collect_all(queries, engine=TASK_ENGINE)
+    s = summary_from(collected[:n])
+    results = collected[n:]
     latency, buckets = {}, {}
     for i, name in enumerate(LATENCY_TABLES):
         latency[name], buckets[name] = results[2 * i], results[2 * i + 1]
@@ -199,7 +236,8 @@ class _Merger:
 
     def __init__(self, group_of: dict[str, str]) -> None:
         self.group_of = group_of
-        self.per_trace: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}
+        self.per_trace: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}  # compacted batches
+        self.per_trace_pending: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}
         self.spans: dict[str, tuple[int, int]] = {}
         self.pending: dict[str, list[pl.DataFrame]] = {}
         self.merged: dict[str, pl.DataFrame | None] = {}
@@ -214,7 +252,7 @@ class _Merger:
         group = self.group_of[part.trace]
         self.spans[part.trace] = (part.events, part.time_span_ns)
         for name in PER_TRACE_TABLES:
-            self.per_trace[name].append(part.tables[name].with_columns(pl.lit(part.trace).alias("trace")))
+            self.per_trace_pending[name].append(part.tables[name].with_columns(pl.lit(part.trace).alias("trace")))
         for name, keys in LATENCY_TABLES.items():
             self._add(f"lat:{name}", part.latency[name], list(keys), group)
             self._add(f"bkt:{name}", part.buckets[name], [*keys, "bucket"], group)
@@ -233,6 +271,10 @@ class _Merger:
             self.flush()
 
     def flush(self) -> None:
+        for name, dfs in self.per_trace_pending.items():
+            if dfs:
+                self.per_trace[name].append(_owned(pl.concat(dfs, how="diagonal_relaxed")))
+                self.per_trace_pending[name] = []
         for name, dfs in self.pending.items():
             if not dfs:
                 continue
@@ -244,6 +286,19 @@ class _Merger:
             aggs = [pl.col(c).min() if c == "min_ns" else pl.col(c).max() if c == "max_ns" else _wide(df, c).sum() for c in value_cols]
             self.merged[name] = df.group_by(keys).agg(aggs)
             self.pending[name] = []
+
+
+def _owned(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with string columns that own their bytes.
+
+    Why: a string column taken from a trace's rows (a table's ``name``, ``status_name``)
+    holds views into the buffer of the whole column it came from (every hypercall name of
+    the trace), so a few kept rows pinned about a megabyte per trace: the fleet's peak
+    memory grew with the fleet. Through Arrow's plain (non-view) strings they are copied.
+    """
+    if pl.String not in df.schema.dtypes():
+        return df
+    return pl.from_arrow(df.to_arrow(compat_level=pl.CompatLevel.oldest()))  # type: ignore[return-value]
 
 
 def _wide(df: pl.DataFrame, c: str) -> pl.Expr:
