@@ -247,9 +247,23 @@ def _assert_same_tables(x: FleetTables, y: FleetTables) -> None:
         assert_frame_equal(x.grouped[name], y.grouped[name])
 
 
-def test_dask_local_cluster_gives_the_same_tables(dataset: Path, local_tables: FleetTables) -> None:
+def test_dask_local_cluster_gives_the_same_tables(dataset: Path, local_tables: FleetTables, monkeypatch: pytest.MonkeyPatch) -> None:
     dask_tables = fleet_tables(dataset, by="guest_sha256", workers=2)
     _assert_same_tables(local_tables, dask_tables)
+    # a large fleet goes to the workers in batches merged there: batches of two and three traces here
+    from vsmtrace.analysis.fleet import compute
+
+    sizes: list[int] = []
+
+    def batches(specs: list, slots: int) -> list[list]:
+        out = [specs[:2], specs[2:]]
+        sizes.extend(len(b) for b in out)
+        return out
+
+    monkeypatch.setattr(compute, "_batches", batches)
+    batched = fleet_tables(dataset, by="guest_sha256", workers=2)
+    assert sorted(sizes) == [2, 3]
+    _assert_same_tables(local_tables, batched)
 
 
 def test_killing_a_worker_mid_query_still_completes(dataset: Path, fleet: Fleet, tmp_path: Path) -> None:

@@ -129,9 +129,8 @@ def _task_queries(lf: pl.LazyFrame, bound_fallback: bool) -> tuple[int, list[pl.
     for name, keys in LATENCY_TABLES.items():
         queries += _latency_parts(sources[name], keys)
     status = T.hypercall_status(calls)
-    failed = calls.group_by("code", "name", "vtl").agg((pl.col("status").is_not_null() & (pl.col("status") != 0)).sum().alias("failed"))
     icpt = T.intercept_stats(T.intercepts(lf)).select("page", "access", "count")
-    return len(summary), [*summary, *queries, status, failed, icpt]
+    return len(summary), [*summary, *queries, status, icpt]
 
 
 @cache
@@ -161,11 +160,13 @@ def report_columns() -> tuple[str, ...]:
     return tuple(c for c in empty.columns if c in asked)
 
 
-def _has_unmeasured_hypercalls(lf: pl.LazyFrame) -> bool:
-    """Whether some HYPERCALL row lacks ``duration_ns`` (only then does ``tables.hypercalls``
-    need its bound fallback: an as-of join over every event, half of a trace's query time)."""
-    missing = (pl.col("kind") == "HYPERCALL") & pl.col("duration_ns").is_null()
-    return bool(lf.select(missing.any()).collect().item())
+def _has_unmeasured_hypercalls(df: pl.DataFrame) -> bool:
+    """Whether some HYPERCALL row lacks ``duration_ns``: only then does ``tables.hypercalls``
+    need its bound fallback (the previous event on each VP, a pass over every event that
+    was a third of a trace's query time)."""
+    if "duration_ns" not in df.columns:
+        return True
+    return bool(((df["kind"] == "HYPERCALL") & df["duration_ns"].is_null()).any())
 
 
 def trace_task(spec: TraceSpec) -> TracePart:
@@ -177,7 +178,7 @@ def trace_task(spec: TraceSpec) -> TracePart:
     lf = load(df.lazy())
     # Without unmeasured hypercalls the fallback changes nothing (latency_ns is duration_ns,
     # latency_is_bound is false either way), so it is skipped: same tables, less work.
-    n, queries = _task_queries(lf, bound_fallback=_has_unmeasured_hypercalls(lf))
+    n, queries = _task_queries(lf, bound_fallback=_has_unmeasured_hypercalls(df))
     # one collect_all with the report's own queries: the transitions and hypercalls they share run once
     collected = pl.collect_all(queries, engine=TASK_ENGINE)
     s = summary_from(collected[:n])
@@ -187,8 +188,9 @@ def trace_task(spec: TraceSpec) -> TracePart:
         latency[name], buckets[name] = results[2 * i], results[2 * i + 1]
     k = 2 * len(LATENCY_TABLES)
     tables = {name: getattr(s, name) for name in PER_TRACE_TABLES}
+    failed = s.hypercalls.select("code", "name", "vtl", "failed")  # the report's own failed count per call
     return TracePart(spec.trace, s.events, s.time_span_ns, tables, latency, buckets,
-                     {"hypercall_status": results[k], "hypercall_failed": results[k + 1], "intercepts": results[k + 2]})  # fmt: skip
+                     {"hypercall_status": results[k], "hypercall_failed": failed, "intercepts": results[k + 1]})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the traces table
@@ -230,7 +232,12 @@ class FleetTables:
 
 
 class _Merger:
-    """Accumulates trace parts, merging sketches and counts per group as they arrive."""
+    """Accumulates trace parts, merging sketches and counts per group as they arrive.
+
+    A merger is also what a Dask task returns for its batch of traces (``batch_task``):
+    merging is summing (and min/max), so merging batches merged in the workers gives the
+    same tables as merging every trace here.
+    """
 
     FLUSH = 64
 
@@ -270,6 +277,20 @@ class _Merger:
         if self.count % self.FLUSH == 0:
             self.flush()
 
+    def absorb(self, other: _Merger) -> None:
+        """Take in the traces another merger holds (a batch merged in a Dask worker)."""
+        self.spans.update(other.spans)
+        other.flush()
+        for name, dfs in other.per_trace.items():
+            self.per_trace[name].extend(dfs)
+        for name, df in other.merged.items():
+            if df is not None:
+                self.sum_keys[name] = other.sum_keys[name]
+                self.pending.setdefault(name, []).append(df)
+        before, self.count = self.count, self.count + len(other.spans)
+        if self.count // self.FLUSH != before // self.FLUSH:
+            self.flush()
+
     def flush(self) -> None:
         for name, dfs in self.per_trace_pending.items():
             if dfs:
@@ -306,9 +327,33 @@ def _wide(df: pl.DataFrame, c: str) -> pl.Expr:
     return pl.col(c).cast(pl.Int64) if df.schema[c].is_integer() else pl.col(c)
 
 
-def _run(specs: Sequence[TraceSpec], scheduler: str | None, workers: int | None,
-         progress: Callable[[int, int], None] | None) -> Iterator[TracePart]:  # fmt: skip
-    """Run trace_task over ``specs`` here, or on Dask; yields results as they complete."""
+def batch_task(specs: Sequence[TraceSpec], group_of: dict[str, str]) -> _Merger:
+    """A Dask task: trace_task over a few traces, merged in the worker.
+
+    Why batches: per trace, shipping two dozen small frames back and merging them in the
+    client cost the client a quarter of a worker's time, on the same cores as the workers.
+    """
+    m = _Merger(group_of)
+    for spec in specs:
+        m.add(trace_task(spec))
+    m.flush()
+    return m
+
+
+#: Traces per Dask task at most; fewer when the fleet is small, so every worker gets
+#: several tasks (load balance, and little work lost when a worker dies).
+MAX_BATCH = 16
+
+
+def _batches(specs: Sequence[TraceSpec], slots: int) -> list[list[TraceSpec]]:
+    size = max(1, min(MAX_BATCH, len(specs) // (8 * max(1, slots))))
+    return [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+
+
+def _run(specs: Sequence[TraceSpec], group_of: dict[str, str], scheduler: str | None, workers: int | None,
+         progress: Callable[[int, int], None] | None) -> Iterator[TracePart | _Merger]:  # fmt: skip
+    """Run trace_task over ``specs`` here (yields TraceParts), or batch_task on Dask (yields
+    the batches' mergers), as they complete."""
     total = len(specs)
     if scheduler is None and workers is None:
         # Polars releases the GIL: a few traces at once keep the cores busy through each
@@ -330,12 +375,18 @@ def _run(specs: Sequence[TraceSpec], scheduler: str | None, workers: int | None,
     else:
         client = Client(scheduler)
     try:
-        futures = client.map(trace_task, list(specs), pure=False, retries=2)
-        for i, fut in enumerate(as_completed(futures)):
-            yield fut.result()
+        batches = _batches(specs, sum(client.nthreads().values()))
+        futures = [
+            client.submit(batch_task, b, {s.trace: group_of[s.trace] for s in b}, pure=False, retries=2) for b in batches
+        ]
+        done = 0
+        for fut in as_completed(futures):
+            batch = fut.result()
             fut.release()
+            yield batch
+            done += len(batch.spans)
             if progress:
-                progress(i + 1, total)
+                progress(done, total)
     finally:
         client.close()
         if cluster is not None:
@@ -419,8 +470,11 @@ def fleet_tables(
     by_id = {e.trace: e for e in entries}
     specs = [TraceSpec(t, ds.url_of(f"{by_id[t].directory}/{DATA}"), ds.storage_options) for t in traces["trace"].to_list()]
     m = _Merger(group_of)
-    for part in _run(specs, scheduler, workers, progress):
-        m.add(part)
+    for part in _run(specs, group_of, scheduler, workers, progress):
+        if isinstance(part, _Merger):
+            m.absorb(part)
+        else:
+            m.add(part)
     m.flush()
     spans = pl.DataFrame(
         {"trace": list(m.spans), "time_span_ns": [v[1] for v in m.spans.values()]}, schema={"trace": pl.String, "time_span_ns": pl.Int64}
