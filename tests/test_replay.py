@@ -58,6 +58,7 @@ RUNS: dict[str, list[list[str]]] = {
     "hv_crash": [[]],
     "hv_replay": [[], ["--smp", "3", "--append", "cpus=3 loop=50"]],
     "vsm_smp": [["--smp", "2"]],
+    "vsm_deadlock": [["--smp", "2"]],
     "vsm_state": [[], ["--smp", "2"]],
     "cpuid_apic": [["--smp", "2"]],
     "hv_refcount": [["--smp", "2", "--append", "cpus=2 rounds=500"]],

@@ -146,3 +146,23 @@ def test_vsm_guest_avoids_unemulated_instructions(name: str) -> None:
     assert asm.returncode == 0, asm.stderr
     bad = [ln for ln in asm.stdout.splitlines() if any(f"\t{m}" in ln or f" {m} " in ln for m in forbidden)]
     assert not bad, "instructions KVM's emulator lacks:\n" + "\n".join(bad[:20])
+
+
+@pytest.mark.kvm
+def test_tlb_lock_deadlock_is_reported() -> None:
+    """A guest whose every VP is suspended on a TLB lock no VP can release is stopped at once.
+
+    VTL1 locks the TLB of VP1 (never started) and VTL0 flushes every processor: the TLFS
+    suspends the caller, so the run can never end by itself. vsmtrace stops it as a guest
+    deadlock (status 4) naming the lock, instead of hanging until --timeout (status 124).
+    """
+    kernel = build_guest("vsm_deadlock")
+    result = run_vsmtrace(["run", str(kernel), "--timeout", str(GUEST_TIMEOUT), "--smp", "2"], timeout=GUEST_TIMEOUT + 30)
+    tail = f"\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-2000:]}"
+    assert not FAIL.findall(result.stdout), tail
+    assert {"enable_vp1_vtl1", "inhibit_on_vp1"} <= set(OK.findall(result.stdout)), tail
+    assert "flushing every processor" in result.stdout, tail
+    assert result.status == 4, f"exit status {result.status} (want 4: guest deadlock){tail}"
+    assert "guest deadlock: no VP can run to release a TLB lock" in result.stderr, tail
+    assert "VP 0 waits in a flush for VTL 1's lock on VP 1's VTL 0 TLB" in result.stderr, tail
+    assert "Traceback" not in result.stderr, tail

@@ -137,6 +137,8 @@ class Machine:
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
         self.halted_no_if: set[int] = set()
+        #: VPs suspended in a flush hypercall by a TLB lock, with what they wait for.
+        self.suspended: dict[int, tuple[str, Callable[[], bool]]] = {}
         self._recorded_ports: Any = None  # bitmap of ports whose OUTs KVM_RUN records in C
 
         self.views: VtlArray[MemoryView] | None = None  # one per VTL, once RAM is mapped (map_ram)
@@ -553,16 +555,39 @@ class Machine:
             return
         with self._halt_lock:
             self.halted_no_if.add(vp.index)
+        self._stop_if_stuck(vp)
+
+    def note_suspended(self, vp: VirtualProcessor, why: str, still: Callable[[], bool]) -> None:
+        """``vp`` is suspended in a flush hypercall until a higher VTL releases a TLB lock.
+
+        A suspended VP takes no interrupts (TLFS, HvCallFlushVirtualAddressSpace), and only
+        VTL code running on some VP releases the lock; if no VP can run any more, the guest
+        has deadlocked itself, and waiting for ``--timeout`` would only hide why. ``still``
+        says whether it is still suspended: a release clears it before the VP wakes.
+        """
+        with self._halt_lock:
+            self.suspended[vp.index] = (why, still)
+        self._stop_if_stuck(vp)
+
+    def _stop_if_stuck(self, vp: VirtualProcessor) -> None:
+        with self._halt_lock:
             stuck = all(
-                v.index in self.halted_no_if or v.state is VpState.WAIT_FOR_SIPI or v.state is VpState.STOPPED
+                v.index in self.halted_no_if
+                or (v.index in self.suspended and self.suspended[v.index][1]())
+                or v.state is VpState.WAIT_FOR_SIPI
+                or v.state is VpState.STOPPED
                 for v in self.vps
             )
-        if stuck and not self._woken_from_outside():
-            self.request_stop(
-                EXIT_GUEST_FAULT,
-                f"guest halted with interrupts disabled on every VP (last: VP {vp.index} at rip={vp.rip():#x})",
-                vp=vp,
-            )
+            halted = bool(self.halted_no_if)
+            suspended = {index: why for index, (why, _still) in self.suspended.items()}
+        if not stuck or (halted and self._woken_from_outside()):
+            return
+        if not suspended:
+            reason = f"guest halted with interrupts disabled on every VP (last: VP {vp.index} at rip={vp.rip():#x})"
+        else:
+            waits = "; ".join(f"VP {index} {why}" for index, why in sorted(suspended.items()))
+            reason = f"guest deadlock: no VP can run to release a TLB lock ({waits})"
+        self.request_stop(EXIT_GUEST_FAULT, reason, vp=vp)
 
     def _woken_from_outside(self) -> bool:
         """Whether anything but the halted VTL's own interrupts could still wake a VP.
@@ -575,6 +600,7 @@ class Machine:
     def note_wake(self, vp: VirtualProcessor) -> None:
         with self._halt_lock:
             self.halted_no_if.discard(vp.index)
+            self.suspended.pop(vp.index, None)
 
     # -- stopping ---------------------------------------------------------------------------------
     def _on_debug_exit(self, value: int, status: int) -> None:

@@ -365,7 +365,14 @@ static uint64_t v1_fuzz(uint32_t vp, uint64_t s)
             gva = (uint64_t)canary_secret + below(&r, PAGE);
         uint64_t flags = below(&r, 0x40) | (chance(&r, 70) ? HV_XLATE_INPUT_VTL(HV_VTL(0)) : 0);
         uint64_t lo, hi;
-        res = hv_translate_va(chance(&r, 90) ? HV_VP_INDEX_SELF : (uint32_t)below(&r, 6), gva, flags, &lo, &hi);
+        uint32_t target = chance(&r, 90) ? HV_VP_INDEX_SELF : (uint32_t)below(&r, 6);
+        /* TLB_FLUSH_INHIBIT only on this VP: a lock taken on another VP is released by *that*
+           VP's return to VTL0 (TLFS; the KVM VSM series does the same), so a lock on the spare VP,
+           or on a VP that flushes itself before its next VTL call, suspends flushing VPs for good -
+           a deadlock VTL1 chose (vsmtrace stops such a run as a guest deadlock), not a VMM defect */
+        if (target != HV_VP_INDEX_SELF)
+            flags &= ~(uint64_t)HV_XLATE_TLB_FLUSH_INHIBIT;
+        res = hv_translate_va(target, gva, flags, &lo, &hi);
         break;
     }
     case 2: { /* read VTL0's registers */

@@ -508,8 +508,15 @@ class VsmBackend(MachineExtension):
     def tlb_wait(self, vp: VirtualProcessor) -> None:
         """Park a VP whose flush hit a TLB lock until the locking VTL returns (then it retries)."""
         vsm = self.vsm
-        if vsm is not None and vsm.tlb_wait_pending(vp.index):
+        if vsm is None or not vsm.tlb_wait_pending(vp.index):
+            return
+        self.machine.note_suspended(
+            vp, f"waits in a flush for {vsm.describe_tlb_locks()}", lambda: vsm.tlb_wait_pending(vp.index)
+        )
+        try:
             vp.wait(lambda: not vsm.tlb_wait_pending(vp.index))
+        finally:
+            self.machine.note_wake(vp)
 
     def _tlb_unlocked(self, vps: list[int]) -> None:
         for index in vps:

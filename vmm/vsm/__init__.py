@@ -360,6 +360,16 @@ class Vsm:
         """
         return vp in self.state.tlb_waiters
 
+    def describe_tlb_locks(self) -> str:
+        """The TLB locks held now, in words (for a deadlock report)."""
+        held = [
+            f"VTL {owner}'s lock on VP {vp}'s VTL {lower} TLB"
+            for vp in range(self.state.vp_count)
+            for owner in range(1, self.state.vtl_count)
+            for lower in self.state.vp_vtl(vp, owner).tlb_locks()
+        ]
+        return ", ".join(held) if held else "a TLB lock"
+
     def _tlb_lock_check(self, vp: int, vtl: int, target_vps: Sequence[int], target_vtls: Sequence[int]) -> bool:
         locked = any(self.state.tlb_locked(t, tv, vtl) for t in target_vps for tv in target_vtls)
         if locked:
