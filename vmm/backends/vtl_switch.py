@@ -39,6 +39,7 @@ _U64 = struct.Struct("<Q")
 _SYNC_REGS = int(lib.KVM_SYNC_X86_REGS)
 _WROTE_DBG = int(lib.VSM_COPY_WROTE_DBG)
 _WROTE_FPU = int(lib.VSM_COPY_WROTE_FPU)
+_CR2 = int(lib.VSM_COPY_CR2)
 
 
 def _cr2(vcpu: Vcpu) -> int:
@@ -62,9 +63,10 @@ class SharedStateCopier:
     stopped VTL) bumps the counter and so invalidates the record. When the source's value
     equals the target's, the target's KVM_SET_* is skipped.
 
-    With sync regs on both vCPUs the whole copy but CR2 is one C call
+    With sync regs on both vCPUs the whole copy is one C call
     (``vsm_copy_shared`` in vmm/kvm/_ffi_build.py) over the kvm_run buffers and records
-    allocated here once; otherwise it goes through the ioctl wrappers.
+    allocated here once (CR2 comes back to Python only when it must be written, or when the
+    exported copies are not current); otherwise it goes through the ioctl wrappers.
     """
 
     def __init__(self, vcpus: list[Vcpu]) -> None:
@@ -97,14 +99,18 @@ class SharedStateCopier:
         src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
         pair = self._pairs.get((src_vtl, dst_vtl))
         if pair is not None:
-            wrote = lib.vsm_copy_shared(pair, src.debugregs_writes, dst.debugregs_writes, src.xsave_writes, dst.xsave_writes)
+            exported = src.sregs_exported and dst.sregs_exported  # both kvm_run sregs copies current
+            wrote = lib.vsm_copy_shared(
+                pair, src.debugregs_writes, dst.debugregs_writes, src.xsave_writes, dst.xsave_writes, exported
+            )
             if wrote < 0:
                 raise KvmError("VTL switch (KVM_GET/SET_DEBUGREGS, KVM_GET/SET_XSAVE)", -wrote)
             if wrote & _WROTE_DBG:
                 dst.debugregs_writes += 1
             if wrote & _WROTE_FPU:
                 dst.xsave_writes += 1
-            self._copy_cr2(src, dst)
+            if wrote & _CR2:  # differs, or not known from kvm_run: compare and write here
+                self._copy_cr2(src, dst)
             return
         if src.sync_regs and dst.sync_regs:
             # Both in kvm_run: the shared bytes move view to view, the target's private ones stay.

@@ -344,8 +344,9 @@ struct vsm_shared_pair {
 };
 #define VSM_COPY_WROTE_DBG ...
 #define VSM_COPY_WROTE_FPU ...
+#define VSM_COPY_CR2 ...
 int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
-                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes);
+                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported);
 int vsm_install_kick_handler(void);
 int vsm_kick_signal(void);
 unsigned long vsm_thread_self(void);
@@ -474,9 +475,12 @@ struct vsm_msr_fastpath {
    differ from what it held when it last stopped. ``vsm_held`` is that record per vCPU,
    valid while the vCPU's write counter (KVM_SET_DEBUGREGS / KVM_SET_XSAVE calls made by
    anyone, kept by Python) is unchanged. Returns -errno, or VSM_COPY_WROTE_* flags for
-   the target writes done here (Python counts them). CR2 is left to the caller. */
+   the target writes done here (Python counts them), plus VSM_COPY_CR2 when the caller
+   must move CR2 itself: it differs between the two exported sregs copies, or the caller
+   says they are not both current (sregs_exported 0). */
 #define VSM_COPY_WROTE_DBG 1
 #define VSM_COPY_WROTE_FPU 2
+#define VSM_COPY_CR2 4
 
 struct vsm_held {
     uint64_t dbg_writes;
@@ -498,7 +502,7 @@ struct vsm_shared_pair {
 };
 
 int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
-                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes) {
+                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported) {
     struct kvm_regs *s = &p->src_run->s.regs.regs, *d = &p->dst_run->s.regs.regs;
     uint64_t rsp = d->rsp, rip = d->rip, rflags = d->rflags;
     *d = *s;
@@ -508,6 +512,8 @@ int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t
     p->dst_run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 
     int wrote = 0;
+    if (!sregs_exported || p->src_run->s.regs.sregs.cr2 != p->dst_run->s.regs.sregs.cr2)
+        wrote |= VSM_COPY_CR2;
     struct vsm_held *src = p->src_held, *dst = p->dst_held;
     struct kvm_debugregs dbg;
     if (ioctl(p->src_fd, KVM_GET_DEBUGREGS, &dbg) < 0)
