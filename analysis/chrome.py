@@ -8,13 +8,15 @@ event when it was not. Hypercalls get their own track because their slices may
 straddle a stint boundary (a VTL call ends in the other VTL), and complete events on
 one track must nest. Timestamps are µs since trace start with ns precision.
 
-The JSON is written from collected slices of the derived tables, formatted as text by
-Polars (a per-event Python dict cost minutes on a 10-million-event trace), so memory
-stays bounded by the derived tables and one slice of text.
+The JSON lines are formatted as text by Polars (a per-event Python dict cost minutes on a
+10-million-event trace) and streamed to the file by one Polars sink, so the text is never
+held whole in memory (nor turned into Python strings).
 """
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -90,10 +92,17 @@ def _us_text(ns: pl.Expr) -> pl.Expr:
 
 
 def _str_text(col: str) -> pl.Expr:
-    """A string column as JSON text (``null`` for null)."""
-    c = pl.col(col).cast(pl.String)
-    quoted = pl.concat_str([pl.lit('"'), c.str.replace_all("\\", "\\\\", literal=True).str.replace_all('"', '\\"', literal=True), pl.lit('"')])
-    return pl.when(c.is_null()).then(pl.lit("null")).otherwise(quoted)
+    """A string column as JSON text (``null`` for null): ``json.dumps`` of each distinct value.
+
+    Every string column of the export is a dictionary column (names, reasons, access
+    types), so the distinct values are few and Polars maps each row to its text.
+    """
+    return pl.col(col).cast(pl.String).map_batches(_json_series, return_dtype=pl.String)
+
+
+def _json_series(s: pl.Series) -> pl.Series:
+    table = {v: json.dumps(v) for v in s.drop_nulls().unique().to_list()}
+    return s.replace_strict(table, default="null", return_dtype=pl.String).fill_null("null")
 
 
 def _int_text(col: str) -> pl.Expr:
@@ -128,39 +137,81 @@ def _hypercall_lines(lf: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def _hex_series(s: pl.Series) -> pl.Series:
-    """Hex digits of small non-negative integers (hypercall codes): one format per distinct value."""
+    """Hex digits of non-negative integers (codes, addresses): one format per distinct value."""
     table = {v: f"{v:x}" for v in s.drop_nulls().unique().to_list()}
     return s.replace_strict(table, default=None, return_dtype=pl.String)
 
 
-def write_chrome(lf: pl.LazyFrame, out: IO[str], on_events: Callable[[int], object] | None = None) -> int:
-    """Write the JSON object format to ``out``; returns the number of trace events.
+def _hex_text(col: str) -> pl.Expr:
+    """An integer column as the JSON string ``"0x..."`` (``null`` for null), as ``_hex`` writes it."""
+    digits = pl.col(col).map_batches(_hex_series, return_dtype=pl.String)
+    return pl.when(pl.col(col).is_null()).then(pl.lit("null")).otherwise(pl.concat_str([pl.lit('"0x'), digits, pl.lit('"')]))
 
-    Stint and hypercall events (nearly all of them) are formatted as JSON text by Polars,
-    a slice of rows at a time; ``chrome_events`` is the same content as Python dicts.
-    ``on_events(n)`` is called as events are written (``n`` new ones), so callers can show progress.
+
+def _intercept_lines(lf: pl.LazyFrame) -> pl.LazyFrame:
+    name = pl.concat_str([pl.lit("intercept "), pl.col("access").fill_null("None")]).alias("_name")
+    return T.intercepts(lf).with_columns(name).select(
+        pl.concat_str([
+            pl.lit(f'{{"ph":"i","s":"t","pid":{PID},"tid":'), _int_text("vp"), pl.lit(',"name":'), _str_text("_name"),
+            pl.lit(',"cat":"intercept","ts":'), _us_text(pl.col("time_ns")), pl.lit(',"args":{"seq":'), _int_text("seq"),
+            pl.lit(',"vtl":'), _int_text("vtl"), pl.lit(',"gpa":'), _hex_text("gpa"), pl.lit(',"gva":'), _hex_text("gva"),
+            pl.lit(',"rip":'), _hex_text("rip"), pl.lit("}}"),
+        ]).alias("line")
+    )  # fmt: skip
+
+
+class _LineSink(io.RawIOBase):
+    """Where the Polars sink writes: passes the bytes on to ``out`` and counts the events (lines) for progress."""
+
+    def __init__(self, out: IO[str] | IO[bytes], on_events: Callable[[int], object] | None) -> None:
+        super().__init__()
+        text = isinstance(out, io.TextIOBase)
+        self._bytes: IO[bytes] | None = getattr(out, "buffer", None) if text else out  # type: ignore[assignment]
+        self._text = out if self._bytes is None else None
+        self._decode = codecs.getincrementaldecoder("utf-8")().decode
+        self._on_events = on_events
+        self.lines = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        n = data.count(b"\n")
+        if self._bytes is not None:
+            self._bytes.write(data)
+        else:
+            self._text.write(self._decode(data))  # type: ignore[union-attr]
+        self.lines += n
+        if n and self._on_events is not None:
+            self._on_events(n)
+        return len(data)
+
+
+def write_chrome(lf: pl.LazyFrame, out: IO[str] | IO[bytes], on_events: Callable[[int], object] | None = None) -> int:
+    """Write the JSON object format to ``out`` (text or binary); returns the number of trace events.
+
+    Stint, hypercall and intercept events (all but the few metadata ones) are formatted as
+    JSON text by Polars and streamed to ``out`` by one sink, a line per event, each after a
+    comma; ``chrome_events`` is the same content as Python dicts. ``on_events(n)`` is called
+    as events are written (``n`` new ones), so callers can show progress.
     """
-    out.write('{"displayTimeUnit": "ns", "otherData": {"generator": "vsmtrace export"}, "traceEvents": [\n')
-    n = 0
 
-    def put(lines: list[str]) -> None:
-        nonlocal n
-        if not lines:
-            return
-        out.write((",\n" if n else "") + ",\n".join(lines))
-        n += len(lines)
-        if on_events is not None:
-            on_events(len(lines))
+    def put(text: str) -> None:
+        out.write(text if isinstance(out, io.TextIOBase) else text.encode())  # type: ignore[arg-type]
 
+    put('{"displayTimeUnit": "ns", "otherData": {"generator": "vsmtrace export"}, "traceEvents": [\n')
     vps = sorted(lf.select(pl.col("vp").unique()).collect(engine=T.COLLECT_ENGINE)["vp"].to_list())
-    put([json.dumps(ev, separators=(",", ":")) for ev in _metadata_events(vps)])
-    for q in (_stint_lines(lf), _hypercall_lines(lf)):
-        df = q.collect(engine=T.COLLECT_ENGINE)
-        for chunk in df.iter_slices(_SLICE):
-            put(chunk["line"].to_list())
-    put([json.dumps(ev, separators=(",", ":")) for ev in _intercept_events(lf)])
-    out.write("\n]}\n")
-    return n
+    meta = [json.dumps(ev, separators=(",", ":")) for ev in _metadata_events(vps)]  # never empty: the process name
+    put(",\n".join(meta) + "\n")
+    if on_events is not None:
+        on_events(len(meta))
+    out.flush()  # the sink writes below what is buffered here
+    lines = pl.concat([_stint_lines(lf), _hypercall_lines(lf), _intercept_lines(lf)]).select(pl.concat_str([pl.lit(","), pl.col("line")]))
+    sink = _LineSink(out, on_events)
+    lines.sink_csv(sink, include_header=False, quote_style="never", engine=T.COLLECT_ENGINE)  # type: ignore[arg-type]
+    put("]}\n")
+    return len(meta) + sink.lines
 
 
 def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str], on_events: Callable[[int], object] | None = None) -> int:
@@ -168,7 +219,7 @@ def export_chrome(lf: pl.LazyFrame, path: str | os.PathLike[str], on_events: Cal
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "wb") as f:
             n = write_chrome(lf, f, on_events)
         os.replace(tmp, p)
     except BaseException:

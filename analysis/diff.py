@@ -4,18 +4,27 @@ Two runs of the same guest should make the same requests in the same order; timi
 differs. So the divergence search compares, row by row in seq order, every column
 except the timing ones (``NONDETERMINISTIC``: seq, time_ns, duration_ns, deadline_ns and
 the EMULATION I/O log, which records time reads): kind, vp, vtl, rip and each kind's fields. Dictionary columns are compared as strings (two
-traces number their dictionaries independently). Rows are compared in chunks, so two
-large traces are never held in memory at once.
+traces number their dictionaries independently). Rows are compared in windows, so two
+large traces are never held in memory at once: traces (paths or opened ``Trace``s) are
+read a record batch at a time and each aligned window is compared column by column with
+Arrow's equality, and only a window that differs is searched row by row; frames are
+compared a chunk of rows at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from vsmtrace.analysis import tables as T
+from vsmtrace.analysis.load import TraceLike, load
+from vsmtrace.recorder.reader import Trace, open_trace
+from vsmtrace.recorder.schema import arrow_schema
 
 __all__ = ["NONDETERMINISTIC", "Divergence", "TraceDiff", "diff_traces", "first_divergence", "format_diff"]
 
@@ -55,17 +64,36 @@ def _comparable(lf: pl.LazyFrame, ignore: Sequence[str]) -> tuple[pl.LazyFrame, 
 
 
 def first_divergence(
-    a: pl.LazyFrame,
-    b: pl.LazyFrame,
+    a: TraceLike,
+    b: TraceLike,
     ignore: Sequence[str] = NONDETERMINISTIC,
     chunk: int = _CHUNK,
     on_rows: Callable[[int], object] | None = None,
 ) -> Divergence | None:
     """The first row where the compared columns differ, or where one trace ends early; None if equal.
 
-    ``ignore`` names the columns not compared (default ``NONDETERMINISTIC``); ``on_rows(n)``
-    is told each time another ``n`` rows have been compared (progress).
+    ``a`` and ``b`` are traces (paths, opened ``Trace``s: read batch by batch) or frames
+    (compared ``chunk`` rows at a time). ``ignore`` names the columns not compared (default
+    ``NONDETERMINISTIC``); ``on_rows(n)`` is told each time another ``n`` rows have been
+    compared (progress).
     """
+    ta, tb = _as_trace(a), _as_trace(b)
+    if ta is not None and tb is not None:
+        return _first_divergence_batches(ta, tb, ignore, on_rows)
+    return _first_divergence_frames(load(a), load(b), ignore, chunk, on_rows)
+
+
+def _as_trace(x: TraceLike) -> Trace | None:
+    if isinstance(x, Trace):
+        return x
+    if isinstance(x, str | os.PathLike):
+        return open_trace(x)
+    return None
+
+
+def _first_divergence_frames(
+    a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str], chunk: int, on_rows: Callable[[int], object] | None
+) -> Divergence | None:
     la, cols_a = _comparable(a, ignore)
     lb, cols_b = _comparable(b, ignore)
     cols = [c for c in cols_a if c in cols_b]
@@ -76,25 +104,102 @@ def first_divergence(
         db = lb.slice(off, chunk).collect()
         n = min(da.height, db.height)
         if n:
-            x, y = da.head(n), db.head(n)
-            diff = pl.DataFrame({c: x[c].ne_missing(y[c]) for c in cols})
-            bad = diff.select(pl.any_horizontal(pl.all()).arg_true().first()).item()
-            if bad is not None:
-                which = [c for c in cols if diff[c][bad]]
-                show = list(dict.fromkeys(["kind", "vp", "vtl", *which]))
-                return Divergence(off + bad, x["seq"][bad], y["seq"][bad], which,
-                                  {c: x[c][bad] for c in show}, {c: y[c][bad] for c in show})  # fmt: skip
+            d = _row_divergence(da.head(n), db.head(n), cols, off)
+            if d is not None:
+                return d
         if on_rows is not None:
             on_rows(n)
         if da.height != db.height:
-            i = off + n
-            ra = da.row(n, named=True) if da.height > n else None
-            rb = db.row(n, named=True) if db.height > n else None
-            short = "<end of A>" if ra is None else "<end of B>"
-            keep = ("kind", "vp", "vtl", "rip")
-            return Divergence(i, ra and ra["seq"], rb and rb["seq"], [short],
-                              {k: ra[k] for k in keep} if ra else {}, {k: rb[k] for k in keep} if rb else {})  # fmt: skip
+            return _end_divergence(off + n, da.slice(n, 1) if da.height > n else None, db.slice(n, 1) if db.height > n else None)
     return None
+
+
+def _row_divergence(x: pl.DataFrame, y: pl.DataFrame, cols: list[str], off: int) -> Divergence | None:
+    """The first differing row of two equally long windows starting at row ``off``, if any."""
+    diff = pl.DataFrame({c: x[c].ne_missing(y[c]) for c in cols})
+    bad = diff.select(pl.any_horizontal(pl.all()).arg_true().first()).item()
+    if bad is None:
+        return None
+    which = [c for c in cols if diff[c][bad]]
+    show = list(dict.fromkeys(["kind", "vp", "vtl", *which]))
+    return Divergence(off + bad, x["seq"][bad], y["seq"][bad], which,
+                      {c: x[c][bad] for c in show}, {c: y[c][bad] for c in show})  # fmt: skip
+
+
+def _end_divergence(i: int, ra_df: pl.DataFrame | None, rb_df: pl.DataFrame | None) -> Divergence:
+    """One trace ends at row ``i``; the other's next row (a one-row frame) is shown."""
+    ra = ra_df.row(0, named=True) if ra_df is not None else None
+    rb = rb_df.row(0, named=True) if rb_df is not None else None
+    short = "<end of A>" if ra is None else "<end of B>"
+    keep = ("kind", "vp", "vtl", "rip")
+    return Divergence(i, ra and ra["seq"], rb and rb["seq"], [short],
+                      {k: ra[k] for k in keep} if ra else {}, {k: rb[k] for k in keep} if rb else {})  # fmt: skip
+
+
+def _batch_columns(t: Trace, ignore: Sequence[str]) -> list[str]:
+    """The compared columns of ``t``: every schema column (a trace may lack newer ones) and its own extras."""
+    names = list(dict.fromkeys([*arrow_schema().names, *t.schema.names]))
+    return [c for c in names if c not in ignore and c != "seq"]
+
+
+def _batches(t: Trace, cols: list[str]) -> Iterator[pa.RecordBatch]:
+    """``seq`` and ``cols`` of every batch of ``t``; a column the trace lacks is all null."""
+    full = arrow_schema()
+    have = set(t.schema.names)
+    for rb in t.batches(["seq", *[c for c in cols if c in have]], threads=False):
+        n = rb.num_rows
+        arrays = [rb.column(c) if c in have else pa.nulls(n, full.field(c).type) for c in ("seq", *cols)]
+        yield pa.RecordBatch.from_arrays(arrays, names=["seq", *cols])
+
+
+def _same(x: pa.Array, y: pa.Array) -> bool:
+    """Equal values (nulls equal): dictionary columns by value, whatever each trace's dictionary numbering."""
+    if pa.types.is_dictionary(x.type) and pa.types.is_dictionary(y.type):
+        if x.dictionary.equals(y.dictionary):
+            return x.indices.equals(y.indices)
+        return x.dictionary_decode().equals(y.dictionary_decode())
+    return x.equals(y)
+
+
+def _frame(rb: pa.RecordBatch) -> pl.DataFrame:
+    """A window as Polars compares and shows it (dictionary columns as strings)."""
+    df = pl.from_arrow(rb)
+    assert isinstance(df, pl.DataFrame)
+    return df.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String))
+
+
+def _first_divergence_batches(a: Trace, b: Trace, ignore: Sequence[str], on_rows: Callable[[int], object] | None) -> Divergence | None:
+    ca, cb = _batch_columns(a, ignore), _batch_columns(b, ignore)
+    cols = [c for c in ca if c in cb]
+    ia, ib = _batches(a, cols), _batches(b, cols)
+    xa: pa.RecordBatch | None = None
+    xb: pa.RecordBatch | None = None
+    oa = ob = pos = 0
+    while True:
+        while xa is None or (oa == xa.num_rows and xa is not None):
+            xa, oa = next(ia, None), 0
+            if xa is None:
+                break
+        while xb is None or (ob == xb.num_rows and xb is not None):
+            xb, ob = next(ib, None), 0
+            if xb is None:
+                break
+        if xa is None or xb is None:
+            break
+        n = min(xa.num_rows - oa, xb.num_rows - ob)
+        wa, wb = xa.slice(oa, n), xb.slice(ob, n)
+        if not all(_same(wa.column(i), wb.column(i)) for i in range(1, wa.num_columns)):
+            d = _row_divergence(_frame(wa), _frame(wb), cols, pos)
+            if d is not None:
+                return d
+        pos, oa, ob = pos + n, oa + n, ob + n
+        if on_rows is not None:
+            on_rows(n)
+    if xa is None and xb is None:
+        return None
+    rest_a = _frame(xa.slice(oa, 1)) if xa is not None else None
+    rest_b = _frame(xb.slice(ob, 1)) if xb is not None else None
+    return _end_divergence(pos, rest_a, rest_b)
 
 
 def _side_by_side(a: pl.DataFrame, b: pl.DataFrame, key: list[str], cols: list[str]) -> pl.DataFrame:
@@ -105,10 +210,26 @@ def _side_by_side(a: pl.DataFrame, b: pl.DataFrame, key: list[str], cols: list[s
 
 
 def diff_traces(
-    a: pl.LazyFrame, b: pl.LazyFrame, ignore: Sequence[str] = NONDETERMINISTIC, on_rows: Callable[[int], object] | None = None
+    a: TraceLike, b: TraceLike, ignore: Sequence[str] = NONDETERMINISTIC, on_rows: Callable[[int], object] | None = None
 ) -> TraceDiff:
-    """Counts and latencies of A and B side by side, and their first divergence (``on_rows``: progress)."""
-    ca, cb = T.event_counts(a).collect(), T.event_counts(b).collect()
+    """Counts and latencies of A and B side by side, and their first divergence (``on_rows``: progress).
+
+    A and B are traces (paths or opened ``Trace``s: the divergence search reads their
+    batches) or frames. The six tables are collected together, so each trace's shared
+    subplans (hypercalls, transitions) run once, and on a worker thread while the rows are
+    compared (Polars and Arrow release the GIL: the two overlap on a second core).
+    """
+    la, lb = load(a), load(b)
+    lat = ["count", "p50_ns", "p99_ns"]
+    queries = (
+        [T.event_counts(la), T.event_counts(lb)]
+        + [T.hypercall_stats(T.hypercalls(x, bound_fallback=False), by=("name",)) for x in (la, lb)]
+        + [T.transition_latency(T.vtl_transitions(x), by=("reason",)) for x in (la, lb)]
+    )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tables = pool.submit(pl.collect_all, queries, engine=T.COLLECT_ENGINE)
+        div = first_divergence(a, b, ignore, on_rows=on_rows)
+        ca, cb, ha, hb, ra, rb = tables.result()
     counts = (
         ca.rename({"events": "a"})
         .join(cb.rename({"events": "b"}), on="kind", how="full", coalesce=True)
@@ -116,18 +237,9 @@ def diff_traces(
         .with_columns((pl.col("b") - pl.col("a")).alias("delta"))
         .sort(["a", "kind"], descending=[True, False])
     )
-    lat = ["count", "p50_ns", "p99_ns"]
-    hc = _side_by_side(
-        T.hypercall_stats(T.hypercalls(a, bound_fallback=False), by=("name",)).collect(),
-        T.hypercall_stats(T.hypercalls(b, bound_fallback=False), by=("name",)).collect(),
-        ["name"], lat,
-    )  # fmt: skip
-    tr = _side_by_side(
-        T.transition_latency(T.vtl_transitions(a), by=("reason",)).collect(),
-        T.transition_latency(T.vtl_transitions(b), by=("reason",)).collect(),
-        ["reason"], lat,
-    )  # fmt: skip
-    return TraceDiff(counts, hc, tr, first_divergence(a, b, ignore, on_rows=on_rows), int(ca["events"].sum()), int(cb["events"].sum()))
+    hc = _side_by_side(ha, hb, ["name"], lat)
+    tr = _side_by_side(ra, rb, ["reason"], lat)
+    return TraceDiff(counts, hc, tr, div, int(ca["events"].sum()), int(cb["events"].sum()))
 
 
 #: Columns whose values read as addresses, ports, bit masks or register values: always hex.

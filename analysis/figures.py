@@ -2,7 +2,10 @@
 
 Each function takes the event LazyFrame from ``load`` and an output path, collects only
 the derived table it draws (capped to a fixed number of marks, so a 10-million-event
-trace still plots in seconds), and writes PNG or SVG by the path's suffix. Output files
+trace still plots in seconds), and writes PNG or SVG by the path's suffix.
+``figure_queries`` and ``draw_figures`` split the same work in two, so ``write_figures``
+(and the report, with its own tables) collects every figure's table in one
+``collect_all``, where shared subplans (transitions, stints, hypercalls) run once. Output files
 are byte-identical for identical traces: no dates or software versions in the
 metadata, a fixed SVG hash salt, and no randomness in what is drawn.
 """
@@ -19,18 +22,34 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from vsmtrace.analysis import tables as T  # noqa: E402
+from vsmtrace.analysis.figure_tables import (  # noqa: E402
+    FIGURE_NAMES,
+    MAX_POINTS,
+    MAX_STINTS,
+    cdf_samples,
+    figure_queries,
+    protection_runs,
+    timeline_bars,
+)
 
 __all__ = [
     "FIGURES",
+    "cdf_samples",
+    "draw_figures",
+    "figure_queries",
     "hypercall_mix",
     "intercept_scatter",
     "latency_cdf",
     "protection_map",
+    "protection_runs",
     "save",
+    "timeline_bars",
     "vtl_timeline",
     "write_figures",
 ]
@@ -38,8 +57,6 @@ __all__ = [
 ENGINE = T.COLLECT_ENGINE
 VTL_COLORS = {0: "#4C72B0", 1: "#DD8452", 2: "#55A868"}
 ACCESS_MARKERS = {"read": ("o", "#4C72B0"), "write": ("x", "#C44E52"), "execute": ("^", "#55A868")}
-MAX_STINTS = 20000  # per figure: beyond this, stints are merged per VP into time bins
-MAX_POINTS = 50000
 
 _RC = {
     "svg.hashsalt": "vsmtrace",
@@ -103,7 +120,11 @@ def _time_unit(span_ns: float) -> tuple[float, str]:
 
 def vtl_timeline(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
     """Which VTL each VP was in over time: one row per VP, one bar per stint, colour = VTL."""
-    stints = T.vtl_stints(lf).collect(engine=ENGINE)
+    return _draw_one("vtl_timeline", lf, path, note)
+
+
+def _vtl_timeline(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], note: str | None) -> Path:
+    stints = data["stints"]
     with plt.rc_context(_RC):
         fig, ax = _figure(height=1.4 + 0.5 * max(1, stints["vp"].n_unique() if stints.height else 1))
         if stints.height == 0:
@@ -143,7 +164,11 @@ def vtl_timeline(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | Non
 
 def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20, note: str | None = None) -> Path:
     """How many times each hypercall was made, stacked by calling VTL (top ``top`` names)."""
-    stats = T.hypercall_stats(T.hypercalls(lf, bound_fallback=False), by=("name", "vtl")).collect(engine=ENGINE)
+    return _draw_one("hypercall_mix", lf, path, note, top=top)
+
+
+def _hypercall_mix(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], note: str | None, top: int = 20) -> Path:
+    stats = data["call_mix"]
     with plt.rc_context(_RC):
         if stats.height == 0:
             fig, ax = _figure()
@@ -170,16 +195,11 @@ def hypercall_mix(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 20,
 MARK_SAMPLES = 30
 
 
-def _cdf(ax: plt.Axes, values: pl.Series, label: str) -> None:
-    v = values.drop_nulls().sort()
-    total = v.len()
+def _cdf(ax: plt.Axes, values: list[int], total: int, label: str) -> None:
     if total == 0:
         return
-    if total > MAX_POINTS:  # evenly spaced order statistics keep the curve exact at this resolution
-        idx = pl.int_range(0, MAX_POINTS, eager=True) * (total - 1) // (MAX_POINTS - 1)
-        v = v.gather(idx)
-    n = v.len()
-    xs = (v / 1e3).to_list()
+    n = len(values)
+    xs = [x / 1e3 for x in values]
     ys = [(i + 1) / n for i in range(n)]
     # Start the curve at (first value, 0): a one-sample series is then a visible vertical
     # step from 0 to 1 instead of a single invisible point; few samples also get markers.
@@ -190,19 +210,20 @@ def _cdf(ax: plt.Axes, values: pl.Series, label: str) -> None:
 
 def latency_cdf(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 6, note: str | None = None) -> Path:
     """Latency CDFs: VTL transitions (entry → return) per entry reason, and the ``top`` most frequent hypercalls."""
-    tr = T.vtl_transitions(lf).select("reason", "latency_ns").collect(engine=ENGINE)
-    calls = T.hypercalls(lf, bound_fallback=False).select("name", "latency_ns").collect(engine=ENGINE)
+    return _draw_one("latency_cdf", lf, path, note, top=top)
+
+
+def _latency_cdf(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], note: str | None, top: int = 6) -> Path:
+    tr, calls = data["transition_latency"], data["call_latency"]
     with plt.rc_context(_RC):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
         for ax, df, key, what in ((a1, tr, "reason", "VTL transitions"), (a2, calls, "name", "hypercalls")):
-            df = df.filter(pl.col("latency_ns").is_not_null() & (pl.col("latency_ns") > 0))
             if df.height == 0:
                 _empty(ax, f"timed {what}")
                 _title(ax, f"{what}: latency CDF", note)
                 continue
-            groups = df.group_by(key).len().sort(["len", key], descending=[True, False]).head(top)[key].to_list()
-            for g in groups:
-                _cdf(ax, df.filter(pl.col(key) == g)["latency_ns"], str(g))
+            for g, total, values in df.sort(["n", key], descending=[True, False]).head(top).select(key, "n", "values").iter_rows():
+                _cdf(ax, values, total, str(g))
             ax.set_xscale("log")
             ax.set_xlabel("latency (µs, log scale)")
             ax.set_ylabel("fraction ≤ latency")
@@ -215,15 +236,18 @@ def latency_cdf(lf: pl.LazyFrame, path: str | os.PathLike[str], top: int = 6, no
 
 def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
     """VTL protections as guest-physical page × time: each page's mask drawn from its change until the next one."""
-    pp = T.protection_pages(lf).collect(engine=ENGINE)
-    t_end = lf.select(pl.col("time_ns").max()).collect(engine=ENGINE).item() or 0
+    return _draw_one("protection_map", lf, path, note)
+
+
+def _protection_map(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], note: str | None) -> Path:
+    runs = data["protection_runs"]
+    t_end = data["t_end"].item() or 0
     with plt.rc_context(_RC):
         fig, ax = _figure(height=5)
-        if pp.height == 0:
+        if runs.height == 0:
             _empty(ax, "VTL protection changes")
             _title(ax, "VTL protection map", note)
             return save(fig, path)
-        runs = protection_runs(pp, t_end)
         # Full-access pages are the background; what a reader wants to see is where access
         # is restricted, so the y axis spans the restricted pages (with some margin).
         restricted = runs.filter(~pl.col("new_mask").is_in(list(FULL_ACCESS_MASKS)))
@@ -237,13 +261,16 @@ def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | N
         vtls = sorted(runs["target_vtl"].unique().to_list())
         for m in masks:
             s = runs.filter(pl.col("new_mask") == m)
-            x0 = (s["time_ns"] / div).to_list()
-            w = ((s["until_ns"] - s["time_ns"]) / div).to_list()
-            y = s["first"].cast(pl.Float64).to_list()
-            h = s["pages"].cast(pl.Float64).to_list()
-            # A thin white edge keeps two adjacent runs with different masks visibly apart.
-            ax.barh(y, w, left=x0, height=h, align="edge", color=colors[m], label=f"mask {m:#x} ({_mask_name(m)})",
-                    edgecolor="white", linewidth=0.4)  # fmt: skip
+            x0, x1 = (s["time_ns"] / div).to_numpy(), (s["until_ns"] / div).to_numpy()
+            y0 = s["first"].cast(pl.Float64).to_numpy()
+            y1 = y0 + s["pages"].cast(pl.Float64).to_numpy()
+            # One collection of rectangles per mask: a bar artist each (barh) was 20,000 artists
+            # and most of a 10-million-event report's time. A thin white edge keeps two
+            # adjacent runs with different masks visibly apart.
+            boxes = np.stack([np.column_stack(c) for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], axis=1)
+            ax.add_collection(PolyCollection(boxes, facecolors=colors[m], edgecolors="white", linewidths=0.4,
+                                             label=f"mask {m:#x} ({_mask_name(m)})"))  # fmt: skip
+        ax.set_xlim(0, max(t_end, 1) / div * 1.02)
         lo = float(runs["first"].min())  # type: ignore[arg-type]
         hi = float((runs["first"] + runs["pages"]).max())  # type: ignore[operator]
         margin = max((hi - lo) * 0.1, 4)
@@ -256,26 +283,6 @@ def protection_map(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | N
                else f"VTL protection map ({views}'s view)", note)  # fmt: skip
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
         return save(fig, path)
-
-
-def protection_runs(pp: pl.DataFrame, t_end: int) -> pl.DataFrame:
-    """The bars of the protection map: runs of consecutive pages of one VTL's view with one mask and one lifetime.
-
-    Enabling protections touches every page of RAM at once, and a bar per page would be
-    tens of thousands of artists. A run never spans two masks, two views or two lifetimes.
-    Columns: target_vtl, new_mask, time_ns, until_ns, first (page), pages.
-    """
-    keys = ["target_vtl", "new_mask", "time_ns", "until_ns"]
-    return (
-        pp.with_columns(pl.col("until_ns").fill_null(t_end))
-        .unique(subset=[*keys, "page"])
-        .sort([*keys, "page"])
-        .with_columns((pl.col("page").cast(pl.Int64) - pl.int_range(pl.len()).over(keys)).alias("run"))
-        .group_by([*keys, "run"])
-        .agg(pl.col("page").min().alias("first"), pl.len().alias("pages"))
-        .sort([*keys, "first"])
-        .drop("run")
-    )
 
 
 #: HV_MAP_GPA masks that allow everything (with and without user-execute).
@@ -297,7 +304,11 @@ def _mask_name(mask: int) -> str:
 
 def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None = None) -> Path:
     """Secure memory intercepts: time × guest-physical page, marker per access type."""
-    ic = T.intercepts(lf).select("time_ns", "gpa", "access").collect(engine=ENGINE)
+    return _draw_one("intercept_scatter", lf, path, note)
+
+
+def _intercept_scatter(data: dict[str, pl.DataFrame], path: str | os.PathLike[str], note: str | None) -> Path:
+    ic = data["intercepts"]
     with plt.rc_context(_RC):
         fig, ax = _figure(height=4.5)
         if ic.height == 0:
@@ -310,7 +321,7 @@ def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str 
         for access in sorted(ic["access"].drop_nulls().unique().to_list()):
             s = ic.filter(pl.col("access") == access)
             marker, color = ACCESS_MARKERS.get(access, (".", "0.3"))
-            ax.scatter((s["time_ns"] / div).to_list(), (s["gpa"] // 4096).cast(pl.Float64).to_list(), s=14, marker=marker,
+            ax.scatter((s["time_ns"] / div).to_numpy(), (s["gpa"] // 4096).cast(pl.Float64).to_numpy(), s=14, marker=marker,
                        color=color, label=f"{access} ({s.height})", linewidths=0.8)  # fmt: skip
         pages = (ic["gpa"] // 4096).cast(pl.Float64)
         lo, hi = float(pages.min()), float(pages.max())  # type: ignore[arg-type]
@@ -325,6 +336,7 @@ def intercept_scatter(lf: pl.LazyFrame, path: str | os.PathLike[str], note: str 
         return save(fig, path)
 
 
+#: Every figure by name (the order of FIGURE_NAMES).
 FIGURES = {
     "vtl_timeline": vtl_timeline,
     "hypercall_mix": hypercall_mix,
@@ -332,6 +344,40 @@ FIGURES = {
     "protection_map": protection_map,
     "intercept_scatter": intercept_scatter,
 }
+
+
+_DRAW: dict[str, Callable[..., Path]] = {
+    "vtl_timeline": _vtl_timeline,
+    "hypercall_mix": _hypercall_mix,
+    "latency_cdf": _latency_cdf,
+    "protection_map": _protection_map,
+    "intercept_scatter": _intercept_scatter,
+}
+
+
+def draw_figures(
+    data: dict[str, pl.DataFrame],
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = ("png",),
+    note: str | None = None,
+    on_figure: Callable[[str], object] | None = None,
+) -> list[Path]:
+    """Draw every figure from the collected ``figure_queries`` into ``out_dir`` as ``<name>.<fmt>``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in FIGURE_NAMES:
+        for fmt in formats:
+            if on_figure is not None:
+                on_figure(f"{name}.{fmt}")
+            paths.append(_DRAW[name](data, out / f"{name}.{fmt}", note))
+    return paths
+
+
+def _draw_one(name: str, lf: pl.LazyFrame, path: str | os.PathLike[str], note: str | None, **kw: Any) -> Path:
+    qs = figure_queries(lf, [name])
+    data = dict(zip(qs, pl.collect_all(list(qs.values()), engine=ENGINE), strict=True))
+    return _DRAW[name](data, path, note, **kw)
 
 
 def write_figures(
@@ -344,14 +390,9 @@ def write_figures(
     """Write every figure into ``out_dir`` as ``<name>.<fmt>``; returns the paths written.
 
     ``note`` (e.g. that the trace is partial) goes into every title; ``on_figure(name)`` is
-    called before each figure is drawn (progress).
+    called before each figure is drawn (progress). The figures' tables are collected in one
+    ``collect_all`` first.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, fn in FIGURES.items():
-        for fmt in formats:
-            if on_figure is not None:
-                on_figure(f"{name}.{fmt}")
-            paths.append(fn(lf, out / f"{name}.{fmt}", note=note))
-    return paths
+    qs = figure_queries(lf)
+    data = dict(zip(qs, pl.collect_all(list(qs.values()), engine=ENGINE), strict=True))
+    return draw_figures(data, out_dir, formats, note, on_figure)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 from vsmtrace.analysis import tables as T
 
-__all__ = ["Summary", "format_report", "summarize", "summary_from", "summary_queries"]
+__all__ = ["Summary", "format_report", "summarize", "summarize_with_figures", "summary_from", "summary_queries"]
 
 
 @dataclass
@@ -34,6 +38,32 @@ class Summary:
 def summarize(lf: pl.LazyFrame, bound_fallback: bool = True) -> Summary:
     """Collect every summary table in one ``collect_all`` so Polars can share the scans."""
     return summary_from(pl.collect_all(summary_queries(lf, bound_fallback), engine=T.COLLECT_ENGINE))
+
+
+def summarize_with_figures(
+    lf: pl.LazyFrame,
+    out_dir: str | os.PathLike[str],
+    formats: Sequence[str] = ("png",),
+    note: str | None = None,
+    on_figure: Callable[[str], object] | None = None,
+) -> tuple[Summary, list[Path]]:
+    """``summarize`` and ``figures.write_figures`` from one ``collect_all`` (what ``vsmtrace report`` does).
+
+    The figures draw transitions, stints and hypercalls the summary also derives: collected
+    together, those run once instead of twice. The collect runs on a worker thread while
+    matplotlib is imported (Polars releases the GIL). ``on_figure`` as in ``write_figures``.
+    """
+    from vsmtrace.analysis.figure_tables import figure_queries
+
+    sq = summary_queries(lf)
+    fq = figure_queries(lf)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        collected = pool.submit(pl.collect_all, [*sq, *fq.values()], engine=T.COLLECT_ENGINE)
+        from vsmtrace.analysis.figures import draw_figures  # matplotlib: only when figures are wanted
+
+        dfs = collected.result()
+    figures = dict(zip(fq, dfs[len(sq):], strict=True))
+    return summary_from(dfs[: len(sq)]), draw_figures(figures, out_dir, formats, note, on_figure)
 
 
 def summary_queries(lf: pl.LazyFrame, bound_fallback: bool = True) -> list[pl.LazyFrame]:

@@ -115,6 +115,11 @@ def floor_rounds(mode: str, n: int, rounds: int) -> tuple[list[float], int]:
     return [t / n for t in got[mode]], khz
 
 
+def floor_vmm_cmd(kernel: Path | str, append: str) -> list[str]:
+    """bench/floor_vmm: ``kernel`` booted by vsmtrace with its timed round trips served in C."""
+    return [sys.executable, str(BENCH_DIR / "floor_vmm"), str(kernel), append]
+
+
 def timed(cmd: list[str], clock: str = "wall") -> float:
     """Seconds ``cmd`` took: ``wall`` time, or ``cpu`` time (user + system of the process).
 

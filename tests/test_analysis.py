@@ -359,3 +359,67 @@ def test_msr_mix_names_synthetic_msrs_and_counts_reads_writes(tmp_path: Path) ->
     }  # fmt: skip
     text = format_report(summarize(A.load(tmp_path / "m.vsmt")))
     assert "MSRs (Hyper-V synthetic first)" in text and "GUEST_OS_ID" in text
+
+
+# ----------------------------------------------------------------------------- diff: traces read batch by batch
+
+
+def _rewrite(src: Path, dst: Path, chunk: int, edit=None) -> Path:  # type: ignore[no-untyped-def]
+    """``src``'s events as a sealed trace with ``chunk``-row batches (other batch boundaries than ``src``), optionally edited."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    table = open_trace(src).table()
+    if edit is not None:
+        table = edit(table)
+    with ipc.new_file(str(dst), table.schema) as w:
+        for b in table.combine_chunks().to_batches(max_chunksize=chunk):
+            w.write_batch(b)
+    assert open_trace(dst).sealed and pa.types.is_dictionary(table.schema.field("kind").type)
+    return dst
+
+
+def test_diff_of_traces_batch_by_batch_matches_the_frame_comparison(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    base = tmp_path / "a.vsmt"
+    write_realistic(base, 6000, vps=2, seed=3)
+    n = open_trace(base).table().num_rows
+
+    def set_rip(table: pa.Table, row: int) -> pa.Table:
+        rip = table.column("rip").combine_chunks()
+        new = pc.if_else(pa.array([i == row for i in range(n)]), pa.scalar(0xDEAD, rip.type), rip)
+        return table.set_column(table.schema.get_field_index("rip"), "rip", new)
+
+    def recode_kind(table: pa.Table, change: int | None = None) -> pa.Table:  # the same strings under other dictionary numbers
+        kind = table.column("kind").combine_chunks().dictionary_decode()
+        values = sorted(set(kind.to_pylist()), reverse=True)
+        codes = [values.index(v) for v in kind.to_pylist()]
+        if change is not None:  # and one event of another kind
+            codes[change] = (codes[change] + 1) % len(values)
+        indices = pa.array(codes, pa.int8())
+        recoded = pa.DictionaryArray.from_arrays(indices, pa.array(values))
+        return table.set_column(table.schema.get_field_index("kind"), "kind", recoded)
+
+    cases = {
+        "same": _rewrite(base, tmp_path / "same.vsmt", 777),
+        "recoded": _rewrite(base, tmp_path / "recoded.vsmt", 1000, recode_kind),
+        "rip": _rewrite(base, tmp_path / "rip.vsmt", 333, lambda t: set_rip(t, 4321)),
+        "kind": _rewrite(base, tmp_path / "kind.vsmt", 900, lambda t: recode_kind(t, change=2500)),
+        "short": _rewrite(base, tmp_path / "short.vsmt", 500, lambda t: t.slice(0, n - 17)),
+    }
+    for name, other in cases.items():
+        seen: list[int] = []
+        by_batch = diff_traces(base, other, on_rows=seen.append).divergence  # paths: read batch by batch
+        by_frame = diff_traces(A.load(base), A.load(other)).divergence
+        assert by_batch == by_frame, name
+        if name in ("same", "recoded"):
+            assert by_batch is None and sum(seen) == n, name
+    rip = diff_traces(open_trace(base), open_trace(cases["rip"])).divergence
+    assert rip is not None and (rip.index, rip.columns, rip.b["rip"]) == (4321, ["rip"], 0xDEAD)
+    kind = diff_traces(base, cases["kind"]).divergence
+    assert kind is not None and kind.index == 2500 and "kind" in kind.columns
+    short = diff_traces(base, cases["short"]).divergence
+    assert short is not None and (short.index, short.columns) == (n - 17, ["<end of B>"])
+    assert diff_traces(cases["short"], base).divergence.columns == ["<end of A>"]  # type: ignore[union-attr]

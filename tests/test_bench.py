@@ -2,7 +2,9 @@
 
 A benchmark must never print an impossible figure: the statistics refuse a figure whose
 spread exceeds its signal, and a real run of bench/floor, bench/exits, bench/hypercalls,
-bench/vtl and bench/dispatch with tiny counts prints only positive figures (or says "too noisy").
+bench/vtl, bench/dispatch and bench/cpu_floor with tiny counts prints only positive figures
+(or says "too noisy"). bench/floor_vmm, the same-guest C floor, serves exactly the timed
+round trips of the benchmark guests.
 """
 
 from __future__ import annotations
@@ -59,10 +61,27 @@ NUMBER = re.compile(r"-\d")
 @pytest.mark.parametrize(
     "script,args",
     [("floor", ["200", "2"]), ("exits", ["200", "2", "1"]), ("hypercalls", ["100", "2", "1"]), ("vtl", ["50", "5", "2", "1"]),
-     ("dispatch", ["50", "3"])],
+     ("dispatch", ["50", "3"]), ("cpu_floor", ["8000", "1", "--kind", "fast"])],
 )
 def test_benchmarks_run_and_print_no_negative_figure(kvm, script, args):
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "us" in r.stdout
     assert not NUMBER.search(r.stdout.replace("x-", "")), r.stdout
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    "guest,append,served",
+    [("hypercalls", "n=40 rounds=2", 2 * 3 * 40),  # exit, fast and memory loops, every one in C
+     ("vtl", "n=30 ni=2 ne=20 rounds=2", 2 * (20 + 2 * 30))],  # bare exits + a call and a return per round trip
+)
+def test_floor_serves_every_timed_round_trip_of_the_same_guest(kvm, guest, append, served):
+    """bench/floor_vmm answers exactly the benchmark's timed round trips in C, and the guest still checks out."""
+    from common import bench_guest, floor_vmm_cmd
+
+    r = subprocess.run(floor_vmm_cmd(bench_guest(guest), append), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr  # isa-debug-exit(0): the guest's own checks passed
+    rounds, khz = tick_lines(r.stdout)
+    assert khz and all(len(v) == 2 for v in rounds.values()), r.stdout
+    assert f"served {served}\n" in r.stdout, r.stdout

@@ -7,6 +7,7 @@ hypercalls per call) plus synthetic traces of two other configurations.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -134,6 +135,40 @@ def test_fleet_report_equals_the_single_trace_reports(local_tables: FleetTables,
         assert (row["events"], row["time_span_ns"]) == (single.events, single.time_span_ns)
 
 
+def test_unmeasured_hypercalls_take_the_reports_bound_fallback(tmp_path: Path) -> None:
+    """A trace whose hypercalls partly lack duration_ns (recorded before it existed): the fleet
+    skips the report's as-of-join fallback only when no hypercall needs it, so here it runs it
+    and the per-trace tables are still the single-trace report's, bounds included."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.ipc as ipc
+    from vsmtrace.recorder.reader import open_trace
+
+    src = tmp_path / "measured.vsmt"
+    write_realistic(src, 20_000, vps=2, seed=17)
+    table = open_trace(src).table()
+    kind = pc.cast(table.column("kind"), pa.string())
+    unmeasured = pc.and_(pc.equal(kind, "HYPERCALL"), pc.equal(pc.bit_wise_and(table.column("seq"), 1), 1))
+    i = table.schema.get_field_index("duration_ns")
+    table = table.set_column(i, table.schema.field(i), pc.if_else(unmeasured, None, table.column(i)))
+    md = json.loads(table.schema.metadata[b"vsmtrace"])
+    md["start_unix_ns"] += 1  # another recording (its own trace id)
+    old = tmp_path / "unmeasured.vsmt"
+    schema = table.schema.with_metadata({b"vsmtrace": json.dumps(md).encode()})
+    with pa.OSFile(str(old), "wb") as f, ipc.new_file(f, schema) as w:
+        w.write_table(table.cast(schema))
+    single = summarize(load(old))
+    assert int(single.hypercalls["bounded"].sum()) > 0, "the trace must need the fallback"
+    ds = tmp_path / "ds"
+    assert [r.added for r in add_traces(ds, [old, src])] == [True, True]
+    ft = fleet_tables(ds)
+    for path in (old, src):
+        trace = add_traces(ds, [path])[0].trace
+        single = summarize(load(path))
+        for name in PER_TRACE_TABLES:
+            assert_frame_equal(ft.per_trace[name].filter(pl.col("trace") == trace).drop("trace"), getattr(single, name))
+
+
 def test_group_tables_combine_exactly(local_tables: FleetTables, fleet: Fleet) -> None:
     g = local_tables.grouped
     good_sha = local_tables.traces.filter(pl.col("guest_name").str.contains("vbs_demo")).sort("start_time")["guest_sha256"][0]
@@ -212,9 +247,23 @@ def _assert_same_tables(x: FleetTables, y: FleetTables) -> None:
         assert_frame_equal(x.grouped[name], y.grouped[name])
 
 
-def test_dask_local_cluster_gives_the_same_tables(dataset: Path, local_tables: FleetTables) -> None:
+def test_dask_local_cluster_gives_the_same_tables(dataset: Path, local_tables: FleetTables, monkeypatch: pytest.MonkeyPatch) -> None:
     dask_tables = fleet_tables(dataset, by="guest_sha256", workers=2)
     _assert_same_tables(local_tables, dask_tables)
+    # a large fleet goes to the workers in batches merged there: batches of two and three traces here
+    from vsmtrace.analysis.fleet import compute
+
+    sizes: list[int] = []
+
+    def batches(specs: list, slots: int) -> list[list]:
+        out = [specs[:2], specs[2:]]
+        sizes.extend(len(b) for b in out)
+        return out
+
+    monkeypatch.setattr(compute, "_batches", batches)
+    batched = fleet_tables(dataset, by="guest_sha256", workers=2)
+    assert sorted(sizes) == [2, 3]
+    _assert_same_tables(local_tables, batched)
 
 
 def test_killing_a_worker_mid_query_still_completes(dataset: Path, fleet: Fleet, tmp_path: Path) -> None:

@@ -170,7 +170,7 @@ def test_recorded_boot_replays_bit_for_bit(which: str, request: pytest.FixtureRe
     assert m and int(m.group(1)) > 1000, r.stdout
 
 
-def test_trace_and_report_show_the_hyperv_mix_of_a_real_boot(boot2: Boot) -> None:
+def test_trace_and_report_show_the_hyperv_mix_of_a_real_boot(boot2: Boot, tmp_path: Path) -> None:
     frame = pl.from_arrow(open_trace(boot2.trace).table())
     assert isinstance(frame, pl.DataFrame)
     kind = pl.col("kind").cast(pl.String)
@@ -184,7 +184,7 @@ def test_trace_and_report_show_the_hyperv_mix_of_a_real_boot(boot2: Boot) -> Non
     calls = frame.filter(kind == "HYPERCALL")
     names = set(calls["name"].cast(pl.String).to_list())
     assert names & {"HvCallSendSyntheticClusterIpi", "HvCallSendSyntheticClusterIpiEx"}, names
-    report = run_vsmtrace(["report", str(boot2.trace)], timeout=300)
+    report = run_vsmtrace(["report", str(boot2.trace), "--out", str(tmp_path / "report")], timeout=300)
     assert report.status == 0, report.stderr
     for name in ("GUEST_OS_ID", "HYPERCALL", "REFERENCE_TSC", "STIMER0_CONFIG", "VP_ASSIST_PAGE", *names):
         assert name in report.stdout, name

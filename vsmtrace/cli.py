@@ -495,20 +495,23 @@ def report(trace_path: Path, out_dir: Path, formats: tuple[str, ...], no_figures
     A partial trace (a killed recording, torn or recovered) is said to be partial in
     the text and in every figure's title.
     """
-    from vsmtrace.analysis.figures import FIGURES, write_figures
-    from vsmtrace.analysis.report import format_report, summarize
+    from vsmtrace.analysis.figure_tables import FIGURE_NAMES  # no matplotlib yet: it loads during the collect
+    from vsmtrace.analysis.report import format_report, summarize, summarize_with_figures
     from vsmtrace.progress import Steps, wanted
 
     trace, lf = _open_trace(trace_path)
     if not no_figures:
         check_out_dir(out_dir, "figures")
     note = _partial_note(trace)
-    steps = 1 + (0 if no_figures else len(FIGURES) * len(formats))
+    steps = 1 + (0 if no_figures else len(FIGURE_NAMES) * len(formats))
     try:
         with Steps("report", steps, wanted(progress)) as bar:
             bar.step("summary tables")
-            text = format_report(summarize(lf), str(trace_path), note=note)
-            paths = [] if no_figures else write_figures(lf, out_dir, formats, note=note, on_figure=bar.step)
+            if no_figures:
+                summary, paths = summarize(lf), []
+            else:  # one collect_all for both: the figures' tables share the summary's scans
+                summary, paths = summarize_with_figures(lf, out_dir, formats, note=note, on_figure=bar.step)
+            text = format_report(summary, str(trace_path), note=note)
     except OSError as exc:
         fail(f"cannot write figures to {out_dir}: {describe_os_error(exc)}")
     except _analysis_errors() as exc:
@@ -575,11 +578,11 @@ def diff(trace_a: Path, trace_b: Path, ignore: tuple[str, ...], progress: bool |
     unknown = [c for c in ignore if c not in COLUMN_BY_NAME]
     if unknown:
         fail(f"--ignore: no trace column named {', '.join(repr(c) for c in unknown)} (columns: docs/trace-format.md, or `vsmtrace info --json`)")
-    ta, la = _open_trace(trace_a)
-    tb, lb = _open_trace(trace_b)
+    ta, _ = _open_trace(trace_a)
+    tb, _ = _open_trace(trace_b)
     try:
         with counting("diff", wanted(progress), "event") as bar:
-            d = diff_traces(la, lb, ignore=(*NONDETERMINISTIC, *ignore), on_rows=bar.update)
+            d = diff_traces(ta, tb, ignore=(*NONDETERMINISTIC, *ignore), on_rows=bar.update)  # traces: compared batch by batch
     except _analysis_errors() as exc:
         fail(f"cannot compare {trace_a} and {trace_b}: {_first_line(exc)}")
     notes = [f"{name}: {n}" for name, n in ((trace_a, _partial_note(ta)), (trace_b, _partial_note(tb))) if n]

@@ -88,8 +88,7 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
     """Run every step of the demo into ``out``; raises DemoError with a clear message on failure."""
     from vsmtrace.analysis import load
     from vsmtrace.analysis.chrome import export_chrome
-    from vsmtrace.analysis.figures import write_figures
-    from vsmtrace.analysis.report import format_report, summarize
+    from vsmtrace.analysis.report import format_report, summarize_with_figures
     from vsmtrace.replayer.engine import VmmReplayer
     from vsmtrace.replayer.engine import format_report as format_replay
     from vsmtrace.session import SetupError, run_machine
@@ -140,9 +139,8 @@ def run_demo(out: Path, *, echo: bool = True, step: Callable[[str], None] | None
 
     say("[4/5] writing the report and figures")
     lf = load(trace)
-    text = format_report(summarize(lf), str(trace))
-    report_path.write_text(text + "\n")
-    figures = write_figures(lf, figures_dir)
+    summary, figures = summarize_with_figures(lf, figures_dir)
+    report_path.write_text(format_report(summary, str(trace)) + "\n")
 
     say("[5/5] exporting a Chrome/Perfetto timeline")
     export_chrome(lf, chrome)

@@ -1,7 +1,7 @@
 """Fleets of recordings: many traces as one Hive-partitioned Parquet dataset, analysed together.
 
 ``dataset`` adds traces to a dataset (atomic, idempotent, locked) and lists them;
-``compute`` runs the per-trace work locally (Polars, streaming engine) or on a Dask
+``compute`` runs the per-trace work locally (Polars, one trace partition in memory at a time) or on a Dask
 cluster and combines it; ``report`` and ``diff`` turn the combined tables into text and
 figures. See docs/fleet.md.
 """

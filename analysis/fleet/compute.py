@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import polars as pl
@@ -34,18 +35,6 @@ __all__ = [
     "traces_frame",
 ]
 
-#: Columns no summary table reads; left out of the per-trace read (they are most of the bytes).
-_BULK = ("gprs", "input", "output", "regs_in", "regs_out", "insn_bytes", "message", "emu_args", "emu_io", "emu_result",
-         "serial_data", "detail")  # fmt: skip
-
-def _table_columns() -> tuple[str, ...]:
-    from vsmtrace.recorder.schema import arrow_schema
-
-    return tuple(n for n in arrow_schema().names if n not in _BULK)
-
-
-_TABLE_COLUMNS = _table_columns()
-
 #: The single-trace report's tables (``analysis.report.Summary`` fields), kept per trace.
 PER_TRACE_TABLES = ("counts", "transitions", "secure_calls", "residency", "hypercalls", "hypercall_failures",
                     "intercepts_by_page", "intercepts_by_rip", "protections", "interrupts", "exits", "errors")  # fmt: skip
@@ -57,6 +46,10 @@ LATENCY_TABLES: dict[str, tuple[str, ...]] = {
     "hypercalls": ("code", "name", "vtl"),
 }
 QUANTILES = (0.5, 0.9, 0.99)
+#: Engine for a trace's queries. A trace is one partition, already in memory when its
+#: queries run, so memory is bounded by the partition with either engine; on 100,000-event
+#: partitions the streaming engine's set-up per query made each trace ~15 % slower.
+TASK_ENGINE = "in-memory"
 #: Traces analysed at once on the local path.
 LOCAL_THREADS = max(2, min(4, os.cpu_count() or 1))
 
@@ -92,17 +85,20 @@ def read_trace(spec: TraceSpec, columns: Sequence[str] | None = None, *, sort: b
     partition this size), so memory is bounded by the largest trace.
     """
     drop = set(META_COLUMNS)
+
+    def wanted(names: Sequence[str]) -> list[str]:
+        return [c for c in names if c not in drop and (columns is None or c in columns)]
+
     if spec.url.startswith("/") or "://" not in spec.url or spec.url.startswith("file://"):
-        path = spec.url.removeprefix("file://")
-        lf = pl.scan_parquet(path, hive_partitioning=False)
+        lf = pl.scan_parquet(spec.url.removeprefix("file://"), hive_partitioning=False)
+        df = lf.select(wanted(lf.collect_schema().names())).collect(engine="in-memory")
     else:
         import fsspec
 
         with fsspec.open(spec.url, "rb", **spec.storage_options) as f:
-            lf = pl.read_parquet(f, hive_partitioning=False).lazy()
-    names = lf.collect_schema().names()
-    want = [c for c in names if c not in drop and (columns is None or c in columns)]
-    df = lf.select(want).collect(engine="in-memory")
+            names = list(pl.read_parquet_schema(f))
+            f.seek(0)
+            df = pl.read_parquet(f, columns=wanted(names), hive_partitioning=False)
     return df.sort("seq") if sort else df
 
 
@@ -119,17 +115,15 @@ def _latency_parts(lf: pl.LazyFrame, keys: Sequence[str]) -> tuple[pl.LazyFrame,
     return parts, buckets
 
 
-def trace_task(spec: TraceSpec) -> TracePart:
-    """The per-trace work (runs in a Dask worker or here): report tables and latency parts."""
-    from vsmtrace.analysis import load
+def _task_queries(lf: pl.LazyFrame, bound_fallback: bool) -> tuple[int, list[pl.LazyFrame]]:
+    """Everything trace_task collects from one trace: the report's own queries (``summary_queries``,
+    whose count is returned first) followed by the latency parts, hypercall statuses and intercepts."""
     from vsmtrace.analysis import tables as T
-    from vsmtrace.analysis.report import summary_from, summary_queries
+    from vsmtrace.analysis.report import summary_queries
 
-    df = read_trace(spec, _TABLE_COLUMNS, sort=False)
-    lf = load(df.lazy())
-    summary = summary_queries(lf)
+    summary = summary_queries(lf, bound_fallback)
     tr = T.vtl_transitions(lf)
-    calls = T.hypercalls(lf)
+    calls = T.hypercalls(lf, bound_fallback=bound_fallback)
     sources = {
         "transitions": tr,
         "secure_calls": tr.filter(pl.col("reason") == "call").with_columns(pl.col("arg0").alias("service")),
@@ -139,19 +133,68 @@ def trace_task(spec: TraceSpec) -> TracePart:
     for name, keys in LATENCY_TABLES.items():
         queries += _latency_parts(sources[name], keys)
     status = T.hypercall_status(calls)
-    failed = calls.group_by("code", "name", "vtl").agg((pl.col("status").is_not_null() & (pl.col("status") != 0)).sum().alias("failed"))
     icpt = T.intercept_stats(T.intercepts(lf)).select("page", "access", "count")
+    return len(summary), [*summary, *queries, status, icpt]
+
+
+@cache
+def report_columns() -> tuple[str, ...]:
+    """The trace columns trace_task's queries read, learned from their optimised plans.
+
+    Why: a trace file has ~80 columns and the report reads about a third of them;
+    decoding the rest was a third of each trace's time. Polars pushes each query's
+    projection down to its source, so the queries are collected once over an empty
+    frame of every trace column behind an IO-plugin source that records the columns
+    it is asked for. Deriving the list (rather than writing it down) keeps it right
+    when a table starts reading another column: a column left out would silently read
+    as nulls (``load`` fills in missing columns).
+    """
+    from polars.io.plugins import register_io_source
+    from vsmtrace.analysis.load import _full_schema
+
+    empty = pl.DataFrame(schema=_full_schema())
+    asked: set[str] = set()
+
+    def source(with_columns: list[str] | None, predicate: Any, n_rows: int | None, batch_size: int | None) -> Iterator[pl.DataFrame]:
+        asked.update(empty.columns if with_columns is None else with_columns)
+        yield empty if with_columns is None else empty.select(with_columns)
+
+    _, queries = _task_queries(register_io_source(source, schema=empty.schema), bound_fallback=True)
+    pl.collect_all(queries, engine=TASK_ENGINE)
+    return tuple(c for c in empty.columns if c in asked)
+
+
+def _has_unmeasured_hypercalls(df: pl.DataFrame) -> bool:
+    """Whether some HYPERCALL row lacks ``duration_ns``: only then does ``tables.hypercalls``
+    need its bound fallback (the previous event on each VP, a pass over every event that
+    was a third of a trace's query time)."""
+    if "duration_ns" not in df.columns:
+        return True
+    return bool(((df["kind"] == "HYPERCALL") & df["duration_ns"].is_null()).any())
+
+
+def trace_task(spec: TraceSpec) -> TracePart:
+    """The per-trace work (runs in a Dask worker or here): report tables and latency parts."""
+    from vsmtrace.analysis import load
+    from vsmtrace.analysis.report import summary_from
+
+    df = read_trace(spec, report_columns(), sort=False)
+    lf = load(df.lazy())
+    # Without unmeasured hypercalls the fallback changes nothing (latency_ns is duration_ns,
+    # latency_is_bound is false either way), so it is skipped: same tables, less work.
+    n, queries = _task_queries(lf, bound_fallback=_has_unmeasured_hypercalls(df))
     # one collect_all with the report's own queries: the transitions and hypercalls they share run once
-    collected = pl.collect_all([*summary, *queries, status, failed, icpt], engine=T.COLLECT_ENGINE)
-    s = summary_from(collected[: len(summary)])
-    results = collected[len(summary) :]
+    collected = pl.collect_all(queries, engine=TASK_ENGINE)
+    s = summary_from(collected[:n])
+    results = collected[n:]
     latency, buckets = {}, {}
     for i, name in enumerate(LATENCY_TABLES):
         latency[name], buckets[name] = results[2 * i], results[2 * i + 1]
     k = 2 * len(LATENCY_TABLES)
     tables = {name: getattr(s, name) for name in PER_TRACE_TABLES}
+    failed = s.hypercalls.select("code", "name", "vtl", "failed")  # the report's own failed count per call
     return TracePart(spec.trace, s.events, s.time_span_ns, tables, latency, buckets,
-                     {"hypercall_status": results[k], "hypercall_failed": results[k + 1], "intercepts": results[k + 2]})  # fmt: skip
+                     {"hypercall_status": results[k], "hypercall_failed": failed, "intercepts": results[k + 1]})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the traces table
@@ -193,13 +236,19 @@ class FleetTables:
 
 
 class _Merger:
-    """Accumulates trace parts, merging sketches and counts per group as they arrive."""
+    """Accumulates trace parts, merging sketches and counts per group as they arrive.
+
+    A merger is also what a Dask task returns for its batch of traces (``batch_task``):
+    merging is summing (and min/max), so merging batches merged in the workers gives the
+    same tables as merging every trace here.
+    """
 
     FLUSH = 64
 
     def __init__(self, group_of: dict[str, str]) -> None:
         self.group_of = group_of
-        self.per_trace: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}
+        self.per_trace: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}  # compacted batches
+        self.per_trace_pending: dict[str, list[pl.DataFrame]] = {n: [] for n in PER_TRACE_TABLES}
         self.spans: dict[str, tuple[int, int]] = {}
         self.pending: dict[str, list[pl.DataFrame]] = {}
         self.merged: dict[str, pl.DataFrame | None] = {}
@@ -214,7 +263,7 @@ class _Merger:
         group = self.group_of[part.trace]
         self.spans[part.trace] = (part.events, part.time_span_ns)
         for name in PER_TRACE_TABLES:
-            self.per_trace[name].append(part.tables[name].with_columns(pl.lit(part.trace).alias("trace")))
+            self.per_trace_pending[name].append(part.tables[name].with_columns(pl.lit(part.trace).alias("trace")))
         for name, keys in LATENCY_TABLES.items():
             self._add(f"lat:{name}", part.latency[name], list(keys), group)
             self._add(f"bkt:{name}", part.buckets[name], [*keys, "bucket"], group)
@@ -232,7 +281,25 @@ class _Merger:
         if self.count % self.FLUSH == 0:
             self.flush()
 
+    def absorb(self, other: _Merger) -> None:
+        """Take in the traces another merger holds (a batch merged in a Dask worker)."""
+        self.spans.update(other.spans)
+        other.flush()
+        for name, dfs in other.per_trace.items():
+            self.per_trace[name].extend(dfs)
+        for name, df in other.merged.items():
+            if df is not None:
+                self.sum_keys[name] = other.sum_keys[name]
+                self.pending.setdefault(name, []).append(df)
+        before, self.count = self.count, self.count + len(other.spans)
+        if self.count // self.FLUSH != before // self.FLUSH:
+            self.flush()
+
     def flush(self) -> None:
+        for name, dfs in self.per_trace_pending.items():
+            if dfs:
+                self.per_trace[name].append(_owned(pl.concat(dfs, how="diagonal_relaxed")))
+                self.per_trace_pending[name] = []
         for name, dfs in self.pending.items():
             if not dfs:
                 continue
@@ -246,14 +313,51 @@ class _Merger:
             self.pending[name] = []
 
 
+def _owned(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with string columns that own their bytes.
+
+    Why: a string column taken from a trace's rows (a table's ``name``, ``status_name``)
+    holds views into the buffer of the whole column it came from (every hypercall name of
+    the trace), so a few kept rows pinned about a megabyte per trace: the fleet's peak
+    memory grew with the fleet. Through Arrow's plain (non-view) strings they are copied.
+    """
+    if pl.String not in df.schema.dtypes():
+        return df
+    return pl.from_arrow(df.to_arrow(compat_level=pl.CompatLevel.oldest()))  # type: ignore[return-value]
+
+
 def _wide(df: pl.DataFrame, c: str) -> pl.Expr:
     """Counts summed over a fleet can pass 2^32: integers are summed as Int64."""
     return pl.col(c).cast(pl.Int64) if df.schema[c].is_integer() else pl.col(c)
 
 
-def _run(specs: Sequence[TraceSpec], scheduler: str | None, workers: int | None,
-         progress: Callable[[int, int], None] | None) -> Iterator[TracePart]:  # fmt: skip
-    """Run trace_task over ``specs`` here, or on Dask; yields results as they complete."""
+def batch_task(specs: Sequence[TraceSpec], group_of: dict[str, str]) -> _Merger:
+    """A Dask task: trace_task over a few traces, merged in the worker.
+
+    Why batches: per trace, shipping two dozen small frames back and merging them in the
+    client cost the client a quarter of a worker's time, on the same cores as the workers.
+    """
+    m = _Merger(group_of)
+    for spec in specs:
+        m.add(trace_task(spec))
+    m.flush()
+    return m
+
+
+#: Traces per Dask task at most; fewer when the fleet is small, so every worker gets
+#: several tasks (load balance, and little work lost when a worker dies).
+MAX_BATCH = 16
+
+
+def _batches(specs: Sequence[TraceSpec], slots: int) -> list[list[TraceSpec]]:
+    size = max(1, min(MAX_BATCH, len(specs) // (8 * max(1, slots))))
+    return [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+
+
+def _run(specs: Sequence[TraceSpec], group_of: dict[str, str], scheduler: str | None, workers: int | None,
+         progress: Callable[[int, int], None] | None) -> Iterator[TracePart | _Merger]:  # fmt: skip
+    """Run trace_task over ``specs`` here (yields TraceParts), or batch_task on Dask (yields
+    the batches' mergers), as they complete."""
     total = len(specs)
     if scheduler is None and workers is None:
         # Polars releases the GIL: a few traces at once keep the cores busy through each
@@ -275,12 +379,18 @@ def _run(specs: Sequence[TraceSpec], scheduler: str | None, workers: int | None,
     else:
         client = Client(scheduler)
     try:
-        futures = client.map(trace_task, list(specs), pure=False, retries=2)
-        for i, fut in enumerate(as_completed(futures)):
-            yield fut.result()
+        batches = _batches(specs, sum(client.nthreads().values()))
+        futures = [
+            client.submit(batch_task, b, {s.trace: group_of[s.trace] for s in b}, pure=False, retries=2) for b in batches
+        ]
+        done = 0
+        for fut in as_completed(futures):
+            batch = fut.result()
             fut.release()
+            yield batch
+            done += len(batch.spans)
             if progress:
-                progress(i + 1, total)
+                progress(done, total)
     finally:
         client.close()
         if cluster is not None:
@@ -364,8 +474,11 @@ def fleet_tables(
     by_id = {e.trace: e for e in entries}
     specs = [TraceSpec(t, ds.url_of(f"{by_id[t].directory}/{DATA}"), ds.storage_options) for t in traces["trace"].to_list()]
     m = _Merger(group_of)
-    for part in _run(specs, scheduler, workers, progress):
-        m.add(part)
+    for part in _run(specs, group_of, scheduler, workers, progress):
+        if isinstance(part, _Merger):
+            m.absorb(part)
+        else:
+            m.add(part)
     m.flush()
     spans = pl.DataFrame(
         {"trace": list(m.spans), "time_span_ns": [v[1] for v in m.spans.values()]}, schema={"trace": pl.String, "time_span_ns": pl.Int64}

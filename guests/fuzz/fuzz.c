@@ -45,6 +45,10 @@
 /* ---- memory -------------------------------------------------------------------------- */
 static uint8_t arena[ARENA_PAGES][PAGE] __attribute__((aligned(PAGE)));
 static uint8_t v1arena[VSM_MAX_VPS][PAGE] __attribute__((aligned(PAGE))); /* VTL1's own buffers */
+/* op_near_valid's input pages, one per VP, outside the arena: another VP's fill_random must not
+   rewrite a register call between its building and its issue (bench/fuzz seed 1001 on 4 VPs:
+   VP 1's harmless SetVpRegisters of its own VTL0 became one of RIP = 2) */
+static uint8_t nv_in[VSM_MAX_VPS][PAGE] __attribute__((aligned(PAGE)));
 static uint8_t canary_secret[PAGE] __attribute__((aligned(PAGE)));
 static uint8_t canary_ro[PAGE] __attribute__((aligned(PAGE)));
 static uint8_t canary_nx[PAGE] __attribute__((aligned(PAGE)));
@@ -496,7 +500,10 @@ static uint64_t pick_gpa(struct rng *r, bool write)
 
 static void fill_random(struct rng *r, uint64_t gpa, unsigned bytes)
 {
-    /* Only the arena is ever filled: other targets are read-only to us or not memory. */
+    /* Only the arena is ever filled: other targets are read-only to us or not memory. The
+       register-call header it shapes names only harmless registers: the arena is shared, and a
+       real VTL0 register name there (RIP, CR3, ...) could meet another VP's VTL0 target and a
+       random value. op_near_valid reads and writes every register class from private pages. */
     uint64_t a = (uint64_t)arena[0], end = a + sizeof(arena);
     if (gpa < a || gpa >= end)
         return;
@@ -504,7 +511,7 @@ static void fill_random(struct rng *r, uint64_t gpa, unsigned bytes)
         bytes = (unsigned)(end - gpa);
     uint8_t *p = (uint8_t *)gpa;
     uint64_t hdr[4] = {HV_PARTITION_ID_SELF, below(r, 6) | (chance(r, 50) ? 0 : (uint64_t)HV_VTL(below(r, 2)) << 32),
-                       (uint64_t)read_regs[below(r, ARRAY_SIZE(read_regs))], rnd(r)};
+                       (uint64_t)harmless_regs[below(r, ARRAY_SIZE(harmless_regs))], rnd(r)};
     for (unsigned i = 0; i < bytes; i++) {
         if (i < sizeof(hdr) && chance(r, 70))
             p[i] = ((uint8_t *)hdr)[i];
@@ -577,11 +584,9 @@ static void op_memory_call(struct rng *r)
     io.r8 = chance(r, 15) ? io.rdx + below(r, 8) * 8 : pick_gpa(r, true); /* sometimes overlapping */
     fill_random(r, io.rdx, (unsigned)below(r, 256));
     uint64_t control = pick_control(r, pick_code(r)) & ~HV_CONTROL_FAST;
-    /* fill_random writes register-call headers on purpose; as an HvCallSetVpRegisters one can
-       name a real VTL0 register (RIP, CR3, ...) of a running VP with a random value. VTL0
-       wrecking its own harness that way is its right, not a VMM defect (bench/fuzz seed 1001
-       set its own RIP to 2): random Set calls aim at VTL1, which must refuse them. Harmless
-       VTL0 writes are op_near_valid's. */
+    /* Belt and braces: a random SetVpRegisters whose header a mutation turned into a real VTL0
+       register of a running VP would let VTL0 wreck its own harness - its right, not a VMM
+       defect; random Set calls aim at VTL1, which must refuse them. */
     uint64_t a = (uint64_t)arena[0];
     if ((control & 0xFFFF) == HVCALL_SET_VP_REGISTERS && io.rdx >= a && io.rdx + 16 <= a + sizeof(arena))
         ((uint8_t *)io.rdx)[12] = HV_VTL(1);
@@ -618,7 +623,7 @@ static void random_context(struct rng *r, struct hv_initial_vp_context *ctx)
 
 static void op_near_valid(struct rng *r, uint32_t vp)
 {
-    uint8_t *in = arena[(vp * 2) % ARENA_PAGES];
+    uint8_t *in = nv_in[vp % VSM_MAX_VPS];
     uint8_t *out = arena[(vp * 2 + 1) % ARENA_PAGES];
     uint64_t *q = (uint64_t *)in;
     struct fz_io io = {.rdx = (uint64_t)in, .r8 = (uint64_t)out};

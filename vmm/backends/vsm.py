@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +54,21 @@ if TYPE_CHECKING:
     from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.virtual_processor import VirtualProcessor
     from vsmtrace.vmm.vsm import Vsm
+
+# kvm_run fields read from its bytes (a cffi attribute read costs about as much as an unpack).
+_RUN_REGS_AT = ffi.offsetof("struct kvm_run", "s")
+_RIP_AT = _RUN_REGS_AT + ffi.offsetof("struct kvm_regs", "rip")
+_RDX_AT = _RUN_REGS_AT + ffi.offsetof("struct kvm_regs", "rdx")
+_R8_AT = _RUN_REGS_AT + ffi.offsetof("struct kvm_regs", "r8")
+_CR8_AT = ffi.offsetof("struct kvm_run", "cr8")
+_EXIT_REASON_AT = ffi.offsetof("struct kvm_run", "exit_reason")
+# exit_reason, then the io member: direction, (size), port, count
+_EXIT_IO = struct.Struct(f"<I{ffi.offsetof('struct kvm_run', 'io') - _EXIT_REASON_AT - 4}xBxHI")
+_U64 = struct.Struct("<Q")
+_R8_R10 = struct.Struct("<QQQ")
+_EXIT_IO_REASON = int(lib.KVM_EXIT_IO)
+_IO_OUT = int(lib.KVM_EXIT_IO_OUT)
+assert [n for n, _ in ffi.typeof("struct kvm_regs").fields][8:11] == ["r8", "r9", "r10"], "kvm_regs layout changed"
 
 ENTRY_REASON = {
     SwitchReason.CALL: EntryReason.VTL_CALL,
@@ -265,15 +281,21 @@ class VsmBackend(MachineExtension):
             regs = dst.get_regs()
             regs.rax, regs.rcx = return_rax_rcx
             dst.set_regs(regs)
-        src_regs = src.get_regs()
-        rip = int(src_regs.rip)
         # RAX/RCX carry the VTL call itself (the stub puts the control in RAX and the call code
         # in RCX), so a secure call's own arguments start at RDX.
-        args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if reason is SwitchReason.CALL else None
+        call = reason is SwitchReason.CALL
+        if src.sync_regs:  # from kvm_run's bytes: no cffi struct per field
+            s_view = src.run_view
+            rip = _U64.unpack_from(s_view, _RIP_AT)[0]
+            args = (_U64.unpack_from(s_view, _RDX_AT)[0], *_R8_R10.unpack_from(s_view, _R8_AT)) if call else None
+        else:
+            src_regs = src.get_regs()
+            rip = int(src_regs.rip)
+            args = (int(src_regs.rdx), int(src_regs.r8), int(src_regs.r9), int(src_regs.r10)) if call else None
         vp.set_vtl(to_vtl)
         if to_vtl < from_vtl and self.views[to_vtl].unenforced_execute:
             self.resumed_lower.add(vp.index)
-        vp.last_cr8 = dst.run_struct.cr8
+        vp.last_cr8 = _U64.unpack_from(dst.run_view, _CR8_AT)[0]
         vp.interrupt_hint = True
         return rip, args
 
@@ -284,11 +306,8 @@ class VsmBackend(MachineExtension):
         to complete; stock KVM's fast PIO path advances RIP only in the next KVM_RUN. Which
         kind this host is gets learnt once, from the bytes around RIP at the first trap.
         """
-        run = vcpu.run_struct
-        if run.exit_reason != lib.KVM_EXIT_IO:
-            return False
-        io = run.io
-        if io.direction != lib.KVM_EXIT_IO_OUT or io.port != HV_HYPERCALL_TRAP_PORT or io.count != 1:
+        reason, direction, port, count = _EXIT_IO.unpack_from(vcpu.run_view, _EXIT_REASON_AT)
+        if reason != _EXIT_IO_REASON or direction != _IO_OUT or port != HV_HYPERCALL_TRAP_PORT or count != 1:
             return False
         done = self.trap_out_retired
         if done is None:

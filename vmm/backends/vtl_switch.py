@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from vsmtrace.vmm.kvm.system import Vcpu, ffi, lib
+from vsmtrace.vmm.kvm.system import KvmError, Vcpu, ffi, lib
 
 SHARED_GPRS = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
@@ -37,6 +37,9 @@ _DIRTY_AT = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
 _CR2_AT = _REGS_AT + ffi.offsetof("struct kvm_sync_regs", "sregs") + ffi.offsetof("struct kvm_sregs", "cr2")
 _U64 = struct.Struct("<Q")
 _SYNC_REGS = int(lib.KVM_SYNC_X86_REGS)
+_WROTE_DBG = int(lib.VSM_COPY_WROTE_DBG)
+_WROTE_FPU = int(lib.VSM_COPY_WROTE_FPU)
+_CR2 = int(lib.VSM_COPY_CR2)
 
 
 def _cr2(vcpu: Vcpu) -> int:
@@ -54,11 +57,16 @@ def _pointer(regs: Any) -> Any:
 class SharedStateCopier:
     """Copies shared registers between the vCPUs of one VP, remembering what each holds.
 
-    ``fpu_cache[vtl]`` and ``dbg_cache[vtl]`` pair the value a vCPU held when it last
-    stopped with that vCPU's write counter at the time: anyone else writing it (e.g.
-    SetVpRegisters of an XMM register of a stopped VTL) bumps the counter and so
-    invalidates the entry. When the source's value equals the target's, the target's
-    KVM_SET_* is skipped.
+    For each vCPU it keeps the debug registers and XSAVE image the vCPU held when it last
+    stopped, valid while that vCPU's write counter (``debugregs_writes``, ``xsave_writes``)
+    is unchanged: anyone else writing it (e.g. SetVpRegisters of an XMM register of a
+    stopped VTL) bumps the counter and so invalidates the record. When the source's value
+    equals the target's, the target's KVM_SET_* is skipped.
+
+    With sync regs on both vCPUs the whole copy is one C call
+    (``vsm_copy_shared`` in vmm/kvm/_ffi_build.py) over the kvm_run buffers and records
+    allocated here once (CR2 comes back to Python only when it must be written, or when the
+    exported copies are not current); otherwise it goes through the ioctl wrappers.
     """
 
     def __init__(self, vcpus: list[Vcpu]) -> None:
@@ -66,9 +74,44 @@ class SharedStateCopier:
         self.fpu_cache: list[tuple[int, bytes] | None] = [None] * len(vcpus)
         # (vcpu.debugregs_writes, (DR0-3, DR6)) as that vCPU held them when it last stopped
         self.dbg_cache: list[tuple[int, tuple[int, ...]] | None] = [None] * len(vcpus)
+        self._held: Any = None
+        self._pairs: dict[tuple[int, int], Any] = {}
+        if vcpus and all(getattr(v, "sync_regs", 0) and hasattr(v, "run_struct") for v in vcpus):
+            self._held = ffi.new("struct vsm_held[]", len(vcpus))
+            for a, src in enumerate(vcpus):
+                for b, dst in enumerate(vcpus):
+                    if a != b:
+                        self._pairs[a, b] = ffi.new("struct vsm_shared_pair *", {
+                            "src_fd": src.fd, "dst_fd": dst.fd, "src_run": src.run_struct, "dst_run": dst.run_struct,
+                            "src_held": self._held + a, "dst_held": self._held + b,
+                        })  # fmt: skip
+
+    def forget(self) -> None:
+        """Drop every record of what the vCPUs hold (someone changed them behind the counters)."""
+        self.fpu_cache = [None] * len(self.vcpus)
+        self.dbg_cache = [None] * len(self.vcpus)
+        if self._held is not None:
+            for i in range(len(self.vcpus)):
+                self._held[i].dbg_valid = 0
+                self._held[i].fpu_valid = 0
 
     def copy(self, src_vtl: int, dst_vtl: int) -> None:
         src, dst = self.vcpus[src_vtl], self.vcpus[dst_vtl]
+        pair = self._pairs.get((src_vtl, dst_vtl))
+        if pair is not None:
+            exported = src.sregs_exported and dst.sregs_exported  # both kvm_run sregs copies current
+            wrote = lib.vsm_copy_shared(
+                pair, src.debugregs_writes, dst.debugregs_writes, src.xsave_writes, dst.xsave_writes, exported
+            )
+            if wrote < 0:
+                raise KvmError("VTL switch (KVM_GET/SET_DEBUGREGS, KVM_GET/SET_XSAVE)", -wrote)
+            if wrote & _WROTE_DBG:
+                dst.debugregs_writes += 1
+            if wrote & _WROTE_FPU:
+                dst.xsave_writes += 1
+            if wrote & _CR2:  # differs, or not known from kvm_run: compare and write here
+                self._copy_cr2(src, dst)
+            return
         if src.sync_regs and dst.sync_regs:
             # Both in kvm_run: the shared bytes move view to view, the target's private ones stay.
             s_view, d_view = src.run_view, dst.run_view
@@ -84,12 +127,7 @@ class SharedStateCopier:
             d_regs.rsp, d_regs.rip, d_regs.rflags = rsp, rip, rflags
             dst.set_regs(d_regs)
 
-        cr2 = _cr2(src)
-        if cr2 != _cr2(dst):
-            d_sregs = dst.get_sregs()
-            d_sregs.cr2 = cr2
-            dst.flush_regs()
-            dst.set_sregs(d_sregs)
+        self._copy_cr2(src, dst)
 
         # The source's DR0-3/DR6 are read every time (the guest writes them without an
         # exit); the target's are known from when it last stopped, unless someone has
@@ -115,3 +153,12 @@ class SharedStateCopier:
         if self.fpu_cache[dst_vtl] != (dst.xsave_writes, image):
             dst.set_xsave(xsave)
             self.fpu_cache[dst_vtl] = (dst.xsave_writes, image)
+
+    @staticmethod
+    def _copy_cr2(src: Vcpu, dst: Vcpu) -> None:
+        cr2 = _cr2(src)
+        if cr2 != _cr2(dst):
+            d_sregs = dst.get_sregs()
+            d_sregs.cr2 = cr2
+            dst.flush_regs()
+            dst.set_sregs(d_sregs)

@@ -685,7 +685,14 @@ class LocalApic:
         return irrv
 
     def pending_vector(self) -> int | None:
-        """Highest IRR vector whose priority class beats PPR; None if none or APIC disabled."""
+        """Highest IRR vector whose priority class beats PPR; None if none or APIC disabled.
+
+        An empty IRR answers without the lock (the run loop asks after every VTL switch):
+        a vector accepted right after this read sets its VP's interrupt hint again, so the
+        VP looks once more before it enters the guest.
+        """
+        if not self._regs.irr:
+            return None
         with self._lock:
             return self._deliverable()
 

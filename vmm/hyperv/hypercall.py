@@ -391,9 +391,8 @@ class HypercallDispatcher:
         decoded = plan.decoded
 
         if plan.vtl_call and self.vtl_hook is not None:
-            request = VtlCallRequest(
-                vp_index, vtl, HypercallCode(decoded.code), control, regs.vtl_input(), regs.is_64bit
-            )
+            code = plan.code if plan.code is not None else HypercallCode(decoded.code)
+            request = VtlCallRequest(vp_index, vtl, code, control, regs.vtl_input(), regs.is_64bit)
             outcome = self.vtl_hook(request)
             if emitting:
                 self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=outcome.status, regs=regs,

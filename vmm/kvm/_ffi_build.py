@@ -325,6 +325,28 @@ struct vsm_msr_fastpath {
     uint64_t served;
 };
 int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp);
+struct vsm_held {
+    uint64_t dbg_writes;
+    int dbg_valid;
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t fpu_writes;
+    int fpu_valid;
+    __u32 xsave[1024];  /* a struct kvm_xsave image */
+};
+struct vsm_shared_pair {
+    int src_fd;
+    int dst_fd;
+    struct kvm_run *src_run;
+    struct kvm_run *dst_run;
+    struct vsm_held *src_held;
+    struct vsm_held *dst_held;
+};
+#define VSM_COPY_WROTE_DBG ...
+#define VSM_COPY_WROTE_FPU ...
+#define VSM_COPY_CR2 ...
+int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
+                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported);
 int vsm_install_kick_handler(void);
 int vsm_kick_signal(void);
 unsigned long vsm_thread_self(void);
@@ -445,6 +467,98 @@ struct vsm_msr_fastpath {
     struct vsm_refclock *clock;
     uint64_t served;              /* reads answered here */
 };
+
+/* A VTL switch's shared state (vsm-facts §4.1) moved from one VTL's vCPU to another's in
+   one call (vmm/backends/vtl_switch.py, SharedStateCopier): the GPRs but RSP/RIP/RFLAGS
+   through the sync-regs areas, then DR0-3/DR6 and the XSAVE image read from the source
+   (the guest changes both without exiting) and written to the target only when they
+   differ from what it held when it last stopped. ``vsm_held`` is that record per vCPU,
+   valid while the vCPU's write counter (KVM_SET_DEBUGREGS / KVM_SET_XSAVE calls made by
+   anyone, kept by Python) is unchanged. Returns -errno, or VSM_COPY_WROTE_* flags for
+   the target writes done here (Python counts them), plus VSM_COPY_CR2 when the caller
+   must move CR2 itself: it differs between the two exported sregs copies, or the caller
+   says they are not both current (sregs_exported 0). */
+#define VSM_COPY_WROTE_DBG 1
+#define VSM_COPY_WROTE_FPU 2
+#define VSM_COPY_CR2 4
+
+struct vsm_held {
+    uint64_t dbg_writes;
+    int dbg_valid;
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t fpu_writes;
+    int fpu_valid;
+    __u32 xsave[1024];  /* a struct kvm_xsave image */
+};
+
+struct vsm_shared_pair {
+    int src_fd;
+    int dst_fd;
+    struct kvm_run *src_run;
+    struct kvm_run *dst_run;
+    struct vsm_held *src_held;
+    struct vsm_held *dst_held;
+};
+
+int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
+                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported) {
+    struct kvm_regs *s = &p->src_run->s.regs.regs, *d = &p->dst_run->s.regs.regs;
+    uint64_t rsp = d->rsp, rip = d->rip, rflags = d->rflags;
+    *d = *s;
+    d->rsp = rsp;
+    d->rip = rip;
+    d->rflags = rflags;
+    p->dst_run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+
+    int wrote = 0;
+    if (!sregs_exported || p->src_run->s.regs.sregs.cr2 != p->dst_run->s.regs.sregs.cr2)
+        wrote |= VSM_COPY_CR2;
+    struct vsm_held *src = p->src_held, *dst = p->dst_held;
+    struct kvm_debugregs dbg;
+    if (ioctl(p->src_fd, KVM_GET_DEBUGREGS, &dbg) < 0)
+        return -errno;
+    memcpy(src->db, dbg.db, sizeof src->db);
+    src->dr6 = dbg.dr6;
+    src->dbg_writes = src_dbg_writes;
+    src->dbg_valid = 1;
+    if (!dst->dbg_valid || dst->dbg_writes != dst_dbg_writes || memcmp(dst->db, dbg.db, sizeof dbg.db) || dst->dr6 != dbg.dr6) {
+        struct kvm_debugregs t;
+        if (ioctl(p->dst_fd, KVM_GET_DEBUGREGS, &t) < 0)
+            return -errno;
+        if (memcmp(t.db, dbg.db, sizeof dbg.db) || t.dr6 != dbg.dr6) {
+            memcpy(t.db, dbg.db, sizeof t.db);
+            t.dr6 = dbg.dr6;
+            if (ioctl(p->dst_fd, KVM_SET_DEBUGREGS, &t) < 0)
+                return -errno;
+            wrote |= VSM_COPY_WROTE_DBG;
+            dst_dbg_writes++;
+        }
+        memcpy(dst->db, dbg.db, sizeof dst->db);
+        dst->dr6 = dbg.dr6;
+        dst->dbg_writes = dst_dbg_writes;
+        dst->dbg_valid = 1;
+    }
+
+    _Static_assert(sizeof src->xsave == sizeof(struct kvm_xsave), "struct kvm_xsave size");
+    if (ioctl(p->src_fd, KVM_GET_XSAVE, src->xsave) < 0) {
+        src->fpu_valid = 0;
+        return -errno;
+    }
+    src->fpu_writes = src_fpu_writes;
+    src->fpu_valid = 1;
+    if (!dst->fpu_valid || dst->fpu_writes != dst_fpu_writes || memcmp(dst->xsave, src->xsave, sizeof src->xsave)) {
+        if (ioctl(p->dst_fd, KVM_SET_XSAVE, src->xsave) < 0) {
+            dst->fpu_valid = 0;
+            return -errno;
+        }
+        wrote |= VSM_COPY_WROTE_FPU;
+        memcpy(dst->xsave, src->xsave, sizeof src->xsave);
+        dst->fpu_writes = dst_fpu_writes + 1;
+        dst->fpu_valid = 1;
+    }
+    return wrote;
+}
 
 int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
     struct kvm_run *run = fp->run;

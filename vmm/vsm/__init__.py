@@ -18,6 +18,7 @@ wait for them to finish a hypercall).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 
 from vsmtrace.vmm.events import EventKind, EventSink
@@ -32,6 +33,7 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HvInputVtl,
     HvMapGpaFlags,
     HvStatus,
+    HvVpAssistPageLayout,
     VsmPartitionConfig,
     VsmVina,
     VsmVpSecureConfig,
@@ -46,6 +48,12 @@ from vsmtrace.vmm.vsm.state import ProtectionMap, VsmState, mask_to_access
 __all__ = ["Vsm", "build_intercept", "mask_to_access"]
 
 S = HvStatus
+# HV_VP_VTL_CONTROL fields a VTL entry writes, as offsets in the control area (hvdef layout).
+_VINA_STATUS_AT = HvVpAssistPageLayout.VTL_VINA_STATUS - HvVpAssistPageLayout.VTL_CONTROL
+_RETURN_RAX_AT = HvVpAssistPageLayout.VTL_RETURN_X64_RAX - HvVpAssistPageLayout.VTL_CONTROL
+_ENTRY_FIELDS = struct.Struct("<IB")  # EntryReason, VinaStatus
+_RETURN_REGS = struct.Struct("<QQ")  # VtlReturnX64Rax, VtlReturnX64Rcx
+assert _RETURN_RAX_AT == 8 and _VINA_STATUS_AT == 4, "HV_VP_VTL_CONTROL layout"
 _STICKY_CONFIG = VsmPartitionConfig.ENABLE_VTL_PROTECTION | VsmPartitionConfig.DEFAULT_VTL_PROTECTION_MASK
 _SUPPORTED_CONFIG = (
     _STICKY_CONFIG
@@ -178,16 +186,20 @@ class Vsm:
         """
         with self.lock:
             gpa = vp_assist.control_gpa(self.hv, vp, to_vtl)  # once: read and written at the same place
-            control = None if gpa is None else vp_assist.read_control_at(self.partition, to_vtl, gpa)
-            if control is None or gpa is None:
+            raw = None if gpa is None else vp_assist.read_control_bytes_at(self.partition, to_vtl, gpa)
+            if raw is None or gpa is None:
                 return
             access = self.partition.vp(vp)
-            control.entry_reason = int(reason)
+            # The fields in place in the bytes read (reserved bytes kept), no dataclass per entry.
+            control = bytearray(raw)
+            vina = control[_VINA_STATUS_AT]
             if self.state.vp_vtl(vp, to_vtl).vina_auto_reset:
-                control.vina_status &= ~HV_VINA_STATUS_ASSERTED & 0xFF
-            control.vtl_return_rax = int(access.get_register(to_vtl, "rax"))  # type: ignore[arg-type]
-            control.vtl_return_rcx = int(access.get_register(to_vtl, "rcx"))  # type: ignore[arg-type]
-            vp_assist.write_control_at(self.partition, to_vtl, gpa, control)
+                vina &= ~HV_VINA_STATUS_ASSERTED & 0xFF
+            rax = int(access.get_register(to_vtl, "rax"))  # type: ignore[arg-type]
+            rcx = int(access.get_register(to_vtl, "rcx"))  # type: ignore[arg-type]
+            _ENTRY_FIELDS.pack_into(control, 0, int(reason), vina)
+            _RETURN_REGS.pack_into(control, _RETURN_RAX_AT, rax, rcx)
+            vp_assist.write_control_bytes_at(self.partition, to_vtl, gpa, bytes(control))
 
     def on_vtl_return(self, vp: int, vtl: int) -> None:
         """VTL ``vtl`` of ``vp`` returns: release its TLB locks, auto-reset VINA."""

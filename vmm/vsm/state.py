@@ -38,6 +38,8 @@ def mask_to_access(mask: int) -> Access:
     return allowed
 
 
+_TLB_LOCKED = int(VsmVpSecureConfig.TLB_LOCKED)  # a plain int: an IntFlag "&" is Python code
+
 @dataclass
 class ProtectionMap:
     """The authoritative protection masks of one lower VTL's view of memory.
@@ -95,7 +97,7 @@ class VpVtlVsmState:
 
     def tlb_locks(self) -> list[int]:
         """Lower VTLs whose TLB this VTL has locked on this VP."""
-        return [n for n, value in self.secure_config.items() if value & VsmVpSecureConfig.TLB_LOCKED]
+        return [n for n, value in self.secure_config.items() if value & _TLB_LOCKED]
 
 
 @dataclass

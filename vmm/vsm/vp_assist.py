@@ -36,6 +36,23 @@ def read_control_at(partition: PartitionAccess, vtl: int, gpa: int) -> HvVpVtlCo
         return None
 
 
+def read_control_bytes_at(partition: PartitionAccess, vtl: int, gpa: int) -> bytes | None:
+    """The raw HV_VP_VTL_CONTROL bytes at ``gpa`` (the same read as :func:`read_control_at`)."""
+    try:
+        return partition.read_gpa(vtl, gpa, HvVpVtlControl.SIZE)
+    except (GuestMemoryError, VtlAccessDenied):
+        return None
+
+
+def write_control_bytes_at(partition: PartitionAccess, vtl: int, gpa: int, data: bytes) -> bool:
+    """Write raw HV_VP_VTL_CONTROL bytes (the same write as :func:`write_control_at`)."""
+    try:
+        partition.write_gpa(vtl, gpa, data)
+    except (GuestMemoryError, VtlAccessDenied):
+        return False
+    return True
+
+
 def write_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int, control: HvVpVtlControl) -> bool:
     gpa = control_gpa(hv, vp, vtl)
     return False if gpa is None else write_control_at(partition, vtl, gpa, control)
