@@ -55,6 +55,7 @@ from vsmtrace.recorder.schema import (
 )
 from vsmtrace.recorder.store import EventStore
 from vsmtrace.vmm.events import EventKind
+from vsmtrace.vmm.host_sched import helper_thread_policy
 
 _KIND_BY_VALUE = {k.value: k for k in EventKind}
 #: Per kind, the emit field names it accepts (what ``emit`` checks on every call).
@@ -344,6 +345,7 @@ class TraceWriter:
     def _flusher(self) -> None:
         """Background loop for quiet periods: flush what a VP left pending once it is 0.6 x max_age old."""
         deadline_ns = int(self.max_age_s * FLUSHER_AGE_FRACTION * 1e9)
+        helper_thread_policy()
         while True:
             with self._lock:
                 if self._closing:
@@ -449,6 +451,7 @@ class TraceWriter:
 
     def _writer(self) -> None:
         """Write taken events in order; an OSError (disk full...) stops recording cleanly."""
+        helper_thread_policy()  # queueing a batch must not hand the VP thread's CPU to this thread
         while True:
             item = self._batches.get()
             try:

@@ -109,6 +109,57 @@ def test_linux_boots_to_init_on_two_vps(boot2: Boot) -> None:
     assert "Hyper-V: Using IPI hypercalls" in boot2.console
 
 
+FLUSH_CALLS = (
+    "HvCallFlushVirtualAddressSpace", "HvCallFlushVirtualAddressList",
+    "HvCallFlushVirtualAddressSpaceEx", "HvCallFlushVirtualAddressListEx",
+)  # fmt: skip
+
+
+def test_remote_tlb_flush_goes_through_hyperv_on_two_vps(boot2: Boot) -> None:
+    """init maps a new page over one its child reads on CPU 1: Linux flushes CPU 1 by hypercall.
+
+    Linux takes hyperv_flush_tlb_multi because vsmtrace recommends remote TLB flushes by
+    hypercall (CPUID 0x40000004 EAX bit 2); a boot alone never flushes another CPU's TLB
+    for a user address space (docs/linux-guest.md, "PV TLB flush").
+    """
+    assert "Hyper-V: Using hypercall for remote TLB flush" in boot2.console, boot2.console[-3000:]
+    assert "remote tlb flush: the other cpu sees the new page" in boot2.init_lines(), boot2.init_lines()
+    frame = pl.from_arrow(open_trace(boot2.trace).table())
+    assert isinstance(frame, pl.DataFrame)
+    flushes = frame.filter(pl.col("name").cast(pl.String).is_in(FLUSH_CALLS))
+    assert flushes.height > 0, "no PV TLB flush hypercall in the trace"
+    statuses = set(flushes["status_name"].cast(pl.String).to_list())
+    assert statuses == {"HV_STATUS_SUCCESS"}, statuses
+
+
+def _symbol(vmlinux: Path, name: str) -> tuple[int, int]:
+    from elftools.elf.elffile import ELFFile
+
+    with vmlinux.open("rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        assert symtab is not None, f"{vmlinux} has no symbol table"
+        (sym,) = symtab.get_symbol_by_name(name) or [None]
+        assert sym is not None, name
+        return int(sym["st_value"]), int(sym["st_size"])
+
+
+def test_kernel_int3_and_fwait_are_completed_by_the_vmm(boot2: Boot, linux: LinuxGuest) -> None:
+    """The boot's INT3 self-test and the child's exit (fpu__drop's fwait) stop KVM's emulator here.
+
+    vsmtrace completes both (vmm/emulation_completions.py); the trace records each as an
+    INTERNAL_ERROR exit at the instruction, and the boot went on to init's last line.
+    """
+    frame = pl.from_arrow(open_trace(boot2.trace).table())
+    assert isinstance(frame, pl.DataFrame)
+    stops = frame.filter(pl.col("exit_reason").cast(pl.String) == "INTERNAL_ERROR")
+    rips = stops["rip"].to_list()
+    int3_ip, _ = _symbol(linux.vmlinux, "int3_selftest_ip")
+    drop, drop_size = _symbol(linux.vmlinux, "fpu__drop")
+    assert int3_ip in rips, [hex(r) for r in rips]
+    assert any(drop <= r < drop + drop_size for r in rips), [hex(r) for r in rips]
+    assert boot2.init_lines()[-1] == "done, rebooting"
+
+
 @pytest.mark.parametrize("which", ["boot1", "boot2"])
 def test_recorded_boot_replays_bit_for_bit(which: str, request: pytest.FixtureRequest) -> None:
     b: Boot = request.getfixturevalue(which)

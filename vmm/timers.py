@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vsmtrace.vmm.host_sched import helper_thread_policy
+
 NS_PER_SEC = 1_000_000_000
 #: The TSC is a 64-bit counter: it wraps.
 TSC_MASK = (1 << 64) - 1
@@ -236,6 +238,7 @@ class TimerService:
             self._thread.join()
 
     def _run(self) -> None:
+        helper_thread_policy()  # a re-arm must not hand the CPU straight to this thread
         while True:
             with self._cv:
                 handle: TimerHandle | None = None

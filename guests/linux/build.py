@@ -40,6 +40,11 @@ HERE = Path(__file__).resolve().parent
 CONFIG_FRAGMENT = HERE / "vsmtrace.config"
 PATCH = HERE / "syscall-fault.patch"
 INIT_SOURCE = HERE / "init.c"
+#: Bench-only: bench/linux builds a variant of the same kernel with this patch too, so
+#: that QEMU, which cannot complete the INT3 self-test's int3 on a host whose KVM does
+#: not emulate it, boots the same kernel as vsmtrace (docs/linux-guest.md, "Figures").
+#: CI and the tests never build it.
+QEMU_PEER_PATCH = HERE / "bench-skip-int3-selftest.patch"
 SOURCE_PACKAGE = "linux-source-6.1"
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 BUILD_PACKAGES = (SOURCE_PACKAGE, "bc", "bison", "flex", "libelf-dev", "cpio", "xz-utils", "make", "gcc", "patch")
@@ -132,10 +137,13 @@ def source_version() -> str:
     return f"tarball:{st.st_size}:{st.st_mtime_ns}"
 
 
-def kernel_key(version: str) -> str:
+def kernel_key(version: str, extra_patches: tuple[Path, ...] = ()) -> str:
+    """The cache key; the stock kernel's key does not depend on the (absent) extra patches."""
     h = hashlib.sha256()
     for part in (version, RECIPE_VERSION, CONFIG_FRAGMENT.read_text(), PATCH.read_text(), _tool_identity("gcc")):
         h.update(part.encode() + b"\0")
+    for extra in extra_patches:
+        h.update(b"extra patch\0" + extra.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -156,10 +164,14 @@ def _check_config(config: Path) -> None:
         raise LinuxBuildError(f"kernel config lost required options (a dependency is off): {', '.join(missing)}")
 
 
-def build_kernel(jobs: int | None = None, *, quiet: bool = True) -> Path:
-    """The cached vmlinux for the installed source, config fragment and patch (built if missing)."""
+def build_kernel(jobs: int | None = None, *, quiet: bool = True, extra_patches: tuple[Path, ...] = ()) -> Path:
+    """The cached vmlinux for the installed source, config fragment and patch (built if missing).
+
+    ``extra_patches`` (bench-only variants such as QEMU_PEER_PATCH) are applied after the
+    host-workaround patch and go into the cache key.
+    """
     version = source_version()
-    key = kernel_key(version)
+    key = kernel_key(version, extra_patches)
     cache = linux_cache()
     dest = cache / f"vmlinux-{key}"
     vmlinux = dest / "vmlinux"
@@ -172,7 +184,8 @@ def build_kernel(jobs: int | None = None, *, quiet: bool = True) -> Path:
         try:
             _run(["tar", "-C", str(work), "-xf", str(SOURCE_TARBALL)], "extracting the kernel source")
             src = work / SOURCE_TARBALL.name.removesuffix(".tar.xz")
-            _run(["patch", "-p1", "--forward", "-i", str(PATCH)], "applying syscall-fault.patch", cwd=src)
+            for patch in (PATCH, *extra_patches):
+                _run(["patch", "-p1", "--forward", "-i", str(patch)], f"applying {patch.name}", cwd=src)
             out = work / "out"
             make = ["make", "-s", f"O={out}"]
             _run([*make, "tinyconfig"], "make tinyconfig", cwd=src)
@@ -249,9 +262,9 @@ def build_initramfs() -> Path:
     return dest
 
 
-def build(jobs: int | None = None) -> LinuxGuest:
+def build(jobs: int | None = None, *, extra_patches: tuple[Path, ...] = ()) -> LinuxGuest:
     """Kernel and initramfs, built if missing."""
-    return LinuxGuest(build_kernel(jobs), build_initramfs())
+    return LinuxGuest(build_kernel(jobs, extra_patches=extra_patches), build_initramfs())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,15 @@
  *   init: clocksource <current> (available: <list>)
  *   init: clockevent <name of clockevent0..n> ...   (one line per device)
  *   init: dmesg <every kernel log line that mentions Hyper-V or hyperv>
+ *   init: remote tlb flush: the other cpu sees the new page   (2+ CPUs only)
  *   init: interrupts <every line of /proc/interrupts but its header>
  *   init: done, rebooting
+ *
+ * On 2+ CPUs it also makes the kernel flush another CPU's TLB for a user address
+ * space, which a boot alone never does (docs/linux-guest.md, "PV TLB flush"): a
+ * child sharing init's memory (CLONE_VM) reads a page on CPU 1 while init, on
+ * CPU 0, maps a new page over it; the child must then read the new page's value.
+ * The child then exits, which runs the kernel's task-exit path (fpu__drop).
  *
  * With "vsmtrace_init_out=kmsg" on the kernel command line (the kernel hands
  * unknown key=value words to init as environment) the lines go to /dev/kmsg
@@ -31,6 +38,18 @@ typedef long ssize_t;
 #define SYS_reboot 169
 #define SYS_uname 63
 #define SYS_exit 60
+#define SYS_mmap 9
+#define SYS_clone 56
+#define SYS_sched_yield 24
+#define SYS_wait4 61
+#define SYS_sched_setaffinity 203
+#define PROT_READ_WRITE 3
+#define MAP_PRIVATE 0x02
+#define MAP_FIXED 0x10
+#define MAP_ANONYMOUS 0x20
+#define CLONE_VM 0x100
+#define SIGCHLD 17
+#define SHARED_PAGE 0x40000000UL /* a fixed, otherwise unused user address */
 #define O_RDONLY 0
 #define O_WRONLY 1
 #define SYSLOG_READ_ALL 3
@@ -39,15 +58,19 @@ typedef long ssize_t;
 #define REBOOT_MAGIC2 672274793
 #define REBOOT_CMD_RESTART 0x01234567
 
-static long sys6(long n, long a, long b, long c, long d, long e)
+static long sys6(long n, long a, long b, long c, long d, long e, long f)
 {
     long ret;
     register long r10 __asm__("r10") = d;
     register long r8 __asm__("r8") = e;
-    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8) : "rcx", "r11", "memory");
+    register long r9 __asm__("r9") = f;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8), "r"(r9)
+                     : "rcx", "r11", "memory");
     return ret;
 }
-#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0)
+#define sys3(n, a, b, c) sys6(n, (long)(a), (long)(b), (long)(c), 0, 0, 0)
 
 static int out_fd = 1;
 static char buf[1 << 17];
@@ -141,7 +164,7 @@ static void grep_lines(const char *prefix, size_t n, const char *const *needles)
     }
 }
 
-static void count_cpuinfo(void)
+static unsigned long count_cpuinfo(void)
 {
     ssize_t n = read_file("/proc/cpuinfo");
     unsigned long processors = 0;
@@ -169,6 +192,7 @@ static void count_cpuinfo(void)
     put("init: hypervisor flag ");
     put(hypervisor ? "yes" : "no");
     end_line();
+    return processors;
 }
 
 static void clocks(void)
@@ -212,6 +236,94 @@ static void kernel_log(void)
         grep_lines("init: interrupts ", (size_t)n, vectors);
 }
 
+/* -- a remote TLB flush of a user address space ------------------------------------------- */
+
+static volatile long step; /* init and its child share this (CLONE_VM) */
+static volatile long child_saw;
+static char child_stack[16384] __attribute__((aligned(16)));
+
+static void pin(unsigned long cpu)
+{
+    unsigned long mask = 1UL << cpu;
+    sys3(SYS_sched_setaffinity, 0, sizeof(mask), &mask);
+}
+
+static long map_page(long value)
+{
+    long addr = sys6(SYS_mmap, (long)SHARED_PAGE, 4096, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    if (addr == (long)SHARED_PAGE)
+        *(volatile long *)SHARED_PAGE = value;
+    return addr;
+}
+
+/* The child, on CPU 1: keeps the page's translation in use until init replaced the page. */
+static void __attribute__((noreturn, used)) child_main(void)
+{
+    volatile long *page = (volatile long *)SHARED_PAGE;
+    pin(1);
+    long v = page[0];
+    step = 1;
+    while (step == 1)
+        v += page[0];
+    child_saw = page[0];
+    step = 3;
+    sys3(SYS_exit, v == 0, 0, 0); /* a task exit: the kernel's fpu__drop runs fwait */
+    for (;;)
+        ;
+}
+
+/* clone(CLONE_VM | SIGCHLD) onto child_stack; the child calls child_main and never returns here. */
+static long spawn_child(void)
+{
+    long ret;
+    register long r10 __asm__("r10") = 0;
+    register long r8 __asm__("r8") = 0;
+    __asm__ volatile("syscall\n\t"
+                     "test %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     "call child_main\n"
+                     "1:"
+                     : "=a"(ret)
+                     : "a"(SYS_clone), "D"(CLONE_VM | SIGCHLD), "S"(child_stack + sizeof(child_stack)), "d"(0),
+                       "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+static void remote_tlb_flush(void)
+{
+    put("init: remote tlb flush: ");
+    pin(0);
+    if (map_page(1) != (long)SHARED_PAGE) {
+        put("mmap failed");
+        end_line();
+        return;
+    }
+    long pid = spawn_child();
+    if (pid < 0) {
+        put("clone failed");
+        end_line();
+        return;
+    }
+    while (step != 1)
+        sys3(SYS_sched_yield, 0, 0, 0); /* the child starts on CPU 0 (it inherits init's affinity) */
+    map_page(2); /* unmaps the page CPU 1 is reading: the kernel must flush CPU 1's TLB */
+    step = 2;
+    while (step != 3)
+        ;
+    int status = -1;
+    sys6(SYS_wait4, pid, (long)&status, 0, 0, 0, 0);
+    if (child_saw == 2)
+        put("the other cpu sees the new page");
+    else if (child_saw == 1)
+        put("STALE: the other cpu still sees the old page");
+    else
+        put("unexpected value");
+    if (status != 0)
+        put(" (child exit status not 0)");
+    end_line();
+}
+
 static void banner(void)
 {
     static char uts[6 * 65];
@@ -232,16 +344,18 @@ void start_c(long *sp)
             if (fd >= 0)
                 out_fd = (int)fd;
         }
-    sys6(SYS_mount, (long)"proc", (long)"/proc", (long)"proc", 0, 0);
-    sys6(SYS_mount, (long)"sysfs", (long)"/sys", (long)"sysfs", 0, 0);
+    sys6(SYS_mount, (long)"proc", (long)"/proc", (long)"proc", 0, 0, 0);
+    sys6(SYS_mount, (long)"sysfs", (long)"/sys", (long)"sysfs", 0, 0, 0);
     banner();
-    count_cpuinfo();
+    unsigned long cpus = count_cpuinfo();
     clocks();
+    if (cpus > 1)
+        remote_tlb_flush();
     kernel_log();
     put("init: done, rebooting");
     end_line();
     sys3(SYS_ioctl, out_fd, TCSBRK, 1); /* the console's output reaches the UART before the reset */
-    sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_RESTART, 0, 0);
+    sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_RESTART, 0, 0, 0);
     sys3(SYS_exit, 1, 0, 0); /* only if reboot failed: the kernel panics when init exits */
 }
 
