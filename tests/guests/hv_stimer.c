@@ -104,6 +104,7 @@ static void periodic_message(void)
     hv_stimer_config(1, HV_STIMER_ENABLE | HV_STIMER_PERIODIC | HV_STIMER_SINT(TIMER_SINT));
     bool got = wait_count(&msg_count, 5, 1000);
     hv_stimer_config(1, 0);
+    uint64_t stopped = hv_ref_time();
     hv_check("periodic_5_ticks", got, 1);
     int exact = 0, multiples = 0;
     for (int i = 0; i < 5; i++) {
@@ -122,9 +123,15 @@ static void periodic_message(void)
     hv_check("periodic_intervals_are_periods", multiples, 4);
     hv_check_true("periodic_mostly_exact", exact >= 3);
     hv_check("periodic_timer_index", msg_payload[2].timer_index, 1);
+    /* No expiration after the stop. A message for one due before it may still arrive (it was
+       posted, or queued behind a full slot, before the write): on a loaded host that is
+       normal, and counting it failed good runs. */
     uint32_t before = msg_count;
     wait_count(&msg_count, before + 1, 20);
-    hv_check("periodic_stopped", msg_count, before);
+    uint32_t late = 0;
+    for (uint32_t i = before; i < msg_count && i < MAX_TICKS; i++)
+        late += msg_payload[i].expiration_time > stopped;
+    hv_check("periodic_stopped", late, 0);
 }
 
 static void direct_mode(void)
