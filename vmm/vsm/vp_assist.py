@@ -30,14 +30,12 @@ def read_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int) -> H
 
 def read_control_at(partition: PartitionAccess, vtl: int, gpa: int) -> HvVpVtlControl | None:
     """The control area at ``gpa`` (from :func:`control_gpa`), read through ``vtl``'s view."""
-    try:
-        return HvVpVtlControl.unpack(partition.read_gpa(vtl, gpa, HvVpVtlControl.SIZE))
-    except (GuestMemoryError, VtlAccessDenied):
-        return None
+    raw = read_control_bytes_at(partition, vtl, gpa)
+    return None if raw is None else HvVpVtlControl.unpack(raw)
 
 
 def read_control_bytes_at(partition: PartitionAccess, vtl: int, gpa: int) -> bytes | None:
-    """The raw HV_VP_VTL_CONTROL bytes at ``gpa`` (the same read as :func:`read_control_at`)."""
+    """The raw HV_VP_VTL_CONTROL bytes at ``gpa``, or None if ``vtl`` cannot read them."""
     try:
         return partition.read_gpa(vtl, gpa, HvVpVtlControl.SIZE)
     except (GuestMemoryError, VtlAccessDenied):
@@ -45,7 +43,7 @@ def read_control_bytes_at(partition: PartitionAccess, vtl: int, gpa: int) -> byt
 
 
 def write_control_bytes_at(partition: PartitionAccess, vtl: int, gpa: int, data: bytes) -> bool:
-    """Write raw HV_VP_VTL_CONTROL bytes (the same write as :func:`write_control_at`)."""
+    """Write raw HV_VP_VTL_CONTROL bytes through ``vtl``'s view; False if it cannot."""
     try:
         partition.write_gpa(vtl, gpa, data)
     except (GuestMemoryError, VtlAccessDenied):
@@ -59,11 +57,7 @@ def write_control(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int, con
 
 
 def write_control_at(partition: PartitionAccess, vtl: int, gpa: int, control: HvVpVtlControl) -> bool:
-    try:
-        partition.write_gpa(vtl, gpa, control.pack())
-    except (GuestMemoryError, VtlAccessDenied):
-        return False
-    return True
+    return write_control_bytes_at(partition, vtl, gpa, control.pack())
 
 
 def set_vina_asserted(hv: HyperV, partition: PartitionAccess, vp: int, vtl: int, asserted: bool) -> bool:
