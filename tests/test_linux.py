@@ -11,9 +11,9 @@ MSRs of a real boot). A reset or a panic alone is never a pass: init's lines are
 
 from __future__ import annotations
 
-import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from vsmtrace.guests.linux.build import DEFAULT_CMDLINE, LinuxBuildError, LinuxG
 from vsmtrace.recorder import open_trace
 
 from tests.conftest import ROOT, _require_kvm, run_vsmtrace
+from tests.test_notebooks import execute
 
 pytestmark = pytest.mark.kvm
 
@@ -205,25 +206,11 @@ def demo_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_notebook_compares_linux_with_the_vbs_demo(boot2: Boot, demo_trace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """notebooks/linux_boot.ipynb on this module's 2-VP recording (tests/test_notebooks.py runs the demo's)."""
-    import nbformat
-    from nbclient import NotebookClient
-
     monkeypatch.setenv("VSMTRACE_LINUX_TRACE", str(boot2.trace))
     monkeypatch.setenv("VSMTRACE_DEMO_TRACE", str(demo_trace))
-    nb = nbformat.read(ROOT / "notebooks" / "linux_boot.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(boot2.trace.parent)}}).execute()
-    marker = "NOTEBOOK_RESULT "
-    lines = [
-        line
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-        if output.output_type == "stream" and output.name == "stdout"
-        for line in output.text.splitlines()
-        if line.startswith(marker)
-    ]
-    assert len(lines) == 1
-    r = json.loads(lines[0][len(marker) :])
+    folder = boot2.trace.parent  # beside the recording, as `vsmtrace notebooks --copy` puts them
+    shutil.copy(ROOT / "notebooks" / "linux_boot.ipynb", folder)
+    _, r = execute(folder, "linux_boot.ipynb", "python3")
     assert r["linux_trace"] == str(boot2.trace) and r["demo_trace"] == str(demo_trace)
     msrs = r["synthetic_msrs"]
     for name in ("REFERENCE_TSC", "STIMER0_CONFIG", "VP_ASSIST_PAGE", "GUEST_OS_ID"):
