@@ -57,8 +57,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
     HypercallControl,
+    HypercallResultBits,
     X86Exception,
-    hypercall_result,
 )
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
 
@@ -77,10 +77,13 @@ _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
 _CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
 _STATUSES: dict[int, HvStatus] = {int(s): s for s in HvStatus}
 _STATUS_NAMES: dict[int, str] = {int(s): s.name for s in HvStatus}
+_RESULT_STATUS = HypercallResultBits.STATUS_MASK
+_RESULT_REPS = HypercallResultBits.REPS_COMPLETED_MASK
+_RESULT_REPS_SHIFT = HypercallResultBits.REPS_COMPLETED_SHIFT
 _VTL_CALL_CODES = frozenset({HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn})
 
 
-@dataclass
+@dataclass(slots=True)
 class HypercallInput:
     """A decoded hypercall as a handler sees it."""
 
@@ -137,7 +140,7 @@ class HypercallSpec:
     advertised: Callable[[HypervPolicy], bool] = lambda policy: True
 
 
-@dataclass
+@dataclass(slots=True)
 class VtlCallRequest:
     """What the VSM hook gets for HvCallVtlCall / HvCallVtlReturn."""
 
@@ -149,7 +152,7 @@ class VtlCallRequest:
     is_64bit: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class HypercallOutcome:
     """What the machine needs to know after :meth:`HyperV.hypercall`.
 
@@ -285,7 +288,8 @@ class _Plan:
     frozen policy and the table; the plans are dropped whenever the table changes.
     """
 
-    __slots__ = ("decoded", "code", "spec", "fail", "vtl_call", "in_size", "out_size", "var_size", "elements_at")
+    __slots__ = ("decoded", "code", "spec", "fail", "vtl_call", "in_size", "out_size", "var_size", "elements_at",
+                 "pairs", "fast_fail")  # fmt: skip
 
     def __init__(self, decoded: HypercallControl, table: dict[HypercallCode, HypercallSpec], policy: HypervPolicy,
                  privilege_bits: int) -> None:  # fmt: skip
@@ -312,6 +316,25 @@ class _Plan:
             self.in_size = spec.input_size + self.var_size + c.rep_count * spec.rep_input_size
             self.out_size = spec.output_size + c.rep_count * spec.rep_output_size
             self.elements_at = spec.input_size + self.var_size
+        self.pairs = _pairs(self.in_size)
+        #: A fast call's register-input checks for (32-bit, 64-bit) callers: None or the _Fail arguments.
+        self.fast_fail = (_fast_fail(False, self.in_size, self.out_size, policy),
+                          _fast_fail(True, self.in_size, self.out_size, policy))  # fmt: skip
+
+
+def _fast_fail(is_64bit: bool, in_size: int, out_size: int, policy: HypervPolicy) -> tuple[HvStatus | None, int | None] | None:
+    """Why a fast call of these sizes fails before reading its registers (status or exception), or None."""
+    limit = HV_X64_FAST_INPUT_MAX if is_64bit else HV_X86_FAST_INPUT_MAX
+    if is_64bit and in_size > HV_X64_REGISTER_PAIR_SIZE and not policy.xmm_input:
+        return (None, X86Exception.UD)
+    if in_size > limit:
+        return (HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, None)
+    if out_size:
+        if is_64bit and not policy.xmm_output:
+            return (None, X86Exception.UD)
+        if _pairs(in_size) * HV_X64_REGISTER_PAIR_SIZE + out_size > limit:
+            return (HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, None)
+    return None
 
 
 class _Fail(Exception):
@@ -412,12 +435,13 @@ class HypercallDispatcher:
             assert fail.status is not None
             status = fail.status
 
-        outcome = HypercallOutcome(code=decoded.code, status=status, reps_done=state.reps_done)
+        reps_done = state.reps_done
+        outcome = HypercallOutcome(decoded.code, status, reps_done)
         if state.retry:
-            regs.set_control(HypercallControl.with_rep_start(control, state.reps_done))
+            regs.set_control(HypercallControl.with_rep_start(control, reps_done))
             outcome.retry = True
-        else:
-            regs.set_result(hypercall_result(status, state.reps_done))
+        else:  # hypercall_result(status, reps_done), inlined: this runs for every completed call
+            regs.set_result((status & _RESULT_STATUS) | ((reps_done & _RESULT_REPS) << _RESULT_REPS_SHIFT))
         if emitting:
             self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=status, regs=regs,
                        decoded=decoded, state=state)  # fmt: skip
@@ -432,7 +456,10 @@ class HypercallDispatcher:
         in_size, out_size = plan.in_size, plan.out_size
 
         if c.fast:
-            data = self._fast_input(regs, in_size, out_size)
+            fail = plan.fast_fail[regs.is_64bit]
+            if fail is not None:
+                raise _Fail(*fail)
+            data = regs.read_pairs(plan.pairs)[:in_size]
             out_gpa = 0
         else:
             in_gpa = regs.input_param() if in_size else 0
@@ -461,7 +488,9 @@ class HypercallDispatcher:
             data[spec.input_size : elements_at],
             c.rep_start,
             c.rep_count,
-            [data[elements_at + i * size : elements_at + (i + 1) * size] for i in range(c.rep_start, c.rep_count)],
+            [data[elements_at + i * size : elements_at + (i + 1) * size] for i in range(c.rep_start, c.rep_count)]
+            if c.rep_count
+            else [],
             regs.is_64bit,
         )
         try:
@@ -510,19 +539,6 @@ class HypercallDispatcher:
                     raise _Fail(_memory_status(exc)) from None
         state.output = output
         return status
-
-    def _fast_input(self, regs: _Registers, in_size: int, out_size: int) -> bytes:
-        limit = HV_X64_FAST_INPUT_MAX if regs.is_64bit else HV_X86_FAST_INPUT_MAX
-        if regs.is_64bit and in_size > HV_X64_REGISTER_PAIR_SIZE and not self.policy.xmm_input:
-            raise _Fail(exception=X86Exception.UD)
-        if in_size > limit:
-            raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        if out_size:
-            if regs.is_64bit and not self.policy.xmm_output:
-                raise _Fail(exception=X86Exception.UD)
-            if _pairs(in_size) * HV_X64_REGISTER_PAIR_SIZE + out_size > limit:
-                raise _Fail(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        return regs.read_pairs(_pairs(in_size))[:in_size]
 
     @staticmethod
     def _write_fast_output(regs: _Registers, in_size: int, out_offset: int, output: bytes) -> None:
