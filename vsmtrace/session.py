@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,24 @@ log = logging.getLogger("vsmtrace")
 
 class SetupError(Exception):
     """The machine could not be set up from this input (a one-line message for the user)."""
+
+
+_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Put every object alive now (imported modules, the booted machine) out of the cyclic GC's reach.
+
+    They live as long as the process, yet every full collection would walk them again (the
+    imported pyarrow, polars and click alone are hundreds of thousands of objects), and the
+    run loop's short-lived tuples and records trigger collections all the time: ~5% of the
+    CPU of a VTL round-trip run (docs/benchmarks.md, issue 18, fifth session). Once per
+    process, so what a later machine leaves behind (a guest reboot) stays collectable.
+    """
+    global _heap_frozen
+    if not _heap_frozen:
+        _heap_frozen = True
+        gc.freeze()
 
 
 def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, str]:
@@ -73,6 +92,7 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
                 if writer is not None:
                     writer.close()
                 raise SetupError(f"KVM refused to set up the guest: {exc}") from None
+            freeze_startup_heap()
             status = machine.run()
             message = machine.stop_message
             if isinstance(machine.sink, VerboseSink):
