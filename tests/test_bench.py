@@ -54,20 +54,33 @@ def test_tick_lines_parse_both_guest_formats():
     assert rounds == {"exit": [1000], "call": [42, 43]}
 
 
-NUMBER = re.compile(r"-\d")
+NUMBER = re.compile(r"(?<![\w.])-\d")  # a negative figure, not the "-0" of "N-vs-0"
 
 
 @pytest.mark.kvm
 @pytest.mark.parametrize(
     "script,args",
     [("floor", ["200", "2"]), ("exits", ["200", "2", "1"]), ("hypercalls", ["100", "2", "1"]), ("vtl", ["50", "5", "2", "1"]),
-     ("dispatch", ["50", "3"]), ("cpu_floor", ["8000", "1", "--kind", "fast"])],
+     ("dispatch", ["50", "3"]), ("cpu_floor", ["8000", "1", "--kind", "fast"]),
+     ("cpu_floor", ["8000", "1", "--kind", "exit", "--pin", "0"])],
 )
 def test_benchmarks_run_and_print_no_negative_figure(kvm, script, args):
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "us" in r.stdout
     assert not NUMBER.search(r.stdout.replace("x-", "")), r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,problem",
+    [(["x"], "positive whole numbers"), (["0", "1"], "positive whole numbers"), (["--kind", "zz"], "--kind must be"),
+     (["--pin", "99"], "--pin takes one of"), (["--pin"], "--pin takes one of")],
+)
+def test_cpu_floor_bad_arguments_get_one_line_and_status_2(args, problem):
+    r = subprocess.run([sys.executable, str(BENCH / "cpu_floor"), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert problem in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
 
 
 @pytest.mark.kvm
