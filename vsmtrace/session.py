@@ -49,7 +49,6 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
 
     try:  # importing the VMM builds its native modules on first use
         from vsmtrace.recorder.errors import TraceError
-        from vsmtrace.recorder.writer import TraceWriter
         from vsmtrace.vmm.builder import build_machine
         from vsmtrace.vmm.kvm.system import KvmError, KvmUnavailable
         from vsmtrace.vmm.loader.elf import LoaderError
@@ -79,6 +78,9 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
                 if interrupts.count() > first:
                     machine.interrupt()
                 if record_path is not None:
+                    # Imported only when recording: the schema's Arrow arrays import pandas.
+                    from vsmtrace.recorder.writer import TraceWriter
+
                     writer = TraceWriter(record_path, machine_metadata(machine))
                     machine.sink = writer
                 if verbose_enabled():
