@@ -57,8 +57,8 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HvStatus,
     HypercallCode,
     HypercallControl,
-    HypercallResultBits,
     X86Exception,
+    hypercall_result,
 )
 from vsmtrace.vmm.vp import Access, CpuMode, GuestMemoryError, PartitionAccess, VpAccess, VtlAccessDenied
 
@@ -77,9 +77,6 @@ _CODES: dict[int, HypercallCode] = {int(c): c for c in HypercallCode}
 _CODE_NAMES: dict[int, str] = {int(c): c.name for c in HypercallCode}
 _STATUSES: dict[int, HvStatus] = {int(s): s for s in HvStatus}
 _STATUS_NAMES: dict[int, str] = {int(s): s.name for s in HvStatus}
-_RESULT_STATUS = HypercallResultBits.STATUS_MASK
-_RESULT_REPS = HypercallResultBits.REPS_COMPLETED_MASK
-_RESULT_REPS_SHIFT = HypercallResultBits.REPS_COMPLETED_SHIFT
 _VTL_CALL_CODES = frozenset({HypercallCode.HvCallVtlCall, HypercallCode.HvCallVtlReturn})
 
 
@@ -440,8 +437,8 @@ class HypercallDispatcher:
         if state.retry:
             regs.set_control(HypercallControl.with_rep_start(control, reps_done))
             outcome.retry = True
-        else:  # hypercall_result(status, reps_done), inlined: this runs for every completed call
-            regs.set_result((status & _RESULT_STATUS) | ((reps_done & _RESULT_REPS) << _RESULT_REPS_SHIFT))
+        else:
+            regs.set_result(hypercall_result(status, reps_done))
         if emitting:
             self._emit(vp_index, vtl, rip, code=decoded.code, control=control, status=status, regs=regs,
                        decoded=decoded, state=state)  # fmt: skip
@@ -488,9 +485,7 @@ class HypercallDispatcher:
             data[spec.input_size : elements_at],
             c.rep_start,
             c.rep_count,
-            [data[elements_at + i * size : elements_at + (i + 1) * size] for i in range(c.rep_start, c.rep_count)]
-            if c.rep_count
-            else [],
+            [data[elements_at + i * size : elements_at + (i + 1) * size] for i in range(c.rep_start, c.rep_count)],
             regs.is_64bit,
         )
         try:
