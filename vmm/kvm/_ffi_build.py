@@ -325,14 +325,10 @@ struct vsm_msr_fastpath {
     uint64_t served;
 };
 int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp);
-struct vsm_held {
-    uint64_t dbg_writes;
+struct vsm_held {  /* laid out in the C source below; Python only invalidates records */
     int dbg_valid;
-    uint64_t db[4];
-    uint64_t dr6;
-    uint64_t fpu_writes;
     int fpu_valid;
-    __u32 xsave[1024];  /* a struct kvm_xsave image */
+    ...;
 };
 struct vsm_shared_pair {
     int src_fd;
