@@ -46,7 +46,7 @@ def test_fixed_msr_reads_never_reach_python(kvm, guest, smp: int, vsm: bool) -> 
     try:
         assert status == GUEST_OK, out
         assert "FAIL" not in out, out  # every VP read its own index
-        served = [sum(v.msr_fastpath.served for v in vp.vcpus if v.msr_fastpath is not None) for vp in m.vps]
+        served = [sum(v.fastpath.msrs_served for v in vp.vcpus if v.fastpath is not None) for vp in m.vps]
         assert all(n >= SAMPLES for n in served), served
         for line in re.findall(r"^cpu \d+: .*$", out, re.M):
             print(line)  # the guest-timed worst cases, for the record
@@ -60,7 +60,7 @@ def test_recording_sees_every_read(kvm, guest) -> None:  # type: ignore[no-untyp
     m, status, out = run_guest(guest("msr_latency"), 2, sink)
     try:
         assert status == GUEST_OK, out
-        assert all(v.msr_fastpath is None for vp in m.vps for v in vp.vcpus)
+        assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus)
         reads = [e for e in sink.events if e[0] == EventKind.MSR and e[4].get("msr") == HV_X64_MSR_VP_INDEX]
         assert len(reads) >= 2 * SAMPLES
     finally:
@@ -79,7 +79,7 @@ def test_time_ref_count_from_the_shared_counter(kvm, guest) -> None:  # type: ig
         status = m.run()
         text = out.getvalue().decode(errors="replace")
         assert status == GUEST_OK and "PASSED: 0 failed" in text, text[-2000:]
-        served = [vp.vcpus[0].msr_fastpath.served for vp in m.vps]
+        served = [vp.vcpus[0].fastpath.msrs_served for vp in m.vps]
         assert all(n >= 2000 for n in served), served
         assert m.reference_time() >= int(m.refclock.last)  # the emulation's reads go through the same counter
     finally:

@@ -65,9 +65,18 @@ class MachineExtension:
         """MSRs whose read changes no state, with their fixed value (None: the reference counter).
 
         The machine answers these in C inside KVM_RUN when nothing records
-        (``Machine.attach_msr_fastpath``), so the guest never waits for Python's GIL.
+        (``Machine.attach_fastpath``), so the guest never waits for Python's GIL.
         """
         return {}
+
+    def fast_io_server(self, vp_index: int, vtl: int) -> tuple[int, int] | None:
+        """A C server for this vCPU's port-I/O exits: addresses of a ``vsm_io_server`` function and its context, or None.
+
+        Offered every port-I/O exit inside KVM_RUN when nothing records (``Machine.attach_fastpath``);
+        it answers the exits whose whole effect it knows and leaves every other one, untouched,
+        to the extension's Python handlers. One server per vCPU (the first extension's).
+        """
+        return None
 
     # -- lifetime ------------------------------------------------------------------------------------
     def vps_created(self) -> None:

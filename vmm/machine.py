@@ -133,6 +133,7 @@ class Machine:
         self.interrupted = False  # set by interrupt() (a signal handler), acted on by run()
         self.rebooting = False  # the run ended in a reset the caller carries out (a fresh machine, vsmtrace.session)
         self.refclock: Any = None  # struct vsm_refclock, see reference_counter
+        self._fast_io_keep: list[Any] = []  # (function, context) of the C I/O servers the fast path calls
         self._stop_lock = threading.Lock()
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
@@ -195,6 +196,7 @@ class Machine:
             for port, count, device in ext.pio_devices():
                 self.pio.add(port, count, device)
         self._fast_msrs = overriding(exts, "fast_msr_values")
+        self._fast_io = overriding(exts, "fast_io_server")
         self.mmio_hook: Callable[[VirtualProcessor, int, int, bool], bool] | None = _any(overriding(exts, "on_mmio"))
         self.internal_error_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "on_internal_error"))
         self.wake_hook: Callable[[VirtualProcessor], bool] | None = _any(overriding(exts, "can_wake"))
@@ -337,25 +339,28 @@ class Machine:
         clock, read = self.refclock, lib.vsm_reference_time
         return lambda: int(read(clock))
 
-    def attach_msr_fastpath(self) -> None:
-        """Answer MSR reads that change no state in C, without Python's GIL (``vsm_kvm_run_fast``).
+    def attach_fastpath(self) -> None:
+        """Answer MSR reads that change no state, and the hypercalls an extension serves in C, without
+        Python's GIL (``vsm_kvm_run_fast``).
 
         The extensions' ``fast_msr_values(vp, vtl)`` give those MSRs with their fixed answer, or None for the
-        reference counter (answered from :meth:`reference_counter`'s clock, if there is one).
-        Only when nothing records (the emulation must then see every read) and not with
+        reference counter (answered from :meth:`reference_counter`'s clock, if there is one);
+        ``fast_io_server(vp, vtl)`` a C server offered each port-I/O exit first.
+        Only when nothing records (the emulation must then see every exit) and not with
         --deterministic (every exit is an event there); a vCPU that records port I/O in C
         keeps that path.
         """
-        if self.sink.enabled or self.deterministic is not None or not self._fast_msrs:
+        if self.sink.enabled or self.deterministic is not None or not (self._fast_msrs or self._fast_io):
             return
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
                 table: dict[int, int | None] = {}
                 for values in self._fast_msrs:
                     table.update(values(vp.index, vtl))
-                if not table or vcpu.exit_recorder is not None:
+                server = next((s for s in (f(vp.index, vtl) for f in self._fast_io) if s is not None), None)
+                if not (table or server) or vcpu.exit_recorder is not None:
                     continue
-                fp = ffi.new("struct vsm_msr_fastpath *")
+                fp = ffi.new("struct vsm_fastpath *")
                 fp.run = vcpu.run_struct
                 fixed = sorted((index, value) for index, value in table.items() if value is not None)
                 for i, (index, value) in enumerate(fixed[: len(fp.index)]):
@@ -366,7 +371,11 @@ class Machine:
                 if timed and self.refclock is not None:
                     fp.time_msr = timed[0]
                     fp.clock = self.refclock
-                vcpu.msr_fastpath = fp
+                if server is not None:
+                    fp.serve_io = ffi.cast("vsm_io_server", server[0])
+                    fp.io_ctx = ffi.cast("void *", server[1])
+                    self._fast_io_keep.append(server)  # the C side holds raw pointers into these
+                vcpu.fastpath = fp
 
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:
@@ -670,7 +679,7 @@ class Machine:
         if not self.booted:
             self.boot()
         self.attach_exit_recorders()
-        self.attach_msr_fastpath()
+        self.attach_fastpath()
         for vp in self.vps:
             vp.start()
         if self.config.serial_in_interactive:

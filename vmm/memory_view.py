@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 from vsmtrace.vmm.kvm.system import MemoryRegion, Vm
 from vsmtrace.vmm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
@@ -71,6 +72,19 @@ class Run:
         return self.pages << PAGE_SHIFT
 
 
+class ProtectionGuard(Protocol):
+    """Told around every permission change, for code that reads guest memory outside Python.
+
+    ``begin`` returns once no access that saw the old permissions is still under way (the
+    hypercall fast path, vmm/backends/hypercall_fastpath.py, holds its guard while it reads);
+    ``end`` publishes how many pages are now restricted.
+    """
+
+    def begin(self) -> None: ...
+
+    def end(self, restricted: int) -> None: ...
+
+
 class MemoryView:
     """The memslots of one VTL's KVM VM, kept equal to its page permissions."""
 
@@ -86,6 +100,7 @@ class MemoryView:
         self.next_slot = 0
         self.free_slots: list[int] = []
         self.host = memory.host_address()
+        self.guard: ProtectionGuard | None = None
 
     # -- queries (any thread) --------------------------------------------------------------
     def allowed(self, page: int) -> Access:
@@ -153,13 +168,20 @@ class MemoryView:
     def set_pages(self, first_page: int, count: int, allowed: Access) -> None:
         """Change the permissions of ``count`` pages and update the memslots."""
         with self.lock:
-            for page in range(first_page, first_page + count):
-                old = self.restricted.pop(page, ALL_ACCESS)
-                self.unenforced_execute -= execute_unenforced(old)
-                if allowed != ALL_ACCESS:
-                    self.restricted[page] = allowed
-                    self.unenforced_execute += execute_unenforced(allowed)
-            self.apply()
+            guard = self.guard
+            if guard is not None:
+                guard.begin()
+            try:
+                for page in range(first_page, first_page + count):
+                    old = self.restricted.pop(page, ALL_ACCESS)
+                    self.unenforced_execute -= execute_unenforced(old)
+                    if allowed != ALL_ACCESS:
+                        self.restricted[page] = allowed
+                        self.unenforced_execute += execute_unenforced(allowed)
+                self.apply()
+            finally:
+                if guard is not None:
+                    guard.end(len(self.restricted))
 
     def is_ram_page(self, page: int) -> bool:
         return self.memory.is_ram(page << PAGE_SHIFT, PAGE_SIZE)

@@ -387,8 +387,8 @@ class VirtualProcessor:
             recorder = vcpu.exit_recorder
             if recorder is not None:
                 r = kvm_run_recorded(vcpu.fd, recorder)
-            elif vcpu.msr_fastpath is not None:
-                r = kvm_run_fast(vcpu.fd, vcpu.msr_fastpath)
+            elif vcpu.fastpath is not None:
+                r = kvm_run_fast(vcpu.fd, vcpu.fastpath)
             else:
                 r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)

@@ -371,6 +371,31 @@ static void confused_deputy(void)
         hv_check("cd_translate_output_ro", st, HV_STATUS_ACCESS_DENIED);
         hv_check("cd_translate_output_ro_unchanged", vtl1_compare(ro, ro_copy), 0);
     }
+    /* HvCallGetVpIndexFromApicId, which a machine that records nothing answers in C: the same
+       rules while VTL1 restricts pages of VTL0's view (docs/architecture.md, "Exit paths in C"). */
+    {
+        uint64_t *q = (uint64_t *)(plain + 0x600);
+        uint64_t control = HVCALL_GET_VP_INDEX_FROM_APIC_ID | HV_CONTROL_REP_COUNT(1);
+        q[0] = HV_PARTITION_ID_SELF;
+        q[1] = 0;
+        q[2] = 0; /* APIC ID 0 */
+        memset(plain + 0xA00, 0xEE, 8);
+        hv_check("cd_apic_control", HV_RESULT_STATUS(vsm_hypercall(control, (uint64_t)plain + 0x600, (uint64_t)plain + 0xA00)),
+                 HV_STATUS_SUCCESS);
+        hv_check("cd_apic_control_output", *(uint32_t *)(plain + 0xA00), 0);
+        hv_check("cd_apic_output_ro", HV_RESULT_STATUS(vsm_hypercall(control, (uint64_t)plain + 0x600, (uint64_t)ro + 0x300)),
+                 HV_STATUS_ACCESS_DENIED);
+        hv_check("cd_apic_output_ro_unchanged", vtl1_compare(ro, ro_copy), 0);
+        hv_check("cd_apic_output_secret",
+                 HV_RESULT_STATUS(vsm_hypercall(control, (uint64_t)plain + 0x600, (uint64_t)secret + 0x300)),
+                 HV_STATUS_ACCESS_DENIED);
+        hv_check("cd_apic_output_secret_unchanged", vtl1_compare(secret, secret_copy), 0);
+        memset(plain + 0xA00, 0xEE, 8);
+        hv_check("cd_apic_input_secret",
+                 HV_RESULT_STATUS(vsm_hypercall(control, (uint64_t)secret + 0x600, (uint64_t)plain + 0xA00)),
+                 HV_STATUS_ACCESS_DENIED);
+        hv_check_true("cd_apic_input_secret_no_output", all_bytes(plain + 0xA00, 0xEE, 8));
+    }
     /* Input read from the no-access page (a valid request sits there). */
     hv_check("cd_get_regs_input_secret", get_rip_via(secret + 0x40, plain + 0x800), HV_STATUS_ACCESS_DENIED);
     hv_check_true("cd_get_regs_input_secret_no_output", all_bytes(plain + 0x800, 0xEE, 16));

@@ -25,6 +25,7 @@ from vsmtrace.vmm.hyperv.errors import GpFault, GuestCrash, GuestResetRequest
 from vsmtrace.vmm.hyperv.hvdef import (
     HV_X64_MSR_RANGE_FIRST,
     HV_X64_MSR_RANGE_LAST,
+    HvMsr,
 )
 from vsmtrace.vmm.hyperv.hypercall import HypercallInternalError
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_INSN_LEN, HV_HYPERCALL_TRAP_PORT
@@ -34,6 +35,7 @@ from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, EXIT_VMM_ERROR, GuestStop, MsrF
 from vsmtrace.vmm.timers import TimerHandle, TimerScheduler
 
 if TYPE_CHECKING:
+    from vsmtrace.vmm.backends.hypercall_fastpath import HypercallFastPath
     from vsmtrace.vmm.backends.vsm import VsmBackend
     from vsmtrace.vmm.machine import Machine
     from vsmtrace.vmm.virtual_processor import VirtualProcessor
@@ -153,6 +155,7 @@ class HypervBackend(MachineExtension):
         self.vsm = vsm
         self.hv: HyperV | None = None
         self.lock = threading.Lock()
+        self.fastpath: HypercallFastPath | None = None  # built by fast_io_server
 
     def attach(self, machine: Machine) -> None:
         self.machine = machine
@@ -175,6 +178,18 @@ class HypervBackend(MachineExtension):
 
     def fast_msr_values(self, vp_index: int, vtl: int) -> dict[int, int | None]:
         return {} if self.hv is None else self.hv.fast_msr_values(vp_index, vtl)  # docs/hyperv.md
+
+    def fast_io_server(self, vp_index: int, vtl: int) -> tuple[int, int] | None:
+        """The hypercall fast path (vmm/backends/hypercall_fastpath.py), built on first use: only a
+        machine that records nothing asks, so a recorded run never loads it."""
+        m = self.machine
+        if self.hv is None or m.views is None or not self.policy.hypercalls:
+            return None
+        if self.fastpath is None:
+            from vsmtrace.vmm.backends.hypercall_fastpath import HypercallFastPath
+
+            self.fastpath = HypercallFastPath(self.hv, m.memory, list(m.views))
+        return self.fastpath.caller(vp_index, vtl)
 
     def reference_time(self) -> int:
         return self.reference.reference_time()
@@ -242,6 +257,8 @@ class HypervBackend(MachineExtension):
             raise GuestStop(EXIT_GUEST_FAULT, crash.report.describe()) from None
         except GuestResetRequest as reset:
             self.machine.request_reset(str(reset))
+        if index == HvMsr.HV_X64_MSR_HYPERCALL and self.fastpath is not None:
+            self.fastpath.refresh_pages()
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         assert self.hv is not None

@@ -135,6 +135,10 @@ class HypercallSpec:
     variable_header: bool = False
     privilege: HvPartitionPrivilege | None = None
     advertised: Callable[[HypervPolicy], bool] = lambda policy: True
+    #: The name of a C implementation of exactly this handler that a machine may answer the call with
+    #: while nothing records (vmm/backends/hypercall_fastpath.py); "" when there is none. A spec that
+    #: replaces this one drops it, and with it the C answer.
+    native: str = ""
 
 
 @dataclass(slots=True)
@@ -371,6 +375,8 @@ class HypercallDispatcher:
         self.vtl_hook: VtlHook | None = None
         self._started_ns = 0  # when the call being dispatched started, for the event's duration_ns
         self._plans: dict[int, _Plan] = {}  # input value -> its plan under the current table
+        #: Called after the table changed (a C fast path must re-decide what it may answer).
+        self.on_table_change: Callable[[], None] | None = None
 
     def register(self, spec: HypercallSpec, *, replace: bool = False) -> None:
         """Add a handler (the VSM stage adds its calls the same way)."""
@@ -378,6 +384,14 @@ class HypercallDispatcher:
             raise ValueError(f"{spec.code.name} already has a handler")
         self.table[spec.code] = spec
         self._plans.clear()
+        if self.on_table_change is not None:
+            self.on_table_change()
+
+    def answered_natively(self, control: int, native: str) -> bool:
+        """Whether input value ``control`` passes every check of step 2 and reaches a handler whose C
+        implementation is ``native``: only then may a fast path answer it instead of :meth:`dispatch`."""
+        plan = self._plan(control)
+        return plan.fail is None and not plan.vtl_call and plan.spec is not None and plan.spec.native == native
 
     def _plan(self, control: int) -> _Plan:
         plans = self._plans

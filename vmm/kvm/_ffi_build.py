@@ -315,16 +315,19 @@ struct vsm_refclock {
     uint64_t last;
 };
 uint64_t vsm_reference_time(struct vsm_refclock *clock);
-struct vsm_msr_fastpath {
+typedef int (*vsm_io_server)(void *ctx, void *run);
+struct vsm_fastpath {
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[8];
     uint64_t value[8];
     uint32_t time_msr;
     struct vsm_refclock *clock;
-    uint64_t served;
+    uint64_t msrs_served;
+    vsm_io_server serve_io;
+    void *io_ctx;
 };
-int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp);
+int vsm_kvm_run_fast(int vcpu_fd, struct vsm_fastpath *fp);
 struct vsm_held {  /* laid out in the C source below; Python only invalidates records */
     int dbg_valid;
     int fpu_valid;
@@ -426,11 +429,12 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
     return VSM_RUN_RECORDED + status;
 }
 
-/* Synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
+/* vsm_kvm_run_fast: synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
    frequencies), answered here so the guest's RDMSR never waits for Python's GIL, which
    another VP's thread may hold (or hold while the host has preempted it). Python fills the
-   table; any other exit, a kick (immediate_exit) or a CR8 change returns to Python.
-   Returns like vsm_kvm_run. */
+   table. Port-I/O exits are offered to the I/O server (the hypercall fast path) when one is
+   attached. Any other exit, an exit neither answers, a kick (immediate_exit) or a CR8
+   change returns to Python. Returns like vsm_kvm_run. */
 #define VSM_FAST_MSRS 8
 
 /* The partition reference counter (TIME_REF_COUNT, 100 ns units) from the guest TSC with
@@ -454,14 +458,20 @@ uint64_t vsm_reference_time(struct vsm_refclock *clock) {
     return last;
 }
 
-struct vsm_msr_fastpath {
+/* An I/O exit server another module provides (vmm/backends/_hypercall_fastpath_build.py):
+   returns 1 when it answered the exit in kvm_run (the guest may resume), 0 when Python must. */
+typedef int (*vsm_io_server)(void *ctx, void *run);
+
+struct vsm_fastpath {
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[VSM_FAST_MSRS];
     uint64_t value[VSM_FAST_MSRS];
     uint32_t time_msr;            /* TIME_REF_COUNT's index when answered here from clock, else 0 */
     struct vsm_refclock *clock;
-    uint64_t served;              /* reads answered here */
+    uint64_t msrs_served;         /* reads answered here */
+    vsm_io_server serve_io;       /* port-I/O exits offered to this server first (NULL: none) */
+    void *io_ctx;
 };
 
 /* A VTL switch's shared state (vsm-facts §4.1) moved from one VTL's vCPU to another's in
@@ -556,18 +566,25 @@ int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t
     return wrote;
 }
 
-int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
+int vsm_kvm_run_fast(int vcpu_fd, struct vsm_fastpath *fp) {
     struct kvm_run *run = fp->run;
     uint64_t cr8 = run->cr8;
     for (;;) {
         int r = ioctl(vcpu_fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
-        if (run->exit_reason != KVM_EXIT_X86_RDMSR || run->immediate_exit || run->cr8 != cr8)
+        if (run->immediate_exit || run->cr8 != cr8)
             return 0;
         /* Python waits to inject an interrupt and the guest can now take it: hand the exit back
            (a backend may not exit for the window by itself while the guest keeps exiting here). */
         if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
+            return 0;
+        if (run->exit_reason == KVM_EXIT_IO) {
+            if (fp->serve_io && fp->serve_io(fp->io_ctx, run))
+                continue;
+            return 0;
+        }
+        if (run->exit_reason != KVM_EXIT_X86_RDMSR)
             return 0;
         uint32_t i = 0;
         while (i < fp->n && fp->index[i] != run->msr.index)
@@ -579,7 +596,7 @@ int vsm_kvm_run_fast(int vcpu_fd, struct vsm_msr_fastpath *fp) {
         else
             return 0;
         run->msr.error = 0;
-        fp->served++;
+        fp->msrs_served++;
     }
 }
 """

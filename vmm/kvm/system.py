@@ -204,8 +204,8 @@ class Vcpu:
         self.sregs_exported = False  # kvm_run holds this vCPU's sregs (it has exited once)
         # struct vsm_exit_recorder when the machine records port-I/O exits in C (vsm_kvm_run_recorded).
         self.exit_recorder: Any = None
-        # struct vsm_msr_fastpath when fixed-value MSR reads are answered in C (vsm_kvm_run_fast).
-        self.msr_fastpath: Any = None
+        # struct vsm_fastpath when MSR reads or hypercalls are answered in C (vsm_kvm_run_fast).
+        self.fastpath: Any = None
         if self.sync_regs:
             self.run_struct.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | (lib.KVM_SYNC_X86_SREGS if self.sync_sregs else 0)
 

@@ -21,6 +21,11 @@ from vsmtrace.vmm.hyperv.hypercall import HypercallInput, HypercallResult, Hyper
 if TYPE_CHECKING:
     from vsmtrace.vmm.hyperv.facade import HyperV
 
+#: Names of the C implementations of these handlers (HypercallSpec.native): a machine's fast path answers
+#: the calls in C while nothing records, with the semantics below (vmm/backends/hypercall_fastpath.py).
+NATIVE_SPIN_WAIT = "notify_long_spin_wait"
+NATIVE_VP_INDEX_FROM_APIC_ID = "get_vp_index_from_apic_id"
+
 
 def notify_long_spin_wait(hv: HyperV, inp: HypercallInput) -> HypercallResult:
     """Advisory: always SUCCESS (TLFS). The machine may use ``hv.on_long_spin_wait`` to yield."""
@@ -54,6 +59,7 @@ def specs(hv: HyperV) -> list[HypercallSpec]:
             bind(hv, notify_long_spin_wait),
             input_size=HvInputNotifyLongSpinWait.SIZE,
             advertised=lambda p: p.spin_wait,
+            native=NATIVE_SPIN_WAIT,
         ),
         HypercallSpec(
             HypercallCode.HvCallGetPartitionId,
@@ -68,6 +74,7 @@ def specs(hv: HyperV) -> list[HypercallSpec]:
             rep=True,
             rep_input_size=HV_APIC_ID_ELEMENT_SIZE,
             rep_output_size=HV_VP_INDEX_ELEMENT_SIZE,
+            native=NATIVE_VP_INDEX_FROM_APIC_ID,
         ),
     ]
 

@@ -1,0 +1,101 @@
+"""Hypercalls answered in C while nothing records (issue 18; docs/architecture.md, "Exit paths in C").
+
+The guest (tests/guests/hv_fastpath.c) makes the calls the fast path may answer and the variants
+of the same calls it must leave to the dispatcher, and checks every result against the TLFS. It
+counts the calls C may answer: a run that records nothing must have answered exactly those in C
+(not one more: a variant answered in C would also fail the guest's check of its status), and a
+recorded run none, with every call in the trace.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from vsmtrace.vmm.backends.hyperv import HypervBackend
+from vsmtrace.vmm.builder import build_machine
+from vsmtrace.vmm.config import MachineConfig
+from vsmtrace.vmm.events import EventKind, ListSink
+from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
+from vsmtrace.vmm.hyperv.hvdef import (
+    HV_APIC_ID_ELEMENT_SIZE,
+    HV_PARTITION_ID_SELF,
+    HV_VP_INDEX_ELEMENT_SIZE,
+    HvInputGetVpIndexFromApicId,
+    HypercallCode,
+    HypercallControlBits,
+)
+from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
+from vsmtrace.vmm.machine import Machine
+
+GUEST_OK = 1
+SMP = 2
+SPINS = 50
+
+
+def run_guest(kernel, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    config = MachineConfig(kernel=kernel, smp=SMP, cmdline=f"cpus={SMP} spins={SPINS}", hyperv=HypervPolicy(),
+                           timeout_s=120, serial_out=out)  # fmt: skip
+    m = build_machine(config, sink)
+    m.boot()
+    status = m.run()
+    return m, status, out.getvalue().decode(errors="replace")
+
+
+def eligible(text: str) -> int:
+    found = re.search(r"^eligible (\d+)$", text, re.M)
+    assert found, text[-2000:]
+    return int(found.group(1))
+
+
+@pytest.mark.kvm
+def test_answers_exactly_the_eligible_calls_in_c(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    m, status, text = run_guest(guest("hv_fastpath"))
+    try:
+        assert status == GUEST_OK, text[-3000:]
+        assert "FAIL" not in text, text[-3000:]
+        backend = m.extension(HypervBackend)
+        assert backend is not None and backend.fastpath is not None
+        served = backend.fastpath.served()
+        assert sum(served.values()) == eligible(text) > SPINS, (served, eligible(text))
+        assert served[(0, 0)] == eligible(text)  # the BSP made them all
+    finally:
+        m.close()
+
+
+@pytest.mark.kvm
+def test_a_recorded_run_dispatches_every_call(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+    m, status, text = run_guest(guest("hv_fastpath"), sink)
+    try:
+        assert status == GUEST_OK, text[-3000:]
+        assert "FAIL" not in text, text[-3000:]
+        assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus)
+        backend = m.extension(HypervBackend)
+        assert backend is not None and backend.fastpath is None  # never even built
+        calls = [e[4] for e in sink.events if e[0] == EventKind.HYPERCALL]
+        spins = [
+            c for c in calls if c["code"] == HypercallCode.HvCallNotifyLongSpinWait and c["status"] == 0 and c["fast"]
+        ]
+        lookups = [c for c in calls if c["code"] == HypercallCode.HvCallGetVpIndexFromApicId and c["status"] == 0]
+        # The eligible calls (the spins, the raw traps' two spins, 36 + 1 + 1 lookups) all reach the trace.
+        assert len(spins) + len(lookups) >= eligible(text) > SPINS
+    finally:
+        m.close()
+
+
+def test_c_constants_are_the_tlfs_layout() -> None:
+    """The C side's copies of the ABI numbers (vmm/backends/_hypercall_fastpath_build.py) equal hvdef's."""
+    from vsmtrace.vmm.backends.hypercall_fastpath import load
+
+    lib = load().lib
+    bits = HypercallControlBits
+    assert (lib.VSM_HC_REP_COUNT_SHIFT, lib.VSM_HC_REP_START_SHIFT) == (bits.REP_COUNT_SHIFT, bits.REP_START_SHIFT)
+    assert lib.VSM_HC_REP_MASK == bits.REP_COUNT_MASK == bits.REP_START_MASK
+    assert lib.VSM_HC_APIC_HEADER_SIZE == HvInputGetVpIndexFromApicId.SIZE
+    assert lib.VSM_HC_APIC_ELEMENT_SIZE == HV_APIC_ID_ELEMENT_SIZE
+    assert lib.VSM_HC_VP_ELEMENT_SIZE == HV_VP_INDEX_ELEMENT_SIZE
+    assert lib.VSM_HC_PARTITION_SELF == HV_PARTITION_ID_SELF
+    assert lib.VSM_HC_TRAP_PORT == HV_HYPERCALL_TRAP_PORT

@@ -1,0 +1,243 @@
+"""cffi source of the hypercall fast path: common hypercalls answered in C inside KVM_RUN.
+
+``vsm_kvm_run_fast`` (vmm/kvm/_ffi_build.py) calls an I/O server on every port-I/O exit;
+this module's ``vsm_hc_serve_io`` is that server for the hypercall trap port. It answers a
+hypercall only when its whole effect is known without Python, and otherwise returns 0
+having changed nothing, so the exit goes to the Python dispatcher (vmm/hyperv/hypercall.py)
+exactly as without it. Python owns every decision about *which* calls may be answered here
+(vmm/backends/hypercall_fastpath.py, from the dispatcher's own plans) and keeps the mirrored
+state current; the rules are in docs/architecture.md ("Exit paths in C").
+
+Served, when the caller is in 64-bit mode at CPL 0 and its VTL's hypercall page is enabled:
+
+- the fast call whose input value is ``spin_control`` (HvCallNotifyLongSpinWait, advisory:
+  SUCCESS in RAX, nothing else);
+- HvCallGetVpIndexFromApicId as a memory call (input value matches ``apic_mask/value``),
+  when the input and output blocks pass the dispatcher's alignment, page and overlap
+  rules, lie in RAM, the caller's VTL has no page restricted by a higher VTL (checked
+  under that view's guard, which protection changes take for writing), the header names
+  this partition and the caller's own VTL, and every APIC ID in the mirrored table is
+  known. The input is copied once; the VP indices go to their absolute places; RAX gets
+  SUCCESS with every rep completed.
+"""
+
+from __future__ import annotations
+
+import cffi
+
+CDEF = r"""
+#define VSM_HC_VTLS ...
+#define VSM_HC_APIC_IDS ...
+#define VSM_HC_RAM_RANGES ...
+#define VSM_HC_NO_VP ...
+#define VSM_HC_TRAP_PORT ...
+#define VSM_HC_REP_COUNT_SHIFT ...
+#define VSM_HC_REP_START_SHIFT ...
+#define VSM_HC_REP_MASK ...
+#define VSM_HC_APIC_HEADER_SIZE ...
+#define VSM_HC_APIC_ELEMENT_SIZE ...
+#define VSM_HC_VP_ELEMENT_SIZE ...
+#define VSM_HC_PARTITION_SELF ...
+
+struct vsm_view_guard {
+    uint64_t restricted;
+    ...;
+};
+void vsm_view_guard_init(struct vsm_view_guard *g);
+void vsm_view_guard_begin(struct vsm_view_guard *g);
+void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted);
+
+struct vsm_ram_range { uint64_t gpa; uint64_t size; uint8_t *host; };
+
+struct vsm_hc_partition {
+    uint64_t spin_control;
+    uint64_t apic_mask;
+    uint64_t apic_value;
+    uint64_t partition_id;
+    uint32_t page_enabled[4];
+    uint32_t vp_of_apic[256];
+    uint32_t nram;
+    struct vsm_ram_range ram[2];
+    struct vsm_view_guard *views[4];
+};
+
+struct vsm_hc_caller {
+    struct vsm_hc_partition *partition;
+    uint32_t vtl;
+    uint64_t served;
+};
+
+int vsm_hc_serve_io(void *caller, void *run);
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <pthread.h>
+#include <linux/kvm.h>
+
+#define VSM_HC_VTLS 4
+#define VSM_HC_APIC_IDS 256
+#define VSM_HC_RAM_RANGES 2
+#define VSM_HC_NO_VP 0xffffffffu
+#define VSM_HC_TRAP_PORT 0x58
+/* The TLFS hypercall input value's rep fields (Python checks them against hvdef). */
+#define VSM_HC_REP_COUNT_SHIFT 32
+#define VSM_HC_REP_START_SHIFT 48
+#define VSM_HC_REP_MASK 0xfffull
+/* HvCallGetVpIndexFromApicId: header (partition id u64, target VTL u8, 7 pad), u32 in, u32 out. */
+#define VSM_HC_APIC_HEADER_SIZE 16
+#define VSM_HC_APIC_ELEMENT_SIZE 4
+#define VSM_HC_VP_ELEMENT_SIZE 4
+#define VSM_HC_PARTITION_SELF 0xffffffffffffffffull
+#define HC_ALIGN 8ull
+#define HC_PAGE 4096ull
+#define HC_CR0_PE 1ull
+#define HC_EFER_LMA (1ull << 10)
+
+/* A VTL view's protections as the fast path sees them: ``restricted`` is the number of pages
+   a higher VTL restricted (all ones while a change is under way). Readers hold the lock for
+   reading while they check it and touch guest memory, so a protection change (begin) waits
+   for every access already past the check: none can land after the change returns. */
+struct vsm_view_guard {
+    uint64_t restricted;
+    pthread_rwlock_t lock;
+};
+
+void vsm_view_guard_init(struct vsm_view_guard *g) {
+    pthread_rwlock_init(&g->lock, NULL);
+    g->restricted = 0;
+}
+
+void vsm_view_guard_begin(struct vsm_view_guard *g) {
+    pthread_rwlock_wrlock(&g->lock);
+    __atomic_store_n(&g->restricted, ~0ull, __ATOMIC_RELEASE);
+    pthread_rwlock_unlock(&g->lock);
+}
+
+void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted) {
+    __atomic_store_n(&g->restricted, restricted, __ATOMIC_RELEASE);
+}
+
+struct vsm_ram_range { uint64_t gpa; uint64_t size; uint8_t *host; };
+
+struct vsm_hc_partition {
+    uint64_t spin_control;       /* NotifyLongSpinWait's fast input value, 0: not served here */
+    uint64_t apic_mask;          /* GetVpIndexFromApicId: (value & mask) == apic_value; 0: not served */
+    uint64_t apic_value;
+    uint64_t partition_id;
+    uint32_t page_enabled[VSM_HC_VTLS];   /* HV_X64_MSR_HYPERCALL.Enable of each VTL */
+    uint32_t vp_of_apic[VSM_HC_APIC_IDS]; /* VSM_HC_NO_VP: not a VP of this partition */
+    uint32_t nram;
+    struct vsm_ram_range ram[VSM_HC_RAM_RANGES];
+    struct vsm_view_guard *views[VSM_HC_VTLS];
+};
+
+struct vsm_hc_caller {
+    struct vsm_hc_partition *partition;
+    uint32_t vtl;
+    uint64_t served;             /* hypercalls answered here for this vCPU */
+};
+
+/* Host address of [gpa, gpa + size) when it lies in one RAM range, else NULL. */
+static uint8_t *hc_host(const struct vsm_hc_partition *p, uint64_t gpa, uint64_t size) {
+    for (uint32_t i = 0; i < p->nram; i++) {
+        const struct vsm_ram_range *r = &p->ram[i];
+        if (gpa >= r->gpa && gpa + size <= r->gpa + r->size)
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+static int hc_block_ok(uint64_t gpa, uint64_t size) {
+    return gpa % HC_ALIGN == 0 && (gpa % HC_PAGE) + size <= HC_PAGE;
+}
+
+static int hc_apic_ids(struct vsm_hc_caller *c, struct kvm_regs *r, uint64_t control) {
+    struct vsm_hc_partition *p = c->partition;
+    uint64_t count = (control >> VSM_HC_REP_COUNT_SHIFT) & VSM_HC_REP_MASK;
+    uint64_t start = (control >> VSM_HC_REP_START_SHIFT) & VSM_HC_REP_MASK;
+    if (count == 0 || start >= count)
+        return 0;
+    uint64_t in_size = VSM_HC_APIC_HEADER_SIZE + count * VSM_HC_APIC_ELEMENT_SIZE;
+    uint64_t out_size = count * VSM_HC_VP_ELEMENT_SIZE;
+    uint64_t in = r->rdx, out = r->r8;
+    if (!hc_block_ok(in, in_size) || !hc_block_ok(out, out_size))
+        return 0;
+    if (in < out + out_size && out < in + in_size)
+        return 0;
+    uint8_t *hin = hc_host(p, in, in_size), *hout = hc_host(p, out, out_size);
+    if (!hin || !hout)
+        return 0;
+    struct vsm_view_guard *g = p->views[c->vtl];
+    if (!g)
+        return 0;
+    uint8_t copy[HC_PAGE];
+    uint32_t vps[HC_PAGE / VSM_HC_APIC_ELEMENT_SIZE];
+    int ok = 1;
+    pthread_rwlock_rdlock(&g->lock);
+    if (__atomic_load_n(&g->restricted, __ATOMIC_ACQUIRE) != 0) {
+        pthread_rwlock_unlock(&g->lock);
+        return 0;
+    }
+    memcpy(copy, hin, in_size);  /* read once: another VP may change the input meanwhile */
+    uint64_t partition_id;
+    memcpy(&partition_id, copy, sizeof partition_id);
+    if ((partition_id != VSM_HC_PARTITION_SELF && partition_id != p->partition_id) || copy[8] != 0)
+        ok = 0;  /* another partition, or an explicit target VTL: Python decides */
+    for (uint64_t i = start; ok && i < count; i++) {
+        uint32_t apic;
+        memcpy(&apic, copy + VSM_HC_APIC_HEADER_SIZE + i * VSM_HC_APIC_ELEMENT_SIZE, sizeof apic);
+        if (apic >= VSM_HC_APIC_IDS || p->vp_of_apic[apic] == VSM_HC_NO_VP)
+            ok = 0;  /* a failure status with partial output: Python writes it */
+        else
+            vps[i] = p->vp_of_apic[apic];
+    }
+    if (ok)
+        memcpy(hout + start * VSM_HC_VP_ELEMENT_SIZE, vps + start, (count - start) * VSM_HC_VP_ELEMENT_SIZE);
+    pthread_rwlock_unlock(&g->lock);
+    if (!ok)
+        return 0;
+    r->rax = count << VSM_HC_REP_COUNT_SHIFT;  /* HV_STATUS_SUCCESS, every rep completed */
+    return 1;
+}
+
+/* 1: the exit was a hypercall answered here (registers written through sync regs, the
+   guest may resume); 0: not answered, nothing changed. */
+int vsm_hc_serve_io(void *caller, void *kvm_run) {
+    struct vsm_hc_caller *c = caller;
+    struct kvm_run *run = kvm_run;
+    struct vsm_hc_partition *p = c->partition;
+    if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.port != VSM_HC_TRAP_PORT
+        || run->io.size != 1 || run->io.count != 1)
+        return 0;
+    if ((run->kvm_valid_regs & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)) != (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS))
+        return 0;
+    const struct kvm_sregs *s = &run->s.regs.sregs;
+    if (!(s->cr0 & HC_CR0_PE) || !(s->efer & HC_EFER_LMA) || !s->cs.l || s->cs.dpl != 0)
+        return 0;  /* another mode or CPL: #UD or the x86 convention, Python's */
+    if (c->vtl >= VSM_HC_VTLS || !__atomic_load_n(&p->page_enabled[c->vtl], __ATOMIC_ACQUIRE))
+        return 0;
+    struct kvm_regs *r = &run->s.regs.regs;
+    uint64_t control = r->rcx;
+    int served = 0;
+    if (p->spin_control && control == p->spin_control) {
+        r->rax = 0;  /* HV_STATUS_SUCCESS */
+        served = 1;
+    } else if (p->apic_mask && (control & p->apic_mask) == p->apic_value) {
+        served = hc_apic_ids(c, r, control);
+    }
+    if (served) {
+        run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+        c->served++;
+    }
+    return served;
+}
+"""
+
+
+def make_ffi(module_name: str = "_vsmtrace_hypercalls") -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(module_name, SOURCE, libraries=["pthread"])
+    return ffi
