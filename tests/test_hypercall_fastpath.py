@@ -1,4 +1,5 @@
-"""Hypercalls answered in C while nothing records (issue 18; docs/architecture.md, "Exit paths in C").
+"""Hypercalls and VTL switches answered in C while nothing records (issue 18; docs/architecture.md,
+"Exit paths in C").
 
 The guest (tests/guests/hv_fastpath.c) makes the calls the fast path may answer and the variants
 of the same calls it must leave to the dispatcher, and checks every result against the TLFS. It
@@ -23,10 +24,13 @@ from vsmtrace.vmm.hyperv.hvdef import (
     HV_PARTITION_ID_SELF,
     HV_VP_INDEX_ELEMENT_SIZE,
     HvInputGetVpIndexFromApicId,
+    HvVpVtlControl,
     HypercallCode,
     HypercallControlBits,
+    VtlReturnInput,
 )
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
+from vsmtrace.vmm.kvm.system import lib as kvm_lib
 from vsmtrace.vmm.machine import Machine
 
 GUEST_OK = 1
@@ -99,3 +103,61 @@ def test_c_constants_are_the_tlfs_layout() -> None:
     assert lib.VSM_HC_VP_ELEMENT_SIZE == HV_VP_INDEX_ELEMENT_SIZE
     assert lib.VSM_HC_PARTITION_SELF == HV_PARTITION_ID_SELF
     assert lib.VSM_HC_TRAP_PORT == HV_HYPERCALL_TRAP_PORT
+    assert (lib.VSM_HC_CODE_VTL_CALL, lib.VSM_HC_CODE_VTL_RETURN) == (
+        HypercallCode.HvCallVtlCall,
+        HypercallCode.HvCallVtlReturn,
+    )
+    assert lib.VSM_HC_VTL_RETURN_FAST == VtlReturnInput.FAST
+    assert lib.VSM_HC_CONTROL_AREA_SIZE == HvVpVtlControl.SIZE
+    assert lib.VSM_HC_SWITCH == kvm_lib.VSM_IO_SWITCH
+
+
+# -- VTL call / fast VTL return answered in C ----------------------------------------------------------
+
+CALLS = 200
+
+
+def run_vsm_guest(kernel, cmdline: str, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    config = MachineConfig(kernel=kernel, cmdline=cmdline, hyperv=HypervPolicy().with_vsm(), vtls=2, timeout_s=120,
+                           serial_out=out)  # fmt: skip
+    m = build_machine(config, sink)
+    m.boot()
+    status = m.run()
+    return m, status, out.getvalue().decode(errors="replace")
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("protect", ["0", "1"])
+def test_vtl_call_and_fast_return_answered_in_c(kvm, guest, protect: str) -> None:  # type: ignore[no-untyped-def]
+    """Shared GPRs and XMM both ways, VTL1's control area at every entry: as the guest checks them. With
+    protect=1 VTL0 has a readable, non-executable page, so every return translates VTL0's resume RIP, and
+    one return resumes on such a page: that one is Python's (the execute intercept VTL1 must get)."""
+    m, status, text = run_vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect={protect}")
+    try:
+        assert status == GUEST_OK, text[-3000:]
+        assert "FAIL" not in text and "PASSED" in text, text[-3000:]
+        backend = m.extension(HypervBackend)
+        assert backend is not None and backend.fastpath is not None
+        calls, returns = backend.fastpath.switches()[0]
+        # VTL1 answers the loop's calls and the VSM_OP_USER request with fast returns; the service
+        # loop's other returns are not fast, and the return onto the non-executable page is Python's.
+        assert returns == CALLS + 1, (calls, returns)
+        assert calls >= CALLS + 1, (calls, returns)
+    finally:
+        m.close()
+
+
+@pytest.mark.kvm
+def test_a_recorded_run_switches_vtls_in_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+    m, status, text = run_vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect=1", sink)
+    try:
+        assert status == GUEST_OK, text[-3000:]
+        assert "FAIL" not in text and "PASSED" in text, text[-3000:]
+        assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus) and m.vps[0].fast_run is None
+        switches = [e[4] for e in sink.events if e[0] == EventKind.VTL_SWITCH]
+        assert sum(1 for s in switches if s["reason"] == "call") >= CALLS + 1
+        assert sum(1 for s in switches if s["reason"] == "return") >= CALLS + 1
+    finally:
+        m.close()

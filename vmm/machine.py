@@ -354,6 +354,7 @@ class Machine:
             return
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
+                vcpu.fastpath = None
                 table: dict[int, int | None] = {}
                 for values in self._fast_msrs:
                     table.update(values(vp.index, vtl))
@@ -361,7 +362,7 @@ class Machine:
                 if not (table or server) or vcpu.exit_recorder is not None:
                     continue
                 fp = ffi.new("struct vsm_fastpath *")
-                fp.run = vcpu.run_struct
+                fp.fd, fp.vtl, fp.run = vcpu.fd, vtl, vcpu.run_struct
                 fixed = sorted((index, value) for index, value in table.items() if value is not None)
                 for i, (index, value) in enumerate(fixed[: len(fp.index)]):
                     fp.index[i] = index
@@ -376,6 +377,13 @@ class Machine:
                     fp.io_ctx = ffi.cast("void *", server[1])
                     self._fast_io_keep.append(server)  # the C side holds raw pointers into these
                 vcpu.fastpath = fp
+            fastpaths = [vcpu.fastpath for vcpu in vp.vcpus]
+            if 1 < len(fastpaths) <= lib.VSM_VP_VTLS and all(fp is not None for fp in fastpaths):
+                # An I/O server may move the VP between these vCPUs (a VTL call or return answered in C).
+                vp.fast_run = ffi.new("struct vsm_vp_run *")
+                for vtl, fp in enumerate(fastpaths):
+                    vp.fast_run.vtl[vtl] = fp
+                    fp.vp = vp.fast_run
 
     # -- services for devices and layers ------------------------------------------------------
     def emit(self, kind: EventKind, vp: VirtualProcessor | None, **fields: Any) -> None:

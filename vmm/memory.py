@@ -86,6 +86,10 @@ class GuestMemory:
                 return r.offset + (gpa - r.gpa)
         raise GuestMemoryError(gpa, size)
 
+    def host_address_of(self, gpa: int, size: int) -> int:
+        """Address in this process of ``[gpa, gpa + size)`` (GuestMemoryError unless it is RAM), for C code."""
+        return self.host_address() + self._offset(gpa, size)
+
     def read(self, gpa: int, size: int) -> bytes:
         off = self._offset(gpa, size)
         return bytes(self._view[off : off + size])

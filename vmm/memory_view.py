@@ -77,12 +77,16 @@ class ProtectionGuard(Protocol):
 
     ``begin`` returns once no access that saw the old permissions is still under way (the
     hypercall fast path, vmm/backends/hypercall_fastpath.py, holds its guard while it reads);
-    ``end`` publishes how many pages are now restricted.
+    ``end`` publishes how many pages are now restricted, and how many of those KVM cannot
+    keep from executing (``unenforced_execute``); ``mark`` tells, for every page changed,
+    whether it is now such a page.
     """
 
     def begin(self) -> None: ...
 
-    def end(self, restricted: int) -> None: ...
+    def mark(self, page: int, unenforced: bool) -> None: ...
+
+    def end(self, restricted: int, unenforced: int) -> None: ...
 
 
 class MemoryView:
@@ -172,16 +176,19 @@ class MemoryView:
             if guard is not None:
                 guard.begin()
             try:
+                unenforced = execute_unenforced(allowed)
                 for page in range(first_page, first_page + count):
                     old = self.restricted.pop(page, ALL_ACCESS)
                     self.unenforced_execute -= execute_unenforced(old)
                     if allowed != ALL_ACCESS:
                         self.restricted[page] = allowed
-                        self.unenforced_execute += execute_unenforced(allowed)
+                        self.unenforced_execute += unenforced
+                    if guard is not None:
+                        guard.mark(page, unenforced)
                 self.apply()
             finally:
                 if guard is not None:
-                    guard.end(len(self.restricted))
+                    guard.end(len(self.restricted), self.unenforced_execute)
 
     def is_ram_page(self, page: int) -> bool:
         return self.memory.is_ram(page << PAGE_SHIFT, PAGE_SIZE)

@@ -105,6 +105,8 @@ class VirtualProcessor:
         self.requests: list[tuple[Callable[[], None], threading.Event]] = []  # run on this VP's thread
         self.pending_flush: set[int] = set()  # VTLs whose cached translations must go before the next entry
         self.exit_count = 0
+        #: struct vsm_vp_run when the fast path may switch this VP's VTL in C (Machine.attach_fastpath).
+        self.fast_run: Any = None
         self.apics: VtlArray[LocalApic] = VtlArray(
             len(machine.vms),
             lambda vtl: LocalApic(
@@ -216,7 +218,11 @@ class VirtualProcessor:
             self.wakeups += 1
             self.cond.notify_all()
         if self.in_guest:
-            self.vcpu.run_struct.immediate_exit = 1
+            if self.fast_run is None:
+                self.vcpu.run_struct.immediate_exit = 1
+            else:  # the fast path may be running any of them (a VTL switch answered in C)
+                for vcpu in self.vcpus:
+                    vcpu.run_struct.immediate_exit = 1
             if self.thread_id:
                 lib.vsm_kick_thread(self.thread_id)
 
@@ -388,12 +394,19 @@ class VirtualProcessor:
             if recorder is not None:
                 r = kvm_run_recorded(vcpu.fd, recorder)
             elif vcpu.fastpath is not None:
-                r = kvm_run_fast(vcpu.fd, vcpu.fastpath)
+                r = kvm_run_fast(vcpu.fastpath)
             else:
                 r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
+            if self.fast_run is not None:
+                if self.fast_run.current != self.vtl:
+                    self.adopt_fast_switch()
+                vcpu = self.vcpu
+                run = vcpu.run_struct
+                for other in self.vcpus:  # kick() marks every vCPU of the VP (the fast path may have switched)
+                    other.run_struct.immediate_exit = 0
             view = vcpu.run_view
             if view[IMMEDIATE_EXIT_OFFSET]:
                 run.immediate_exit = 0
@@ -421,6 +434,16 @@ class VirtualProcessor:
                 handler()
             vcpu = self.vcpu  # a handler may have switched the VP to another VTL
             run = vcpu.run_struct
+
+    def adopt_fast_switch(self) -> None:
+        """The fast path answered VTL calls/returns in C and stopped on another VTL's vCPU: make it the
+        running one, as the Python switch would have left it (docs/architecture.md, "Exit paths in C")."""
+        vtl = int(self.fast_run.current)
+        self.set_vtl(vtl)
+        self.vcpu._sregs = None
+        self.vcpu.sregs_exported = self.vcpu.sync_sregs
+        self.last_cr8 = int(self.fast_run.cr8)
+        self.interrupt_hint = True
 
     def wait_for_sipi(self) -> None:
         self.wait(lambda: self.sipi_vector is not None or self.start_vtl is not None)

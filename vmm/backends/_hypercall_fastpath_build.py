@@ -18,7 +18,14 @@ Served, when the caller is in 64-bit mode at CPL 0 and its VTL's hypercall page 
   under that view's guard, which protection changes take for writing), the header names
   this partition and the caller's own VTL, and every APIC ID in the mirrored table is
   known. The input is copied once; the VP indices go to their absolute places; RAX gets
-  SUCCESS with every rep completed.
+  SUCCESS with every rep completed;
+- HvCallVtlCall from VTL0 (input 0) and HvCallVtlReturn from VTL1 with Fast set, on a VP
+  whose mirror says a switch between exactly these two VTLs is plain (``vsm_hc_vtls.ready``,
+  kept by vmm/backends/vsm.py): the shared state moves with the KVM module's
+  ``vsm_copy_shared``, a call writes VTL1's HV_VP_VTL_CONTROL (entry reason, the entry RAX/RCX)
+  through VTL1's view, and the answer tells ``vsm_kvm_run_fast`` to go on with the other VTL's
+  vCPU. CR2 that differs between the two VTLs, a return to a VTL0 view with pages KVM cannot
+  keep from executing, or anything else makes it Python's switch.
 """
 
 from __future__ import annotations
@@ -41,11 +48,14 @@ CDEF = r"""
 
 struct vsm_view_guard {
     uint64_t restricted;
+    uint64_t unenforced;
+    uint8_t *nx;
+    uint64_t nx_pages;
     ...;
 };
 void vsm_view_guard_init(struct vsm_view_guard *g);
 void vsm_view_guard_begin(struct vsm_view_guard *g);
-void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted);
+void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted, uint64_t unenforced);
 
 struct vsm_ram_range { uint64_t gpa; uint64_t size; uint8_t *host; };
 
@@ -61,19 +71,43 @@ struct vsm_hc_partition {
     struct vsm_view_guard *views[4];
 };
 
+typedef int (*vsm_hc_copy_fn)(void *pair, int sregs_exported);
+struct vsm_hc_vtls {
+    uint32_t ready;
+    uint32_t trap_retired;
+    int fd[2];
+    void *run[2];
+    void *pair[2];
+    vsm_hc_copy_fn copy;
+    uint8_t *control;
+    uint32_t entry_reason_call;
+    struct vsm_view_guard *guard[2];
+    uint64_t calls;
+    uint64_t returns;
+};
+
 struct vsm_hc_caller {
     struct vsm_hc_partition *partition;
     uint32_t vtl;
     uint64_t served;
+    struct vsm_hc_vtls *vtls;
 };
+
+#define VSM_HC_CODE_VTL_CALL ...
+#define VSM_HC_CODE_VTL_RETURN ...
+#define VSM_HC_VTL_RETURN_FAST ...
+#define VSM_HC_CONTROL_AREA_SIZE ...
+#define VSM_HC_SWITCH ...
 
 int vsm_hc_serve_io(void *caller, void *run);
 """
 
 SOURCE = r"""
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/ioctl.h>
 #include <linux/kvm.h>
 
 #define VSM_HC_VTLS 4
@@ -96,26 +130,35 @@ SOURCE = r"""
 #define HC_EFER_LMA (1ull << 10)
 
 /* A VTL view's protections as the fast path sees them: ``restricted`` is the number of pages
-   a higher VTL restricted (all ones while a change is under way). Readers hold the lock for
-   reading while they check it and touch guest memory, so a protection change (begin) waits
-   for every access already past the check: none can land after the change returns. */
+   a higher VTL restricted, ``unenforced`` how many of them are readable but not executable
+   (KVM cannot deny their fetches; vmm/memory_view.py), and ``nx`` has a bit set for each of
+   those pages (page numbers below ``nx_pages``); the counts are all ones while a change is
+   under way. Readers hold the lock for reading while they check them and touch guest
+   memory, so a protection change (begin) waits for every access already past the check:
+   none can land after the change returns. */
 struct vsm_view_guard {
     uint64_t restricted;
+    uint64_t unenforced;
+    uint8_t *nx;
+    uint64_t nx_pages;
     pthread_rwlock_t lock;
 };
 
 void vsm_view_guard_init(struct vsm_view_guard *g) {
     pthread_rwlock_init(&g->lock, NULL);
     g->restricted = 0;
+    g->unenforced = 0;
 }
 
 void vsm_view_guard_begin(struct vsm_view_guard *g) {
     pthread_rwlock_wrlock(&g->lock);
     __atomic_store_n(&g->restricted, ~0ull, __ATOMIC_RELEASE);
+    __atomic_store_n(&g->unenforced, ~0ull, __ATOMIC_RELEASE);
     pthread_rwlock_unlock(&g->lock);
 }
 
-void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted) {
+void vsm_view_guard_end(struct vsm_view_guard *g, uint64_t restricted, uint64_t unenforced) {
+    __atomic_store_n(&g->unenforced, unenforced, __ATOMIC_RELEASE);
     __atomic_store_n(&g->restricted, restricted, __ATOMIC_RELEASE);
 }
 
@@ -133,10 +176,38 @@ struct vsm_hc_partition {
     struct vsm_view_guard *views[VSM_HC_VTLS];
 };
 
+/* VTL call / fast return between VTL0 and VTL1 of one VP. Python (vmm/backends/vsm.py) sets
+   ``ready`` only while such a switch has no effect beyond the ones done here: both VTLs
+   enabled on the VP and no other, VTL1's VINA register 0 and no TLB lock of VTL1's, no VINA
+   notification outstanding, both vCPUs' sregs exported with every exit; and clears it
+   before any of that changes. */
+#define VSM_HC_CODE_VTL_CALL 0x11ull
+#define VSM_HC_CODE_VTL_RETURN 0x12ull
+#define VSM_HC_VTL_RETURN_FAST 1ull
+#define VSM_HC_CONTROL_AREA_SIZE 24   /* HV_VP_VTL_CONTROL: reason u32, VINA u8, 3 pad, RAX, RCX */
+#define VSM_HC_SWITCH 16              /* vsm_kvm_run_fast's VSM_IO_SWITCH: go on with VTL (answer - 16) */
+
+typedef int (*vsm_hc_copy_fn)(void *pair, int sregs_exported);
+
+struct vsm_hc_vtls {
+    uint32_t ready;
+    uint32_t trap_retired;       /* KVM steps over the trapping OUT before it exits (PVM) */
+    int fd[2];
+    void *run[2];                /* struct kvm_run * of each VTL's vCPU */
+    void *pair[2];               /* struct vsm_shared_pair * from VTL i to the other (KVM module) */
+    vsm_hc_copy_fn copy;         /* the KVM module's vsm_copy_shared */
+    uint8_t *control;            /* VTL1's HV_VP_VTL_CONTROL in host memory, NULL: no assist page */
+    uint32_t entry_reason_call;  /* EntryReason.VTL_CALL */
+    struct vsm_view_guard *guard[2];
+    uint64_t calls;              /* VTL calls answered here */
+    uint64_t returns;            /* fast VTL returns answered here */
+};
+
 struct vsm_hc_caller {
     struct vsm_hc_partition *partition;
     uint32_t vtl;
-    uint64_t served;             /* hypercalls answered here for this vCPU */
+    uint64_t served;             /* hypercalls answered here for this vCPU (VTL switches not counted) */
+    struct vsm_hc_vtls *vtls;    /* this VP's VTL switch mirror, NULL: none */
 };
 
 /* Host address of [gpa, gpa + size) when it lies in one RAM range, else NULL. */
@@ -202,8 +273,83 @@ static int hc_apic_ids(struct vsm_hc_caller *c, struct kvm_regs *r, uint64_t con
     return 1;
 }
 
+/* Whether the lower VTL's vCPU resumes outside every readable, non-executable page of its view
+   (guard held for reading): one KVM_TRANSLATE of CS.base + RIP when there are such pages. */
+static int hc_resumes_executable(const struct vsm_view_guard *g, int fd, const struct kvm_run *run) {
+    uint64_t unenforced = __atomic_load_n(&g->unenforced, __ATOMIC_ACQUIRE);
+    if (unenforced == 0)
+        return 1;
+    if (unenforced == ~0ull || !g->nx)
+        return 0;
+    struct kvm_translation t;
+    memset(&t, 0, sizeof t);
+    t.linear_address = run->s.regs.sregs.cs.base + run->s.regs.regs.rip;
+    if (ioctl(fd, KVM_TRANSLATE, &t) < 0)
+        return 0;
+    if (!t.valid)
+        return 1;  /* not mapped: the fetch faults in the guest, no intercept (as Python) */
+    uint64_t page = t.physical_address >> 12;
+    return page >= g->nx_pages || !(g->nx[page >> 3] & (1u << (page & 7)));
+}
+
+/* A VTL call from VTL0 or a fast VTL return from VTL1, answered: VSM_HC_SWITCH + the target VTL;
+   0 when Python must do it (nothing changed), -errno when moving the shared state failed. */
+static int hc_vtl_switch(struct vsm_hc_caller *c, struct kvm_run *run, const struct kvm_regs *r) {
+    struct vsm_hc_vtls *v = c->vtls;
+    uint32_t from = c->vtl;
+    if (!v || from > 1 || !__atomic_load_n(&v->ready, __ATOMIC_ACQUIRE))
+        return 0;
+    if (from == 0 ? (r->rcx != VSM_HC_CODE_VTL_CALL || r->rax != 0)
+                  : (r->rcx != VSM_HC_CODE_VTL_RETURN || r->rax != VSM_HC_VTL_RETURN_FAST))
+        return 0;
+    uint32_t to = 1 - from;
+    struct kvm_run *dst = v->run[to];
+    if (run->s.regs.sregs.cr2 != dst->s.regs.sregs.cr2)
+        return 0;  /* CR2 moves with KVM_SET_SREGS: Python's */
+    struct vsm_view_guard *g = v->guard[to];
+    pthread_rwlock_rdlock(&g->lock);
+    /* A call writes VTL1's control area through VTL1's view; a return resumes VTL0, and a
+       resume on a readable, non-executable page is the execute intercept (Python's switch
+       raises it: KVM would fetch from the page without exiting). */
+    int plain = to == 1 ? __atomic_load_n(&g->restricted, __ATOMIC_ACQUIRE) == 0
+                        : hc_resumes_executable(g, v->fd[0], dst);
+    if (!plain) {
+        pthread_rwlock_unlock(&g->lock);
+        return 0;
+    }
+    if (!v->trap_retired) {
+        /* Stock KVM completes the OUT (steps RIP over it) in the next KVM_RUN: do that now,
+           without running guest code, before the other vCPU takes over (as Python does). */
+        run->immediate_exit = 1;
+        int rr = ioctl(v->fd[from], KVM_RUN, 0);
+        int err = errno;
+        run->immediate_exit = 0;
+        if (rr < 0 && err != EINTR) {
+            pthread_rwlock_unlock(&g->lock);
+            return -err;
+        }
+    }
+    int wrote = v->copy(v->pair[from], 1);
+    if (wrote >= 0 && from == 0 && v->control) {
+        const struct kvm_regs *d = &dst->s.regs.regs;
+        uint32_t reason = v->entry_reason_call;
+        memcpy(v->control, &reason, sizeof reason);
+        memcpy(v->control + 8, &d->rax, sizeof d->rax);
+        memcpy(v->control + 16, &d->rcx, sizeof d->rcx);
+    }
+    pthread_rwlock_unlock(&g->lock);
+    if (wrote < 0)
+        return wrote;
+    if (from == 0)
+        v->calls++;
+    else
+        v->returns++;
+    return VSM_HC_SWITCH + (int)to;
+}
+
 /* 1: the exit was a hypercall answered here (registers written through sync regs, the
-   guest may resume); 0: not answered, nothing changed. */
+   guest may resume); VSM_HC_SWITCH + n: a VTL switch, go on with VTL n's vCPU; 0: not
+   answered, nothing changed; -errno: the switch failed in KVM. */
 int vsm_hc_serve_io(void *caller, void *kvm_run) {
     struct vsm_hc_caller *c = caller;
     struct kvm_run *run = kvm_run;
@@ -220,6 +366,8 @@ int vsm_hc_serve_io(void *caller, void *kvm_run) {
         return 0;
     struct kvm_regs *r = &run->s.regs.regs;
     uint64_t control = r->rcx;
+    if (control == VSM_HC_CODE_VTL_CALL || control == VSM_HC_CODE_VTL_RETURN)
+        return hc_vtl_switch(c, run, r);
     int served = 0;
     if (p->spin_control && control == p->spin_control) {
         r->rax = 0;  /* HV_STATUS_SUCCESS */

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from vsmtrace.vmm.backends import _hypercall_fastpath_build as build
 from vsmtrace.vmm.hyperv.handlers.misc import NATIVE_SPIN_WAIT, NATIVE_VP_INDEX_FROM_APIC_ID
 from vsmtrace.vmm.hyperv.hvdef import HypercallCode, HypercallControl, HypercallControlBits
+from vsmtrace.vmm.memory import PAGE_SHIFT
+from vsmtrace.vmm.memory_view import execute_unenforced
 from vsmtrace.vmm.native import load_extension
 
 if TYPE_CHECKING:
@@ -67,12 +69,22 @@ class ViewGuard:
     def __init__(self, lib: Any, guard: Any) -> None:
         self.lib = lib
         self.guard = guard
+        self.nx = guard.nx
+        self.nx_pages = int(guard.nx_pages)
 
     def begin(self) -> None:
         self.lib.vsm_view_guard_begin(self.guard)
 
-    def end(self, restricted: int) -> None:
-        self.lib.vsm_view_guard_end(self.guard, restricted)
+    def mark(self, page: int, unenforced: bool) -> None:
+        if page < self.nx_pages:
+            bit = 1 << (page & 7)
+            if unenforced:
+                self.nx[page >> 3] |= bit
+            else:
+                self.nx[page >> 3] &= ~bit & 0xFF
+
+    def end(self, restricted: int, unenforced: int) -> None:
+        self.lib.vsm_view_guard_end(self.guard, restricted, unenforced)
 
 
 class HypercallFastPath:
@@ -95,13 +107,22 @@ class HypercallFastPath:
             p.nram = i + 1
         self._keep: list[Any] = []  # C holds raw pointers into these
         self.callers: dict[tuple[int, int], Any] = {}
+        self.guards: list[Any] = []  # each VTL view's struct vsm_view_guard
+        #: VP index -> struct vsm_hc_vtls, the VP's VTL-switch mirror (filled by the VSM backend).
+        self.vtl_switches: dict[int, Any] = {}
+        pages = max(r.end for r in memory.ranges) >> PAGE_SHIFT
         for vtl, view in enumerate(views[: lib.VSM_HC_VTLS]):
             guard = ffi.new("struct vsm_view_guard *")
             lib.vsm_view_guard_init(guard)
-            view.guard = ViewGuard(lib, guard)
-            lib.vsm_view_guard_end(guard, len(view.restricted))
+            bitmap = ffi.new("uint8_t[]", -(-pages // 8))
+            self._keep.append(bitmap)
+            guard.nx, guard.nx_pages = bitmap, pages
+            view.guard = mirror = ViewGuard(lib, guard)
+            for page, allowed in view.restricted.items():
+                mirror.mark(page, execute_unenforced(allowed))
+            lib.vsm_view_guard_end(guard, len(view.restricted), view.unenforced_execute)
             p.views[vtl] = guard
-            self._keep.append(guard)
+            self.guards.append(guard)
         self.vtl_count = min(hv.vtl_count, lib.VSM_HC_VTLS)
         hv.dispatcher.on_table_change = self.refresh_calls
         self.refresh_calls()
@@ -127,9 +148,21 @@ class HypercallFastPath:
         if vtl >= self.vtl_count:
             return None
         ctx = self.ffi.new("struct vsm_hc_caller *", {"partition": self.partition, "vtl": vtl})
+        ctx.vtls = self.vtl_switch(vp)
         self.callers[(vp, vtl)] = ctx  # C holds a raw pointer to it
         fn = self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "vsm_hc_serve_io"))
         return int(fn), int(self.ffi.cast("uintptr_t", ctx))
+
+    def vtl_switch(self, vp: int) -> Any:
+        """The VP's ``struct vsm_hc_vtls`` (not ready until the VSM backend fills and refreshes it)."""
+        mirror = self.vtl_switches.get(vp)
+        if mirror is None:
+            mirror = self.vtl_switches[vp] = self.ffi.new("struct vsm_hc_vtls *")
+        return mirror
+
+    def switches(self) -> dict[int, tuple[int, int]]:
+        """(VTL calls, fast VTL returns) answered in C so far, per VP."""
+        return {vp: (int(m.calls), int(m.returns)) for vp, m in self.vtl_switches.items()}
 
     def served(self) -> dict[tuple[int, int], int]:
         """Hypercalls answered in C so far, per (VP, VTL) that has a caller."""

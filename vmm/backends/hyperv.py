@@ -189,7 +189,11 @@ class HypervBackend(MachineExtension):
             from vsmtrace.vmm.backends.hypercall_fastpath import HypercallFastPath
 
             self.fastpath = HypercallFastPath(self.hv, m.memory, list(m.views))
-        return self.fastpath.caller(vp_index, vtl)
+        server = self.fastpath.caller(vp_index, vtl)
+        if self.vsm is not None and vtl == len(m.vps[vp_index].vcpus) - 1:  # the VP's last vCPU: link them
+            fp = self.fastpath
+            self.vsm.attach_fast_switch(vp_index, fp.vtl_switch(vp_index), fp.ffi, fp.guards)
+        return server
 
     def reference_time(self) -> int:
         return self.reference.reference_time()
@@ -259,6 +263,8 @@ class HypervBackend(MachineExtension):
             self.machine.request_reset(str(reset))
         if index == HvMsr.HV_X64_MSR_HYPERCALL and self.fastpath is not None:
             self.fastpath.refresh_pages()
+        elif index == HvMsr.HV_X64_MSR_VP_ASSIST_PAGE and self.vsm is not None:
+            self.vsm.invalidate_fast_switch()  # the VTL call writes the new VTL control area
 
     def on_trap(self, vp: VirtualProcessor, port: int, size: int, is_out: bool) -> None:
         assert self.hv is not None

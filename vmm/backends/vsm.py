@@ -35,6 +35,7 @@ from vsmtrace.vmm.emulation_io import Boundary
 from vsmtrace.vmm.events import EventKind
 from vsmtrace.vmm.extension import MachineExtension
 from vsmtrace.vmm.guest_walk import cached_translator, read_linear, rip_linear, translator
+from vsmtrace.vmm.hyperv.hvdef import HvVpVtlControl
 from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT, TRAP_INSTRUCTION
 from vsmtrace.vmm.kvm.system import ffi, lib
 from vsmtrace.vmm.memory import PAGE_SHIFT
@@ -42,6 +43,7 @@ from vsmtrace.vmm.memory_view import MemoryView, execute_unenforced
 from vsmtrace.vmm.protocol import Entry
 from vsmtrace.vmm.stops import EXIT_GUEST_FAULT, GuestStop
 from vsmtrace.vmm.vp import Access, GuestMemoryError
+from vsmtrace.vmm.vsm import vp_assist
 from vsmtrace.vmm.vsm.rewind import Located, decode_at, locate_write, read_target
 from vsmtrace.vmm.vsm.services import EntryReason, InitialVpContext, PageProtection, SwitchReason, VtlTransition
 from vsmtrace.vmm.vtl_array import VtlArray
@@ -99,6 +101,11 @@ class VsmBackend(MachineExtension):
         self.trap_out_retired: bool | None = None  # see _trap_already_complete
         self.nx_limitation_reported = False
         self.resumed_lower: set[int] = set()  # VPs that just switched down: look at their RIP once
+        #: VP index -> its struct vsm_hc_vtls: the VTL call/fast return the hypercall fast path may answer
+        #: in C, and whether that is plain now (refresh_fast_switch; docs/architecture.md, "Exit paths in C").
+        self.fast_switch: dict[int, Any] = {}
+        self._fast_ffi: Any = None
+        self._fast_stale: set[int] = set()  # VPs whose mirror must be recomputed before their next entry
 
     def attach(self, machine: Machine) -> None:
         self.machine = machine
@@ -113,6 +120,7 @@ class VsmBackend(MachineExtension):
         self.boundary = boundary
         if self.vsm is not None:
             self.vsm.on_tlb_unlock = self._tlb_unlocked
+            self.vsm.on_state_change = self.invalidate_fast_switch
 
     def can_wake(self, vp: VirtualProcessor) -> bool:
         return self.higher_vtl_pending(vp)
@@ -297,6 +305,8 @@ class VsmBackend(MachineExtension):
             self.resumed_lower.add(vp.index)
         vp.last_cr8 = _U64.unpack_from(dst.run_view, _CR8_AT)[0]
         vp.interrupt_hint = True
+        if self.fast_switch:
+            self._fast_stale.add(vp.index)  # VTL1 may have run for the first time; VINA state moved
         return rip, args
 
     def _trap_already_complete(self, vp: VirtualProcessor, vcpu: Any) -> bool:
@@ -329,6 +339,9 @@ class VsmBackend(MachineExtension):
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
         """Called before entering the guest when interrupts may have changed (always after a switch)."""
+        if vp.index in self._fast_stale:
+            self._fast_stale.discard(vp.index)
+            self.refresh_fast_switch(vp)
         if vp.index in self.resumed_lower:
             self.resumed_lower.discard(vp.index)
             if self._resumes_on_unenforced_page(vp):
@@ -372,6 +385,69 @@ class VsmBackend(MachineExtension):
         self.vina_notified.add(key)
         i, vtl = key
         self.boundary.entry(Entry.VINA, i, vtl, [i, vtl], lambda: vsm.notify_lower_vtl_interrupt(i, vtl))
+
+    # -- VTL switches answered in C -----------------------------------------------------------
+    def attach_fast_switch(self, vp_index: int, mirror: Any, hc_ffi: Any, guards: list[Any]) -> None:
+        """Fill ``mirror`` (a ``struct vsm_hc_vtls`` of the hypercall fast path's module, ``hc_ffi``) for one
+        VP: its two vCPUs, the KVM module's shared-state copy, the VTL views' guards. It starts not
+        ready; :meth:`refresh_fast_switch` decides."""
+        vp = self.machine.vps[vp_index]
+        copier = self.copiers.get(vp_index)
+        if len(vp.vcpus) != 2 or copier is None or len(guards) < 2:
+            return
+        pairs = [copier.native_pair(0, 1), copier.native_pair(1, 0)]
+        if pairs[0] is None or pairs[1] is None:
+            return
+        for vtl, vcpu in enumerate(vp.vcpus):  # pointers of the KVM module's cffi, as addresses
+            mirror.fd[vtl] = vcpu.fd
+            mirror.run[vtl] = hc_ffi.cast("void *", _address(vcpu.run_struct))
+            mirror.pair[vtl] = hc_ffi.cast("void *", _address(pairs[vtl]))
+            mirror.guard[vtl] = guards[vtl]
+        mirror.copy = hc_ffi.cast("vsm_hc_copy_fn", _address(ffi.addressof(lib, "vsm_copy_shared")))
+        mirror.entry_reason_call = int(EntryReason.VTL_CALL)
+        self._fast_ffi = hc_ffi
+        self.fast_switch[vp_index] = mirror
+        self._fast_stale.add(vp_index)  # decided before the VP's next entry, once the machine linked its vCPUs
+        vp.interrupt_hint = True
+
+    def invalidate_fast_switch(self) -> None:
+        """VSM state a switch depends on changed (called with the partition lock held): stop every VP's
+        C switches now; each recomputes its mirror before its next entry (pre_entry)."""
+        for index, mirror in self.fast_switch.items():
+            mirror.ready = 0
+            self._fast_stale.add(index)
+            self.machine.vps[index].interrupt_hint = True
+
+    def refresh_fast_switch(self, vp: VirtualProcessor) -> None:
+        """Whether a VTL call from VTL0 / fast return from VTL1 on ``vp`` does nothing but what the C
+        fast path does (vmm/backends/_hypercall_fastpath_build.py, ``vsm_hc_vtls``)."""
+        mirror = self.fast_switch.get(vp.index)
+        vsm = self.vsm
+        if mirror is None or vsm is None:
+            return
+        i = vp.index
+        with vsm.lock:
+            per = vsm.state.vps[i]
+            ready = (
+                vsm.hv.policy.vsm
+                and vp.fast_run is not None
+                and vsm.state.vtl_count == 2
+                and self.trap_out_retired is not None
+                and all(vcpu.sync_sregs and vcpu.sregs_exported for vcpu in vp.vcpus)
+                and per[0].enabled
+                and per[1].enabled
+                and per[1].vina == 0  # no VINA, no AutoReset: entries and returns leave VinaStatus alone
+                and not per[1].tlb_locks()  # a return would release them
+                and (i, 1) not in self.vina_notified
+            )
+            gpa = vp_assist.control_gpa(vsm.hv, i, 1)
+        memory = self.machine.memory
+        if gpa is not None and memory.is_ram(gpa, HvVpVtlControl.SIZE):
+            mirror.control = self._fast_ffi.cast("uint8_t *", memory.host_address_of(gpa, HvVpVtlControl.SIZE))
+        else:
+            mirror.control = self._fast_ffi.NULL
+        mirror.trap_retired = 1 if self.trap_out_retired else 0
+        mirror.ready = 1 if ready else 0
 
     # -- protections: MMIO exits and fetch failures --------------------------------------------
     def on_mmio(self, vp: VirtualProcessor, gpa: int, length: int, is_write: bool) -> bool:
@@ -559,6 +635,11 @@ class VsmBackend(MachineExtension):
             return self.machine.memory.read(gpa, size)
         except GuestMemoryError:
             return b""
+
+def _address(pointer: Any) -> int:
+    """A KVM-module cffi pointer as an address, for a struct of another cffi module."""
+    return int(ffi.cast("uintptr_t", pointer))
+
 
 def complete_pending_io(vcpu: Any) -> None:
     """Finish a pending PIO/MMIO completion without running guest code (api.rst, KVM_EXIT_MMIO note).

@@ -37,8 +37,6 @@ _DIRTY_AT = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
 _CR2_AT = _REGS_AT + ffi.offsetof("struct kvm_sync_regs", "sregs") + ffi.offsetof("struct kvm_sregs", "cr2")
 _U64 = struct.Struct("<Q")
 _SYNC_REGS = int(lib.KVM_SYNC_X86_REGS)
-_WROTE_DBG = int(lib.VSM_COPY_WROTE_DBG)
-_WROTE_FPU = int(lib.VSM_COPY_WROTE_FPU)
 _CR2 = int(lib.VSM_COPY_CR2)
 
 
@@ -84,7 +82,12 @@ class SharedStateCopier:
                         self._pairs[a, b] = ffi.new("struct vsm_shared_pair *", {
                             "src_fd": src.fd, "dst_fd": dst.fd, "src_run": src.run_struct, "dst_run": dst.run_struct,
                             "src_held": self._held + a, "dst_held": self._held + b,
+                            "src_writes": src.writes, "dst_writes": dst.writes,
                         })  # fmt: skip
+
+    def native_pair(self, src_vtl: int, dst_vtl: int) -> Any:
+        """The ``struct vsm_shared_pair`` the C copy uses for this direction, or None (no sync regs)."""
+        return self._pairs.get((src_vtl, dst_vtl))
 
     def forget(self) -> None:
         """Drop every record of what the vCPUs hold (someone changed them behind the counters)."""
@@ -100,15 +103,9 @@ class SharedStateCopier:
         pair = self._pairs.get((src_vtl, dst_vtl))
         if pair is not None:
             exported = src.sregs_exported and dst.sregs_exported  # both kvm_run sregs copies current
-            wrote = lib.vsm_copy_shared(
-                pair, src.debugregs_writes, dst.debugregs_writes, src.xsave_writes, dst.xsave_writes, exported
-            )
+            wrote = lib.vsm_copy_shared(pair, exported)  # counts its own writes in the vCPUs' counters
             if wrote < 0:
                 raise KvmError("VTL switch (KVM_GET/SET_DEBUGREGS, KVM_GET/SET_XSAVE)", -wrote)
-            if wrote & _WROTE_DBG:
-                dst.debugregs_writes += 1
-            if wrote & _WROTE_FPU:
-                dst.xsave_writes += 1
             if wrote & _CR2:  # differs, or not known from kvm_run: compare and write here
                 self._copy_cr2(src, dst)
             return

@@ -316,7 +316,18 @@ struct vsm_refclock {
 };
 uint64_t vsm_reference_time(struct vsm_refclock *clock);
 typedef int (*vsm_io_server)(void *ctx, void *run);
+#define VSM_IO_SWITCH ...
+#define VSM_VP_VTLS ...
+#define VSM_RUN_NO_VCPU ...
+struct vsm_fastpath;
+struct vsm_vp_run {
+    struct vsm_fastpath *vtl[4];
+    uint32_t current;
+    uint64_t cr8;
+};
 struct vsm_fastpath {
+    int fd;
+    uint32_t vtl;
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[8];
@@ -326,8 +337,10 @@ struct vsm_fastpath {
     uint64_t msrs_served;
     vsm_io_server serve_io;
     void *io_ctx;
+    struct vsm_vp_run *vp;
 };
-int vsm_kvm_run_fast(int vcpu_fd, struct vsm_fastpath *fp);
+int vsm_kvm_run_fast(struct vsm_fastpath *fp);
+struct vsm_vcpu_writes { uint64_t dbg; uint64_t xsave; };
 struct vsm_held {  /* laid out in the C source below; Python only invalidates records */
     int dbg_valid;
     int fpu_valid;
@@ -340,12 +353,13 @@ struct vsm_shared_pair {
     struct kvm_run *dst_run;
     struct vsm_held *src_held;
     struct vsm_held *dst_held;
+    struct vsm_vcpu_writes *src_writes;
+    struct vsm_vcpu_writes *dst_writes;
 };
 #define VSM_COPY_WROTE_DBG ...
 #define VSM_COPY_WROTE_FPU ...
 #define VSM_COPY_CR2 ...
-int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
-                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported);
+int vsm_copy_shared(struct vsm_shared_pair *p, int sregs_exported);
 int vsm_install_kick_handler(void);
 int vsm_kick_signal(void);
 unsigned long vsm_thread_self(void);
@@ -462,7 +476,26 @@ uint64_t vsm_reference_time(struct vsm_refclock *clock) {
    returns 1 when it answered the exit in kvm_run (the guest may resume), 0 when Python must. */
 typedef int (*vsm_io_server)(void *ctx, void *run);
 
+/* An I/O server's answer that moves the VP: continue on VTL (answer - VSM_IO_SWITCH)'s vCPU. */
+#define VSM_IO_SWITCH 16
+#define VSM_VP_VTLS 4
+/* vsm_kvm_run_fast's status when a server switched to a VTL whose vCPU has no fast path. */
+#define VSM_RUN_NO_VCPU (-100000)
+
+struct vsm_fastpath;
+
+/* The vCPUs of one VP (one per VTL) as the fast path moves between them: ``current`` is the VTL
+   whose vCPU holds the exit when vsm_kvm_run_fast returns, ``cr8`` that vCPU's CR8 when the
+   fast path switched to it (Python compares later values with it). */
+struct vsm_vp_run {
+    struct vsm_fastpath *vtl[VSM_VP_VTLS];
+    uint32_t current;
+    uint64_t cr8;
+};
+
 struct vsm_fastpath {
+    int fd;
+    uint32_t vtl;
     struct kvm_run *run;
     uint32_t n;
     uint32_t index[VSM_FAST_MSRS];
@@ -472,21 +505,25 @@ struct vsm_fastpath {
     uint64_t msrs_served;         /* reads answered here */
     vsm_io_server serve_io;       /* port-I/O exits offered to this server first (NULL: none) */
     void *io_ctx;
+    struct vsm_vp_run *vp;        /* the VP's other vCPUs, for servers that switch VTLs (NULL: none) */
 };
 
 /* A VTL switch's shared state (vsm-facts §4.1) moved from one VTL's vCPU to another's in
-   one call (vmm/backends/vtl_switch.py, SharedStateCopier): the GPRs but RSP/RIP/RFLAGS
-   through the sync-regs areas, then DR0-3/DR6 and the XSAVE image read from the source
-   (the guest changes both without exiting) and written to the target only when they
-   differ from what it held when it last stopped. ``vsm_held`` is that record per vCPU,
-   valid while the vCPU's write counter (KVM_SET_DEBUGREGS / KVM_SET_XSAVE calls made by
-   anyone, kept by Python) is unchanged. Returns -errno, or VSM_COPY_WROTE_* flags for
-   the target writes done here (Python counts them), plus VSM_COPY_CR2 when the caller
-   must move CR2 itself: it differs between the two exported sregs copies, or the caller
-   says they are not both current (sregs_exported 0). */
+   one call (vmm/backends/vtl_switch.py, SharedStateCopier; the hypercall fast path's VTL
+   call and return): the GPRs but RSP/RIP/RFLAGS through the sync-regs areas, then DR0-3/DR6
+   and the XSAVE image read from the source (the guest changes both without exiting) and
+   written to the target only when they differ from what it held when it last stopped.
+   ``vsm_held`` is that record per vCPU, valid while the vCPU's write counters
+   (``vsm_vcpu_writes``: KVM_SET_DEBUGREGS / KVM_SET_XSAVE calls made by anyone, counted
+   here and by Python's Vcpu) are unchanged. Returns -errno, or VSM_COPY_WROTE_* flags for
+   the target writes done here, plus VSM_COPY_CR2 when the caller must move CR2 itself: it
+   differs between the two exported sregs copies, or the caller says they are not both
+   current (sregs_exported 0). */
 #define VSM_COPY_WROTE_DBG 1
 #define VSM_COPY_WROTE_FPU 2
 #define VSM_COPY_CR2 4
+
+struct vsm_vcpu_writes { uint64_t dbg; uint64_t xsave; };
 
 struct vsm_held {
     uint64_t dbg_writes;
@@ -505,10 +542,11 @@ struct vsm_shared_pair {
     struct kvm_run *dst_run;
     struct vsm_held *src_held;
     struct vsm_held *dst_held;
+    struct vsm_vcpu_writes *src_writes;
+    struct vsm_vcpu_writes *dst_writes;
 };
 
-int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t dst_dbg_writes,
-                    uint64_t src_fpu_writes, uint64_t dst_fpu_writes, int sregs_exported) {
+int vsm_copy_shared(struct vsm_shared_pair *p, int sregs_exported) {
     struct kvm_regs *s = &p->src_run->s.regs.regs, *d = &p->dst_run->s.regs.regs;
     uint64_t rsp = d->rsp, rip = d->rip, rflags = d->rflags;
     *d = *s;
@@ -521,14 +559,15 @@ int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t
     if (!sregs_exported || p->src_run->s.regs.sregs.cr2 != p->dst_run->s.regs.sregs.cr2)
         wrote |= VSM_COPY_CR2;
     struct vsm_held *src = p->src_held, *dst = p->dst_held;
+    struct vsm_vcpu_writes *sw = p->src_writes, *dw = p->dst_writes;
     struct kvm_debugregs dbg;
     if (ioctl(p->src_fd, KVM_GET_DEBUGREGS, &dbg) < 0)
         return -errno;
     memcpy(src->db, dbg.db, sizeof src->db);
     src->dr6 = dbg.dr6;
-    src->dbg_writes = src_dbg_writes;
+    src->dbg_writes = sw->dbg;
     src->dbg_valid = 1;
-    if (!dst->dbg_valid || dst->dbg_writes != dst_dbg_writes || memcmp(dst->db, dbg.db, sizeof dbg.db) || dst->dr6 != dbg.dr6) {
+    if (!dst->dbg_valid || dst->dbg_writes != dw->dbg || memcmp(dst->db, dbg.db, sizeof dbg.db) || dst->dr6 != dbg.dr6) {
         struct kvm_debugregs t;
         if (ioctl(p->dst_fd, KVM_GET_DEBUGREGS, &t) < 0)
             return -errno;
@@ -538,11 +577,11 @@ int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t
             if (ioctl(p->dst_fd, KVM_SET_DEBUGREGS, &t) < 0)
                 return -errno;
             wrote |= VSM_COPY_WROTE_DBG;
-            dst_dbg_writes++;
+            dw->dbg++;
         }
         memcpy(dst->db, dbg.db, sizeof dst->db);
         dst->dr6 = dbg.dr6;
-        dst->dbg_writes = dst_dbg_writes;
+        dst->dbg_writes = dw->dbg;
         dst->dbg_valid = 1;
     }
 
@@ -551,26 +590,29 @@ int vsm_copy_shared(struct vsm_shared_pair *p, uint64_t src_dbg_writes, uint64_t
         src->fpu_valid = 0;
         return -errno;
     }
-    src->fpu_writes = src_fpu_writes;
+    src->fpu_writes = sw->xsave;
     src->fpu_valid = 1;
-    if (!dst->fpu_valid || dst->fpu_writes != dst_fpu_writes || memcmp(dst->xsave, src->xsave, sizeof src->xsave)) {
+    if (!dst->fpu_valid || dst->fpu_writes != dw->xsave || memcmp(dst->xsave, src->xsave, sizeof src->xsave)) {
         if (ioctl(p->dst_fd, KVM_SET_XSAVE, src->xsave) < 0) {
             dst->fpu_valid = 0;
             return -errno;
         }
         wrote |= VSM_COPY_WROTE_FPU;
+        dw->xsave++;
         memcpy(dst->xsave, src->xsave, sizeof src->xsave);
-        dst->fpu_writes = dst_fpu_writes + 1;
+        dst->fpu_writes = dw->xsave;
         dst->fpu_valid = 1;
     }
     return wrote;
 }
 
-int vsm_kvm_run_fast(int vcpu_fd, struct vsm_fastpath *fp) {
+int vsm_kvm_run_fast(struct vsm_fastpath *fp) {
     struct kvm_run *run = fp->run;
     uint64_t cr8 = run->cr8;
+    if (fp->vp)
+        fp->vp->current = fp->vtl;
     for (;;) {
-        int r = ioctl(vcpu_fd, KVM_RUN, 0);
+        int r = ioctl(fp->fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
         if (run->immediate_exit || run->cr8 != cr8)
@@ -580,7 +622,21 @@ int vsm_kvm_run_fast(int vcpu_fd, struct vsm_fastpath *fp) {
         if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
             return 0;
         if (run->exit_reason == KVM_EXIT_IO) {
-            if (fp->serve_io && fp->serve_io(fp->io_ctx, run))
+            int answer = fp->serve_io ? fp->serve_io(fp->io_ctx, run) : 0;
+            if (answer < 0)
+                return answer;
+            if (answer >= VSM_IO_SWITCH) {  /* a VTL switch: go on with the other vCPU */
+                uint32_t to = (uint32_t)(answer - VSM_IO_SWITCH);
+                if (!fp->vp || to >= VSM_VP_VTLS || !fp->vp->vtl[to])
+                    return VSM_RUN_NO_VCPU;
+                fp = fp->vp->vtl[to];
+                run = fp->run;
+                cr8 = run->cr8;
+                fp->vp->current = to;
+                fp->vp->cr8 = cr8;
+                continue;
+            }
+            if (answer)
                 continue;
             return 0;
         }

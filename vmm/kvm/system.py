@@ -193,9 +193,10 @@ class Vcpu:
         self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._map))
         self.run_view = memoryview(self._map)  # raw bytes of kvm_run, for struct-based hot paths
         self._sregs: Any = None  # per-exit cache of KVM_GET_SREGS
-        self.debugregs_writes = 0  # KVM_SET_DEBUGREGS calls so far
+        # KVM_SET_DEBUGREGS and KVM_SET_XSAVE/KVM_SET_FPU calls so far, in C memory: the VTL switch
+        # copies in C (vsm_copy_shared) count theirs there too.
+        self.writes: Any = ffi.new("struct vsm_vcpu_writes *")
         self.sregs_writes = 0  # KVM_SET_SREGS calls so far (lets values derived from sregs be cached)
-        self.xsave_writes = 0  # KVM_SET_XSAVE / KVM_SET_FPU calls so far
         sync = vm.kvm.check_extension(lib.KVM_CAP_SYNC_REGS)
         self.sync_regs = sync & lib.KVM_SYNC_X86_REGS
         # With KVM_SYNC_X86_SREGS the special registers arrive with every exit: reading
@@ -311,15 +312,25 @@ class Vcpu:
     def get_fpu(self) -> Any:
         return self._get("struct kvm_fpu *", "KVM_GET_FPU")
 
+    @property
+    def debugregs_writes(self) -> int:
+        """KVM_SET_DEBUGREGS calls so far (lets callers that cache a stopped vCPU's debug registers notice)."""
+        return int(self.writes.dbg)
+
+    @property
+    def xsave_writes(self) -> int:
+        """KVM_SET_XSAVE / KVM_SET_FPU calls so far (lets callers that cache a stopped vCPU's FPU state notice)."""
+        return int(self.writes.xsave)
+
     def set_fpu(self, f: Any) -> None:
-        self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
+        self.writes.xsave += 1
         self._set("KVM_SET_FPU", f)
 
     def get_xsave(self) -> Any:
         return self._get("struct kvm_xsave *", "KVM_GET_XSAVE")
 
     def set_xsave(self, x: Any) -> None:
-        self.xsave_writes += 1  # lets callers that cache a stopped vCPU's FPU state notice
+        self.writes.xsave += 1
         self._set("KVM_SET_XSAVE", x)
 
     def get_xcrs(self) -> Any:
@@ -332,7 +343,7 @@ class Vcpu:
         return self._get("struct kvm_debugregs *", "KVM_GET_DEBUGREGS")
 
     def set_debugregs(self, d: Any) -> None:
-        self.debugregs_writes += 1  # lets callers that cache a stopped vCPU's debug registers notice
+        self.writes.dbg += 1
         self._set("KVM_SET_DEBUGREGS", d)
 
     def get_events(self) -> Any:

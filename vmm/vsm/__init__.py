@@ -108,6 +108,10 @@ class Vsm:
         ]
         #: Called (with the lock held) with the VPs whose blocked flush may now be retried.
         self.on_tlb_unlock: Callable[[list[int]], None] | None = None
+        #: Called (with the lock held) after a change to what a VTL call or return does: a VP's or the
+        #: partition's enabled VTLs, a VINA register, a TLB lock (a machine that answers VTL switches
+        #: outside this class, vmm/backends/vsm.py, re-decides which it may).
+        self.on_state_change: Callable[[], None] | None = None
         for spec in hypercalls.specs(self):
             hv.dispatcher.register(spec, replace=True)
         hv.dispatcher.set_vtl_hook(self._vtl_hook)
@@ -163,6 +167,7 @@ class Vsm:
         self.services.create_vtl(vtl)
         self.state.enabled_vtls.add(vtl)
         self.state.config(vtl)
+        self.state_changed()
         self._emit(EventKind.VTL_ENABLE, caller_vp, caller_vtl, target_vtl=vtl, target_vp=None)
 
     def enable_vp_vtl(self, caller_vp: int, caller_vtl: int, vp: int, vtl: int, context: InitialVpContext) -> None:
@@ -172,7 +177,13 @@ class Vsm:
             # Windows Server 2019's secure kernel expects it; the TLFS is silent (docs/vsm.md).
             self.services.software_enable_apic(vp, vtl)
         self.state.vp_vtl(vp, vtl).enabled = True
+        self.state_changed()
         self._emit(EventKind.VTL_ENABLE, caller_vp, caller_vtl, target_vtl=vtl, target_vp=vp)
+
+    def state_changed(self) -> None:
+        """Tell the machine that what a VTL call or return does may have changed (``on_state_change``)."""
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     # -- VTL entry / return ----------------------------------------------------------------------
 
@@ -212,6 +223,7 @@ class Vsm:
             vp_assist.set_vina_asserted(self.hv, self.partition, vp, vtl, False)
         if released:
             self.tlb_locks_changed()
+            self.state_changed()
 
     def notify_lower_vtl_interrupt(self, vp: int, active_vtl: int) -> bool:
         """VINA: an interrupt for a lower VTL is ready while ``active_vtl`` runs on ``vp``.
@@ -342,6 +354,7 @@ class Vsm:
     def lock_tlb(self, vp: int, *, owner: int, lower: int) -> None:
         per = self.state.vp_vtl(vp, owner)
         per.secure_config[lower] = per.secure_config.get(lower, 0) | int(VsmVpSecureConfig.TLB_LOCKED)
+        self.state_changed()
 
     def tlb_locks_changed(self) -> None:
         """Some lock was released: tell the machine which waiting VPs may retry their flush."""

@@ -260,11 +260,13 @@ def set_register(vsm: Vsm, caller_vp: int, caller_vtl: int, vp: int, vtl: int, r
         state.secure_config[lower] = low
         if was_locked and not low & VsmVpSecureConfig.TLB_LOCKED:
             vsm.tlb_locks_changed()
+        vsm.state_changed()
         return
     if name == R.HvRegisterVsmVina:
         if low & VsmVina.ENABLED and (low & VsmVina.VECTOR_MASK) < _VINA_FIRST_VECTOR:
             raise _fail(HvStatus.HV_STATUS_INVALID_REGISTER_VALUE)
         state.vina = low & _VINA_DEFINED  # RsvdP bits read back as zero
+        vsm.state_changed()
         return
     if name in CR_INTERCEPT_REGISTERS:
         state.cr_intercepts[name] = low
