@@ -350,7 +350,9 @@ class Machine:
         --deterministic (every exit is an event there); a vCPU that records port I/O in C
         keeps that path.
         """
-        if self.sink.enabled or self.deterministic is not None or not (self._fast_msrs or self._fast_io):
+        if not self.config.fast_paths or self.sink.enabled or self.deterministic is not None:
+            return
+        if not (self._fast_msrs or self._fast_io):
             return
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):

@@ -61,6 +61,7 @@ unpack_rip = struct.Struct("<Q").unpack_from
 IO_OUT = int(lib.KVM_EXIT_IO_OUT)
 PIO, MMIO = EventKind.PIO, EventKind.MMIO
 MSR_IA32_APIC_BASE = 0x1B
+RUN_NO_VCPU = int(lib.VSM_RUN_NO_VCPU)  # vsm_kvm_run_fast: an I/O server switched to a VTL without a fast path
 RUN_RECORDED = int(lib.VSM_RUN_RECORDED)  # vsm_kvm_run_recorded: recorder status + this
 assert ffi.offsetof("struct kvm_run", "cr8") == EXIT_INFO_OFFSET + 8, "kvm_run layout changed"
 assert ffi.offsetof("struct kvm_run", "io") == EXIT_INFO_OFFSET + 24, "kvm_run layout changed"
@@ -415,6 +416,8 @@ class VirtualProcessor:
                 if r < 0:
                     if r in (-errno.EINTR, -errno.EAGAIN):
                         continue
+                    if r == RUN_NO_VCPU:
+                        raise GuestStop(EXIT_VMM_ERROR, "vsmtrace internal error: the fast path switched to a VTL with no vCPU")
                     raise GuestStop(EXIT_VMM_ERROR, f"KVM_RUN failed: {errno.errorcode.get(-r, -r)}")
                 if r > RUN_RECORDED:  # recorded in C, and the recorder wants a flush
                     machine.sink.flush_due(r - RUN_RECORDED)
