@@ -134,6 +134,7 @@ class Machine:
         self.rebooting = False  # the run ended in a reset the caller carries out (a fresh machine, vsmtrace.session)
         self.refclock: Any = None  # struct vsm_refclock, see reference_counter
         self._fast_io_keep: list[Any] = []  # (function, context) of the C I/O servers the fast path calls
+        self._idle_out: Any = None  # bitmap of ports whose OUT the fast path completes (attach_fastpath)
         self._stop_lock = threading.Lock()
         self._warned: set[object] = set()
         self._halt_lock = threading.Lock()
@@ -340,8 +341,8 @@ class Machine:
         return lambda: int(read(clock))
 
     def attach_fastpath(self) -> None:
-        """Answer MSR reads that change no state, and the hypercalls an extension serves in C, without
-        Python's GIL (``vsm_kvm_run_fast``).
+        """Answer MSR reads that change no state, OUTs to devices whose writes change nothing, and the
+        hypercalls an extension serves in C, without Python's GIL (``vsm_kvm_run_fast``).
 
         The extensions' ``fast_msr_values(vp, vtl)`` give those MSRs with their fixed answer, or None for the
         reference counter (answered from :meth:`reference_counter`'s clock, if there is one);
@@ -352,8 +353,15 @@ class Machine:
         """
         if not self.config.fast_paths or self.sink.enabled or self.deterministic is not None:
             return
-        if not (self._fast_msrs or self._fast_io):
+        idle = [port for port, device in self.pio.devices.items()
+                if getattr(device, "writes_have_no_effect", False) and port not in self.trap_ports]  # fmt: skip
+        if not (self._fast_msrs or self._fast_io or idle):
             return
+        idle_out = None
+        if idle:
+            idle_out = self._idle_out = ffi.new("uint8_t[]", PORTS // 8)
+            for port in idle:
+                idle_out[port >> 3] |= 1 << (port & 7)
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
                 vcpu.fastpath = None
@@ -361,10 +369,12 @@ class Machine:
                 for values in self._fast_msrs:
                     table.update(values(vp.index, vtl))
                 server = next((s for s in (f(vp.index, vtl) for f in self._fast_io) if s is not None), None)
-                if not (table or server) or vcpu.exit_recorder is not None:
+                if not (table or server or idle_out) or vcpu.exit_recorder is not None:
                     continue
                 fp = ffi.new("struct vsm_fastpath *")
                 fp.fd, fp.vtl, fp.run = vcpu.fd, vtl, vcpu.run_struct
+                if idle_out is not None:
+                    fp.idle_out = idle_out
                 fixed = sorted((index, value) for index, value in table.items() if value is not None)
                 for i, (index, value) in enumerate(fixed[: len(fp.index)]):
                     fp.index[i] = index

@@ -338,6 +338,8 @@ struct vsm_fastpath {
     vsm_io_server serve_io;
     void *io_ctx;
     struct vsm_vp_run *vp;
+    const uint8_t *idle_out;
+    uint64_t outs_served;
 };
 int vsm_kvm_run_fast(struct vsm_fastpath *fp);
 struct vsm_vcpu_writes { uint64_t dbg; uint64_t xsave; };
@@ -446,8 +448,9 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
 /* vsm_kvm_run_fast: synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
    frequencies), answered here so the guest's RDMSR never waits for Python's GIL, which
    another VP's thread may hold (or hold while the host has preempted it). Python fills the
-   table. Port-I/O exits are offered to the I/O server (the hypercall fast path) when one is
-   attached. Any other exit, an exit neither answers, a kick (immediate_exit) or a CR8
+   table. An OUT to a port in ``idle_out`` (a device whose writes change nothing) completes
+   here; other port-I/O exits are offered to the I/O server (the hypercall fast path) when
+   one is attached. Any other exit, an exit neither answers, a kick (immediate_exit) or a CR8
    change returns to Python. Returns like vsm_kvm_run. */
 #define VSM_FAST_MSRS 8
 
@@ -506,6 +509,8 @@ struct vsm_fastpath {
     vsm_io_server serve_io;       /* port-I/O exits offered to this server first (NULL: none) */
     void *io_ctx;
     struct vsm_vp_run *vp;        /* the VP's other vCPUs, for servers that switch VTLs (NULL: none) */
+    const uint8_t *idle_out;      /* bitmap of ports whose OUT has no effect (answered here), or NULL */
+    uint64_t outs_served;         /* such OUTs answered here */
 };
 
 /* A VTL switch's shared state (vsm-facts §4.1) moved from one VTL's vCPU to another's in
@@ -622,6 +627,11 @@ int vsm_kvm_run_fast(struct vsm_fastpath *fp) {
         if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
             return 0;
         if (run->exit_reason == KVM_EXIT_IO) {
+            uint16_t port = run->io.port;
+            if (fp->idle_out && run->io.direction == KVM_EXIT_IO_OUT && (fp->idle_out[port >> 3] & (1u << (port & 7)))) {
+                fp->outs_served++;
+                continue;
+            }
             int answer = fp->serve_io ? fp->serve_io(fp->io_ctx, run) : 0;
             if (answer < 0)
                 return answer;

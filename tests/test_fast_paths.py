@@ -1,11 +1,12 @@
-"""Hypercalls and VTL switches answered in C while nothing records (issue 18; docs/architecture.md,
-"Exit paths in C").
+"""Exits answered in C while nothing records (issue 18; docs/architecture.md, "Exit paths in C").
 
-The guest (tests/guests/hv_fastpath.c) makes the calls the fast path may answer and the variants
-of the same calls it must leave to the dispatcher, and checks every result against the TLFS. It
-counts the calls C may answer: a run that records nothing must have answered exactly those in C
-(not one more: a variant answered in C would also fail the guest's check of its status), and a
-recorded run none, with every call in the trace.
+Hypercalls: the guest (tests/guests/hv_fastpath.c) makes the calls the fast path may answer
+and the variants of the same calls it must leave to the dispatcher, and checks every result
+against the TLFS. It counts the calls C may answer: a run that records nothing must have
+answered exactly those in C (not one more: a variant answered in C would also fail the
+guest's check of its status), and a recorded run none, with every call in the trace.
+VTL call and fast return: tests/guests/vsm_fast_switch.c checks what crosses each switch.
+OUTs to a port whose writes change nothing (POST codes): completed in C, or recorded.
 """
 
 from __future__ import annotations
@@ -159,5 +160,43 @@ def test_a_recorded_run_switches_vtls_in_python(kvm, guest) -> None:  # type: ig
         switches = [e[4] for e in sink.events if e[0] == EventKind.VTL_SWITCH]
         assert sum(1 for s in switches if s["reason"] == "call") >= CALLS + 1
         assert sum(1 for s in switches if s["reason"] == "return") >= CALLS + 1
+    finally:
+        m.close()
+
+
+# -- OUT to a port whose writes change nothing ----------------------------------------------------------
+
+POSTS = 3000
+
+
+def run_post_loop(kernel, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
+    out = io.BytesIO()
+    config = MachineConfig(kernel=kernel, cmdline=f"n={POSTS}", timeout_s=120, serial_out=out)
+    m = build_machine(config, sink)
+    m.boot()
+    status = m.run()
+    return m, status, out.getvalue().decode(errors="replace")
+
+
+@pytest.mark.kvm
+def test_post_codes_complete_in_c(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    m, status, text = run_post_loop(guest("post_loop"))
+    try:
+        assert status == GUEST_OK and f"posted {POSTS}" in text, text[-2000:]
+        fp = m.vps[0].vcpus[0].fastpath
+        assert fp is not None and POSTS <= fp.outs_served < POSTS + 100, int(fp.outs_served)
+    finally:
+        m.close()
+
+
+@pytest.mark.kvm
+def test_a_recorded_run_records_every_post_code(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    sink = ListSink()
+    m, status, text = run_post_loop(guest("post_loop"), sink)
+    try:
+        assert status == GUEST_OK and f"posted {POSTS}" in text, text[-2000:]
+        assert m.vps[0].vcpus[0].fastpath is None
+        posts = [e for e in sink.events if e[0] == EventKind.PIO and e[4].get("port", e[4].get("address")) == 0x80]
+        assert len(posts) >= POSTS
     finally:
         m.close()
