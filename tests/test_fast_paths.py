@@ -34,6 +34,8 @@ from vsmtrace.vmm.hyperv.hypercall_page import HV_HYPERCALL_TRAP_PORT
 from vsmtrace.vmm.kvm.system import lib as kvm_lib
 from vsmtrace.vmm.machine import Machine
 
+from tests.conftest import run_vsmtrace
+
 GUEST_OK = 1
 SMP = 2
 SPINS = 50
@@ -200,3 +202,20 @@ def test_a_recorded_run_records_every_post_code(kvm, guest) -> None:  # type: ig
         assert len(posts) >= POSTS
     finally:
         m.close()
+
+
+@pytest.mark.kvm
+def test_fast_paths_off_sends_every_exit_to_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    """MachineConfig.fast_paths=False (``vsmtrace run --no-fast-paths``): nothing is attached, the guest runs the same."""
+    out = io.BytesIO()
+    config = MachineConfig(kernel=guest("post_loop"), cmdline=f"n={POSTS}", timeout_s=120, serial_out=out, fast_paths=False)
+    m = build_machine(config)
+    try:
+        m.boot()
+        assert m.run() == GUEST_OK
+        assert f"posted {POSTS}" in out.getvalue().decode()
+        assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus)
+    finally:
+        m.close()
+    result = run_vsmtrace(["run", str(guest("post_loop")), "--no-fast-paths", "--append", "n=10"])
+    assert result.status == GUEST_OK and "posted 10" in result.stdout, result.stderr
