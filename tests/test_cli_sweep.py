@@ -201,6 +201,42 @@ def test_two_sigints_during_a_recording_leave_a_sealed_trace(tmp_path: Path, gap
     assert info.status == 0 and "state        sealed" in info.stdout
 
 
+#: `vsmtrace self-interrupt`, a command added for the test, whose BODY sends the process one real SIGINT at a
+#: chosen point; run as `python -m vsmtrace` runs (interrupts installed first, the group in script mode, and
+#: the module run by ``-m``: only then does CPython's exit look at an escaped KeyboardInterrupt).
+_SELF_INTERRUPT = """
+import os, signal, sys
+from vsmtrace import interrupts
+interrupts.install()
+from vsmtrace.cli import main
+
+@main.command("self-interrupt")
+def self_interrupt():
+BODY
+    raise AssertionError("the SIGINT did not stop the command")
+
+sys.argv = ["vsmtrace", "self-interrupt"]
+main()
+"""
+
+
+def _self_interrupt(tmp_path: Path, body: str) -> RunResult:
+    script = _SELF_INTERRUPT.replace("BODY", "\n".join("    " + line for line in body.strip().splitlines()))
+    (tmp_path / "self_interrupt.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "self_interrupt"], capture_output=True, timeout=120, cwd=ROOT, env=env)
+    return RunResult(r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+
+
+def test_ctrl_c_escaping_an_exec_of_a_string_is_130(tmp_path: Path) -> None:
+    """A Ctrl-C that lands in code ``exec`` runs from a string (each dataclass's ``__init__``, ``__repr__``...
+    while vsmtrace imports) makes CPython note an unhandled KeyboardInterrupt, and at exit kill the process
+    with SIGINT (-2) although vsmtrace handled it: status 130 all the same."""
+    r = _self_interrupt(tmp_path, 'exec("os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(1000):\\n    pass\\n")')
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
 @pytest.mark.parametrize("after", [0.0, 0.1, 0.3, 0.6])
 @pytest.mark.parametrize("command", ["run", "replay"])
 def test_ctrl_c_while_starting_is_130(inputs: dict[str, Path], tmp_path: Path, command: str, after: float) -> None:

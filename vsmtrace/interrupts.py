@@ -85,6 +85,22 @@ def quiet() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: the callback alone keeps it quiet
         pass
+    _forget_escaped_interrupt()
+
+
+def _forget_escaped_interrupt() -> None:
+    """Clear CPython's note that a KeyboardInterrupt went unhandled: the exit status is ours to give.
+
+    When a KeyboardInterrupt leaves code that ``exec``/``eval`` ran from a string, CPython
+    sets a process-wide "unhandled KeyboardInterrupt" flag, even if the exception is caught
+    further up; ``python -m`` checks it after finalization and, if set, puts SIG_DFL back and
+    kills itself with SIGINT: status -2 instead of our 130. dataclasses build every
+    ``__init__``/``__repr__``/``__eq__`` with ``exec`` of a string, so a Ctrl-C while
+    vsmtrace imports lands there in a few percent of start-ups. CPython clears that flag at
+    the start of every string ``exec`` (for this very reason: a stale one must not kill a
+    later run); an empty one, after the interrupt is handled, clears it with no other effect.
+    """
+    exec("")
 
 
 @contextmanager
