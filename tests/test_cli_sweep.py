@@ -237,6 +237,24 @@ def test_ctrl_c_escaping_an_exec_of_a_string_is_130(tmp_path: Path) -> None:
     assert r.stderr == "vsmtrace: interrupted\n", r.stderr
 
 
+def test_ctrl_c_inside_set_name_is_130(tmp_path: Path) -> None:
+    """Python 3.11 wraps what ``__set_name__`` raises (dataclass fields call it) in a RuntimeError: a Ctrl-C
+    that lands there is still `vsmtrace: interrupted`, not an internal error (status 6)."""
+    body = """
+class Descriptor:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+class Holder:
+    field = Descriptor()
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
 @pytest.mark.parametrize("after", [0.0, 0.1, 0.3, 0.6])
 @pytest.mark.parametrize("command", ["run", "replay"])
 def test_ctrl_c_while_starting_is_130(inputs: dict[str, Path], tmp_path: Path, command: str, after: float) -> None:

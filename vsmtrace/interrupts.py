@@ -69,6 +69,23 @@ def count() -> int:
     return _State.count
 
 
+def caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt, or was raised because of one (its ``__cause__`` chain).
+
+    Python 3.11 re-raises what ``__set_name__`` raises as a RuntimeError caused by it, and
+    dataclass fields call ``__set_name__``: a Ctrl-C that lands while a dataclass is created
+    (vsmtrace's imports create many) comes out as that RuntimeError.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__
+    return False
+
+
 def _ignore(n: int) -> None:
     return None
 
