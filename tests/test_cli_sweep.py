@@ -255,6 +255,39 @@ class Holder:
     assert r.stderr == "vsmtrace: interrupted\n", r.stderr
 
 
+def test_second_sigint_inside_the_first_ones_handler_still_interrupts() -> None:
+    """Two quick Ctrl-Cs: the second can run the SIGINT handler again, nested inside the first one's run
+    (Python calls a pending handler at the next bytecode boundary, even within a handler). The first must
+    still raise KeyboardInterrupt. The second signal is sent from inside the first handler's call to
+    ``signal.signal`` to make that moment certain."""
+    script = """
+import os, signal
+from vsmtrace import interrupts
+interrupts.install()
+real_signal = signal.signal
+
+def signal_then_a_second_sigint(signum, handler):
+    signal.signal = real_signal
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+    return real_signal(signum, handler)
+
+signal.signal = signal_then_a_second_sigint
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(10**7):
+        pass
+except KeyboardInterrupt:
+    print("interrupted", interrupts.count())
+else:
+    print("not interrupted", interrupts.count())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=ROOT, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "interrupted 2\n", (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("after", [0.0, 0.1, 0.3, 0.6])
 @pytest.mark.parametrize("command", ["run", "replay"])
 def test_ctrl_c_while_starting_is_130(inputs: dict[str, Path], tmp_path: Path, command: str, after: float) -> None:

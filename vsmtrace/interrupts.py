@@ -32,6 +32,10 @@ class _State:
 
 def _handler(signum: int, frame: object) -> None:
     _State.count += 1
+    # This signal's number, kept locally: a second SIGINT can run this handler again, nested,
+    # as soon as the signal.signal call below returns. Reading _State.count after that would
+    # see 2 in both runs, and neither would raise: the Ctrl-C would be lost.
+    n = _State.count
     # A native library may have swapped in its own (one-shot) handler while this signal was
     # on its way, leaving SIG_DFL behind: take SIGINT back at once, so the next Ctrl-C (two
     # usually come a few ms apart) reaches Python instead of killing the process.
@@ -41,9 +45,9 @@ def _handler(signum: int, frame: object) -> None:
         pass
     callback = _State.callback
     if callback is not None:
-        callback(_State.count)
+        callback(n)
         return
-    if _State.count == 1:
+    if n == 1:
         raise KeyboardInterrupt
 
 
