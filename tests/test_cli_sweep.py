@@ -255,6 +255,48 @@ class Holder:
     assert r.stderr == "vsmtrace: interrupted\n", r.stderr
 
 
+_SWALLOWED = """
+import weakref
+
+class Obj:
+    pass
+
+def callback(ref):
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+
+obj = Obj()
+ref = weakref.ref(obj, callback)
+del obj
+"""
+
+
+def test_ctrl_c_swallowed_by_a_weakref_callback_while_starting_stops_the_command(tmp_path: Path) -> None:
+    """A KeyboardInterrupt raised in a weakref callback (importlib's module locks have one) is only reported
+    by Python ("Exception ignored in ..."): a Ctrl-C swallowed so while vsmtrace imports still stops the
+    command before it starts, with one line and status 130."""
+    script = _SELF_INTERRUPT.replace("sys.argv = ", _SWALLOWED + "\nsys.argv = ").replace("BODY", "    pass")
+    (tmp_path / "self_interrupt.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "self_interrupt"], capture_output=True, timeout=120, cwd=ROOT, env=env)
+    r = RunResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+def test_second_ctrl_c_after_a_swallowed_one_interrupts(tmp_path: Path) -> None:
+    """The Ctrl-C after one Python swallowed raises again (it used to be only counted: `run` went on)."""
+    body = _SWALLOWED + """
+os.kill(os.getpid(), signal.SIGINT)
+for _ in range(10**7):
+    pass
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
 def test_second_sigint_inside_the_first_ones_handler_still_interrupts() -> None:
     """Two quick Ctrl-Cs: the second can run the SIGINT handler again, nested inside the first one's run
     (Python calls a pending handler at the next bytecode boundary, even within a handler). The first must

@@ -155,6 +155,7 @@ class CliGroup(click.Group):
 
         try:
             interrupts.import_guarded("polars")  # see interrupts.import_guarded: its SIGINT handler
+            interrupts.raise_swallowed()  # a Ctrl-C during the imports that Python swallowed
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise UserError(exc.format_message()) from None

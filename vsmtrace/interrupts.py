@@ -7,20 +7,23 @@ traceback, click's ``Aborted!`` and status 1. Here:
 
 * by default the *first* SIGINT raises ``KeyboardInterrupt`` (the command stops
   where it is; the CLI group turns it into ``vsmtrace: interrupted``, status 130)
-  and later ones are only counted, so cleanup runs to its end;
+  and later ones are only counted, so cleanup runs to its end (if Python swallowed
+  that ``KeyboardInterrupt``, see :func:`_unraisable`, the next one raises again);
 * inside :func:`deferred` no signal raises: each one calls a callback that only
   sets flags (what a signal handler may safely do), and the code that owns the
   work (``vsmtrace run``'s machine) polls them and stops in order.
 
-This module imports only ``signal`` and ``contextlib``: ``python -m vsmtrace``
-installs the handler before loading anything else.
+This module imports only ``signal``, ``contextlib`` and built-in modules: ``python -m
+vsmtrace`` installs the handler before loading anything else.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -28,13 +31,15 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 class _State:
     count = 0  # SIGINTs received since install()
     callback: Callable[[int], None] | None = None  # set inside deferred(), or by quiet()
+    handled = False  # a SIGINT was acted on (raised, or given to a callback): later ones are only counted
+    swallowed = False  # ... but Python swallowed the KeyboardInterrupt raised (see _unraisable)
+    previous_unraisablehook: Callable[[Any], object] | None = None
 
 
 def _handler(signum: int, frame: object) -> None:
     _State.count += 1
     # This signal's number, kept locally: a second SIGINT can run this handler again, nested,
-    # as soon as the signal.signal call below returns. Reading _State.count after that would
-    # see 2 in both runs, and neither would raise: the Ctrl-C would be lost.
+    # as soon as the signal.signal call below returns, and the callback must see each number once.
     n = _State.count
     # A native library may have swapped in its own (one-shot) handler while this signal was
     # on its way, leaving SIG_DFL behind: take SIGINT back at once, so the next Ctrl-C (two
@@ -45,9 +50,40 @@ def _handler(signum: int, frame: object) -> None:
         pass
     callback = _State.callback
     if callback is not None:
+        _State.handled = True
         callback(n)
         return
-    if n == 1:
+    # Decided on a flag set just before raising, not on "n == 1": a nested run (above) that
+    # raised first leaves it set, and one whose KeyboardInterrupt Python swallowed clears it.
+    if not _State.handled:
+        _State.handled = True
+        _State.swallowed = False
+        raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while our handler is installed: our swallowed KeyboardInterrupt is not lost.
+
+    A signal handler's exception is raised in whatever Python code runs at that moment;
+    in a weakref callback, ``__del__`` or a GC callback (importlib's module locks have
+    one, so it happens during start-up imports) Python can only report it ("Exception
+    ignored in ...") and goes on, and the later Ctrl-Cs were only counted: ``vsmtrace
+    run`` did not stop. Now the next SIGINT raises again, and :func:`raise_swallowed`
+    (the CLI calls it before each command) raises this one.
+    """
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _State.callback is None and installed():
+        _State.handled = False
+        _State.swallowed = True
+        return
+    previous = _State.previous_unraisablehook or sys.__unraisablehook__
+    previous(unraisable)
+
+
+def raise_swallowed() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that Python swallowed (see :func:`_unraisable`), if any."""
+    if _State.swallowed and _State.callback is None:
+        _State.handled = True
+        _State.swallowed = False
         raise KeyboardInterrupt
 
 
@@ -56,12 +92,16 @@ def install() -> None:
     try:
         signal.signal(signal.SIGINT, _handler)
     except ValueError:
-        pass
+        return
+    if sys.unraisablehook is not _unraisable:
+        _State.previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable
 
 
 def reset() -> None:
-    """Forget quiet() and deferred callbacks (the CLI run in-process, e.g. by tests, is over)."""
+    """Forget quiet(), deferred callbacks and the last Ctrl-C (the CLI run in-process, e.g. by tests, is over)."""
     _State.callback = None
+    _State.handled = _State.swallowed = False
 
 
 def installed() -> bool:
