@@ -255,6 +255,25 @@ class Holder:
     assert r.stderr == "vsmtrace: interrupted\n", r.stderr
 
 
+def test_ctrl_c_that_python_turns_into_another_error_is_130(tmp_path: Path) -> None:
+    """A KeyboardInterrupt that lands while an import builds an ImportError's message comes out as
+    TypeError("expected a message argument"), with no trace of the interrupt (seen once in 200 stress runs):
+    once a Ctrl-C raised, any failure is `vsmtrace: interrupted`. The body loses the KeyboardInterrupt and
+    raises that TypeError the way CPython does, outside any ``except`` (so with no ``__context__``)."""
+    body = """
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+except KeyboardInterrupt:
+    pass
+raise TypeError("expected a message argument")
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
 _SWALLOWED = """
 import weakref
 

@@ -12,7 +12,7 @@ def main() -> None:
     try:
         from vsmtrace.cli import main as cli
     except BaseException as exc:
-        if not interrupts.caused_by_interrupt(exc):
+        if not interrupts.interrupted(exc):
             raise
         interrupts.quiet()
         sys.stderr.write("vsmtrace: interrupted\n")

@@ -125,7 +125,8 @@ class CliGroup(click.Group):
                 click.echo(f"vsmtrace: error: {describe_os_error(exc)}", err=True)
                 status = EXIT_USAGE
         except Exception as exc:  # a vsmtrace bug: still one line, and the details with -v
-            if interrupts.caused_by_interrupt(exc):  # Ctrl-C, wrapped by Python on its way (a dataclass being built)
+            if interrupts.interrupted(exc):  # Ctrl-C, which Python turned into another exception on its way
+                log.debug("interrupted; the KeyboardInterrupt came out as", exc_info=True)
                 status = _interrupted()
             else:
                 log.debug("internal error", exc_info=True)

@@ -33,6 +33,7 @@ class _State:
     callback: Callable[[int], None] | None = None  # set inside deferred(), or by quiet()
     handled = False  # a SIGINT was acted on (raised, or given to a callback): later ones are only counted
     swallowed = False  # ... but Python swallowed the KeyboardInterrupt raised (see _unraisable)
+    raised = False  # a KeyboardInterrupt was raised for a Ctrl-C (see interrupted())
     previous_unraisablehook: Callable[[Any], object] | None = None
 
 
@@ -56,7 +57,7 @@ def _handler(signum: int, frame: object) -> None:
     # Decided on a flag set just before raising, not on "n == 1": a nested run (above) that
     # raised first leaves it set, and one whose KeyboardInterrupt Python swallowed clears it.
     if not _State.handled:
-        _State.handled = True
+        _State.handled = _State.raised = True
         _State.swallowed = False
         raise KeyboardInterrupt
 
@@ -82,7 +83,7 @@ def _unraisable(unraisable: Any) -> None:
 def raise_swallowed() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C that Python swallowed (see :func:`_unraisable`), if any."""
     if _State.swallowed and _State.callback is None:
-        _State.handled = True
+        _State.handled = _State.raised = True
         _State.swallowed = False
         raise KeyboardInterrupt
 
@@ -101,7 +102,7 @@ def install() -> None:
 def reset() -> None:
     """Forget quiet(), deferred callbacks and the last Ctrl-C (the CLI run in-process, e.g. by tests, is over)."""
     _State.callback = None
-    _State.handled = _State.swallowed = False
+    _State.handled = _State.swallowed = _State.raised = False
 
 
 def installed() -> bool:
@@ -113,21 +114,17 @@ def count() -> int:
     return _State.count
 
 
-def caused_by_interrupt(exc: BaseException) -> bool:
-    """Whether ``exc`` is a KeyboardInterrupt, or was raised because of one (its ``__cause__`` chain).
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` stands for the user's Ctrl-C: a KeyboardInterrupt, or anything raised once one was.
 
-    Python 3.11 re-raises what ``__set_name__`` raises as a RuntimeError caused by it, and
-    dataclass fields call ``__set_name__``: a Ctrl-C that lands while a dataclass is created
-    (vsmtrace's imports create many) comes out as that RuntimeError.
+    The handler raises in whatever code runs, and Python's own machinery can turn the
+    KeyboardInterrupt into another exception on its way: 3.11 re-raises it from
+    ``__set_name__`` (dataclass fields call it, vsmtrace's imports build many) as a
+    RuntimeError, and when it lands while an import builds an ImportError's message,
+    the import raises TypeError("expected a message argument") and the interrupt is
+    gone from the chain. Whatever fails after a Ctrl-C raised, the command was interrupted.
     """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        seen.add(id(current))
-        current = current.__cause__
-    return False
+    return isinstance(exc, KeyboardInterrupt) or _State.raised
 
 
 def _ignore(n: int) -> None:
