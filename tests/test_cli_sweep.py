@@ -201,6 +201,154 @@ def test_two_sigints_during_a_recording_leave_a_sealed_trace(tmp_path: Path, gap
     assert info.status == 0 and "state        sealed" in info.stdout
 
 
+#: `vsmtrace self-interrupt`, a command added for the test, whose BODY sends the process one real SIGINT at a
+#: chosen point; run as `python -m vsmtrace` runs (interrupts installed first, the group in script mode, and
+#: the module run by ``-m``: only then does CPython's exit look at an escaped KeyboardInterrupt).
+_SELF_INTERRUPT = """
+import os, signal, sys
+from vsmtrace import interrupts
+interrupts.install()
+from vsmtrace.cli import main
+
+@main.command("self-interrupt")
+def self_interrupt():
+BODY
+    raise AssertionError("the SIGINT did not stop the command")
+
+sys.argv = ["vsmtrace", "self-interrupt"]
+main()
+"""
+
+
+def _self_interrupt(tmp_path: Path, body: str) -> RunResult:
+    script = _SELF_INTERRUPT.replace("BODY", "\n".join("    " + line for line in body.strip().splitlines()))
+    (tmp_path / "self_interrupt.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "self_interrupt"], capture_output=True, timeout=120, cwd=ROOT, env=env)
+    return RunResult(r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+
+
+def test_ctrl_c_escaping_an_exec_of_a_string_is_130(tmp_path: Path) -> None:
+    """A Ctrl-C that lands in code ``exec`` runs from a string (each dataclass's ``__init__``, ``__repr__``...
+    while vsmtrace imports) makes CPython note an unhandled KeyboardInterrupt, and at exit kill the process
+    with SIGINT (-2) although vsmtrace handled it: status 130 all the same."""
+    r = _self_interrupt(tmp_path, 'exec("os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(1000):\\n    pass\\n")')
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+def test_ctrl_c_inside_set_name_is_130(tmp_path: Path) -> None:
+    """Python 3.11 wraps what ``__set_name__`` raises (dataclass fields call it) in a RuntimeError: a Ctrl-C
+    that lands there is still `vsmtrace: interrupted`, not an internal error (status 6)."""
+    body = """
+class Descriptor:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+class Holder:
+    field = Descriptor()
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+def test_ctrl_c_that_python_turns_into_another_error_is_130(tmp_path: Path) -> None:
+    """A KeyboardInterrupt that lands while an import builds an ImportError's message comes out as
+    TypeError("expected a message argument"), with no trace of the interrupt (seen once in 200 stress runs):
+    once a Ctrl-C raised, any failure is `vsmtrace: interrupted`. The body loses the KeyboardInterrupt and
+    raises that TypeError the way CPython does, outside any ``except`` (so with no ``__context__``)."""
+    body = """
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+except KeyboardInterrupt:
+    pass
+raise TypeError("expected a message argument")
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+_SWALLOWED = """
+import weakref
+
+class Obj:
+    pass
+
+def callback(ref):
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+
+obj = Obj()
+ref = weakref.ref(obj, callback)
+del obj
+"""
+
+
+def test_ctrl_c_swallowed_by_a_weakref_callback_while_starting_stops_the_command(tmp_path: Path) -> None:
+    """A KeyboardInterrupt raised in a weakref callback (importlib's module locks have one) is only reported
+    by Python ("Exception ignored in ..."): a Ctrl-C swallowed so while vsmtrace imports still stops the
+    command before it starts, with one line and status 130."""
+    script = _SELF_INTERRUPT.replace("sys.argv = ", _SWALLOWED + "\nsys.argv = ").replace("BODY", "    pass")
+    (tmp_path / "self_interrupt.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "self_interrupt"], capture_output=True, timeout=120, cwd=ROOT, env=env)
+    r = RunResult(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"))
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+def test_second_ctrl_c_after_a_swallowed_one_interrupts(tmp_path: Path) -> None:
+    """The Ctrl-C after one Python swallowed raises again (it used to be only counted: `run` went on)."""
+    body = _SWALLOWED + """
+os.kill(os.getpid(), signal.SIGINT)
+for _ in range(10**7):
+    pass
+"""
+    r = _self_interrupt(tmp_path, body)
+    assert_interrupted(r)
+    assert r.stderr == "vsmtrace: interrupted\n", r.stderr
+
+
+def test_second_sigint_inside_the_first_ones_handler_still_interrupts() -> None:
+    """Two quick Ctrl-Cs: the second can run the SIGINT handler again, nested inside the first one's run
+    (Python calls a pending handler at the next bytecode boundary, even within a handler). The first must
+    still raise KeyboardInterrupt. The second signal is sent from inside the first handler's call to
+    ``signal.signal`` to make that moment certain."""
+    script = """
+import os, signal
+from vsmtrace import interrupts
+interrupts.install()
+real_signal = signal.signal
+
+def signal_then_a_second_sigint(signum, handler):
+    signal.signal = real_signal
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(1000):
+        pass
+    return real_signal(signum, handler)
+
+signal.signal = signal_then_a_second_sigint
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(10**7):
+        pass
+except KeyboardInterrupt:
+    print("interrupted", interrupts.count())
+else:
+    print("not interrupted", interrupts.count())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=ROOT, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "interrupted 2\n", (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("after", [0.0, 0.1, 0.3, 0.6])
 @pytest.mark.parametrize("command", ["run", "replay"])
 def test_ctrl_c_while_starting_is_130(inputs: dict[str, Path], tmp_path: Path, command: str, after: float) -> None:

@@ -11,6 +11,7 @@ policy hides that the guest still sees.
 
 from __future__ import annotations
 
+import errno
 import mmap
 from dataclasses import dataclass
 
@@ -58,7 +59,8 @@ def guest_cpuid(kvm: Kvm, table: list[CpuidEntry], leaf: int, subleaf: int = 0) 
         regs = vcpu.get_regs()
         regs.rip, regs.rax, regs.rcx, regs.rflags = 0, leaf, subleaf, 2
         vcpu.set_regs(regs)
-        vcpu.run()
+        while vcpu.run() == -errno.EINTR:  # a signal (a Ctrl-C at start-up) stopped it before the hlt: go on
+            pass
         if vcpu.run_struct.exit_reason != lib.KVM_EXIT_HLT:
             raise KvmError("cpuid probe", 0)
         regs = vcpu.get_regs()

@@ -11,7 +11,9 @@ def main() -> None:
     interrupts.install()
     try:
         from vsmtrace.cli import main as cli
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not interrupts.interrupted(exc):
+            raise
         interrupts.quiet()
         sys.stderr.write("vsmtrace: interrupted\n")
         sys.exit(interrupts.EXIT_INTERRUPTED)

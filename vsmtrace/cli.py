@@ -70,6 +70,15 @@ def _with_verbose(cmd: click.Command) -> click.Command:
     return cmd
 
 
+def _interrupted() -> int:
+    """Ctrl-C stopped the command: SIGINT ignored from now on, one line, status 130."""
+    from vsmtrace import interrupts
+
+    interrupts.quiet()
+    click.echo("vsmtrace: interrupted", err=True)
+    return interrupts.EXIT_INTERRUPTED
+
+
 class CliGroup(click.Group):
     """The top-level group: the one place that decides how every command fails and stops.
 
@@ -106,9 +115,7 @@ class CliGroup(click.Group):
             exc.show()
             status = exc.exit_code
         except (Interrupted, click.Abort, KeyboardInterrupt, EOFError):
-            interrupts.quiet()
-            click.echo("vsmtrace: interrupted", err=True)
-            status = interrupts.EXIT_INTERRUPTED
+            status = _interrupted()
         except BrokenPipeError:
             status = _broken_pipe()
         except OSError as exc:
@@ -118,9 +125,13 @@ class CliGroup(click.Group):
                 click.echo(f"vsmtrace: error: {describe_os_error(exc)}", err=True)
                 status = EXIT_USAGE
         except Exception as exc:  # a vsmtrace bug: still one line, and the details with -v
-            log.debug("internal error", exc_info=True)
-            click.echo(f"vsmtrace: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
-            status = EXIT_INTERNAL
+            if interrupts.interrupted(exc):  # Ctrl-C, which Python turned into another exception on its way
+                log.debug("interrupted; the KeyboardInterrupt came out as", exc_info=True)
+                status = _interrupted()
+            else:
+                log.debug("internal error", exc_info=True)
+                click.echo(f"vsmtrace: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+                status = EXIT_INTERNAL
         if previous is not None:
             interrupts.reset()
             signal.signal(signal.SIGINT, previous)
@@ -145,6 +156,7 @@ class CliGroup(click.Group):
 
         try:
             interrupts.import_guarded("polars")  # see interrupts.import_guarded: its SIGINT handler
+            interrupts.raise_swallowed()  # a Ctrl-C during the imports that Python swallowed
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise UserError(exc.format_message()) from None

@@ -7,20 +7,23 @@ traceback, click's ``Aborted!`` and status 1. Here:
 
 * by default the *first* SIGINT raises ``KeyboardInterrupt`` (the command stops
   where it is; the CLI group turns it into ``vsmtrace: interrupted``, status 130)
-  and later ones are only counted, so cleanup runs to its end;
+  and later ones are only counted, so cleanup runs to its end (if Python swallowed
+  that ``KeyboardInterrupt``, see :func:`_unraisable`, the next one raises again);
 * inside :func:`deferred` no signal raises: each one calls a callback that only
   sets flags (what a signal handler may safely do), and the code that owns the
   work (``vsmtrace run``'s machine) polls them and stops in order.
 
-This module imports only ``signal`` and ``contextlib``: ``python -m vsmtrace``
-installs the handler before loading anything else.
+This module imports only ``signal``, ``contextlib`` and built-in modules: ``python -m
+vsmtrace`` installs the handler before loading anything else.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -28,10 +31,17 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 class _State:
     count = 0  # SIGINTs received since install()
     callback: Callable[[int], None] | None = None  # set inside deferred(), or by quiet()
+    handled = False  # a SIGINT was acted on (raised, or given to a callback): later ones are only counted
+    swallowed = False  # ... but Python swallowed the KeyboardInterrupt raised (see _unraisable)
+    raised = False  # a KeyboardInterrupt was raised for a Ctrl-C (see interrupted())
+    previous_unraisablehook: Callable[[Any], object] | None = None
 
 
 def _handler(signum: int, frame: object) -> None:
     _State.count += 1
+    # This signal's number, kept locally: a second SIGINT can run this handler again, nested,
+    # as soon as the signal.signal call below returns, and the callback must see each number once.
+    n = _State.count
     # A native library may have swapped in its own (one-shot) handler while this signal was
     # on its way, leaving SIG_DFL behind: take SIGINT back at once, so the next Ctrl-C (two
     # usually come a few ms apart) reaches Python instead of killing the process.
@@ -41,9 +51,40 @@ def _handler(signum: int, frame: object) -> None:
         pass
     callback = _State.callback
     if callback is not None:
-        callback(_State.count)
+        _State.handled = True
+        callback(n)
         return
-    if _State.count == 1:
+    # Decided on a flag set just before raising, not on "n == 1": a nested run (above) that
+    # raised first leaves it set, and one whose KeyboardInterrupt Python swallowed clears it.
+    if not _State.handled:
+        _State.handled = _State.raised = True
+        _State.swallowed = False
+        raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while our handler is installed: our swallowed KeyboardInterrupt is not lost.
+
+    A signal handler's exception is raised in whatever Python code runs at that moment;
+    in a weakref callback, ``__del__`` or a GC callback (importlib's module locks have
+    one, so it happens during start-up imports) Python can only report it ("Exception
+    ignored in ...") and goes on, and the later Ctrl-Cs were only counted: ``vsmtrace
+    run`` did not stop. Now the next SIGINT raises again, and :func:`raise_swallowed`
+    (the CLI calls it before each command) raises this one.
+    """
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _State.callback is None and installed():
+        _State.handled = False
+        _State.swallowed = True
+        return
+    previous = _State.previous_unraisablehook or sys.__unraisablehook__
+    previous(unraisable)
+
+
+def raise_swallowed() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C that Python swallowed (see :func:`_unraisable`), if any."""
+    if _State.swallowed and _State.callback is None:
+        _State.handled = _State.raised = True
+        _State.swallowed = False
         raise KeyboardInterrupt
 
 
@@ -52,12 +93,16 @@ def install() -> None:
     try:
         signal.signal(signal.SIGINT, _handler)
     except ValueError:
-        pass
+        return
+    if sys.unraisablehook is not _unraisable:
+        _State.previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _unraisable
 
 
 def reset() -> None:
-    """Forget quiet() and deferred callbacks (the CLI run in-process, e.g. by tests, is over)."""
+    """Forget quiet(), deferred callbacks and the last Ctrl-C (the CLI run in-process, e.g. by tests, is over)."""
     _State.callback = None
+    _State.handled = _State.swallowed = _State.raised = False
 
 
 def installed() -> bool:
@@ -67,6 +112,19 @@ def installed() -> bool:
 def count() -> int:
     """SIGINTs received so far."""
     return _State.count
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` stands for the user's Ctrl-C: a KeyboardInterrupt, or anything raised once one was.
+
+    The handler raises in whatever code runs, and Python's own machinery can turn the
+    KeyboardInterrupt into another exception on its way: 3.11 re-raises it from
+    ``__set_name__`` (dataclass fields call it, vsmtrace's imports build many) as a
+    RuntimeError, and when it lands while an import builds an ImportError's message,
+    the import raises TypeError("expected a message argument") and the interrupt is
+    gone from the chain. Whatever fails after a Ctrl-C raised, the command was interrupted.
+    """
+    return isinstance(exc, KeyboardInterrupt) or _State.raised
 
 
 def _ignore(n: int) -> None:
@@ -85,6 +143,22 @@ def quiet() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: the callback alone keeps it quiet
         pass
+    _forget_escaped_interrupt()
+
+
+def _forget_escaped_interrupt() -> None:
+    """Clear CPython's note that a KeyboardInterrupt went unhandled: the exit status is ours to give.
+
+    When a KeyboardInterrupt leaves code that ``exec``/``eval`` ran from a string, CPython
+    sets a process-wide "unhandled KeyboardInterrupt" flag, even if the exception is caught
+    further up; ``python -m`` checks it after finalization and, if set, puts SIG_DFL back and
+    kills itself with SIGINT: status -2 instead of our 130. dataclasses build every
+    ``__init__``/``__repr__``/``__eq__`` with ``exec`` of a string, so a Ctrl-C while
+    vsmtrace imports lands there in a few percent of start-ups. CPython clears that flag at
+    the start of every string ``exec`` (for this very reason: a stale one must not kill a
+    later run); an empty one, after the interrupt is handled, clears it with no other effect.
+    """
+    exec("")
 
 
 @contextmanager

@@ -100,8 +100,16 @@ class Kvm:
         return _check("KVM_GET_TSC_KHZ", lib.ioctl(vcpu.fd, lib.KVM_GET_TSC_KHZ, ffi.cast("int", 0)))
 
     def create_vm(self) -> Vm:
-        fd = _check("KVM_CREATE_VM", lib.ioctl(self.fd, lib.KVM_CREATE_VM, ffi.cast("long", 0)))
-        return Vm(self, fd)
+        """A new VM. Retried when a signal interrupts it (EINTR), as Python retries its own system calls.
+
+        KVM can give up creating a VM when a signal arrives meanwhile (here ~3% of creations
+        under a stream of signals): a Ctrl-C at start-up, which the caller handles, must not
+        turn into "KVM refused to set up the guest" (status 2).
+        """
+        while True:
+            fd = lib.ioctl(self.fd, lib.KVM_CREATE_VM, ffi.cast("long", 0))
+            if fd >= 0 or ffi.errno != errno.EINTR:
+                return Vm(self, _check("KVM_CREATE_VM", fd))
 
     def close(self) -> None:
         os.close(self.fd)
