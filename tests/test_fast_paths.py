@@ -219,3 +219,17 @@ def test_fast_paths_off_sends_every_exit_to_python(kvm, guest) -> None:  # type:
         m.close()
     result = run_vsmtrace(["run", str(guest("post_loop")), "--no-fast-paths", "--append", "n=10"])
     assert result.status == GUEST_OK and "posted 10" in result.stdout, result.stderr
+
+
+@pytest.mark.kvm
+def test_recorded_post_codes_are_each_in_the_trace_once(kvm, guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A recording completes OUTs to port 0x80 in C after recording them (vsm_kvm_run_recorded): every
+    one is in the trace exactly once, in the guest's order (the data byte is the loop index)."""
+    from vsmtrace.recorder.reader import open_trace
+
+    trace = tmp_path / "post.arrow"
+    result = run_vsmtrace(["run", str(guest("post_loop")), "--record", str(trace), "--append", f"n={POSTS}"], timeout=120)
+    assert result.status == GUEST_OK and f"posted {POSTS}" in result.stdout, result.stderr
+    rows = open_trace(trace).table().to_pylist()
+    posts = [r["data"] for r in rows if r["kind"] == "PIO" and r["address"] == 0x80 and r["is_write"]]
+    assert posts == [i & 0xFF for i in range(POSTS)]

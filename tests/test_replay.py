@@ -38,6 +38,7 @@ RUNS: dict[str, list[list[str]]] = {
     "exitcode": [["--append", "exit=3"]],
     "bootinfo": [["--append", "a=b"]],
     "ports": [[]],
+    "post_loop": [["--append", "n=5000"]],  # OUTs to port 0x80 recorded, and completed, in C
     "fwcfg": [[]],
     "raw64": [[]],
     "fault": [["--append", "fault=safe"], ["--append", "fault=gp"]],

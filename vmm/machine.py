@@ -318,6 +318,7 @@ class Machine:
         for port in self.pio.devices:
             if port not in self.trap_ports:
                 ports[port >> 3] |= 1 << (port & 7)
+        idle_out = self._idle_out_bitmap()
         fn, store = native
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
@@ -331,7 +332,22 @@ class Machine:
                 rec.vp = vp.index
                 rec.vtl = vtl
                 rec.ports = ports
+                if idle_out is not None:
+                    rec.idle_out = idle_out
                 vcpu.exit_recorder = rec
+
+    def _idle_out_bitmap(self) -> Any:
+        """Bitmap of the ports whose device's writes change nothing (``writes_have_no_effect``), or None:
+        C completes OUTs to them (``vsm_kvm_run_fast``, and ``vsm_kvm_run_recorded`` after recording)."""
+        idle = [port for port, device in self.pio.devices.items()
+                if getattr(device, "writes_have_no_effect", False) and port not in self.trap_ports]  # fmt: skip
+        if not idle:
+            return None
+        if self._idle_out is None:
+            self._idle_out = ffi.new("uint8_t[]", PORTS // 8)
+            for port in idle:
+                self._idle_out[port >> 3] |= 1 << (port & 7)
+        return self._idle_out
 
     def reference_counter(self, scale: int, offset: int) -> Callable[[], int]:
         """The partition reference counter in C (``vsm_reference_time``): guest TSC through the
@@ -353,15 +369,9 @@ class Machine:
         """
         if not self.config.fast_paths or self.sink.enabled or self.deterministic is not None:
             return
-        idle = [port for port, device in self.pio.devices.items()
-                if getattr(device, "writes_have_no_effect", False) and port not in self.trap_ports]  # fmt: skip
-        if not (self._fast_msrs or self._fast_io or idle):
+        idle_out = self._idle_out_bitmap()
+        if not (self._fast_msrs or self._fast_io or idle_out is not None):
             return
-        idle_out = None
-        if idle:
-            idle_out = self._idle_out = ffi.new("uint8_t[]", PORTS // 8)
-            for port in idle:
-                idle_out[port >> 3] |= 1 << (port & 7)
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
                 vcpu.fastpath = None

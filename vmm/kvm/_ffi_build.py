@@ -304,6 +304,8 @@ struct vsm_exit_recorder {
     uint32_t vp;
     uint32_t vtl;
     const uint8_t *ports;
+    const uint8_t *idle_out;
+    uint64_t outs_served;
 };
 #define VSM_RUN_RECORDED ...
 int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec);
@@ -421,6 +423,8 @@ struct vsm_exit_recorder {
     uint32_t vp;
     uint32_t vtl;
     const uint8_t *ports;  /* bitmap: OUT to these ports is recorded here (device ports, not traps) */
+    const uint8_t *idle_out;  /* of those, the ports whose OUT has no effect: completed here too (or NULL) */
+    uint64_t outs_served;     /* such OUTs recorded and completed here */
 };
 
 /* vsm_kvm_run_recorded returns VSM_RUN_RECORDED + the recorder's status when it recorded the exit. */
@@ -428,21 +432,32 @@ struct vsm_exit_recorder {
 
 /* KVM_RUN, then, for a single OUT to a port in rec->ports, the PIO event appended straight
    from kvm_run (port, size, data, and RIP from the synced registers): the hottest event
-   costs no Python. Returns -errno, 0 (nothing recorded) or VSM_RUN_RECORDED + status. */
+   costs no Python. An OUT to a port in rec->idle_out (its device's writes change nothing)
+   is then complete: the guest goes on at once, unless the recorder wants a flush, a kick
+   came (immediate_exit), CR8 changed or Python waits for an interrupt window the guest
+   has opened. Returns -errno, 0 (the exit is not recorded) or VSM_RUN_RECORDED + status
+   (the exit Python gets was recorded). */
 int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
-    int r = ioctl(vcpu_fd, KVM_RUN, 0);
-    if (r < 0)
-        return -errno;
     struct kvm_run *run = rec->run;
-    if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.count != 1)
-        return 0;
-    uint16_t port = run->io.port;
-    if (!(rec->ports[port >> 3] & (1u << (port & 7))))
-        return 0;
-    uint64_t data = 0;
-    memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
-    int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
-    return VSM_RUN_RECORDED + status;
+    uint64_t cr8 = run->cr8;
+    for (;;) {
+        int r = ioctl(vcpu_fd, KVM_RUN, 0);
+        if (r < 0)
+            return -errno;
+        if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.count != 1)
+            return 0;
+        uint16_t port = run->io.port;
+        uint8_t bit = 1u << (port & 7);
+        if (!(rec->ports[port >> 3] & bit))
+            return 0;
+        uint64_t data = 0;
+        memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
+        int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
+        if (status != 0 || !rec->idle_out || !(rec->idle_out[port >> 3] & bit) || run->immediate_exit || run->cr8 != cr8 ||
+            (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection))
+            return VSM_RUN_RECORDED + status;
+        rec->outs_served++;
+    }
 }
 
 /* vsm_kvm_run_fast: synthetic MSRs whose reads have a fixed answer on this vCPU (VP_INDEX, the TSC and APIC
