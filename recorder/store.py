@@ -10,17 +10,12 @@ Arrow arrays without copying (the chunk is freed when the last array using it is
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import pyarrow as pa
 from vsmtrace.recorder import _store_build
-from vsmtrace.vmm.native import load_extension
-
-_lock = threading.Lock()
-_module: ModuleType | None = None
+from vsmtrace.vmm.native import extension_loader
 
 #: Arrow type of each chunk column (``kind`` holds dictionary indices: EventKind value - 1).
 CHUNK_TYPES: dict[str, pa.DataType] = {
@@ -38,16 +33,8 @@ CHUNK_TYPES: dict[str, pa.DataType] = {
 assert tuple(CHUNK_TYPES) == _store_build.CHUNK_COLUMNS
 
 
-def load() -> ModuleType:
-    """The compiled store module (built into the vsmtrace cache on first use)."""
-    global _module
-    if _module is None:
-        with _lock:
-            if _module is None:
-                _module = load_extension(
-                    "_vsmtrace_store", _store_build.CDEF + _store_build.SOURCE, _store_build.make_ffi, "the recorder's event store"
-                )
-    return _module
+#: The compiled store module (built into the vsmtrace cache on first use).
+load = extension_loader("_vsmtrace_store", _store_build, "the recorder's event store")
 
 
 class EventStore:

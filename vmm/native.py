@@ -113,3 +113,19 @@ def load_extension(prefix: str, source: str, make_ffi: Callable[[str], cffi.FFI]
                 raise NativeBuildError(f"cannot build {what} (needs gcc and linux headers): {exc}") from exc
             found = [Path(so)]
         return _load_from(found[0], name)
+
+
+def extension_loader(prefix: str, build: ModuleType, what: str) -> Callable[[], ModuleType]:
+    """A ``load()`` for the cffi extension whose build module ``build`` has ``CDEF``, ``SOURCE`` and
+    ``make_ffi``: built and imported by the first call (from any thread), the same module after."""
+    lock = threading.Lock()
+    loaded: list[ModuleType] = []
+
+    def load() -> ModuleType:
+        if not loaded:
+            with lock:
+                if not loaded:
+                    loaded.append(load_extension(prefix, build.CDEF + build.SOURCE, build.make_ffi, what))
+        return loaded[0]
+
+    return load

@@ -21,8 +21,6 @@ recorded hypercall still goes through the recorded boundary and replays unchange
 
 from __future__ import annotations
 
-import threading
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.backends import _hypercall_fastpath_build as build
@@ -30,27 +28,15 @@ from vsmtrace.vmm.hyperv.handlers.misc import NATIVE_SPIN_WAIT, NATIVE_VP_INDEX_
 from vsmtrace.vmm.hyperv.hvdef import HypercallCode, HypercallControl, HypercallControlBits
 from vsmtrace.vmm.memory import PAGE_SHIFT
 from vsmtrace.vmm.memory_view import execute_unenforced
-from vsmtrace.vmm.native import load_extension
+from vsmtrace.vmm.native import extension_loader
 
 if TYPE_CHECKING:
     from vsmtrace.vmm.hyperv import HyperV
     from vsmtrace.vmm.memory import GuestMemory
     from vsmtrace.vmm.memory_view import MemoryView
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-
-
-def load() -> ModuleType:
-    """The compiled fast-path module (built into the vsmtrace cache on first use)."""
-    global _module
-    if _module is None:
-        with _lock:
-            if _module is None:
-                _module = load_extension(
-                    "_vsmtrace_hypercalls", build.CDEF + build.SOURCE, build.make_ffi, "the hypercall fast path"
-                )
-    return _module
+#: The compiled fast-path module (built into the vsmtrace cache on first use).
+load = extension_loader("_vsmtrace_hypercalls", build, "the hypercall fast path")
 
 
 #: The fast input value of HvCallNotifyLongSpinWait (no rep, no variable header).
