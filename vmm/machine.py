@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from vsmtrace.vmm.config import MachineConfig
@@ -104,6 +104,14 @@ class GuestClock:
 
     def tsc(self) -> int:
         return (int(lib.vsm_rdtsc()) + self.tsc_offset) & 0xFFFFFFFFFFFFFFFF
+
+
+def _port_bitmap(ports: Iterable[int]) -> Any:
+    """A C bitmap of the 65536 I/O ports (one bit each) with these ports set."""
+    bitmap = ffi.new("uint8_t[]", PORTS // 8)
+    for port in ports:
+        bitmap[port >> 3] |= 1 << (port & 7)
+    return bitmap
 
 
 class Machine:
@@ -314,10 +322,7 @@ class Machine:
         native = getattr(self.sink, "native_io", None) if self.sink.enabled else None
         if native is None or self.deterministic is not None:
             return
-        ports = self._recorded_ports = ffi.new("uint8_t[]", PORTS // 8)
-        for port in self.pio.devices:
-            if port not in self.trap_ports:
-                ports[port >> 3] |= 1 << (port & 7)
+        ports = self._recorded_ports = _port_bitmap(port for port in self.pio.devices if port not in self.trap_ports)
         idle_out = self._idle_out_bitmap()
         fn, store = native
         for vp in self.vps:
@@ -339,14 +344,11 @@ class Machine:
     def _idle_out_bitmap(self) -> Any:
         """Bitmap of the ports whose device's writes change nothing (``writes_have_no_effect``), or None:
         C completes OUTs to them (``vsm_kvm_run_fast``, and ``vsm_kvm_run_recorded`` after recording)."""
-        idle = [port for port, device in self.pio.devices.items()
-                if getattr(device, "writes_have_no_effect", False) and port not in self.trap_ports]  # fmt: skip
-        if not idle:
-            return None
         if self._idle_out is None:
-            self._idle_out = ffi.new("uint8_t[]", PORTS // 8)
-            for port in idle:
-                self._idle_out[port >> 3] |= 1 << (port & 7)
+            idle = [port for port, device in self.pio.devices.items()
+                    if getattr(device, "writes_have_no_effect", False) and port not in self.trap_ports]  # fmt: skip
+            if idle:
+                self._idle_out = _port_bitmap(idle)
         return self._idle_out
 
     def reference_counter(self, scale: int, offset: int) -> Callable[[], int]:

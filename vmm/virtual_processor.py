@@ -401,16 +401,18 @@ class VirtualProcessor:
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)
             self.in_guest = False
             self.exit_count += 1
-            if self.fast_run is not None:
+            if self.fast_run is None:
+                if vcpu.run_view[IMMEDIATE_EXIT_OFFSET]:
+                    run.immediate_exit = 0
+            else:
                 if self.fast_run.current != self.vtl:
                     self.adopt_fast_switch()
-                vcpu = self.vcpu
-                run = vcpu.run_struct
+                    vcpu = self.vcpu
+                    run = vcpu.run_struct
                 for other in self.vcpus:  # kick() marks every vCPU of the VP (the fast path may have switched)
-                    other.run_struct.immediate_exit = 0
+                    if other.run_view[IMMEDIATE_EXIT_OFFSET]:
+                        other.run_struct.immediate_exit = 0
             view = vcpu.run_view
-            if view[IMMEDIATE_EXIT_OFFSET]:
-                run.immediate_exit = 0
             self.exit_recorded = r
             if r:
                 if r < 0:
@@ -441,10 +443,8 @@ class VirtualProcessor:
     def adopt_fast_switch(self) -> None:
         """The fast path answered VTL calls/returns in C and stopped on another VTL's vCPU: make it the
         running one, as the Python switch would have left it (docs/architecture.md, "Exit paths in C")."""
-        vtl = int(self.fast_run.current)
-        self.set_vtl(vtl)
-        self.vcpu._sregs = None
-        self.vcpu.sregs_exported = self.vcpu.sync_sregs
+        self.set_vtl(int(self.fast_run.current))
+        self.vcpu.exited()
         self.last_cr8 = int(self.fast_run.cr8)
         self.interrupt_hint = True
 

@@ -441,11 +441,11 @@ class VsmBackend(MachineExtension):
                 and (i, 1) not in self.vina_notified
             )
             gpa = vp_assist.control_gpa(vsm.hv, i, 1)
-        memory = self.machine.memory
-        if gpa is not None and memory.is_ram(gpa, HvVpVtlControl.SIZE):
-            mirror.control = self._fast_ffi.cast("uint8_t *", memory.host_address_of(gpa, HvVpVtlControl.SIZE))
-        else:
-            mirror.control = self._fast_ffi.NULL
+        mirror.control = self._fast_ffi.NULL  # no assist page, or not in RAM: nothing is written (as in Python)
+        if gpa is not None:
+            with contextlib.suppress(GuestMemoryError):
+                address = self.machine.memory.host_address_of(gpa, HvVpVtlControl.SIZE)
+                mirror.control = self._fast_ffi.cast("uint8_t *", address)
         mirror.trap_retired = 1 if self.trap_out_retired else 0
         mirror.ready = 1 if ready else 0
 
@@ -635,6 +635,7 @@ class VsmBackend(MachineExtension):
             return self.machine.memory.read(gpa, size)
         except GuestMemoryError:
             return b""
+
 
 def _address(pointer: Any) -> int:
     """A KVM-module cffi pointer as an address, for a struct of another cffi module."""

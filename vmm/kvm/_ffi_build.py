@@ -427,6 +427,20 @@ struct vsm_exit_recorder {
     uint64_t outs_served;     /* such OUTs recorded and completed here */
 };
 
+/* Whether a port is set in a bitmap of 65536 ports (one bit each). */
+static int vsm_port_set(const uint8_t *bitmap, uint16_t port) {
+    return bitmap[port >> 3] & (1u << (port & 7));
+}
+
+/* Whether a loop that answers exits in C must hand the one it holds to Python: a kick came
+   (immediate_exit), the guest changed CR8, or Python waits to inject an interrupt and the
+   guest can now take it (a backend may not exit for the window by itself while the guest
+   keeps exiting here). */
+static int vsm_python_wanted(const struct kvm_run *run, uint64_t cr8) {
+    return run->immediate_exit || run->cr8 != cr8 ||
+           (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection);
+}
+
 /* vsm_kvm_run_recorded returns VSM_RUN_RECORDED + the recorder's status when it recorded the exit. */
 #define VSM_RUN_RECORDED 16
 
@@ -447,14 +461,12 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
         if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.count != 1)
             return 0;
         uint16_t port = run->io.port;
-        uint8_t bit = 1u << (port & 7);
-        if (!(rec->ports[port >> 3] & bit))
+        if (!vsm_port_set(rec->ports, port))
             return 0;
         uint64_t data = 0;
         memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
         int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
-        if (status != 0 || !rec->idle_out || !(rec->idle_out[port >> 3] & bit) || run->immediate_exit || run->cr8 != cr8 ||
-            (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection))
+        if (status != 0 || !rec->idle_out || !vsm_port_set(rec->idle_out, port) || vsm_python_wanted(run, cr8))
             return VSM_RUN_RECORDED + status;
         rec->outs_served++;
     }
@@ -635,15 +647,10 @@ int vsm_kvm_run_fast(struct vsm_fastpath *fp) {
         int r = ioctl(fp->fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
-        if (run->immediate_exit || run->cr8 != cr8)
-            return 0;
-        /* Python waits to inject an interrupt and the guest can now take it: hand the exit back
-           (a backend may not exit for the window by itself while the guest keeps exiting here). */
-        if (run->request_interrupt_window && run->if_flag && run->ready_for_interrupt_injection)
+        if (vsm_python_wanted(run, cr8))
             return 0;
         if (run->exit_reason == KVM_EXIT_IO) {
-            uint16_t port = run->io.port;
-            if (fp->idle_out && run->io.direction == KVM_EXIT_IO_OUT && (fp->idle_out[port >> 3] & (1u << (port & 7)))) {
+            if (fp->idle_out && run->io.direction == KVM_EXIT_IO_OUT && vsm_port_set(fp->idle_out, run->io.port)) {
                 fp->outs_served++;
                 continue;
             }
