@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 
 import pyarrow as pa
+from vsmtrace.recorder.arrays import column
 
 #: Widest per-row buffer a null column needs (uint64 values, or int64 list offsets).
 ROW_BYTES = 8
@@ -46,14 +47,14 @@ class NullColumns:
         zero = self._buffer(n)
         if pa.types.is_dictionary(typ):
             indices = pa.Array.from_buffers(typ.index_type, n, [zero, zero], null_count=n)
-            values = dictionary if dictionary is not None else pa.array([], typ.value_type)
+            values = dictionary if dictionary is not None else column([], typ.value_type)
             return pa.DictionaryArray.from_arrays(indices, values)
         if pa.types.is_binary(typ) or pa.types.is_string(typ):
             return pa.Array.from_buffers(typ, n, [zero, zero, zero.slice(0, 0)], null_count=n)
         if pa.types.is_list(typ):
             child = self._empty.get(typ.value_type)
             if child is None:
-                child = self._empty[typ.value_type] = pa.array([], typ.value_type)
+                child = self._empty[typ.value_type] = column([], typ.value_type)
             return pa.Array.from_buffers(typ, n, [zero, zero], null_count=n, children=[child])
         return pa.Array.from_buffers(typ, n, [zero, zero], null_count=n)
 

@@ -18,13 +18,15 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
 from vsmtrace.recorder.errors import TraceFormatError
 from vsmtrace.recorder.schema import COLUMN_BY_NAME, COMMON_NAMES, METADATA_KEY, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def _keep_python_sigint() -> None:
@@ -267,6 +269,8 @@ class Trace:
 
     def lazy(self) -> pl.LazyFrame:
         """A Polars LazyFrame; sealed traces are scanned lazily from disk, streams are read first."""
+        import polars as pl  # here, not at the top: recording (which seals through this module) never needs Polars
+
         if self.sealed:
             return pl.scan_ipc(self.path)
         return pl.from_arrow(self.table()).lazy()  # type: ignore[union-attr]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+from vsmtrace.recorder.arrays import column
 from vsmtrace.vmm.events import EventKind
 
 SCHEMA_VERSION = 1
@@ -185,7 +186,7 @@ def _kind_dictionary() -> list[str]:
 
 
 KIND_NAMES: list[str] = _kind_dictionary()
-KIND_DICTIONARY: pa.Array = pa.array(KIND_NAMES, pa.string())
+KIND_DICTIONARY: pa.Array = column(KIND_NAMES, pa.string())
 
 
 def arrow_schema(metadata: Mapping[str, Any] | None = None) -> pa.Schema:

@@ -38,6 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+from vsmtrace.recorder.arrays import column
 from vsmtrace.recorder.errors import TraceError
 from vsmtrace.recorder.metadata import build_metadata
 from vsmtrace.recorder.nulls import NULLS
@@ -130,7 +131,7 @@ class _Dictionary:
         """The dictionary so far (cached until it grows: every batch of a flush shares one)."""
         arr = self._array
         if arr is None or len(arr) != len(self.values):
-            arr = self._array = pa.array(self.values, pa.string())
+            arr = self._array = column(self.values, pa.string())
         return arr
 
 
@@ -526,11 +527,11 @@ class TraceWriter:
         n = len(rows)
         if n == 0:
             return pa.RecordBatch.from_arrays(
-                [pa.array([], c.type) if not c.is_dictionary else pa.DictionaryArray.from_arrays(pa.array([], c.type.index_type), KIND_DICTIONARY if c.name == "kind" else pa.array([], pa.string())) for c in COLUMNS],
+                [NULLS.array(c.type, 0, KIND_DICTIONARY if c.name == "kind" else None) for c in COLUMNS],
                 schema=self.schema,
             )
         seqs, ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
-        kind_arr = pa.array(kinds, pa.int8())
+        kind_arr = column(kinds, pa.int8())
         order = pc.sort_indices(kind_arr)  # stable: seq order within each kind
         order_list: list[int] = order.to_pylist()
         sorted_fds = [fds[i] for i in order_list]
@@ -545,12 +546,12 @@ class TraceWriter:
 
         common = {c.name: c for c in COMMON_COLUMNS}
         arrays: dict[str, pa.Array] = {
-            "seq": pa.array(seqs, pa.uint64()),
-            "time_ns": pa.array(ts, pa.int64()),
+            "seq": column(seqs, pa.uint64()),
+            "time_ns": column(ts, pa.int64()),
             "vp": self._to_array(common["vp"], list(vps), seqs, None),
             "vtl": self._to_array(common["vtl"], list(vtls), seqs, None),
             "rip": self._to_array(common["rip"], list(rips), seqs, None),
-            "kind": pa.DictionaryArray.from_arrays(pc.subtract(kind_arr, pa.scalar(1, pa.int8())), KIND_DICTIONARY),
+            "kind": pa.DictionaryArray.from_arrays(column([k - 1 for k in kinds], pa.int8()), KIND_DICTIONARY),
         }
         pieces: dict[str, list[pa.Array | None]] = {}
         for gi, (kind, lo, hi) in enumerate(groups):
@@ -597,13 +598,6 @@ class TraceWriter:
     def _dict_codes(self, col: Column, vals: list[Any], seqs: Sequence[int], orig: list[int]) -> pa.Array:
         """Dictionary indices for a list of strings, growing the append-only dictionary."""
         d = self._dicts[col.name]
-        try:
-            for v in set(vals):
-                if v is not None:
-                    d.code(v)
-            return pc.index_in(pa.array(vals, pa.string()), value_set=d.array()).cast(col.type.index_type)
-        except (TypeError, pa.ArrowException):
-            pass
         out: list[int | None] = []
         for i, v in enumerate(vals):
             try:
@@ -611,12 +605,12 @@ class TraceWriter:
             except TypeError as e:
                 self._value_error(col, seqs[orig[i]], v, e)
                 out.append(None)
-        return pa.array(out, col.type.index_type)
+        return column(out, col.type.index_type)
 
     def _to_array(self, col: Column, values: list[Any], seqs: Sequence[int], orig: list[int] | None) -> pa.Array:
         """Whole-column conversion; on failure, convert cell by cell and null what does not fit."""
         try:
-            return pa.array(values, col.type)
+            return column(values, col.type)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             pass
         fixed: list[Any] = []
@@ -626,12 +620,12 @@ class TraceWriter:
                 continue
             try:
                 cv = _coerce(col, v)
-                pa.array([cv], col.type)
+                column([cv], col.type)
                 fixed.append(cv)
             except (pa.ArrowException, TypeError, ValueError, OverflowError, AttributeError) as e:
                 self._value_error(col, seqs[orig[i] if orig is not None else i], v, e)
                 fixed.append(None)
-        return pa.array(fixed, col.type)
+        return column(fixed, col.type)
 
     def _value_error(self, col: Column, seq: int, value: Any, exc: BaseException) -> None:
         self.stats.value_errors += 1
@@ -755,7 +749,7 @@ def seal_trace(
                 if f.name in dict_names and len(col.dictionary) > len(found.get(f.name, ())):
                     found[f.name] = col.dictionary
         dictionaries, columns = found, used
-    final = {name: dictionaries.get(name, pa.array([], pa.string())) for name in dict_names}
+    final = {name: dictionaries.get(name, column([], pa.string())) for name in dict_names}
     wanted = [f.name for f in schema if f.name in columns] or [schema[0].name]
     md = dict(trace.metadata)
     md["sealed"] = True

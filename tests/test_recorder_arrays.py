@@ -1,0 +1,106 @@
+"""recorder.arrays builds the same Arrow arrays as ``pa.array`` from buffers, and a recording never imports pandas or Polars."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from vsmtrace.recorder.arrays import column
+
+from tests.conftest import ROOT, build_guest
+
+INT_TYPES = [pa.int8(), pa.uint8(), pa.int16(), pa.uint16(), pa.int32(), pa.uint32(), pa.int64(), pa.uint64()]
+
+
+def _ints(typ: pa.DataType) -> st.SearchStrategy[int]:
+    bits = typ.bit_width
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if pa.types.is_signed_integer(typ) else (0, (1 << bits) - 1)
+    return st.integers(lo, hi)
+
+
+def _nullable(values: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    return st.lists(st.one_of(st.none(), values), max_size=70)
+
+
+def _same(values: list[Any], typ: pa.DataType) -> None:
+    got = column(values, typ)
+    got.validate(full=True)
+    assert got.type == typ
+    assert got.equals(pa.array(values, typ)), (values, got)
+    assert got.null_count == sum(v is None for v in values)
+
+
+@pytest.mark.parametrize("typ", INT_TYPES, ids=str)
+@given(data=st.data())
+def test_integers_match_pa_array(typ: pa.DataType, data: st.DataObject) -> None:
+    _same(data.draw(_nullable(_ints(typ))), typ)
+
+
+@given(_nullable(st.booleans()))
+def test_booleans_match_pa_array(values: list[bool | None]) -> None:
+    _same(values, pa.bool_())
+
+
+@given(_nullable(st.text()))
+def test_strings_match_pa_array(values: list[str | None]) -> None:
+    _same(values, pa.string())
+
+
+@given(_nullable(st.binary()))
+def test_binary_matches_pa_array(values: list[bytes | None]) -> None:
+    _same(values, pa.binary())
+
+
+@given(_nullable(st.lists(st.one_of(st.none(), _ints(pa.uint64())), max_size=5)))
+def test_lists_match_pa_array(values: list[list[int | None] | None]) -> None:
+    _same(values, pa.list_(pa.uint64()))
+
+
+def test_bytes_like_values_are_binary() -> None:
+    assert column([bytearray(b"ab"), memoryview(b"c"), None], pa.binary()).to_pylist() == [b"ab", b"c", None]
+
+
+@pytest.mark.parametrize(
+    ("values", "typ"),
+    [
+        ([True], pa.uint64()),  # pa.array refuses a bool in an integer column too
+        ([1.0], pa.uint8()),  # pa.array would truncate a float into it
+        ([-1], pa.uint8()),
+        ([256], pa.uint8()),
+        ([1 << 64], pa.uint64()),
+        ([1], pa.bool_()),
+        (["a"], pa.binary()),  # pa.array would encode it
+        ([5], pa.binary()),  # bytes(5) would be five zero bytes
+        ([b"a"], pa.string()),
+        (["ab"], pa.list_(pa.uint64())),
+        ([1], pa.float64()),  # a type the recorder never converts
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+def test_wrong_values_raise(values: list[Any], typ: pa.DataType) -> None:
+    with pytest.raises((TypeError, ValueError, OverflowError)):
+        column(values, typ)
+
+
+def test_recording_imports_neither_pandas_nor_polars(tmp_path: Path) -> None:
+    """pyarrow imports pandas on its first ``pa.array`` and Polars is the analysis library: a recording
+    needs neither, and importing them was 0.45 s of every ``run --record``'s start-up (docs/benchmarks.md)."""
+    trace = tmp_path / "t.arrow"
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "vsmtrace", "run", "--record", str(trace), "--timeout", "60", str(build_guest("hello"))],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "vsmtrace.recorder.writer" in imported and "pyarrow" in imported, r.stderr[-2000:]
+    assert r.returncode == 1, r.stderr[-2000:]  # hello's isa-debug-exit write: a clean end
+    assert not {m for m in imported if m.split(".")[0] in ("pandas", "polars")}
+    from vsmtrace.recorder.reader import open_trace
+
+    kinds = open_trace(trace).table(["kind"])["kind"].cast(pa.string()).to_pylist()
+    assert "SERIAL" in kinds and "GUEST_EXIT" in kinds, sorted(set(kinds))
