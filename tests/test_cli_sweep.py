@@ -135,7 +135,7 @@ def test_readonly_outputs(inputs: dict[str, Path], readonly_dir: Path, template:
 
 
 def _wait_until_running(pid: int, timeout: float = 120) -> None:
-    """Wait until the command itself runs: the CLI group has loaded Polars' native library.
+    """Wait until the command itself runs: it has loaded Arrow's native library (recording and replay do).
 
     Before that the interpreter is still starting (site-packages, .pth files): a Ctrl-C
     there is Python's own business, not vsmtrace's, and no program can answer it.
@@ -143,7 +143,7 @@ def _wait_until_running(pid: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if "_polars_runtime" in Path(f"/proc/{pid}/maps").read_text():
+            if "libarrow" in Path(f"/proc/{pid}/maps").read_text():
                 return
         except (FileNotFoundError, ProcessLookupError):
             return
@@ -392,3 +392,36 @@ def test_sigint_ignored_by_the_parent_still_interrupts(tmp_path: Path) -> None:
     os.kill(p.pid, signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.decode() == "vsmtrace: interrupted\n"
+
+
+def test_a_ctrl_c_during_the_polars_import_waits_for_its_end() -> None:
+    """Polars swaps the process's SIGINT handler while it imports; ``interrupts.install()`` holds SIGINT back
+    for that import wherever it happens (the CLI no longer imports Polars for commands that never use it):
+    a Ctrl-C sent in the middle of it reaches Python's handler once the import is over, not before."""
+    script = """
+import os, signal, sys, time
+from vsmtrace import interrupts
+interrupts.install()
+assert "polars" not in sys.modules
+seen = []
+
+class SigintInsidePolars:  # consulted for every module Polars imports while its body runs
+    def find_spec(self, name, path=None, target=None):
+        if name == "polars.functions":
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.02)
+            for _ in range(1000):
+                pass
+            seen.append(interrupts.count())
+        return None
+
+sys.meta_path.insert(1, SigintInsidePolars())
+with interrupts.deferred(lambda n: None):
+    import polars  # noqa: F401
+    for _ in range(1000):
+        pass
+    print(seen, interrupts.count(), signal.getsignal(signal.SIGINT) is interrupts._handler)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=ROOT, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[0] 1 True\n", (r.stdout, r.stderr)

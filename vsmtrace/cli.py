@@ -155,7 +155,6 @@ class CliGroup(click.Group):
         from vsmtrace import interrupts
 
         try:
-            interrupts.import_guarded("polars")  # see interrupts.import_guarded: its SIGINT handler
             interrupts.raise_swallowed()  # a Ctrl-C during the imports that Python swallowed
             return super().invoke(ctx)
         except click.UsageError as exc:

@@ -89,7 +89,10 @@ def raise_swallowed() -> None:
 
 
 def install() -> None:
-    """Take over SIGINT (only the main thread of the main interpreter can; elsewhere a no-op)."""
+    """Take over SIGINT, and keep native libraries from taking it while they import (see :class:`_HeldBackImports`).
+
+    Only the main thread of the main interpreter can; elsewhere a no-op.
+    """
     try:
         signal.signal(signal.SIGINT, _handler)
     except ValueError:
@@ -97,6 +100,7 @@ def install() -> None:
     if sys.unraisablehook is not _unraisable:
         _State.previous_unraisablehook = sys.unraisablehook
         sys.unraisablehook = _unraisable
+    _guard_imports()
 
 
 def reset() -> None:
@@ -194,28 +198,71 @@ def reclaim() -> None:
         pass
 
 
-def import_guarded(name: str) -> None:
-    """Import module ``name`` with SIGINT held back, then :func:`reclaim` SIGINT.
+#: Modules that install a native SIGINT handler while they import (Polars: a one-shot one that
+#: leaves SIG_DFL behind once a signal came, so a second Ctrl-C would kill the process).
+HANDLER_SWAPPING_MODULES = frozenset({"polars"})
 
-    Polars installs a one-shot native SIGINT handler while it imports; a Ctrl-C that
-    lands during that import would leave SIG_DFL behind and a second one would kill
-    the process. Held back, the signal is delivered after the import, to Python's handler.
+
+class _HeldBackImports:
+    """A ``sys.meta_path`` finder that imports :data:`HANDLER_SWAPPING_MODULES` with SIGINT held back.
+
+    It finds nothing itself: it asks the finders after it for the module's spec and wraps
+    the loader, so the module body runs with SIGINT blocked in the importing thread and
+    :func:`reclaim` runs after it; a Ctrl-C that came meanwhile is delivered then, to
+    Python's handler. Guarding the import wherever it happens (rather than importing
+    Polars up front in the CLI) means a command that never uses Polars (``vsmtrace run``,
+    with or without ``--record``) never pays for loading it: 0.18 s on the development host.
     """
-    import importlib
-    import sys
 
-    if name in sys.modules:
-        reclaim()
-        return
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in HANDLER_SWAPPING_MODULES:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _HeldBackLoader(spec.loader)
+        return spec
+
+
+class _HeldBackLoader:
+    """The module's own loader, with its body run under :func:`_sigint_held`."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like: the real loader's
+        return getattr(self._loader, name)
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        with _sigint_held():
+            self._loader.exec_module(module)
+
+
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """SIGINT blocked in this thread within the block, then :func:`reclaim` and the old mask back."""
     try:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     except (AttributeError, OSError, ValueError):
         held = None
     try:
-        importlib.import_module(name)
-    except ImportError:
-        pass
+        yield
     finally:
         reclaim()
         if held is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _guard_imports() -> None:
+    if not any(isinstance(finder, _HeldBackImports) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _HeldBackImports())
