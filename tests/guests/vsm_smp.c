@@ -279,13 +279,17 @@ static void ap_do(const char *name, uint32_t c, uint64_t arg)
     }
 }
 
-/* Let VTL0 interrupts of this VP in until *p reaches want (or time runs out). */
+/* Let VTL0 interrupts of this VP in until *p reaches want (or time runs out). Interrupts stay
+   open for a stretch of PAUSEs, not one instruction boundary: a KVM that emulates guest
+   supervisor code (PVM) opens a requested interrupt window only when it looks, which it may
+   not do at a single boundary between STI's shadow and the CLI (docs/vsm.md, "Limitations"). */
 static bool wait_count(volatile uint32_t *p, uint32_t want)
 {
     uint64_t end = ref_time() + WAIT_100NS;
     while (*p < want) {
         sti();
-        cpu_pause();
+        for (int i = 0; i < 64 && *p < want; i++)
+            cpu_pause();
         cli();
         if (ref_time() > end)
             return false;
