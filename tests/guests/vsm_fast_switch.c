@@ -10,7 +10,12 @@
  * so every return checks where VTL0 resumes against the pages KVM cannot keep from executing;
  * then one fast return resumes VTL0 on a page VTL1 made readable but not executable: that
  * return is the execute intercept, which VTL1 resolves by restoring the page)
+ *
+ * Last, VTL1 sends VTL0 of its own VP an interrupt and answers with a fast return: VTL0 must
+ * take it as soon as it runs with interrupts open, in a loop that makes no exit of its own
+ * (a return answered in C while VTL0 had an interrupt pending would run VTL0 without it).
  */
+#include "apic.h"
 #include "vsm.h"
 
 #define LOG_QWORDS 12 /* per call: rbx rdx r8 r15 xmm0(lo, hi) reason ctl_rax ctl_rcx scratch(2) pad */
@@ -100,6 +105,29 @@ void nx_page_call(void);
 void vtl0_logged_calls(uint64_t n, uint64_t (*log)[LOG_QWORDS]);
 void vtl1_logged_returns(uint64_t n, uint64_t (*log)[LOG_QWORDS], const void *control);
 
+#define VTL0_VECTOR 0x67
+static volatile uint32_t vtl0_interrupts;
+
+static void vtl0_irq(struct int_frame *f)
+{
+    (void)f;
+    vtl0_interrupts++;
+    apic_eoi();
+}
+
+/* Interrupts open, no exits: PAUSEs until the count moves or ~max iterations pass. */
+static uint64_t spin_for_interrupt(uint64_t max)
+{
+    uint64_t i = 0;
+    sti();
+    while (vtl0_interrupts == 0 && i < max) {
+        cpu_pause();
+        i++;
+    }
+    cli();
+    return i;
+}
+
 uint64_t vtl1_user_op(uint32_t vp, struct vsm_mailbox *m)
 {
     m->ret[0] = 0;
@@ -141,6 +169,16 @@ int kmain(uint32_t magic, uint32_t mbi)
     hv_check("shared_registers_back_to_vtl0", seen_by_vtl0, n);
     hv_check("vtl1_control_area_each_entry", control, n);
     hv_check("protected_page_kept", data_page[0], 0);
+
+    apic_enable();
+    set_irq_handler(VTL0_VECTOR, vtl0_irq);
+    struct vsm_mailbox *mb = &vsm_mbox[vsm_vp_index()];
+    mb->fast = 1; /* VTL1's service loop answers the PV IPI with a fast return */
+    uint64_t ipi = vtl1_op(VSM_OP_PV_IPI, VTL0_VECTOR, HV_VTL(0), 1ull << vsm_vp_index(), 0, 0);
+    uint64_t spins = spin_for_interrupt(2000000); /* before anything that exits (printf) */
+    hv_check("pv_ipi_to_own_vtl0_status", ipi, HV_STATUS_SUCCESS);
+    printf("vtl0 interrupt after %lu pauses\n", spins);
+    hv_check("interrupt_pending_at_fast_return_taken", vtl0_interrupts, 1);
 
     if (cmdline_is("protect", "1")) {
         uint32_t vp = vsm_vp_index();

@@ -179,7 +179,8 @@ struct vsm_hc_partition {
 /* VTL call / fast return between VTL0 and VTL1 of one VP. Python (vmm/backends/vsm.py) sets
    ``ready`` only while such a switch has no effect beyond the ones done here: both VTLs
    enabled on the VP and no other, VTL1's VINA register 0 and no TLB lock of VTL1's, no VINA
-   notification outstanding, both vCPUs' sregs exported with every exit; and clears it
+   notification outstanding, both vCPUs' sregs exported with every exit, no interrupt
+   deliverable in either VTL's APIC; and clears it
    before any of that changes. */
 #define VSM_HC_CODE_VTL_CALL 0x11ull
 #define VSM_HC_CODE_VTL_RETURN 0x12ull

@@ -339,9 +339,16 @@ class VsmBackend(MachineExtension):
 
     def pre_entry(self, vp: VirtualProcessor) -> None:
         """Called before entering the guest when interrupts may have changed (always after a switch)."""
-        if vp.index in self._fast_stale:
-            self._fast_stale.discard(vp.index)
-            self.refresh_fast_switch(vp)
+        mirror = self.fast_switch.get(vp.index)
+        if mirror is not None:
+            if self._any_vtl_pending(vp):
+                # A switch must hand the interrupt to the VTL it enters (or let a higher VTL's
+                # preempt): Python's. Recomputed at the next entry where nothing is pending.
+                mirror.ready = 0
+                self._fast_stale.add(vp.index)
+            elif vp.index in self._fast_stale:
+                self._fast_stale.discard(vp.index)
+                self.refresh_fast_switch(vp)
         if vp.index in self.resumed_lower:
             self.resumed_lower.discard(vp.index)
             if self._resumes_on_unenforced_page(vp):
@@ -353,6 +360,11 @@ class VsmBackend(MachineExtension):
                 return
         if vp.vtl > 0:
             self.check_vina(vp)
+
+    @staticmethod
+    def _any_vtl_pending(vp: VirtualProcessor) -> bool:
+        """An interrupt is deliverable in some VTL of ``vp`` (its APIC would take it if that VTL ran)."""
+        return any(apic.pending_vector() is not None for _vtl, apic in vp.apics.items())
 
     def _resumes_on_unenforced_page(self, vp: VirtualProcessor) -> bool:
         """A lower VTL about to resume on a readable, non-executable page: the execute intercept.
