@@ -120,6 +120,13 @@ def floor_vmm_cmd(kernel: Path | str, append: str) -> list[str]:
     return [sys.executable, str(BENCH_DIR / "floor_vmm"), str(kernel), append]
 
 
+#: The environment timed commands run in: as an installed vsmtrace runs. A shell with
+#: PYTHONDONTWRITEBYTECODE set (some CI and container images set it) makes every run compile
+#: every module from source (0.2 s of a recording's start-up on the development host), which
+#: no pip install pays: pip writes the bytecode at install time.
+TIMED_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def timed(cmd: list[str], clock: str = "wall") -> float:
     """Seconds ``cmd`` took: ``wall`` time, or ``cpu`` time (user + system of the process).
 
@@ -127,7 +134,7 @@ def timed(cmd: list[str], clock: str = "wall") -> float:
     load on a 2-core host; it suits single-VP round-trip benchmarks (nothing else runs).
     """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=TIMED_ENV)
     assert proc.stderr is not None
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
