@@ -64,6 +64,12 @@ def column(values: Sequence[Any], typ: pa.DataType) -> pa.Array:
     raise TypeError(f"no conversion to {typ}")
 
 
+def scalar(value: Any, typ: pa.DataType) -> pa.Scalar:
+    """``value`` as an Arrow scalar of ``typ`` for compute calls: ``pa.scalar``, like ``pa.array``, asks
+    pandas (and a Python value passed to a compute function goes through ``pa.scalar``)."""
+    return column([value], typ)[0]
+
+
 def _fill(typ: pa.DataType) -> Any:
     """What a null cell holds in the value buffer (variable-width types: nothing)."""
     if pa.types.is_boolean(typ):

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from vsmtrace.recorder.arrays import column, scalar
 from vsmtrace.recorder.errors import TraceError
 from vsmtrace.recorder.reader import open_trace
 from vsmtrace.recorder.schema import SCHEMA_VERSION
@@ -181,7 +182,7 @@ class VmmReplayer:
 
     def _entries(self) -> tuple[list[Entry], list[bytes | None]]:
         """The entries in the order they started, and their encoded I/O logs."""
-        emulation = pc.equal(self._kinds, EventKind.EMULATION.name)
+        emulation = pc.equal(self._kinds, scalar(EventKind.EMULATION.name, pa.string()))
         columns = [pylist(self.events.column(c).filter(emulation)) for c in ENTRY_COLUMNS]
         orders = columns[ENTRY_COLUMNS.index("emu_order")]
         if orders != sorted(orders):  # a nested entry (started inside another) finished, and was written, first
@@ -217,13 +218,13 @@ class VmmReplayer:
         """Every event only the emulation emits must belong to a recorded entry (else its inputs are missing)."""
         kinds = self._kinds
         seqs = self.events.column("seq")
-        only_emulation = pa.array([k.name for k in EMULATION_ONLY_KINDS])
+        only_emulation = column([k.name for k in EMULATION_ONLY_KINDS], pa.string())
         unclaimed = pc.and_(
-            pc.is_in(kinds, value_set=only_emulation), pc.invert(pc.is_in(seqs, value_set=pa.array(claimed, seqs.type)))
+            pc.is_in(kinds, value_set=only_emulation), pc.invert(pc.is_in(seqs, value_set=column(claimed, seqs.type)))
         )
         if self.torn:  # events after the last complete entry lost their entry to the cut
             horizon = max((e.seq for e in self.entries), default=-1)
-            unclaimed = pc.and_(unclaimed, pc.less(seqs, horizon))
+            unclaimed = pc.and_(unclaimed, pc.less(seqs, scalar(max(horizon, 0), seqs.type)))  # none is < 0
         first = pc.indices_nonzero(unclaimed)
         if len(first):
             for entry in self.entries:  # a damaged log hides what it emitted: name the damage, not its effect
@@ -247,7 +248,8 @@ class VmmReplayer:
         if self.seq_is_row:
             index = seq
         else:
-            matches = pc.indices_nonzero(pc.equal(self.events.column("seq"), seq))
+            seqs = self.events.column("seq")
+            matches = pc.indices_nonzero(pc.equal(seqs, scalar(seq, seqs.type)))
             if len(matches) == 0:
                 raise ReplayError(f"{self.path}: event {seq} is missing from the trace (a gap in its sequence numbers)")
             index = int(matches[0].as_py())

@@ -20,6 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from vsmtrace.recorder.arrays import column as arrow_column
+from vsmtrace.recorder.arrays import scalar
 from vsmtrace.recorder.schema import KIND_FIELDS
 from vsmtrace.vmm.events import EventKind
 
@@ -117,17 +119,17 @@ class EmittedRows:
 
     def __init__(self, table: pa.Table, kinds: list[int], seqs: list[int], seq_is_row: bool) -> None:
         """``table`` has the columns of those kinds; ``kinds[i]`` and ``seqs[i]`` name one emitted event."""
-        kind_array = pa.array(kinds, pa.int64())
-        seq_array = pa.array(seqs, pa.int64())
+        kind_array = arrow_column(kinds, pa.int64())
+        seq_array = arrow_column(seqs, pa.int64())
         self.by_kind: dict[int, KindRows] = {}
         for kind in KNOWN_KINDS.intersection(kinds):
-            chosen = pc.unique(seq_array.filter(pc.equal(kind_array, kind)))
+            chosen = pc.unique(seq_array.filter(pc.equal(kind_array, scalar(kind, pa.int64()))))
             if seq_is_row:
-                positions = chosen.filter(pc.less(chosen, table.num_rows))
+                positions = chosen.filter(pc.less(chosen, scalar(table.num_rows, pa.int64())))
             else:
                 positions = pc.index_in(chosen, value_set=pc.cast(table.column("seq"), pa.int64())).drop_null()
             rows = table.select([c for c in kind_columns(kind) if c in table.column_names]).take(positions)
-            recorded_as = pc.equal(pc.cast(rows.column("kind"), pa.string()), EventKind(kind).name)
+            recorded_as = pc.equal(pc.cast(rows.column("kind"), pa.string()), scalar(EventKind(kind).name, pa.string()))
             self.by_kind[kind] = KindRows(kind, rows.filter(recorded_as))
 
 

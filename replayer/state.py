@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from vsmtrace.recorder.arrays import scalar
 from vsmtrace.vmm.emulation_io import decode_value, fields_of
 from vsmtrace.vmm.protocol import Op, VsmOp
 from vsmtrace.vmm.vp import Access, Segment, Table
@@ -114,8 +115,10 @@ class ReplayState:
         """(vp, vtl) -> (last RIP, its event) from the trace's events up to :attr:`seq`, computed on demand."""
         if self.table is None:
             return {}
-        upto = self.table.filter(pc.less_equal(self.table.column("seq"), self.seq)).select(["seq", "vp", "vtl", "rip"])
-        upto = upto.filter(pc.and_(pc.is_valid(upto.column("rip")), pc.not_equal(upto.column("rip"), 0)))
+        seqs = self.table.column("seq")
+        upto = self.table.filter(pc.less_equal(seqs, scalar(self.seq, seqs.type))).select(["seq", "vp", "vtl", "rip"])
+        rip = upto.column("rip")
+        upto = upto.filter(pc.and_(pc.is_valid(rip), pc.not_equal(rip, scalar(0, rip.type))))
         rips: dict[tuple[int, int], tuple[int, int]] = {}
         for seq, vp, vtl, rip in zip(*(upto.column(c).to_pylist() for c in ("seq", "vp", "vtl", "rip")), strict=True):
             rips[(vp, vtl)] = (rip, seq)
@@ -130,7 +133,8 @@ class ReplayState:
         if self.table is None:
             return {}
         kinds = pc.cast(self.table.column("kind"), pa.string())
-        mask = pc.and_(pc.equal(kinds, "VTL_SWITCH"), pc.less_equal(self.table.column("seq"), self.seq))
+        seqs = self.table.column("seq")
+        mask = pc.and_(pc.equal(kinds, scalar("VTL_SWITCH", pa.string())), pc.less_equal(seqs, scalar(self.seq, seqs.type)))
         switches = self.table.filter(mask).select(["vp", "to_vtl"])
         active: dict[int, int] = {}
         for vp, to_vtl in zip(switches.column("vp").to_pylist(), switches.column("to_vtl").to_pylist(), strict=True):

@@ -88,19 +88,33 @@ def test_wrong_values_raise(values: list[Any], typ: pa.DataType) -> None:
         column(values, typ)
 
 
-def test_recording_imports_neither_pandas_nor_polars(tmp_path: Path) -> None:
-    """pyarrow imports pandas on its first ``pa.array`` and Polars is the analysis library: a recording
-    needs neither, and importing them was 0.45 s of every ``run --record``'s start-up (docs/benchmarks.md)."""
+def _imported(args: list[str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``vsmtrace ARGS`` with ``-X importtime``: the result and every module it imported."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "vsmtrace", *args], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)  # fmt: skip
+    return r, {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+
+
+def _pandas_or_polars(modules: set[str]) -> set[str]:
+    return {m for m in modules if m.split(".")[0] in ("pandas", "polars")}
+
+
+def test_recording_and_replay_import_neither_pandas_nor_polars(tmp_path: Path) -> None:
+    """pyarrow imports pandas on its first ``pa.array`` or ``pa.scalar`` of Python values, and Polars is the
+    analysis library: recording and replaying need neither, and importing them was 0.45 s of every
+    ``run --record``'s start-up and 0.2 s of every replay's (docs/benchmarks.md)."""
     trace = tmp_path / "t.arrow"
-    r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "vsmtrace", "run", "--record", str(trace), "--timeout", "60", str(build_guest("hello"))],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
-    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    r, imported = _imported(["run", "--record", str(trace), "--timeout", "60", str(build_guest("hello"))])
     assert "vsmtrace.recorder.writer" in imported and "pyarrow" in imported, r.stderr[-2000:]
     assert r.returncode == 1, r.stderr[-2000:]  # hello's isa-debug-exit write: a clean end
-    assert not {m for m in imported if m.split(".")[0] in ("pandas", "polars")}
+    assert not _pandas_or_polars(imported)
     from vsmtrace.recorder.reader import open_trace
 
     kinds = open_trace(trace).table(["kind"])["kind"].cast(pa.string()).to_pylist()
     assert "SERIAL" in kinds and "GUEST_EXIT" in kinds, sorted(set(kinds))
+
+    for args, said in ((["replay", str(trace)], "replay verified"), (["replay", str(trace), "--state", "5"], "state after event 5")):
+        r, imported = _imported(args)
+        assert r.returncode == 0 and said in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+        assert "vsmtrace.replayer.engine" in imported
+        assert not _pandas_or_polars(imported), args
