@@ -11,14 +11,18 @@ OUTs to a port whose writes change nothing (POST codes): completed in C, or reco
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from vsmtrace.vmm.backends.hyperv import HypervBackend
 from vsmtrace.vmm.builder import build_machine
 from vsmtrace.vmm.config import MachineConfig
-from vsmtrace.vmm.events import EventKind, ListSink
+from vsmtrace.vmm.events import EventKind, EventSink, ListSink
 from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 from vsmtrace.vmm.hyperv.hvdef import (
     HV_APIC_ID_ELEMENT_SIZE,
@@ -41,14 +45,21 @@ SMP = 2
 SPINS = 50
 
 
-def run_guest(kernel, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
+@contextmanager
+def ran(config: MachineConfig, sink: EventSink | None = None) -> Iterator[tuple[Machine, int, str]]:
+    """The machine of ``config`` after its guest ran, its exit status and serial output; closed after the block."""
     out = io.BytesIO()
-    config = MachineConfig(kernel=kernel, smp=SMP, cmdline=f"cpus={SMP} spins={SPINS}", hyperv=HypervPolicy(),
-                           timeout_s=120, serial_out=out)  # fmt: skip
-    m = build_machine(config, sink)
-    m.boot()
-    status = m.run()
-    return m, status, out.getvalue().decode(errors="replace")
+    m = build_machine(dataclasses.replace(config, timeout_s=120, serial_out=out), sink)
+    try:
+        m.boot()
+        status = m.run()
+        yield m, status, out.getvalue().decode(errors="replace")
+    finally:
+        m.close()
+
+
+def hv_guest(kernel: Path) -> MachineConfig:
+    return MachineConfig(kernel=kernel, smp=SMP, cmdline=f"cpus={SMP} spins={SPINS}", hyperv=HypervPolicy())
 
 
 def eligible(text: str) -> int:
@@ -59,8 +70,7 @@ def eligible(text: str) -> int:
 
 @pytest.mark.kvm
 def test_answers_exactly_the_eligible_calls_in_c(kvm, guest) -> None:  # type: ignore[no-untyped-def]
-    m, status, text = run_guest(guest("hv_fastpath"))
-    try:
+    with ran(hv_guest(guest("hv_fastpath"))) as (m, status, text):
         assert status == GUEST_OK, text[-3000:]
         assert "FAIL" not in text, text[-3000:]
         backend = m.extension(HypervBackend)
@@ -68,15 +78,12 @@ def test_answers_exactly_the_eligible_calls_in_c(kvm, guest) -> None:  # type: i
         served = backend.fastpath.served()
         assert sum(served.values()) == eligible(text) > SPINS, (served, eligible(text))
         assert served[(0, 0)] == eligible(text)  # the BSP made them all
-    finally:
-        m.close()
 
 
 @pytest.mark.kvm
 def test_a_recorded_run_dispatches_every_call(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     sink = ListSink()
-    m, status, text = run_guest(guest("hv_fastpath"), sink)
-    try:
+    with ran(hv_guest(guest("hv_fastpath")), sink) as (m, status, text):
         assert status == GUEST_OK, text[-3000:]
         assert "FAIL" not in text, text[-3000:]
         assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus)
@@ -89,8 +96,6 @@ def test_a_recorded_run_dispatches_every_call(kvm, guest) -> None:  # type: igno
         lookups = [c for c in calls if c["code"] == HypercallCode.HvCallGetVpIndexFromApicId and c["status"] == 0]
         # The eligible calls (the spins, the raw traps' two spins, 36 + 1 + 1 lookups) all reach the trace.
         assert len(spins) + len(lookups) >= eligible(text) > SPINS
-    finally:
-        m.close()
 
 
 def test_c_constants_are_the_tlfs_layout() -> None:
@@ -120,14 +125,8 @@ def test_c_constants_are_the_tlfs_layout() -> None:
 CALLS = 200
 
 
-def run_vsm_guest(kernel, cmdline: str, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
-    out = io.BytesIO()
-    config = MachineConfig(kernel=kernel, cmdline=cmdline, hyperv=HypervPolicy().with_vsm(), vtls=2, timeout_s=120,
-                           serial_out=out)  # fmt: skip
-    m = build_machine(config, sink)
-    m.boot()
-    status = m.run()
-    return m, status, out.getvalue().decode(errors="replace")
+def vsm_guest(kernel: Path, cmdline: str) -> MachineConfig:
+    return MachineConfig(kernel=kernel, cmdline=cmdline, hyperv=HypervPolicy().with_vsm(), vtls=2)
 
 
 @pytest.mark.kvm
@@ -136,8 +135,7 @@ def test_vtl_call_and_fast_return_answered_in_c(kvm, guest, protect: str) -> Non
     """Shared GPRs and XMM both ways, VTL1's control area at every entry: as the guest checks them. With
     protect=1 VTL0 has a readable, non-executable page, so every return translates VTL0's resume RIP, and
     one return resumes on such a page: that one is Python's (the execute intercept VTL1 must get)."""
-    m, status, text = run_vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect={protect}")
-    try:
+    with ran(vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect={protect}")) as (m, status, text):
         assert status == GUEST_OK, text[-3000:]
         assert "FAIL" not in text and "PASSED" in text, text[-3000:]
         backend = m.extension(HypervBackend)
@@ -148,23 +146,18 @@ def test_vtl_call_and_fast_return_answered_in_c(kvm, guest, protect: str) -> Non
         # so is the fast return after VTL1's PV IPI to VTL0 (VTL0 has an interrupt pending).
         assert returns == CALLS + 1, (calls, returns)
         assert calls >= CALLS + 1, (calls, returns)
-    finally:
-        m.close()
 
 
 @pytest.mark.kvm
 def test_a_recorded_run_switches_vtls_in_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     sink = ListSink()
-    m, status, text = run_vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect=1", sink)
-    try:
+    with ran(vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect=1"), sink) as (m, status, text):
         assert status == GUEST_OK, text[-3000:]
         assert "FAIL" not in text and "PASSED" in text, text[-3000:]
         assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus) and m.vps[0].fast_run is None
         switches = [e[4] for e in sink.events if e[0] == EventKind.VTL_SWITCH]
         assert sum(1 for s in switches if s["reason"] == "call") >= CALLS + 1
         assert sum(1 for s in switches if s["reason"] == "return") >= CALLS + 1
-    finally:
-        m.close()
 
 
 # -- OUT to a port whose writes change nothing ----------------------------------------------------------
@@ -172,52 +165,35 @@ def test_a_recorded_run_switches_vtls_in_python(kvm, guest) -> None:  # type: ig
 POSTS = 3000
 
 
-def run_post_loop(kernel, sink=None) -> tuple[Machine, int, str]:  # type: ignore[no-untyped-def]
-    out = io.BytesIO()
-    config = MachineConfig(kernel=kernel, cmdline=f"n={POSTS}", timeout_s=120, serial_out=out)
-    m = build_machine(config, sink)
-    m.boot()
-    status = m.run()
-    return m, status, out.getvalue().decode(errors="replace")
+def post_loop(kernel: Path, fast_paths: bool = True) -> MachineConfig:
+    return MachineConfig(kernel=kernel, cmdline=f"n={POSTS}", fast_paths=fast_paths)
 
 
 @pytest.mark.kvm
 def test_post_codes_complete_in_c(kvm, guest) -> None:  # type: ignore[no-untyped-def]
-    m, status, text = run_post_loop(guest("post_loop"))
-    try:
+    with ran(post_loop(guest("post_loop"))) as (m, status, text):
         assert status == GUEST_OK and f"posted {POSTS}" in text, text[-2000:]
         fp = m.vps[0].vcpus[0].fastpath
         assert fp is not None and POSTS <= fp.outs_served < POSTS + 100, int(fp.outs_served)
-    finally:
-        m.close()
 
 
 @pytest.mark.kvm
 def test_a_recorded_run_records_every_post_code(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     sink = ListSink()
-    m, status, text = run_post_loop(guest("post_loop"), sink)
-    try:
+    with ran(post_loop(guest("post_loop")), sink) as (m, status, text):
         assert status == GUEST_OK and f"posted {POSTS}" in text, text[-2000:]
         assert m.vps[0].vcpus[0].fastpath is None
         posts = [e for e in sink.events if e[0] == EventKind.PIO and e[4].get("port", e[4].get("address")) == 0x80]
         assert len(posts) >= POSTS
-    finally:
-        m.close()
 
 
 @pytest.mark.kvm
 def test_fast_paths_off_sends_every_exit_to_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
     """MachineConfig.fast_paths=False (``vsmtrace run --no-fast-paths``): nothing is attached, the guest runs the same."""
-    out = io.BytesIO()
-    config = MachineConfig(kernel=guest("post_loop"), cmdline=f"n={POSTS}", timeout_s=120, serial_out=out, fast_paths=False)
-    m = build_machine(config)
-    try:
-        m.boot()
-        assert m.run() == GUEST_OK
-        assert f"posted {POSTS}" in out.getvalue().decode()
+    with ran(post_loop(guest("post_loop"), fast_paths=False)) as (m, status, text):
+        assert status == GUEST_OK
+        assert f"posted {POSTS}" in text
         assert all(v.fastpath is None for vp in m.vps for v in vp.vcpus)
-    finally:
-        m.close()
     result = run_vsmtrace(["run", str(guest("post_loop")), "--no-fast-paths", "--append", "n=10"])
     assert result.status == GUEST_OK and "posted 10" in result.stdout, result.stderr
 
