@@ -9,11 +9,14 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from vsmtrace.recorder.arrays import column
 
 from tests.conftest import ROOT, build_guest
+
+#: No per-example deadline: a slow host (or the first call of an Arrow kernel) is not a failure here.
+UNTIMED = settings(deadline=None)
 
 INT_TYPES = [pa.int8(), pa.uint8(), pa.int16(), pa.uint16(), pa.int32(), pa.uint32(), pa.int64(), pa.uint64()]
 
@@ -37,26 +40,31 @@ def _same(values: list[Any], typ: pa.DataType) -> None:
 
 
 @pytest.mark.parametrize("typ", INT_TYPES, ids=str)
+@UNTIMED
 @given(data=st.data())
 def test_integers_match_pa_array(typ: pa.DataType, data: st.DataObject) -> None:
     _same(data.draw(_nullable(_ints(typ))), typ)
 
 
+@UNTIMED
 @given(_nullable(st.booleans()))
 def test_booleans_match_pa_array(values: list[bool | None]) -> None:
     _same(values, pa.bool_())
 
 
+@UNTIMED
 @given(_nullable(st.text()))
 def test_strings_match_pa_array(values: list[str | None]) -> None:
     _same(values, pa.string())
 
 
+@UNTIMED
 @given(_nullable(st.binary()))
 def test_binary_matches_pa_array(values: list[bytes | None]) -> None:
     _same(values, pa.binary())
 
 
+@UNTIMED
 @given(_nullable(st.lists(st.one_of(st.none(), _ints(pa.uint64())), max_size=5)))
 def test_lists_match_pa_array(values: list[list[int | None] | None]) -> None:
     _same(values, pa.list_(pa.uint64()))
