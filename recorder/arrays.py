@@ -52,11 +52,11 @@ def column(values: Sequence[Any], typ: pa.DataType) -> pa.Array:
         if not all(type(v) is bool for v in values):
             raise TypeError(f"expected bool in {typ} column")
         return pa.Array.from_buffers(typ, n, [validity, _bitmap(bytes(values))], null_count=nulls)
-    if pa.types.is_string(typ):
-        parts = [str.encode(v) for v in values]
-        return pa.Array.from_buffers(typ, n, [validity, _offsets(parts), pa.py_buffer(b"".join(parts))], null_count=nulls)
-    if pa.types.is_binary(typ):
-        parts = [v if type(v) is bytes else bytes(memoryview(v)) for v in values]
+    if pa.types.is_string(typ) or pa.types.is_binary(typ):
+        if pa.types.is_string(typ):
+            parts = [str.encode(v) for v in values]
+        else:
+            parts = [v if type(v) is bytes else bytes(memoryview(v)) for v in values]
         return pa.Array.from_buffers(typ, n, [validity, _offsets(parts), pa.py_buffer(b"".join(parts))], null_count=nulls)
     if pa.types.is_list(typ):
         child = column(list(itertools.chain.from_iterable(values)), typ.value_type)
