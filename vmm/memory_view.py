@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +56,12 @@ def execute_unenforced(allowed: Access) -> bool:
     return bool(allowed & Access.READ) and not allowed & Access.EXECUTE
 
 
+# The two functions above for every value of ``Access``, indexed by its int: one ModifyVtlProtectionMask
+# can change tens of thousands of pages, and IntFlag arithmetic costs about a microsecond per operation.
+_KIND_OF = [slot_kind(Access(v)) for v in range(int(ALL_ACCESS) + 1)]
+_UNENFORCED_OF = [int(execute_unenforced(Access(v))) for v in range(int(ALL_ACCESS) + 1)]
+
+
 @dataclass(frozen=True)
 class Run:
     """Consecutive pages with the same slot kind."""
@@ -78,13 +85,13 @@ class ProtectionGuard(Protocol):
     ``begin`` returns once no access that saw the old permissions is still under way (the
     hypercall fast path, vmm/backends/hypercall_fastpath.py, holds its guard while it reads);
     ``end`` publishes how many pages are now restricted, and how many of those KVM cannot
-    keep from executing (``unenforced_execute``); ``mark`` tells, for every page changed,
-    whether it is now such a page.
+    keep from executing (``unenforced_execute``); ``mark`` tells, for every range of pages
+    changed, whether they are now such pages.
     """
 
     def begin(self) -> None: ...
 
-    def mark(self, page: int, unenforced: bool) -> None: ...
+    def mark(self, first_page: int, count: int, unenforced: bool) -> None: ...
 
     def end(self, restricted: int, unenforced: int) -> None: ...
 
@@ -119,26 +126,37 @@ class MemoryView:
 
     # -- layout ----------------------------------------------------------------------------------
     def runs(self) -> list[Run]:
-        """The slot layout the current permissions call for, covering all RAM."""
+        """The slot layout the current permissions call for, covering all RAM.
+
+        Consecutive restricted pages of one kind share a run (a hole or a read-only slot);
+        unrestricted pages make RAM runs. One pass over the sorted restricted pages.
+        """
         out: list[Run] = []
         special = sorted(self.restricted)
+        restricted, kind_of = self.restricted, _KIND_OF
+        ram = SlotKind.RAM
         for r in self.memory.ranges:
             start, end = r.gpa >> PAGE_SHIFT, r.end >> PAGE_SHIFT
             cursor = start
-            for page in special:
-                if page < start or page >= end:
+            run_first, run_pages, run_kind = 0, 0, ram  # the restricted run being extended
+            for page in special[bisect_left(special, start) : bisect_left(special, end)]:
+                kind = kind_of[restricted[page]]
+                if kind is ram:  # restricted, but only its execute: a RAM page like its neighbours
                     continue
+                if run_pages and kind is run_kind and run_first + run_pages == page:
+                    run_pages += 1
+                    cursor = page + 1
+                    continue
+                if run_pages:
+                    out.append(Run(run_first, run_pages, run_kind))
                 if page > cursor:
-                    out.append(Run(cursor, page - cursor, SlotKind.RAM))
-                kind = slot_kind(self.restricted[page])
-                if out and out[-1].kind is kind and out[-1].first_page + out[-1].pages == page and kind is not SlotKind.RAM:
-                    last = out.pop()
-                    out.append(Run(last.first_page, last.pages + 1, kind))
-                else:
-                    out.append(Run(page, 1, kind))
+                    out.append(Run(cursor, page - cursor, ram))
+                run_first, run_pages, run_kind = page, 1, kind
                 cursor = page + 1
+            if run_pages:
+                out.append(Run(run_first, run_pages, run_kind))
             if cursor < end:
-                out.append(Run(cursor, end - cursor, SlotKind.RAM))
+                out.append(Run(cursor, end - cursor, ram))
         return out
 
     def apply(self) -> None:
@@ -171,24 +189,29 @@ class MemoryView:
 
     def set_pages(self, first_page: int, count: int, allowed: Access) -> None:
         """Change the permissions of ``count`` pages and update the memslots."""
+        end = first_page + count
         with self.lock:
             guard = self.guard
             if guard is not None:
                 guard.begin()
             try:
-                unenforced = execute_unenforced(allowed)
-                for page in range(first_page, first_page + count):
-                    old = self.restricted.pop(page, ALL_ACCESS)
-                    self.unenforced_execute -= execute_unenforced(old)
-                    if allowed != ALL_ACCESS:
-                        self.restricted[page] = allowed
-                        self.unenforced_execute += unenforced
-                    if guard is not None:
-                        guard.mark(page, unenforced)
+                restricted = self.restricted
+                # The pages of the range restricted before: found from whichever side is smaller.
+                if len(restricted) < count:
+                    before = [page for page in restricted if first_page <= page < end]
+                else:
+                    before = [page for page in range(first_page, end) if page in restricted]
+                unenforced_of = _UNENFORCED_OF
+                self.unenforced_execute -= sum(unenforced_of[restricted.pop(page)] for page in before)
+                if allowed != ALL_ACCESS:
+                    restricted.update(dict.fromkeys(range(first_page, end), Access(allowed)))
+                    self.unenforced_execute += unenforced_of[allowed] * count
+                if guard is not None:
+                    guard.mark(first_page, count, bool(unenforced_of[allowed]))
                 self.apply()
             finally:
                 if guard is not None:
-                    guard.end(len(self.restricted), self.unenforced_execute)
+                    guard.end(len(restricted), self.unenforced_execute)
 
     def is_ram_page(self, page: int) -> bool:
         return self.memory.is_ram(page << PAGE_SHIFT, PAGE_SIZE)

@@ -61,13 +61,20 @@ class ViewGuard:
     def begin(self) -> None:
         self.lib.vsm_view_guard_begin(self.guard)
 
-    def mark(self, page: int, unenforced: bool) -> None:
-        if page < self.nx_pages:
+    def mark(self, first_page: int, count: int, unenforced: bool) -> None:
+        nx, page, end = self.nx, first_page, min(first_page + count, self.nx_pages)
+        whole = 0xFF if unenforced else 0
+        while page < end:
+            if not page & 7 and end - page >= 8:  # a whole byte of the bitmap
+                nx[page >> 3] = whole
+                page += 8
+                continue
             bit = 1 << (page & 7)
             if unenforced:
-                self.nx[page >> 3] |= bit
+                nx[page >> 3] |= bit
             else:
-                self.nx[page >> 3] &= ~bit & 0xFF
+                nx[page >> 3] &= ~bit & 0xFF
+            page += 1
 
     def end(self, restricted: int, unenforced: int) -> None:
         self.lib.vsm_view_guard_end(self.guard, restricted, unenforced)
@@ -105,7 +112,7 @@ class HypercallFastPath:
             guard.nx, guard.nx_pages = bitmap, pages
             view.guard = mirror = ViewGuard(lib, guard)
             for page, allowed in view.restricted.items():
-                mirror.mark(page, execute_unenforced(allowed))
+                mirror.mark(page, 1, execute_unenforced(allowed))
             lib.vsm_view_guard_end(guard, len(view.restricted), view.unenforced_execute)
             p.views[vtl] = guard
             self.guards.append(guard)
