@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from vsmtrace.vmm.backends.hypercall_fastpath import ViewGuard
 from vsmtrace.vmm.kvm.system import MemoryRegion
 from vsmtrace.vmm.memory import PAGE_SHIFT, RamRange
