@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,14 @@ def test_recording_and_replay_import_neither_pandas_nor_polars(tmp_path: Path) -
     r, imported = _imported(["report", str(trace), "--out", str(tmp_path / "report")])
     assert r.returncode == 0 and "polars" in imported, r.stderr[-2000:]
     assert not {m for m in imported if m.split(".")[0] == "pandas"}
+
+
+def test_the_command_line_gives_arrow_the_c_librarys_allocator_unless_told_otherwise() -> None:
+    """Mimalloc made sealing 2-4x slower on the development hosts (docs/architecture.md, "Arrow's allocator")."""
+    probe = "import vsmtrace.__main__, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    chosen = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == "system"
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
+    kept = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "mimalloc"
