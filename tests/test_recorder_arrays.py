@@ -118,6 +118,7 @@ def test_recording_and_replay_import_neither_pandas_nor_polars(tmp_path: Path) -
     assert "vsmtrace.recorder.writer" in imported and "pyarrow" in imported, r.stderr[-2000:]
     assert r.returncode == 1, r.stderr[-2000:]  # hello's isa-debug-exit write: a clean end
     assert not _pandas_or_polars(imported)
+    assert "numpy" not in imported  # pyarrow's optional NumPy: ~45 ms a recording never used
     from vsmtrace.recorder.reader import open_trace
 
     kinds = open_trace(trace).table(["kind"])["kind"].cast(pa.string()).to_pylist()
@@ -144,3 +145,25 @@ def test_the_command_line_gives_arrow_the_c_librarys_allocator_unless_told_other
     env["ARROW_DEFAULT_MEMORY_POOL"] = "mimalloc"
     kept = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert kept.stdout.strip() == "mimalloc"
+
+
+def test_arrow_imported_without_numpy_leaves_numpy_importable_and_arrow_working(tmp_path: Path) -> None:
+    """What ``vsmtrace run --record`` does to its process: pyarrow without NumPy, NumPy still available."""
+    probe = f"""
+import sys
+from vsmtrace.session import import_arrow_without_numpy
+import_arrow_without_numpy()
+assert "numpy" not in sys.modules and "pyarrow" in sys.modules
+from vsmtrace.recorder.writer import TraceWriter
+from vsmtrace.recorder.reader import open_trace
+from vsmtrace.vmm.events import EventKind
+with TraceWriter({str(tmp_path / "t.arrow")!r}, {{}}) as w:
+    w.emit(EventKind.SERIAL, 0, 0, 0x1000, data=b"hi")
+assert "numpy" not in sys.modules
+import numpy
+assert numpy.arange(3).sum() == 3
+print(open_trace({str(tmp_path / "t.arrow")!r}).table(["serial_data"])["serial_data"].to_pylist())
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[b'hi']"

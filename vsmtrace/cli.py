@@ -395,8 +395,10 @@ def run(
         no_reboot=not reboot,
         fast_paths=fast_paths,
     )
-    from vsmtrace.session import SetupError, run_machine
+    from vsmtrace.session import SetupError, import_arrow_without_numpy, run_machine
 
+    if record_path is not None:
+        import_arrow_without_numpy()  # this process records and exits: nothing in it converts to NumPy
     try:
         status, message = run_machine(config, record_path)
     except SetupError as exc:

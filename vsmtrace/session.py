@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,27 @@ def freeze_startup_heap() -> None:
     if not _heap_frozen:
         _heap_frozen = True
         gc.freeze()
+
+
+def import_arrow_without_numpy() -> None:
+    """Import pyarrow without letting it import NumPy: for a process that records and does nothing else.
+
+    pyarrow imports NumPy when it is installed, only to offer conversions a recording
+    never makes: ~45 ms of the ~110 ms a recording's Arrow import costs on the development
+    host (docs/benchmarks.md, issue 18, eighth session). pyarrow then runs as it does where
+    NumPy is not installed; NumPy itself stays importable by anything that wants it later.
+    Does nothing if either is loaded already (their state is then not ours to choose).
+    """
+    if "pyarrow" in sys.modules or "numpy" in sys.modules:
+        return
+    sys.modules["numpy"] = None  # type: ignore[assignment]  # Python's way to make an import fail
+    try:
+        # Every pyarrow module a recording loads: each one imports NumPy if it can when first loaded.
+        import pyarrow.compute  # noqa: F401
+        import pyarrow.ipc  # noqa: F401
+    finally:
+        if sys.modules.get("numpy", 0) is None:
+            del sys.modules["numpy"]
 
 
 def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, str]:
