@@ -22,7 +22,7 @@ from collections.abc import Sequence, Sized
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+from vsmtrace.recorder import compute
 
 #: ``array`` type codes of the integer types the schema uses (sizes checked at import).
 _INT_CODES: dict[pa.DataType, str] = {
@@ -94,7 +94,7 @@ def _validity(values: Sequence[Any]) -> tuple[pa.Buffer | None, int]:
 def _bitmap(flags: bytes) -> pa.Buffer:
     """One bit per byte of ``flags`` (0 or 1), least significant bit first, as Arrow bitmaps are."""
     as_bytes = pa.Array.from_buffers(pa.uint8(), len(flags), [None, pa.py_buffer(flags)])
-    return as_bytes.cast(pa.bool_()).buffers()[1]
+    return compute.cast(as_bytes, pa.bool_()).buffers()[1]
 
 
 def _int_buffer(values: Sequence[Any], code: str) -> pa.Buffer:
@@ -112,6 +112,6 @@ def _offsets(parts: Sequence[Sized]) -> pa.Buffer:
     lengths.extend(map(len, parts))
     as_array = pa.Array.from_buffers(pa.int32(), len(lengths), [None, pa.py_buffer(lengths)])
     try:
-        return pc.cumulative_sum_checked(as_array).buffers()[1]
+        return compute.cumulative_sum_checked(as_array).buffers()[1]
     except pa.ArrowInvalid as e:
         raise OverflowError(f"variable-width values over 2 GiB: {e}") from None

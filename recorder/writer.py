@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+from vsmtrace.recorder import compute
 from vsmtrace.recorder.arrays import column
 from vsmtrace.recorder.errors import TraceError
 from vsmtrace.recorder.metadata import build_metadata
@@ -438,7 +438,7 @@ class TraceWriter:
         if not parts:
             return [taken.python]
         parts.append(taken.python)
-        order = pc.sort_indices(pa.chunked_array([p.column(0) for p in parts]))
+        order = compute.sort_indices(pa.chunked_array([p.column(0) for p in parts]))
         n = len(order)
         columns = []
         for i, c in enumerate(COLUMNS):
@@ -446,7 +446,7 @@ class TraceWriter:
             if all(a.null_count == len(a) for a in chunks):
                 columns.append(NULLS.array(c.type, n, taken.python.column(i).dictionary if c.is_dictionary else None))
             else:
-                columns.append(pa.chunked_array(chunks, c.type).take(order).combine_chunks())
+                columns.append(compute.take(pa.chunked_array(chunks, c.type), order).combine_chunks())
         merged = pa.RecordBatch.from_arrays(columns, schema=self.schema)
         return [merged.slice(start, self.batch_rows) for start in range(0, n, self.batch_rows)]
 
@@ -532,13 +532,13 @@ class TraceWriter:
             )
         seqs, ts, kinds, vps, vtls, rips, fds = zip(*rows, strict=True)
         kind_arr = column(kinds, pa.int8())
-        order = pc.sort_indices(kind_arr)  # stable: seq order within each kind
+        order = compute.sort_indices(kind_arr)  # stable: seq order within each kind
         order_list: list[int] = order.to_pylist()
         sorted_fds = [fds[i] for i in order_list]
-        sorted_kinds = kind_arr.take(order)
+        sorted_kinds = compute.take(kind_arr, order)
         groups: list[tuple[EventKind, int, int]] = []
         pos = 0
-        for item in pc.value_counts(sorted_kinds):  # sorted input: counts come out in kind order
+        for item in compute.value_counts(sorted_kinds):  # sorted input: counts come out in kind order
             k, cnt = item["values"].as_py(), item["counts"].as_py()
             groups.append((_KIND_BY_VALUE[k], pos, pos + cnt))
             pos += cnt
@@ -583,7 +583,7 @@ class TraceWriter:
                 value_type = c.type.index_type if c.is_dictionary else c.type
                 parts = [a if a is not None else NULLS.array(value_type, g[2] - g[1]) for a, g in zip(pieces[name], groups, strict=True)]
                 kind_order.append(pa.concat_arrays(parts))
-            restored = pa.RecordBatch.from_arrays(kind_order, names=names).take(pc.sort_indices(order))
+            restored = compute.take(pa.RecordBatch.from_arrays(kind_order, names=names), compute.sort_indices(order))
             for name, arr in zip(names, restored.columns, strict=True):
                 arrays[name] = arr
         for c in FIELD_COLUMNS:

@@ -119,6 +119,7 @@ def test_recording_and_replay_import_neither_pandas_nor_polars(tmp_path: Path) -
     assert r.returncode == 1, r.stderr[-2000:]  # hello's isa-debug-exit write: a clean end
     assert not _pandas_or_polars(imported)
     assert "numpy" not in imported  # pyarrow's optional NumPy: ~45 ms a recording never used
+    assert "pyarrow.compute" not in imported  # its ~300 generated wrappers: 25-40 ms (recorder/compute.py)
     from vsmtrace.recorder.reader import open_trace
 
     kinds = open_trace(trace).table(["kind"])["kind"].cast(pa.string()).to_pylist()
@@ -167,3 +168,25 @@ print(open_trace({str(tmp_path / "t.arrow")!r}).table(["serial_data"])["serial_d
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[b'hi']"
+
+
+def test_the_recorders_compute_calls_are_pyarrow_computes() -> None:
+    """recorder/compute.py calls Arrow's functions by name: same results as pyarrow.compute's wrappers."""
+    import pyarrow.compute as pc
+    from vsmtrace.recorder import compute
+
+    values = pa.array([5, None, 3, 5, 1, 3, 3], pa.int64())
+    indices = pa.array([6, 0, 2], pa.int32())
+    assert compute.sort_indices(values).equals(pc.sort_indices(values))
+    assert compute.take(values, indices).equals(values.take(indices))
+    batch = pa.RecordBatch.from_arrays([values, values.cast(pa.string())], names=["a", "b"])
+    assert compute.take(batch, indices).equals(batch.take(indices))
+    assert compute.value_counts(values).equals(pc.value_counts(values))
+    lengths = pa.array([0, 3, 4, 9], pa.int32())
+    assert compute.cumulative_sum_checked(lengths).equals(pc.cumulative_sum_checked(lengths))
+    with pytest.raises(pa.ArrowInvalid):
+        compute.cumulative_sum_checked(pa.array([2**31 - 1, 1], pa.int32()))
+    flags = pa.array([0, 1, 1, 0], pa.uint8())
+    assert compute.cast(flags, pa.bool_()).equals(flags.cast(pa.bool_()))
+    with pytest.raises(pa.ArrowInvalid):
+        compute.cast(pa.array([300], pa.int64()), pa.uint8())  # safe, as Array.cast

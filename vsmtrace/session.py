@@ -52,8 +52,9 @@ def import_arrow_without_numpy() -> None:
     sys.modules["numpy"] = None  # type: ignore[assignment]  # Python's way to make an import fail
     try:
         # Every pyarrow module a recording loads: each one imports NumPy if it can when first loaded.
-        import pyarrow.compute  # noqa: F401
         import pyarrow.ipc  # noqa: F401
+
+        import vsmtrace.recorder.compute  # noqa: F401  # pyarrow's compute core
     finally:
         if sys.modules.get("numpy", 0) is None:
             del sys.modules["numpy"]
