@@ -200,8 +200,12 @@ def decode_exception(data: Any) -> BaseException | None:
     return None
 
 
+#: One compact encoder for every log: ``json.dumps`` with ``separators`` builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _JSON.encode(value).encode()
 
 
 def loads(data: bytes | None) -> Any:
