@@ -190,3 +190,23 @@ def test_the_recorders_compute_calls_are_pyarrow_computes() -> None:
     assert compute.cast(flags, pa.bool_()).equals(flags.cast(pa.bool_()))
     with pytest.raises(pa.ArrowInvalid):
         compute.cast(pa.array([300], pa.int64()), pa.uint8())  # safe, as Array.cast
+
+
+@pytest.mark.parametrize(("installed", "blocks"), [("18.0.0", True), ("26.0.1", True), ("17.0.0", False), (None, False)])
+def test_numpy_is_kept_out_only_of_a_pyarrow_that_imports_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, installed: str | None, blocks: bool
+) -> None:
+    """pyarrow before 18.0 imports NumPy unconditionally: blocking it there would break every recording."""
+    import importlib.machinery
+    import importlib.util
+
+    from vsmtrace import session
+
+    package = tmp_path / "pyarrow"
+    package.mkdir()
+    if installed is not None:
+        (tmp_path / f"pyarrow-{installed}.dist-info").mkdir()
+    spec = importlib.machinery.ModuleSpec("pyarrow", None, is_package=True)
+    spec.submodule_search_locations = [str(package)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "pyarrow" else None)
+    assert session._arrow_runs_without_numpy() is blocks

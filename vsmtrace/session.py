@@ -47,7 +47,7 @@ def import_arrow_without_numpy() -> None:
     NumPy is not installed; NumPy itself stays importable by anything that wants it later.
     Does nothing if either is loaded already (their state is then not ours to choose).
     """
-    if "pyarrow" in sys.modules or "numpy" in sys.modules:
+    if "pyarrow" in sys.modules or "numpy" in sys.modules or not _arrow_runs_without_numpy():
         return
     sys.modules["numpy"] = None  # type: ignore[assignment]  # Python's way to make an import fail
     try:
@@ -58,6 +58,28 @@ def import_arrow_without_numpy() -> None:
     finally:
         if sys.modules.get("numpy", 0) is None:
             del sys.modules["numpy"]
+
+
+#: pyarrow 18.0 made NumPy optional; older ones fail to import without it.
+ARROW_WITHOUT_NUMPY_SINCE = 18
+
+
+def _arrow_runs_without_numpy() -> bool:
+    """Whether the installed pyarrow is one that imports without NumPy, told by its dist-info name.
+
+    Asking ``importlib.metadata`` would cost 15-20 ms, a third of what is saved; when the
+    version cannot be told, the answer is no (pyarrow then imports as usual).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("pyarrow")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    for info in site.glob("pyarrow-*.dist-info"):
+        major = info.name[len("pyarrow-") :].split(".")[0]
+        return major.isdigit() and int(major) >= ARROW_WITHOUT_NUMPY_SINCE
+    return False
 
 
 def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, str]:
