@@ -19,6 +19,8 @@ from vsmtrace.recorder.arrays import column
 ROW_BYTES = 8
 #: Rows the shared buffer holds at first (grown by doubling).
 INITIAL_ROWS = 1 << 16
+#: Null arrays kept for reuse, by (type, length), before the cache starts over.
+CACHED_ARRAYS = 1024
 
 
 class NullColumns:
@@ -29,26 +31,40 @@ class NullColumns:
         self._rows = 0
         self._zero = pa.py_buffer(b"")
         self._empty: dict[pa.DataType, pa.Array] = {}
+        #: Arrays are immutable, and a batch asks for the same (type, length) for many columns
+        #: and kinds: building each again cost a third of turning Python rows into a batch.
+        self._made: dict[tuple[pa.DataType, int], pa.Array] = {}
         self._grow(rows)
 
     def _grow(self, rows: int) -> None:
         # +1 row: offsets of variable-width types need length + 1 entries.
         self._zero = pa.py_buffer(bytes((rows + 1) * ROW_BYTES))
         self._rows = rows
+        self._made = {}  # let the old buffer go
 
     def _buffer(self, n: int) -> pa.Buffer:
-        with self._lock:
-            if n > self._rows:
-                self._grow(max(n, 2 * self._rows))
-            return self._zero
+        """The zero buffer, grown to ``n`` rows if needed (the caller holds the lock)."""
+        if n > self._rows:
+            self._grow(max(n, 2 * self._rows))
+        return self._zero
 
     def array(self, typ: pa.DataType, n: int, dictionary: pa.Array | None = None) -> pa.Array:
         """``n`` nulls of type ``typ`` (a dictionary type needs its ``dictionary``)."""
-        zero = self._buffer(n)
-        if pa.types.is_dictionary(typ):
-            indices = pa.Array.from_buffers(typ.index_type, n, [zero, zero], null_count=n)
-            values = dictionary if dictionary is not None else column([], typ.value_type)
-            return pa.DictionaryArray.from_arrays(indices, values)
+        with self._lock:
+            if pa.types.is_dictionary(typ):
+                zero = self._buffer(n)
+                indices = pa.Array.from_buffers(typ.index_type, n, [zero, zero], null_count=n)
+                values = dictionary if dictionary is not None else column([], typ.value_type)
+                return pa.DictionaryArray.from_arrays(indices, values)
+            made = self._made.get((typ, n))
+            if made is None:
+                zero = self._buffer(n)  # may start the cache over: look it up first, store after
+                if len(self._made) >= CACHED_ARRAYS:
+                    self._made = {}
+                made = self._made[typ, n] = self._nulls(typ, n, zero)
+            return made
+
+    def _nulls(self, typ: pa.DataType, n: int, zero: pa.Buffer) -> pa.Array:
         if pa.types.is_binary(typ) or pa.types.is_string(typ):
             return pa.Array.from_buffers(typ, n, [zero, zero, zero.slice(0, 0)], null_count=n)
         if pa.types.is_list(typ):

@@ -576,21 +576,12 @@ class TraceWriter:
                 plist[gi] = arr
         # Assemble the columns that have data in kind order, then restore seq order with one take.
         names = [c.name for c in FIELD_COLUMNS if c.name in pieces]
-        # Null fillers by (type, length): most columns have data in a few kinds only, and many share a type.
-        fillers: dict[tuple[pa.DataType, int], pa.Array] = {}
-
-        def filler(typ: pa.DataType, length: int) -> pa.Array:
-            arr = fillers.get((typ, length))
-            if arr is None:
-                arr = fillers[typ, length] = NULLS.array(typ, length)
-            return arr
-
         if names:
             kind_order: list[pa.Array] = []
             for name in names:
                 c = COLUMN_BY_NAME[name]
                 value_type = c.type.index_type if c.is_dictionary else c.type
-                parts = [a if a is not None else filler(value_type, g[2] - g[1]) for a, g in zip(pieces[name], groups, strict=True)]
+                parts = [a if a is not None else NULLS.array(value_type, g[2] - g[1]) for a, g in zip(pieces[name], groups, strict=True)]
                 kind_order.append(pa.concat_arrays(parts))
             restored = compute.take(pa.RecordBatch.from_arrays(kind_order, names=names), compute.sort_indices(order))
             for name, arr in zip(names, restored.columns, strict=True):
@@ -598,7 +589,7 @@ class TraceWriter:
         for c in FIELD_COLUMNS:
             data = arrays.get(c.name)
             if data is None:
-                data = NULLS.array(c.type, n, self._dicts[c.name].array()) if c.is_dictionary else filler(c.type, n)
+                data = NULLS.array(c.type, n, self._dicts[c.name].array() if c.is_dictionary else None)
             elif c.is_dictionary:
                 data = pa.DictionaryArray.from_arrays(data, self._dicts[c.name].array())
             arrays[c.name] = data

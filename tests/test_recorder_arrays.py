@@ -210,3 +210,20 @@ def test_numpy_is_kept_out_only_of_a_pyarrow_that_imports_without_it(
     spec.submodule_search_locations = [str(package)]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "pyarrow" else None)
     assert session._arrow_runs_without_numpy() is blocks
+
+
+@pytest.mark.parametrize(
+    "typ", [pa.uint64(), pa.int8(), pa.bool_(), pa.string(), pa.binary(), pa.list_(pa.uint64()), pa.dictionary(pa.int32(), pa.string())]
+)
+def test_null_columns_are_nulls_of_every_length_and_type_as_arrow_makes_them(typ: pa.DataType) -> None:
+    """recorder/nulls.py shares one zero buffer and reuses arrays by (type, length); each must be Arrow's nulls."""
+    from vsmtrace.recorder.nulls import NullColumns
+
+    nulls = NullColumns(rows=8)
+    for n in (0, 3, 8, 9, 3, 100):  # 9 and 100 grow the shared buffer (and start the cache over)
+        arr = nulls.array(typ, n, column(["a"], pa.string()) if pa.types.is_dictionary(typ) else None)
+        arr.validate(full=True)
+        assert arr.type == typ and len(arr) == n and arr.null_count == n
+        assert arr.to_pylist() == pa.nulls(n, typ).to_pylist()
+    again = nulls.array(pa.uint64(), 100)
+    assert again is nulls.array(pa.uint64(), 100)  # immutable: one array serves every column that asks
