@@ -123,7 +123,7 @@ def run_machine(config: MachineConfig, record_path: Path | None) -> tuple[int, s
                 if interrupts.count() > first:
                     machine.interrupt()
                 if record_path is not None:
-                    # Imported only when recording: pyarrow alone is 0.12-0.16 s of start-up.
+                    # Imported only when recording: Arrow is most of a recording's start-up (import_arrow_without_numpy).
                     from vsmtrace.recorder.writer import TraceWriter
 
                     writer = TraceWriter(record_path, machine_metadata(machine))
