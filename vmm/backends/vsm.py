@@ -364,7 +364,7 @@ class VsmBackend(MachineExtension):
     @staticmethod
     def _any_vtl_pending(vp: VirtualProcessor) -> bool:
         """An interrupt is deliverable in some VTL of ``vp`` (its APIC would take it if that VTL ran)."""
-        return any(apic.pending_vector() is not None for apic in vp.apics.values())
+        return any(apic.pending_vector() is not None for apic in vp.apics)  # a VtlArray: one APIC per VTL
 
     def _resumes_on_unenforced_page(self, vp: VirtualProcessor) -> bool:
         """A lower VTL about to resume on a readable, non-executable page: the execute intercept.
