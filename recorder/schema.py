@@ -135,7 +135,7 @@ FIELD_COLUMNS: tuple[Column, ...] = (
     # GUEST_EXIT / ERROR / SERIAL
     Column("exit_status", pa.int32(), "status", ("GUEST_EXIT",), "Guest exit status (isa-debug-exit: the value written; -1 triple fault)."),
     Column("text", pa.string(), "text", ("GUEST_EXIT", "ERROR", "LIMITATION"), "Human-readable message (emit field `message`)."),
-    Column("serial_data", pa.binary(), "bytes", ("SERIAL",), "Bytes the guest wrote to the UART (emit field `data`)."),
+    Column("serial_data", pa.binary(), "bytes", ("SERIAL",), "Bytes the guest wrote to the UART (emit field `data`): a line per event, up to and including its newline (vmm.console_output)."),
     # EMULATION (replay inputs and outputs; see vmm/emulation_io.py)
     Column("entry", _dict_string(), "name", ("EMULATION",), "Emulation entry point called by the machine: hypercall, msr_read, msr_write, timer, eoi, auto_eoi, vtl_entry, post_intercept, vina, test_device."),
     Column("emu_order", pa.uint64(), "count", ("EMULATION",), "Order in which entries started (entries nest: an entry's event is written when it ends)."),

@@ -61,8 +61,10 @@ def test_demo_trace_has_every_vsm_kind(demo: tuple[pl.DataFrame, str]) -> None:
 
 def test_serial_events_are_the_console(demo: tuple[pl.DataFrame, str]) -> None:
     frame, stdout = demo
-    serial = b"".join(of(frame, "SERIAL")["serial_data"].to_list()).decode()
-    assert serial == stdout
+    lines = of(frame, "SERIAL")["serial_data"].to_list()
+    assert b"".join(lines).decode() == stdout
+    # one event per console line (vmm.console_output), each with the VP that printed it
+    assert [line.decode() for line in lines] == stdout.splitlines(keepends=True)
     exit_row = of(frame, "GUEST_EXIT").row(0, named=True)
     assert exit_row["exit_status"] == 0
 

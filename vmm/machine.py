@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.console_input import STDIN_FEEDER
+from vsmtrace.vmm.console_output import ConsoleLines
 from vsmtrace.vmm.cpu_state import MSR_IA32_TSC, apply_boot_state
 from vsmtrace.vmm.cpuid import CpuidPolicy, build_cpuid
 from vsmtrace.vmm.cpuid_probe import ineffective_hiding
@@ -161,6 +162,7 @@ class Machine:
         self.pio = PioBus()
         self.mmio = MmioBus()
         self.serial = Uart16550(config.serial_out, on_output=self._on_serial)
+        self.console = ConsoleLines()  # the UART's output as SERIAL events, a line each
         self.pio.add(COM1_BASE, PORT_COUNT, self.serial)
         self.pio.add(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit(self._on_debug_exit))
         self.fw_cfg = FwCfg(self.memory.size, config.smp, config.cmdline)
@@ -646,6 +648,7 @@ class Machine:
     # -- stopping ---------------------------------------------------------------------------------
     def _on_debug_exit(self, value: int, status: int) -> None:
         extra = {"detail": self.deterministic.exit_detail()} if self.deterministic is not None else {}
+        self.console.flush(self.sink)  # what the guest printed comes before its exit in the trace
         self.emit(EventKind.GUEST_EXIT, None, exit_status=value, message=f"isa-debug-exit {value:#x} (status {status})", **extra)
         self.request_stop(status, "")
 
@@ -653,9 +656,9 @@ class Machine:
         if self.sink.enabled:
             vp = self.current_vp()
             if vp is None:
-                self.sink.emit(EventKind.SERIAL, 0, 0, None, data=data)
+                self.console.add(self.sink, data, -1, 0, 0)
             else:
-                self.emit(EventKind.SERIAL, vp, data=data)
+                self.console.add(self.sink, data, vp.index, vp.vtl, vp.rip())
 
     def reboots(self) -> bool:
         """Does a guest reset reboot the machine? (QEMU's default; not with --no-reboot.)
@@ -700,6 +703,7 @@ class Machine:
             self.exit_status = status
             self.stop_message = message
             self.stopping = True
+        self.console.flush(self.sink)
         if message and status != EXIT_OK:
             self.emit(EventKind.ERROR, None, message=message)
         self.stop_event.set()
@@ -734,6 +738,7 @@ class Machine:
                     vp.thread.join(timeout=max(0.0, stop_by - time.monotonic()))
                 except KeyboardInterrupt:  # a second Ctrl-C: already stopping, keep stopping in order
                     self.request_stop(EXIT_INTERRUPTED, "interrupted")
+        self.console.flush(self.sink)  # bytes written after the stop request, before the VPs saw it
         for ext in self.extensions:
             ext.stopped()
         if self.timers is not None:
