@@ -1,6 +1,6 @@
 """VMM replay (``vsmtrace replay``, ``replayer.engine.VmmReplayer``) against real recordings.
 
-* every guest in tests/guests that runs to completion, on 1 and 2+ VPs: record with
+* every guest in guests/programs that runs to completion, on 1 and 2+ VPs: record with
   ``vsmtrace run --record``, then ``vsmtrace replay`` must print "replay verified";
 * a trace with one perturbed value: the report names exactly that event and field;
 * a VMM with an injected handler bug: the first divergence is the buggy hypercall;
