@@ -27,6 +27,7 @@ setup(
     package_data={
         "vsmtrace.vmm.kvm": ["*.c", "*.h"],
         "vsmtrace.recorder": ["*.c", "*.h"],
+        # "*.c"/"*.h"/"*.md" match the top level only: programs/ (the test and bench guests) stays out of the wheel.
         "vsmtrace.guests": ["*.c", "*.h", "*.md", "runtime/*", "fuzz/*", "linux/*", "linux/**/*"],
         "vsmtrace.notebooks": ["*.ipynb"],
     },

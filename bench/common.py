@@ -15,12 +15,12 @@ from vsmtrace.vmm.native import cache_dir as cache_base
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 GUEST_DIR = BENCH_DIR / "guests"
-TEST_GUEST_DIR = ROOT / "tests" / "guests"  # C sources only: benchmarks import nothing from tests/
+PROGRAMS_DIR = ROOT / "guests" / "programs"  # the guest programs the test suite boots too
 
 
-def test_guest(name: str) -> Path:
-    """Build one of the test suite's guests (``tests/guests/<name>.c``) with the guest SDK."""
-    return build_guest(name, source_dir=TEST_GUEST_DIR)
+def program_guest(name: str) -> Path:
+    """Build one of the repository's guest programs (``guests/programs/<name>.c``) with the guest SDK."""
+    return build_guest(name, source_dir=PROGRAMS_DIR)
 
 
 def bench_guest(name: str) -> Path:

@@ -1,6 +1,6 @@
 """Instructions KVM's emulator lacks, completed by the VMM (vmm/emulation_completions.py).
 
-The guest (tests/guests/completions.c) checks the architectural result itself
+The guest (guests/programs/completions.c) checks the architectural result itself
 (trap-class #BP after int3, fwait as a no-op or a fault-class #MF); the trace
 shows that the VMM completed exactly the instructions the guest executed that
 KVM could not emulate, and nothing else.

@@ -1,11 +1,11 @@
 """Exits answered in C while nothing records (issue 18; docs/architecture.md, "Exit paths in C").
 
-Hypercalls: the guest (tests/guests/hv_fastpath.c) makes the calls the fast path may answer
+Hypercalls: the guest (guests/programs/hv_fastpath.c) makes the calls the fast path may answer
 and the variants of the same calls it must leave to the dispatcher, and checks every result
 against the TLFS. It counts the calls C may answer: a run that records nothing must have
 answered exactly those in C (not one more: a variant answered in C would also fail the
 guest's check of its status), and a recorded run none, with every call in the trace.
-VTL call and fast return: tests/guests/vsm_fast_switch.c checks what crosses each switch.
+VTL call and fast return: guests/programs/vsm_fast_switch.c checks what crosses each switch.
 OUTs to a port whose writes change nothing (POST codes): completed in C, or recorded.
 """
 

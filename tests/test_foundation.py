@@ -1,8 +1,8 @@
-"""The vmm foundation on real /dev/kvm: every test boots a C guest from tests/guests/ through `vsmtrace run`.
+"""The vmm foundation on real /dev/kvm: every test boots a C guest from guests/programs/ through `vsmtrace run`.
 
 Each run is a subprocess with ``--timeout`` so a hang fails the test instead of
 blocking the suite. Expected output is the exact text documented in
-tests/guests/README.md.
+guests/programs/README.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-GUESTS_DIR = Path(__file__).resolve().parent / "guests"
 MULTIBOOT_GUESTS = ["hello", "exitcode", "bootinfo", "smp", "apic_timer", "ipi", "ports", "fwcfg", "fault"]
 RAW64_GUESTS = ["raw64"]
 MB_MAGIC = 0x1BADB002
@@ -25,7 +24,7 @@ MB_SEARCH = 8192
 FORBIDDEN = ("cmpxchg16b", "xrstor", "xsave", "int3", "clac", "stac", "popcnt", "fwait", "endbr64")
 
 
-from tests import guests as build  # noqa: E402  (the SDK, bound to tests/guests)
+from tests import guests as build  # noqa: E402  (the SDK, bound to guests/programs)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs the system gcc")
 

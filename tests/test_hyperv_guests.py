@@ -1,4 +1,4 @@
-"""Real-guest tests of the Hyper-V interface: one C guest per feature group under tests/guests/hv_*.c.
+"""Real-guest tests of the Hyper-V interface: one C guest per feature group under guests/programs/hv_*.c.
 
 Each guest prints ``ok <name>`` or ``FAIL <name>: got X want Y`` per check and exits through
 isa-debug-exit with 0 when every check passed. The tests assert the exit status, that no check

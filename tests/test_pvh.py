@@ -1,6 +1,6 @@
 """PVH direct boot (vmm/loader/pvh.py) and the ACPI tables (vmm/firmware/acpi.py).
 
-A runtime guest built as a PVH kernel (tests/guests/pvh.c + pvh_note.S, no
+A runtime guest built as a PVH kernel (guests/programs/pvh.c + pvh_note.S, no
 Multiboot header) prints the hvm_start_info it was handed and walks the ACPI
 tables from rsdp_paddr, checking every checksum itself.
 """

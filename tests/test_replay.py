@@ -1,6 +1,6 @@
 """VMM replay (``vsmtrace replay``, ``replayer.engine.VmmReplayer``) against real recordings.
 
-* every guest in tests/guests that runs to completion, on 1 and 2+ VPs: record with
+* every guest in guests/programs that runs to completion, on 1 and 2+ VPs: record with
   ``vsmtrace run --record``, then ``vsmtrace replay`` must print "replay verified";
 * a trace with one perturbed value: the report names exactly that event and field;
 * a VMM with an injected handler bug: the first divergence is the buggy hypercall;
@@ -25,9 +25,9 @@ from vsmtrace.replayer.engine import VmmReplayer, format_report
 from vsmtrace.replayer.errors import ReplayError
 
 from tests.conftest import ROOT, RunResult
+from tests.guests import PROGRAMS_DIR
 
 GUEST_TIMEOUT = 60  # seconds given to the guest (vsmtrace run --timeout)
-GUESTS_DIR = ROOT / "tests" / "guests"
 
 # guest -> list of `vsmtrace run` argument lists (one recorded run each). Guests not
 # listed here run with no arguments if they are hv_*/vsm_* guests (so new feature guests
@@ -75,7 +75,7 @@ CPUID_ONLY = {"hv_cpuid"}  # Hyper-V guests that only read CPUID (checked agains
 
 
 def guest_names() -> list[str]:
-    return sorted(p.stem for p in GUESTS_DIR.glob("*.c"))
+    return sorted(p.stem for p in PROGRAMS_DIR.glob("*.c"))
 
 
 def run_cases() -> list[Any]:

@@ -1,6 +1,6 @@
 """VSM behaviour guests written against the KVM VSM RFC must see (issue 12, items 1-10).
 
-One guest per item (tests/guests/vsm_c*.c, helpers in vsm_compat.h), two VTLs and two VPs
+One guest per item (guests/programs/vsm_c*.c, helpers in vsm_compat.h), two VTLs and two VPs
 where the item involves more than one VP. Each guest prints ``ok``/``FAIL`` per check and
 exits 0 only if every check passed; the test asserts the exit status and that each expected
 check printed ``ok`` (a guest that triple-faults, hangs or skips checks fails here).

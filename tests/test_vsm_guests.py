@@ -1,7 +1,7 @@
 """Two-VTL guests on real KVM: enablement, shared/private state, interrupts, protections, translation,
 confused deputy, TLB lock, SMP.
 
-Each guest (tests/guests/vsm_*.c, framework in guests/runtime/vsm.{h,c}) prints one
+Each guest (guests/programs/vsm_*.c, framework in guests/runtime/vsm.{h,c}) prints one
 ``ok <check>`` or ``FAIL <check>: ...`` line per check and exits 0 only if every check
 passed. The tests assert the exit status and that every expected check printed ``ok``, so a
 guest that dies early, hangs (``--timeout``) or skips checks fails here.

@@ -10,7 +10,7 @@ decoded instruction code (so prefixes and operand sizes are already resolved),
 and it is consulted only at an emulation failure: where KVM emulates (or the
 CPU runs) an instruction itself, no entry ever fires.
 
-Entries (each exercised by ``tests/guests/completions.c``):
+Entries (each exercised by ``guests/programs/completions.c``):
 
 * ``int3`` (CC): a trap-class #BP. RIP moves past the instruction, then vector 3
   is injected, so the handler's frame holds the address after ``int3``.

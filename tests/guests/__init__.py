@@ -1,4 +1,9 @@
-"""The test guests' C sources, built with the guest SDK (see README.md)."""
+"""The guest SDK bound to the repository's guest programs (``guests/programs/``, see its README.md).
+
+The C sources live in ``guests/programs/``, shared with the benchmarks (bench/common.py);
+this module only binds the SDK's build functions to that folder, so the suite keeps
+writing ``build_guest("hello")``.
+"""
 
 from functools import partial
 from pathlib import Path
@@ -6,10 +11,11 @@ from pathlib import Path
 from vsmtrace.guests import build as _sdk
 from vsmtrace.guests.build import GuestBuildError
 
-TEST_GUESTS_DIR = Path(__file__).resolve().parent
+# The checkout's folder, not the installed package's: the programs are not in the wheel.
+PROGRAMS_DIR = Path(__file__).resolve().parents[2] / "guests" / "programs"
 
-# Names resolve to tests/guests/<name>.c, as the suite has always written them.
-build_guest = partial(_sdk.build_guest, source_dir=TEST_GUESTS_DIR)
-build_raw64 = partial(_sdk.build_raw64, source_dir=TEST_GUESTS_DIR)
+# Names resolve to guests/programs/<name>.c.
+build_guest = partial(_sdk.build_guest, source_dir=PROGRAMS_DIR)
+build_raw64 = partial(_sdk.build_raw64, source_dir=PROGRAMS_DIR)
 
-__all__ = ["GuestBuildError", "TEST_GUESTS_DIR", "build_guest", "build_raw64"]
+__all__ = ["GuestBuildError", "PROGRAMS_DIR", "build_guest", "build_raw64"]
