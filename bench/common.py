@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -127,18 +128,24 @@ def floor_vmm_cmd(kernel: Path | str, append: str) -> list[str]:
 TIMED_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def timed(cmd: list[str], clock: str = "wall") -> float:
+def timed(cmd: list[str], clock: str = "wall", output: list[str] | None = None) -> float:
     """Seconds ``cmd`` took: ``wall`` time, or ``cpu`` time (user + system of the process).
 
     CPU time counts the guest's time under KVM_RUN too, and is much less disturbed by other
     load on a 2-core host; it suits single-VP round-trip benchmarks (nothing else runs).
+    With ``output``, what the command printed on stdout is appended to it (through a file,
+    so neither pipe can fill while the other is read).
     """
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=TIMED_ENV)
-    assert proc.stderr is not None
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
+    with tempfile.TemporaryFile() if output is not None else open(os.devnull, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=TIMED_ENV)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        dt = time.perf_counter() - t0
+        if output is not None:
+            out.seek(0)
+            output.append(out.read().decode(errors="replace"))
     code = os.waitstatus_to_exitcode(status)
     proc.returncode = code
     if code not in (0, 1):

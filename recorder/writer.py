@@ -749,7 +749,13 @@ def seal_trace(
                 if f.name in dict_names and len(col.dictionary) > len(found.get(f.name, ())):
                     found[f.name] = col.dictionary
         dictionaries, columns = found, used
-    final = {name: dictionaries.get(name, column([], pa.string())) for name in dict_names}
+    no_values = None  # the dictionary of a column nothing used; built once, only if one needs it
+    final = {}
+    for name in dict_names:
+        d = dictionaries.get(name)
+        if d is None:
+            d = no_values = column([], pa.string()) if no_values is None else no_values
+        final[name] = d
     wanted = [f.name for f in schema if f.name in columns] or [schema[0].name]
     md = dict(trace.metadata)
     md["sealed"] = True
@@ -798,14 +804,17 @@ def _coalesce(
 ) -> pa.RecordBatch:
     """One batch of the full schema from (projected) batches: ``wanted`` columns concatenated with
     their dictionaries made final, the others shared nulls."""
-    have = set(group[0].schema.names) & set(wanted)
+    # Columns by position, not name: a name lookup in a batch's schema costs more than the rest of the loop.
+    wanted = set(wanted)
+    position = {name: i for i, name in enumerate(group[0].schema.names) if name in wanted}
     columns = []
     for f in schema:
         dictionary = final.get(f.name)
-        if f.name not in have:
+        i = position.get(f.name)
+        if i is None:
             columns.append(NULLS.array(f.type, rows, dictionary))
             continue
-        parts = [b.column(f.name) for b in group]
+        parts = [b.column(i) for b in group]
         if dictionary is not None:
             parts = [pa.DictionaryArray.from_arrays(a.indices, dictionary) for a in parts]
         columns.append(parts[0] if len(parts) == 1 else pa.concat_arrays(parts))
