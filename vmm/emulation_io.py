@@ -200,12 +200,28 @@ def decode_exception(data: Any) -> BaseException | None:
     return None
 
 
-#: One compact encoder for every log: ``json.dumps`` with ``separators`` builds a new one per call.
+#: The standard library's compact encoder, for what orjson refuses (integers beyond 64 bits).
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def dumps(value: Any) -> bytes:
-    return _JSON.encode(value).encode()
+def json_writer() -> Callable[[Any], bytes]:
+    """``dumps(value) -> bytes``: compact JSON of an encoded value (what ``encode`` returns), as UTF-8.
+
+    orjson, because a recording makes three of these per emulation entry: 0.5 us for a
+    hypercall's I/O log against 8.1 us with ``json`` (docs/benchmarks.md, issue 18, ninth
+    session). Both write JSON that ``json.loads`` reads back to the same values, and replay
+    compares values, never bytes. Imported here, by a machine that records, because
+    importing orjson costs 3-4 ms (datetime, uuid) that no other run needs.
+    """
+    from orjson import dumps as fast
+
+    def dumps(value: Any) -> bytes:
+        try:
+            return fast(value)
+        except TypeError:  # orjson.JSONEncodeError: an integer beyond 64 bits (a 128-bit register)
+            return _JSON.encode(value).encode()
+
+    return dumps
 
 
 def loads(data: bytes | None) -> Any:
@@ -245,6 +261,7 @@ class Boundary:
         self.sink = sink
         self.lock = lock
         self.recording = bool(sink.enabled)
+        self.dumps = json_writer() if self.recording else None
         self.local = threading.local()
         self.order = itertools.count()
 
@@ -286,6 +303,8 @@ class Boundary:
                 error = exc
             finally:
                 stack.pop()
+            dumps = self.dumps
+            assert dumps is not None
             self.sink.emit(
                 EventKind.EMULATION,
                 vp,
