@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from hypothesis import given
@@ -71,3 +72,24 @@ def test_events_concatenate_to_the_output(writes: list[tuple[int, bytes]]) -> No
     data = [e[4]["data"] for e in sink.events]
     assert b"".join(data) == b"".join(text for _, text in writes)
     assert all(b"\n" not in d[:-1] and 0 < len(d) <= LINE_LIMIT for d in data)
+
+
+def test_a_sink_that_flushes_from_inside_emit_does_not_deadlock() -> None:
+    """A sink may stop the machine while it records a line (an error callback), and stopping flushes."""
+    lines = ConsoleLines()
+
+    class Reentrant(ListSink):
+        def emit(self, kind: EventKind, vp: int, vtl: int, rip: int | None, **fields: Any) -> int:
+            lines.flush(self)
+            return super().emit(kind, vp, vtl, rip, **fields)
+
+    sink = Reentrant()
+    done = threading.Event()
+
+    def write() -> None:
+        feed(lines, sink, b"ok\n")
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    assert done.wait(10), "ConsoleLines deadlocked on a reentrant flush"
+    assert [e[4]["data"] for e in sink.events] == [b"ok\n"]

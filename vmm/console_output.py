@@ -35,7 +35,8 @@ class ConsoleLines:
     machine is built (``vsmtrace run --record`` attaches the trace writer then).
     """
 
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Reentrant: an event sink that stops the machine from inside emit (an error callback) flushes again.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
     _pending: bytearray = field(default_factory=bytearray)
     _writer: tuple[int, int, int] | None = None  # (vp, vtl, rip) of the last pending byte; vp -1: the machine
 
