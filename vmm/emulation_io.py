@@ -63,7 +63,18 @@ def _same(value: Any) -> Any:
 
 
 def _encode_enum(value: enum.Enum) -> Any:
-    return int(value.value) if isinstance(value.value, int) else {"E": value.value}
+    encoded = _ENUMS_ENCODED.get(value)
+    if encoded is None:
+        raw = value.value  # a descriptor lookup per call: the form is kept per member instead
+        encoded = int(raw) if isinstance(raw, int) else {"E": raw}
+        if len(_ENUMS_ENCODED) < _ENUMS_KEPT:  # bounded: a guest can make IntFlag members of any value
+            _ENUMS_ENCODED[value] = encoded
+    return encoded
+
+
+#: The encoded form of each enum member seen (immutable, except the {"E": ...} dicts, which no caller changes).
+_ENUMS_ENCODED: dict[enum.Enum, Any] = {}
+_ENUMS_KEPT = 4096
 
 
 def _encode_bytes(value: bytes | bytearray | memoryview) -> Any:
@@ -277,8 +288,10 @@ class Boundary:
         return stack[-1] if stack else None
 
     def note(self, op: str, args: Sequence[Any], result: Any = None) -> None:
-        log = self.log
-        if log is not None:
+        # ``log``, inlined (a recording notes tens of calls per entry): the innermost open entry's list
+        stack = getattr(self.local, "stack", None)
+        if stack:
+            log = stack[-1]
             # encode()'s own first test, inlined: most arguments and results are ints and strings
             self_encoded = _SELF_ENCODED
             log.append([
