@@ -282,13 +282,9 @@ class Boundary:
             stack = self.local.stack = []
         return stack
 
-    @property
-    def log(self) -> list[Any] | None:
-        stack = self._stack()
-        return stack[-1] if stack else None
-
     def note(self, op: str, args: Sequence[Any], result: Any = None) -> None:
-        # ``log``, inlined (a recording notes tens of calls per entry): the innermost open entry's list
+        # The innermost open entry's list, read without ``_stack()`` (a recording notes tens of calls per
+        # entry): a thread with no entry open has no stack, or an empty one, and logs nothing.
         stack = getattr(self.local, "stack", None)
         if stack:
             log = stack[-1]
