@@ -54,7 +54,7 @@ class NullColumns:
             if pa.types.is_dictionary(typ):
                 zero = self._buffer(n)
                 indices = pa.Array.from_buffers(typ.index_type, n, [zero, zero], null_count=n)
-                values = dictionary if dictionary is not None else column([], typ.value_type)
+                values = dictionary if dictionary is not None else self._empty_of(typ.value_type)
                 return pa.DictionaryArray.from_arrays(indices, values)
             made = self._made.get((typ, n))
             if made is None:
@@ -68,11 +68,20 @@ class NullColumns:
         if pa.types.is_binary(typ) or pa.types.is_string(typ):
             return pa.Array.from_buffers(typ, n, [zero, zero, zero.slice(0, 0)], null_count=n)
         if pa.types.is_list(typ):
-            child = self._empty.get(typ.value_type)
-            if child is None:
-                child = self._empty[typ.value_type] = column([], typ.value_type)
-            return pa.Array.from_buffers(typ, n, [zero, zero], null_count=n, children=[child])
+            return pa.Array.from_buffers(typ, n, [zero, zero], null_count=n, children=[self._empty_of(typ.value_type)])
         return pa.Array.from_buffers(typ, n, [zero, zero], null_count=n)
+
+    def empty(self, typ: pa.DataType) -> pa.Array:
+        """An array of ``typ`` with no values (a list's child, an unused column's dictionary)."""
+        with self._lock:
+            return self._empty_of(typ)
+
+    def _empty_of(self, typ: pa.DataType) -> pa.Array:
+        """``empty`` for a caller that holds the lock: built once per type."""
+        made = self._empty.get(typ)
+        if made is None:
+            made = self._empty[typ] = column([], typ)
+        return made
 
 
 #: The process-wide instance (the buffer is shared by every writer and seal).

@@ -749,13 +749,7 @@ def seal_trace(
                 if f.name in dict_names and len(col.dictionary) > len(found.get(f.name, ())):
                     found[f.name] = col.dictionary
         dictionaries, columns = found, used
-    no_values = None  # the dictionary of a column nothing used; built once, only if one needs it
-    final = {}
-    for name in dict_names:
-        d = dictionaries.get(name)
-        if d is None:
-            d = no_values = column([], pa.string()) if no_values is None else no_values
-        final[name] = d
+    final = {name: d if (d := dictionaries.get(name)) is not None else NULLS.empty(pa.string()) for name in dict_names}
     wanted = [f.name for f in schema if f.name in columns] or [schema[0].name]
     md = dict(trace.metadata)
     md["sealed"] = True
