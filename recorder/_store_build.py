@@ -38,6 +38,14 @@ typedef struct vsmt_chunk {
 
 typedef struct vsmt_store vsmt_store;
 
+#define VSMT_NATIVE_WORDS ...
+typedef struct vsmt_native {
+    uint64_t seq;          /* seq of the first of the record's events */
+    int64_t time_ns;
+    uint64_t order;        /* emulation entry order of the first of its entries */
+    uint64_t words[16];    /* VSMT_NATIVE_WORDS */
+} vsmt_native;
+
 vsmt_store *vsmt_open(int64_t t0_ns, uint32_t chunk_rows, uint64_t due_rows, uint64_t late_rows, int64_t due_age_ns);
 void vsmt_free(vsmt_store *s);
 void vsmt_stop(vsmt_store *s);
@@ -47,7 +55,11 @@ int vsmt_io(vsmt_store *s, int kind, uint32_t vp, uint32_t vtl, uint64_t rip, ui
 int vsmt_stamp(vsmt_store *s, int64_t *out);
 int vsmt_due(vsmt_store *s);
 int64_t vsmt_oldest(vsmt_store *s);
-vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff);
+int vsmt_native_record(vsmt_store *s, uint32_t events, uint32_t orders, const uint64_t *words);
+uint64_t vsmt_order(vsmt_store *s);
+uint32_t vsmt_native_count(vsmt_store *s);
+vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff, vsmt_native **natives, uint32_t *native_count);
+void vsmt_natives_free(vsmt_native *natives);
 uint64_t vsmt_dropped(vsmt_store *s);
 void vsmt_chunk_free(vsmt_chunk *c);
 
@@ -72,6 +84,18 @@ SOURCE = r"""
 
 #define VSMT_ALIGN 64    /* Arrow's preferred buffer alignment */
 #define VSMT_COLUMNS 10
+#define VSMT_NATIVE_WORDS 16
+
+/* An operation a C fast path performed while recording (a VTL call, say): its raw values,
+   which the writer turns into the events the Python path would have emitted
+   (TraceWriter.native_decoder). It owns ``events`` consecutive seqs and ``orders``
+   consecutive emulation entry orders. */
+typedef struct vsmt_native {
+    uint64_t seq;
+    int64_t time_ns;
+    uint64_t order;
+    uint64_t words[VSMT_NATIVE_WORDS];
+} vsmt_native;
 
 typedef struct vsmt_chunk {
     struct vsmt_chunk *next;
@@ -106,6 +130,10 @@ typedef struct vsmt_store {
     int64_t manual_ns;
     vsmt_chunk *head;       /* pending chunks, oldest first; tail is being filled */
     vsmt_chunk *tail;
+    uint64_t next_order;    /* emulation entry order (Boundary.entry), shared with C records */
+    vsmt_native *natives;   /* pending native records, in seq order */
+    uint32_t n_natives;
+    uint32_t cap_natives;
 } vsmt_store;
 
 static size_t vsmt_round(size_t n) { return (n + VSMT_ALIGN - 1) & ~(size_t)(VSMT_ALIGN - 1); }
@@ -163,6 +191,7 @@ vsmt_store *vsmt_open(int64_t t0_ns, uint32_t chunk_rows, uint64_t due_rows, uin
 }
 
 void vsmt_free(vsmt_store *s) {
+    free(s->natives);
     vsmt_chunk *c = s->head;
     while (c != NULL) {
         vsmt_chunk *next = c->next;
@@ -272,17 +301,74 @@ int64_t vsmt_oldest(vsmt_store *s) {
     return t;
 }
 
-/* Detach every pending chunk (a list the caller frees); *cutoff = the first seq not taken.
-   The caller holds whatever serialises Python-built rows, so the cut is consistent. */
-vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff) {
+/* A native record owning ``events`` seqs and ``orders`` entry orders (stamped now). */
+int vsmt_native_record(vsmt_store *s, uint32_t events, uint32_t orders, const uint64_t *words) {
+    pthread_mutex_lock(&s->lock);
+    if (s->stopped) {
+        pthread_mutex_unlock(&s->lock);
+        return VSMT_STOPPED;
+    }
+    if (s->n_natives == s->cap_natives) {
+        uint32_t cap = s->cap_natives ? 2 * s->cap_natives : 256;
+        vsmt_native *grown = realloc(s->natives, (size_t)cap * sizeof *grown);
+        if (grown == NULL) {
+            s->dropped += events;
+            pthread_mutex_unlock(&s->lock);
+            return VSMT_LATE;
+        }
+        s->natives = grown;
+        s->cap_natives = cap;
+    }
+    vsmt_native *r = &s->natives[s->n_natives++];
+    int64_t now = vsmt_now(s);
+    if (s->pending == 0)
+        s->oldest_ns = now;
+    s->pending += events;
+    r->seq = s->next_seq;
+    s->next_seq += events;
+    r->time_ns = now;
+    r->order = s->next_order;
+    s->next_order += orders;
+    memcpy(r->words, words, sizeof r->words);
+    int status = vsmt_status(s, now);
+    pthread_mutex_unlock(&s->lock);
+    return status;
+}
+
+/* Native records pending (not yet taken). */
+uint32_t vsmt_native_count(vsmt_store *s) {
+    pthread_mutex_lock(&s->lock);
+    uint32_t n = s->n_natives;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+/* The next emulation entry order (one entry started). */
+uint64_t vsmt_order(vsmt_store *s) {
+    pthread_mutex_lock(&s->lock);
+    uint64_t order = s->next_order++;
+    pthread_mutex_unlock(&s->lock);
+    return order;
+}
+
+/* Detach every pending chunk (a list the caller frees) and native record (an array the caller
+   frees with vsmt_natives_free); *cutoff = the first seq not taken. The caller holds whatever
+   serialises Python-built rows, so the cut is consistent. */
+vsmt_chunk *vsmt_take(vsmt_store *s, uint64_t *cutoff, vsmt_native **natives, uint32_t *native_count) {
     pthread_mutex_lock(&s->lock);
     vsmt_chunk *c = s->head;
     s->head = s->tail = NULL;
     s->pending = 0;
     *cutoff = s->next_seq;
+    *natives = s->natives;
+    *native_count = s->n_natives;
+    s->natives = NULL;
+    s->n_natives = s->cap_natives = 0;
     pthread_mutex_unlock(&s->lock);
     return c;
 }
+
+void vsmt_natives_free(vsmt_native *natives) { free(natives); }
 
 uint64_t vsmt_dropped(vsmt_store *s) {
     pthread_mutex_lock(&s->lock);

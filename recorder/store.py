@@ -5,11 +5,19 @@
 Python-built row its ``seq`` and ``time_ns`` from the same counter and clock.
 ``take`` detaches the filled chunks; ``chunk_arrays`` wraps a chunk's columns as
 Arrow arrays without copying (the chunk is freed when the last array using it is).
+
+A C fast path that performs an operation the emulation would otherwise have recorded
+(a VTL call answered in C) appends a *native record* instead: its raw values, stamped
+with as many seqs and emulation entry orders as the events and entries it stands for.
+``take`` hands those over with the chunks; the writer expands them (docs/architecture.md,
+"Exit paths in C"). Entry orders come from the same store (``order``), so C records and
+Python entries keep one numbering.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +44,10 @@ assert tuple(CHUNK_TYPES) == _store_build.CHUNK_COLUMNS
 #: The compiled store module (built into the vsmtrace cache on first use).
 load = extension_loader("_vsmtrace_store", _store_build, "the recorder's event store")
 
+#: One native record as Python reads it: (seq, time_ns, order, word 0, ..., word 15).
+NativeRecord = tuple[int, ...]
+_NATIVE = struct.Struct("<QqQ16Q")
+
 
 class EventStore:
     """One trace's C store. Thread-safe: every C entry point takes the store's mutex."""
@@ -53,6 +65,11 @@ class EventStore:
         #: ``io(kind, vp, vtl, rip, address, size, is_write, data) -> status``: one C call, no Python frame.
         self.io: Callable[..., int] = functools.partial(self.lib.vsmt_io, self._ptr)
         self._cutoff = self.ffi.new("uint64_t *")
+        self._natives = self.ffi.new("vsmt_native **")
+        self._native_count = self.ffi.new("uint32_t *")
+        assert self.ffi.sizeof("vsmt_native") == _NATIVE.size and self.lib.VSMT_NATIVE_WORDS == 16
+        #: ``order() -> int``: the next emulation entry order, shared with native records.
+        self.order: Callable[[], int] = functools.partial(self.lib.vsmt_order, self._ptr)
 
     def stamp_call(self) -> tuple[Callable[[Any], int], Any]:
         """How to stamp a Python-built event: (``fn(out) -> status``, ``out``), out[0] = seq, out[1] = time_ns.
@@ -68,6 +85,10 @@ class EventStore:
         """time_ns of the oldest event not yet taken, or None."""
         t = int(self.lib.vsmt_oldest(self._ptr))
         return None if t < 0 else t
+
+    def native_count(self) -> int:
+        """Native records not yet taken."""
+        return int(self.lib.vsmt_native_count(self._ptr))
 
     def dropped(self) -> int:
         return int(self.lib.vsmt_dropped(self._ptr))
@@ -85,23 +106,35 @@ class EventStore:
         fn = self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "vsmt_io"))
         return int(fn), int(self.ffi.cast("uintptr_t", self._ptr))
 
+    def native_record(self) -> tuple[int, int]:
+        """(address of ``vsmt_native_record``, address of this store): how a C fast path records
+        an operation it performed (see the module docstring); the store must outlive its callers."""
+        fn = self.ffi.cast("uintptr_t", self.ffi.addressof(self.lib, "vsmt_native_record"))
+        return int(fn), int(self.ffi.cast("uintptr_t", self._ptr))
+
     def stop(self) -> None:
         """Record nothing more: later ``io`` and stamp calls return a negative status."""
         self.lib.vsmt_stop(self._ptr)
 
-    def take(self) -> tuple[list[Any], int]:
-        """Detach the pending chunks (oldest first, each owned by the returned object) and the cutoff seq.
+    def take(self) -> tuple[list[Any], int, list[NativeRecord]]:
+        """Detach the pending chunks (oldest first, each owned by the returned object), the cutoff
+        seq and the pending native records (in seq order).
 
         Not reentrant: callers serialise takes (the writer's write lock).
         """
         lib, ffi = self.lib, self.ffi
-        c = lib.vsmt_take(self._ptr, self._cutoff)
+        c = lib.vsmt_take(self._ptr, self._cutoff, self._natives, self._native_count)
         chunks = []
         while c != ffi.NULL:
             nxt = c.next
             chunks.append(ffi.gc(c, lib.vsmt_chunk_free))
             c = nxt
-        return chunks, int(self._cutoff[0])
+        natives: list[NativeRecord] = []
+        array, count = self._natives[0], int(self._native_count[0])
+        if array != ffi.NULL:
+            natives = list(_NATIVE.iter_unpack(ffi.buffer(array, count * _NATIVE.size)))
+            lib.vsmt_natives_free(array)
+        return chunks, int(self._cutoff[0]), natives
 
     def chunk_arrays(self, chunk: Any) -> dict[str, pa.Array]:
         """The chunk's filled rows as Arrow arrays over the C buffers (zero-copy; they keep ``chunk`` alive)."""

@@ -26,6 +26,7 @@ stream at ``PATH``.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import queue
 import threading
@@ -62,11 +63,16 @@ _KIND_BY_VALUE = {k.value: k for k in EventKind}
 #: Per kind, the emit field names it accepts (what ``emit`` checks on every call).
 _ALLOWED: dict[EventKind, frozenset[str]] = {k: frozenset(f) for k, f in KIND_FIELDS.items()}
 monotonic_ns = time.monotonic_ns
+_SEQ = operator.itemgetter(0)
 
 #: Busy VPs flush inline once the oldest pending event is this fraction of ``max_age_s`` old...
 INLINE_AGE_FRACTION = 0.5
 #: ... the background flusher, when VPs are quiet, at this fraction.
 FLUSHER_AGE_FRACTION = 0.6
+#: ... and at this one when C fast paths recorded operations (native records), whose VP threads
+#: stay in the guest: the flusher expands and writes them on its own core before they are old
+#: enough (INLINE_AGE_FRACTION) to make C hand the next one to Python, which would flush inline.
+NATIVE_AGE_FRACTION = 0.25
 #: Pending events beyond this many batches make emitters wait for the writer (backpressure).
 LATE_BATCHES = 4
 #: How often a thread waiting for the writer thread checks that it is still alive.
@@ -81,6 +87,10 @@ KEEP_ROWS = 1 << 16
 
 #: A pending Python-built event: (seq, time_ns, kind, vp, vtl, rip, fields).
 Row = tuple[int, int, Any, Any, Any, Any, dict[str, Any]]
+#: An event a native record stands for, as a decoder gives it: (kind, vp, vtl, rip, fields).
+NativeEvent = tuple[EventKind, int, int, int | None, dict[str, Any]]
+#: Expands one native record (``recorder.store.NativeRecord``) into its events, in seq order.
+NativeDecoder = Callable[[tuple[int, ...]], list[NativeEvent]]
 
 
 @dataclass
@@ -224,6 +234,12 @@ class TraceWriter:
         self.record_io = self._store.io
         #: The same from C: (function address, argument) of the store's append (``EventSink.native_io``).
         self.native_io = self._store.native_io()
+        #: (function address, argument) with which a C fast path records an operation it performed
+        #: (``recorder.store``); ``register_native`` says how such a record becomes events.
+        self.native_record = self._store.native_record()
+        #: The emulation's entry numbering (``vmm.emulation_io.Boundary``), shared with native records.
+        self.entry_order = self._store.order
+        self._native_decoders: dict[int, NativeDecoder] = {}
         self._dicts = {c.name: _Dictionary() for c in FIELD_COLUMNS if c.is_dictionary}
         self._queued: _Taken | None = None  # the last batch handed to the writer thread
         self._used: set[str] = set()  # columns written with a non-null value (what sealing must decode)
@@ -325,6 +341,25 @@ class TraceWriter:
         if status > 0:
             self._flush_pending(blocking=status == self._late, only_if_due=True)
 
+    def register_native(self, tag: int, decoder: NativeDecoder) -> None:
+        """Native records whose first word is ``tag`` become the events ``decoder`` gives (at flush, off the
+        VP thread): the C fast path that writes them and the decoder are one definition, kept by one owner."""
+        self._native_decoders[tag] = decoder
+
+    def _native_rows(self, natives: list[tuple[int, ...]]) -> list[Row]:
+        """The events the taken native records stand for, as Python-built rows (seqs and time from the record)."""
+        rows: list[Row] = []
+        for record in natives:
+            seq, time_ns, _order, tag = record[:4]
+            decoder = self._native_decoders.get(tag)
+            if decoder is None:
+                raise TraceError(f"a C fast path recorded an operation of unknown tag {tag} (event {seq})")
+            for i, (kind, vp, vtl, rip, fields) in enumerate(decoder(record)):
+                if not _ALLOWED[kind].issuperset(fields):
+                    self._reject(kind, fields)
+                rows.append((seq + i, time_ns, kind, vp, vtl, rip, fields))
+        return rows
+
     def set_manual_time(self, time_ns: int) -> None:
         """Stamp later events ``time_ns`` ns after the start instead of reading the clock.
 
@@ -344,8 +379,9 @@ class TraceWriter:
     # ------------------------------------------------------------------ flushing
 
     def _flusher(self) -> None:
-        """Background loop for quiet periods: flush what a VP left pending once it is 0.6 x max_age old."""
-        deadline_ns = int(self.max_age_s * FLUSHER_AGE_FRACTION * 1e9)
+        """Background loop: flush what a VP left pending once it is 0.6 x max_age old (0.25 x with native records)."""
+        quiet_ns = int(self.max_age_s * FLUSHER_AGE_FRACTION * 1e9)
+        native_ns = int(self.max_age_s * NATIVE_AGE_FRACTION * 1e9)
         helper_thread_policy()
         while True:
             with self._lock:
@@ -354,8 +390,10 @@ class TraceWriter:
             oldest = self._store.oldest()
             if oldest is not None:
                 age_ns = monotonic_ns() - self._t0 - oldest
+                natives = self._store.native_count() > 0
+                deadline_ns = native_ns if natives else quiet_ns
                 if age_ns >= deadline_ns:
-                    self._flush_pending(blocking=False, only_if_due=True)
+                    self._flush_pending(blocking=False, only_if_due=not natives)
                     continue
                 timeout = (deadline_ns - age_ns) / 1e9
             else:
@@ -380,12 +418,15 @@ class TraceWriter:
                     return
                 first_ns = self._store.oldest()
                 rows, self._rows = self._rows, []
-                chunks, cutoff = self._store.take()
+                chunks, cutoff, natives = self._store.take()
             count = cutoff - self.stats.events
             self.stats.events = cutoff
             if not count or first_ns is None or self.error is not None or self._file.closed:
                 return
             try:
+                if natives:  # expanded here, before the gate closes: VP threads go on meanwhile
+                    rows += self._native_rows(natives)
+                    rows.sort(key=_SEQ)
                 py_batch = None
                 if rows:
                     # Building is pure Python + short GIL-releasing Arrow calls; with VP threads

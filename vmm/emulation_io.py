@@ -274,7 +274,9 @@ class Boundary:
         self.recording = bool(sink.enabled)
         self.dumps = json_writer() if self.recording else None
         self.local = threading.local()
-        self.order = itertools.count()
+        #: Numbers entries as they start. A recorder that lets C fast paths record operations standing for
+        #: entries (``TraceWriter.entry_order``) numbers both, so the numbering has no gaps or repeats.
+        self.next_order: Callable[[], int] = getattr(sink, "entry_order", None) or itertools.count().__next__
 
     def _stack(self) -> list[list[Any]]:
         stack = getattr(self.local, "stack", None)
@@ -300,7 +302,7 @@ class Boundary:
         if not self.recording:
             return fn()
         with self.lock:
-            order = next(self.order)
+            order = self.next_order()
             stack = self._stack()
             ops: list[Any] = []
             stack.append(ops)
