@@ -149,7 +149,9 @@ def test_vtl_call_and_fast_return_answered_in_c(kvm, guest, protect: str) -> Non
 
 
 @pytest.mark.kvm
-def test_a_recorded_run_switches_vtls_in_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+def test_a_sink_without_native_records_switches_vtls_in_python(kvm, guest) -> None:  # type: ignore[no-untyped-def]
+    """A recording sink that cannot take what C records (no ``native_record``, like --verbose's) gets every
+    switch through Python; a trace writer's recording answers them in C (tests/test_recorded_switch.py)."""
     sink = ListSink()
     with ran(vsm_guest(guest("vsm_fast_switch"), f"n={CALLS} protect=1"), sink) as (m, status, text):
         assert status == GUEST_OK, text[-3000:]

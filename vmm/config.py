@@ -26,8 +26,8 @@ class MachineConfig:
     deterministic: bool = False
     no_reboot: bool = False  # a guest reset ends the run (EXIT_RESET) instead of rebooting
     kvm_device: str = "/dev/kvm"  # the CLI's hidden --kvm-device / VSMTRACE_KVM_DEVICE, for error-path tests
-    #: Answer the exits of docs/architecture.md "Exit paths in C" without Python when nothing records;
-    #: False sends every exit to Python (bench/dispatch times that path).
+    #: Answer the exits of docs/architecture.md "Exit paths in C" without Python (while recording only the
+    #: VTL switches, which C records); False sends every exit to Python (bench/dispatch times that path).
     fast_paths: bool = True
 
     def validate(self) -> None:

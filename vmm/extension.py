@@ -72,9 +72,11 @@ class MachineExtension:
     def fast_io_server(self, vp_index: int, vtl: int) -> tuple[int, int] | None:
         """A C server for this vCPU's port-I/O exits: addresses of a ``vsm_io_server`` function and its context, or None.
 
-        Offered every port-I/O exit inside KVM_RUN when nothing records (``Machine.attach_fastpath``);
-        it answers the exits whose whole effect it knows and leaves every other one, untouched,
-        to the extension's Python handlers. One server per vCPU (the first extension's).
+        Offered every port-I/O exit inside KVM_RUN (``Machine.attach_fastpath``); it answers the
+        exits whose whole effect it knows and leaves every other one, untouched, to the extension's
+        Python handlers. One server per vCPU (the first extension's). Asked while the machine
+        records too (``machine.sink.enabled``): a server must then answer only what it records
+        itself (a native record, docs/architecture.md "Exit paths in C"), or return None.
         """
         return None
 

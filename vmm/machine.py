@@ -367,26 +367,35 @@ class Machine:
         The extensions' ``fast_msr_values(vp, vtl)`` give those MSRs with their fixed answer, or None for the
         reference counter (answered from :meth:`reference_counter`'s clock, if there is one);
         ``fast_io_server(vp, vtl)`` a C server offered each port-I/O exit first.
-        Only when nothing records (the emulation must then see every exit) and not with
-        --deterministic (every exit is an event there); a vCPU that records port I/O in C
-        keeps that path.
+        Not with --deterministic (every exit is an event there). While recording, only on vCPUs
+        that record port I/O in C (``attach_exit_recorders``; the loop records those OUTs as
+        ``vsm_kvm_run_recorded`` does) and only with servers that record what they answer (the
+        VTL switches: docs/architecture.md, "Exit paths in C"); MSR reads and idle OUTs are then
+        the recorder's.
         """
-        if not self.config.fast_paths or self.sink.enabled or self.deterministic is not None:
+        if not self.config.fast_paths or self.deterministic is not None:
             return
-        idle_out = self._idle_out_bitmap()
-        if not (self._fast_msrs or self._fast_io or idle_out is not None):
+        recording = bool(self.sink.enabled)
+        if recording and getattr(self.sink, "native_record", None) is None:
+            return  # a sink that cannot take what C answers (e.g. --verbose's): every exit through Python
+        idle_out = None if recording else self._idle_out_bitmap()
+        if not ((self._fast_msrs and not recording) or self._fast_io or idle_out is not None):
             return
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
                 vcpu.fastpath = None
                 table: dict[int, int | None] = {}
-                for values in self._fast_msrs:
+                for values in self._fast_msrs if not recording else ():
                     table.update(values(vp.index, vtl))
+                if recording and vcpu.exit_recorder is None:
+                    continue
                 server = next((s for s in (f(vp.index, vtl) for f in self._fast_io) if s is not None), None)
-                if not (table or server or idle_out) or vcpu.exit_recorder is not None:
+                if not (table or server or idle_out):
                     continue
                 fp = ffi.new("struct vsm_fastpath *")
                 fp.fd, fp.vtl, fp.run = vcpu.fd, vtl, vcpu.run_struct
+                if recording:
+                    fp.rec = vcpu.exit_recorder
                 if idle_out is not None:
                     fp.idle_out = idle_out
                 fixed = sorted((index, value) for index, value in table.items() if value is not None)

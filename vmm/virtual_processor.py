@@ -392,10 +392,10 @@ class VirtualProcessor:
                 break
             vcpu._sregs = None  # KVM may change them while the guest runs
             recorder = vcpu.exit_recorder
-            if recorder is not None:
-                r = kvm_run_recorded(vcpu.fd, recorder)
-            elif vcpu.fastpath is not None:
+            if vcpu.fastpath is not None:  # records port I/O too when the machine records (its ``rec``)
                 r = kvm_run_fast(vcpu.fastpath)
+            elif recorder is not None:
+                r = kvm_run_recorded(vcpu.fd, recorder)
             else:
                 r = kvm_run(vcpu.fd)
             vcpu.sregs_exported = vcpu.sync_sregs  # what KVM exported with the exit is current (Vcpu.exited)

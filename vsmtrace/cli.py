@@ -328,7 +328,7 @@ Hyper-V reset MSR) reboots the guest from its entry state, as QEMU does;
 @click.option("--hv-disable", "hv_disable", multiple=True, metavar="FEATURE", help="Hide one Hyper-V feature (repeatable; e.g. xmm-input, stimers, synic, pv-ipi). `--hv-disable list` lists them.")
 @click.option("--reboot/--no-reboot", default=True, show_default=True, help="A guest reset (port 0xCF9, 0x92, the keyboard controller, a triple fault, the Hyper-V reset MSR) reboots the guest, as QEMU does; --no-reboot ends the run instead (exit status 8; 4 for a triple fault). Recording and --deterministic runs always end at a reset.")
 @click.option("--deterministic", is_flag=True, help="Virtual time advanced at exits, timers fired at exits, every exit recorded: a trace `vsmtrace replay --reexecute` can re-run (needs --smp 1).")
-@click.option("--fast-paths/--no-fast-paths", "fast_paths", default=True, show_default=True, help="While nothing records, answer some exits in C without Python (port-0x80 writes, fixed synthetic MSR reads, NotifyLongSpinWait, GetVpIndexFromApicId, VTL call and fast VTL return; docs/architecture.md). --no-fast-paths sends every exit through Python, as recorded runs do.")
+@click.option("--fast-paths/--no-fast-paths", "fast_paths", default=True, show_default=True, help="Answer some exits in C without Python: port-0x80 writes, fixed synthetic MSR reads, NotifyLongSpinWait, GetVpIndexFromApicId, VTL call and fast VTL return; while recording only the VTL switches, which C records (docs/architecture.md). --no-fast-paths sends every exit through Python.")
 @click.option("--kvm-device", "kvm_device", default="/dev/kvm", envvar="VSMTRACE_KVM_DEVICE", hidden=True, help="KVM device node (tests point it elsewhere).")
 def run(
     kernel: Path | None,

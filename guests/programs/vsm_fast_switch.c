@@ -3,8 +3,9 @@
  * what crosses the switch logged on both sides: the shared registers VTL0 sets before a call
  * as VTL1 sees them at its entry, the shared registers VTL1 sets before its return as VTL0
  * sees them after the call, and VTL1's HV_VP_VTL_CONTROL at each entry (entry reason, the
- * entry RAX/RCX). A machine that records nothing answers these switches in C, a recording
- * machine in Python: the guest's checks hold for both (docs/architecture.md, "Exit paths in C").
+ * entry RAX/RCX). vsmtrace answers these switches in C (recording or not: a recording records
+ * them from C), and in Python with --no-fast-paths or a sink that cannot take what C records:
+ * the guest's checks hold for all (docs/architecture.md, "Exit paths in C").
  *
  * cmdline: n=N (default 200), protect=1 (VTL1 makes a data page read-only for VTL0 first,
  * so every return checks where VTL0 resumes against the pages KVM cannot keep from executing;

@@ -72,6 +72,7 @@ struct vsm_hc_partition {
 };
 
 typedef int (*vsm_hc_copy_fn)(void *pair, int sregs_exported);
+typedef int (*vsm_hc_record_fn)(void *store, uint32_t events, uint32_t orders, const uint64_t *words);
 struct vsm_hc_vtls {
     uint32_t ready;
     uint32_t trap_retired;
@@ -84,7 +85,18 @@ struct vsm_hc_vtls {
     struct vsm_view_guard *guard[2];
     uint64_t calls;
     uint64_t returns;
+    vsm_hc_record_fn record;
+    void *store;
+    uint32_t vp;
+    uint64_t control_gpa;
+    uint32_t late;
 };
+
+#define VSM_HC_RECORD_LATE ...
+#define VSM_HC_RECORD_CALL ...
+#define VSM_HC_RECORD_RETURN ...
+#define VSM_HC_RECORD_WORDS ...
+#define VSM_HC_NO_CONTROL ...
 
 struct vsm_hc_caller {
     struct vsm_hc_partition *partition;
@@ -108,6 +120,7 @@ SOURCE = r"""
 #include <string.h>
 #include <pthread.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <linux/kvm.h>
 
 #define VSM_HC_VTLS 4
@@ -189,6 +202,29 @@ struct vsm_hc_partition {
 #define VSM_HC_SWITCH 16              /* vsm_kvm_run_fast's VSM_IO_SWITCH: go on with VTL (answer - 16) */
 
 typedef int (*vsm_hc_copy_fn)(void *pair, int sregs_exported);
+/* The recorder's vsmt_native_record (recorder/_store_build.py). */
+typedef int (*vsm_hc_record_fn)(void *store, uint32_t events, uint32_t orders, const uint64_t *words);
+
+/* What a switch answered here while recording leaves in the trace: one native record whose
+   words are, in order: the tag, the VP, the VTL it left, RIP and RCX, RAX, RDX, R8, R9, R10 as
+   the exit left them (before anything else ran), the GPA of VTL1's control area (VSM_HC_NO_CONTROL:
+   none), for a call the 24 bytes that area held before the call wrote it, the time the switch
+   took (ns), and RIP once the trapping OUT is complete (where the caller resumes). The writer
+   expands it into the events and entries the Python switch records
+   (vmm/backends/recorded_switch.py). */
+#define VSM_HC_RECORD_CALL 1
+#define VSM_HC_RECORD_RETURN 2
+/* The recorder's VSMT_LATE: events are old or many, the recording thread must flush and wait. The
+   next switch is then Python's, whose event does that (backpressure: C never outruns the writer). */
+#define VSM_HC_RECORD_LATE 2
+#define VSM_HC_RECORD_WORDS 16
+#define VSM_HC_NO_CONTROL 0xffffffffffffffffull
+/* Events and emulation entries each stands for: a call is the entry notification's EMULATION,
+   VTL_SWITCH, HYPERCALL and the hypercall's EMULATION (two entries); a return, the last three. */
+#define VSM_HC_CALL_EVENTS 4
+#define VSM_HC_CALL_ENTRIES 2
+#define VSM_HC_RETURN_EVENTS 3
+#define VSM_HC_RETURN_ENTRIES 1
 
 struct vsm_hc_vtls {
     uint32_t ready;
@@ -202,7 +238,18 @@ struct vsm_hc_vtls {
     struct vsm_view_guard *guard[2];
     uint64_t calls;              /* VTL calls answered here */
     uint64_t returns;            /* fast VTL returns answered here */
+    vsm_hc_record_fn record;     /* recording: how each switch answered here is recorded (NULL: not recording) */
+    void *store;
+    uint32_t vp;                 /* this VP's index (for the record) */
+    uint64_t control_gpa;        /* GPA of ``control`` (for the record) */
+    uint32_t late;               /* the last record's status was VSM_HC_RECORD_LATE */
 };
+
+static int64_t hc_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 struct vsm_hc_caller {
     struct vsm_hc_partition *partition;
@@ -300,6 +347,10 @@ static int hc_vtl_switch(struct vsm_hc_caller *c, struct kvm_run *run, const str
     uint32_t from = c->vtl;
     if (!v || from > 1 || !__atomic_load_n(&v->ready, __ATOMIC_ACQUIRE))
         return 0;
+    if (v->late) {
+        v->late = 0;
+        return 0;  /* Python's switch records this one, and its event makes the flush wait (see VSM_HC_RECORD_LATE) */
+    }
     if (from == 0 ? (r->rcx != VSM_HC_CODE_VTL_CALL || r->rax != 0)
                   : (r->rcx != VSM_HC_CODE_VTL_RETURN || r->rax != VSM_HC_VTL_RETURN_FAST))
         return 0;
@@ -307,6 +358,22 @@ static int hc_vtl_switch(struct vsm_hc_caller *c, struct kvm_run *run, const str
     struct kvm_run *dst = v->run[to];
     if (run->s.regs.sregs.cr2 != dst->s.regs.sregs.cr2)
         return 0;  /* CR2 moves with KVM_SET_SREGS: Python's */
+    uint64_t words[VSM_HC_RECORD_WORDS] = {0};
+    int64_t started = 0;
+    if (v->record) {
+        started = hc_now_ns();
+        words[0] = from == 0 ? VSM_HC_RECORD_CALL : VSM_HC_RECORD_RETURN;
+        words[1] = v->vp;
+        words[2] = from;
+        words[3] = r->rip;
+        words[4] = r->rcx;
+        words[5] = r->rax;
+        words[6] = r->rdx;
+        words[7] = r->r8;
+        words[8] = r->r9;
+        words[9] = r->r10;
+        words[10] = v->control ? v->control_gpa : VSM_HC_NO_CONTROL;
+    }
     struct vsm_view_guard *g = v->guard[to];
     pthread_rwlock_rdlock(&g->lock);
     /* A call writes VTL1's control area through VTL1's view; a return resumes VTL0, and a
@@ -330,9 +397,13 @@ static int hc_vtl_switch(struct vsm_hc_caller *c, struct kvm_run *run, const str
             return -err;
         }
     }
+    if (v->record)
+        words[15] = r->rip;  /* where the caller resumes, the OUT now complete */
     int wrote = v->copy(v->pair[from], 1);
     if (wrote >= 0 && from == 0 && v->control) {
         const struct kvm_regs *d = &dst->s.regs.regs;
+        if (v->record)
+            memcpy(&words[11], v->control, VSM_HC_CONTROL_AREA_SIZE);
         uint32_t reason = v->entry_reason_call;
         memcpy(v->control, &reason, sizeof reason);
         memcpy(v->control + 8, &d->rax, sizeof d->rax);
@@ -345,6 +416,13 @@ static int hc_vtl_switch(struct vsm_hc_caller *c, struct kvm_run *run, const str
         v->calls++;
     else
         v->returns++;
+    if (v->record) {
+        words[14] = (uint64_t)(hc_now_ns() - started);
+        /* A flush that is only due is the writer's background flusher's: this thread stays in the guest. */
+        int status = from == 0 ? v->record(v->store, VSM_HC_CALL_EVENTS, VSM_HC_CALL_ENTRIES, words)
+                               : v->record(v->store, VSM_HC_RETURN_EVENTS, VSM_HC_RETURN_ENTRIES, words);
+        v->late = status == VSM_HC_RECORD_LATE;
+    }
     return VSM_HC_SWITCH + (int)to;
 }
 

@@ -1,6 +1,6 @@
 """The hypercall fast path's Python side: what C may answer, and the state it reads, kept current.
 
-While nothing records, the machine's ``vsm_kvm_run_fast`` offers every port-I/O exit to
+The machine's ``vsm_kvm_run_fast`` offers every port-I/O exit to
 ``vsm_hc_serve_io`` (C source and its exact rules: vmm/backends/_hypercall_fastpath_build.py),
 which answers the commonest hypercalls without Python and leaves everything else to the
 dispatcher. Python stays the only definition of what a call means: a call is answered in C
@@ -15,8 +15,9 @@ mirror this class refreshes where Python changes it:
 - APIC ID to VP index (``HyperV.vp_index_from_apic_id`` for IDs below 256), the partition ID
   and the RAM ranges: fixed for a machine's life.
 
-Nothing is recorded here: a machine that records never attaches the fast path, so every
-recorded hypercall still goes through the recorded boundary and replays unchanged.
+While the machine records, only the VTL switches are answered here, each recorded by C as one
+native record that the writer expands into exactly what the Python switch records
+(vmm/backends/recorded_switch.py); every other hypercall goes through the recorded boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from vsmtrace.vmm.backends import _hypercall_fastpath_build as build
+from vsmtrace.vmm.backends import recorded_switch
 from vsmtrace.vmm.hyperv.handlers.misc import NATIVE_SPIN_WAIT, NATIVE_VP_INDEX_FROM_APIC_ID
 from vsmtrace.vmm.hyperv.hvdef import HypercallCode, HypercallControl, HypercallControlBits
 from vsmtrace.vmm.memory import PAGE_SHIFT
@@ -83,10 +85,15 @@ class ViewGuard:
 class HypercallFastPath:
     """One partition's ``struct vsm_hc_partition`` and one ``vsm_hc_caller`` per (VP, VTL)."""
 
-    def __init__(self, hv: HyperV, memory: GuestMemory, views: list[MemoryView]) -> None:
+    def __init__(self, hv: HyperV, memory: GuestMemory, views: list[MemoryView], *, recording: bool = False) -> None:
         mod = load()
+        #: The machine records: answer only what C records (the VTL switches), never a hypercall.
+        self.recording = recording
         self.ffi: Any = mod.ffi
         self.lib: Any = mod.lib
+        assert (self.lib.VSM_HC_RECORD_CALL, self.lib.VSM_HC_RECORD_RETURN) == (recorded_switch.CALL, recorded_switch.RETURN)
+        assert self.lib.VSM_HC_NO_CONTROL == recorded_switch.NO_CONTROL
+        assert self.lib.VSM_HC_RECORD_LATE == recorded_switch.STORE_LATE
         self.hv = hv
         ffi, lib = self.ffi, self.lib
         p = self.partition = ffi.new("struct vsm_hc_partition *")
@@ -125,8 +132,10 @@ class HypercallFastPath:
         """Re-decide which calls C answers (the dispatcher's table or the spin-wait hook changed)."""
         dispatcher, p = self.hv.dispatcher, self.partition
         spin = self.hv.on_long_spin_wait is None and dispatcher.answered_natively(SPIN_WAIT_CONTROL, NATIVE_SPIN_WAIT)
-        p.spin_control = SPIN_WAIT_CONTROL if spin else 0
-        apic = dispatcher.answered_natively(APIC_CONTROL_VALUE | 1 << _B.REP_COUNT_SHIFT, NATIVE_VP_INDEX_FROM_APIC_ID)
+        p.spin_control = SPIN_WAIT_CONTROL if spin and not self.recording else 0
+        apic = not self.recording and dispatcher.answered_natively(
+            APIC_CONTROL_VALUE | 1 << _B.REP_COUNT_SHIFT, NATIVE_VP_INDEX_FROM_APIC_ID
+        )
         p.apic_value = APIC_CONTROL_VALUE
         p.apic_mask = APIC_CONTROL_MASK if apic else 0
 

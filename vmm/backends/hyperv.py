@@ -180,15 +180,19 @@ class HypervBackend(MachineExtension):
         return {} if self.hv is None else self.hv.fast_msr_values(vp_index, vtl)  # docs/hyperv.md
 
     def fast_io_server(self, vp_index: int, vtl: int) -> tuple[int, int] | None:
-        """The hypercall fast path (vmm/backends/hypercall_fastpath.py), built on first use: only a
-        machine that records nothing asks, so a recorded run never loads it."""
+        """The hypercall fast path (vmm/backends/hypercall_fastpath.py), built on first use. A recording
+        machine gets it only with VSM: while recording it answers nothing but VTL switches, which it
+        records (docs/architecture.md, "Exit paths in C")."""
         m = self.machine
         if self.hv is None or m.views is None or not self.policy.hypercalls:
+            return None
+        recording = bool(m.sink.enabled)
+        if recording and self.vsm is None:
             return None
         if self.fastpath is None:
             from vsmtrace.vmm.backends.hypercall_fastpath import HypercallFastPath
 
-            self.fastpath = HypercallFastPath(self.hv, m.memory, list(m.views))
+            self.fastpath = HypercallFastPath(self.hv, m.memory, list(m.views), recording=recording)
         server = self.fastpath.caller(vp_index, vtl)
         if self.vsm is not None and vtl == len(m.vps[vp_index].vcpus) - 1:  # the VP's last vCPU: link them
             fp = self.fastpath

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from vsmtrace.vmm.backends import recorded_switch
 from vsmtrace.vmm.backends.vtl_switch import SharedStateCopier
 from vsmtrace.vmm.cpu_state import GPR_NAMES, cpu_mode, segment_from_kvm
 from vsmtrace.vmm.emulation_io import Boundary
@@ -106,6 +107,7 @@ class VsmBackend(MachineExtension):
         self.fast_switch: dict[int, Any] = {}
         self._fast_ffi: Any = None
         self._fast_stale: set[int] = set()  # VPs whose mirror must be recomputed before their next entry
+        self._records_switches = False  # the recorder knows how to expand the switches C records
 
     def attach(self, machine: Machine) -> None:
         self.machine = machine
@@ -417,6 +419,18 @@ class VsmBackend(MachineExtension):
             mirror.guard[vtl] = guards[vtl]
         mirror.copy = hc_ffi.cast("vsm_hc_copy_fn", _address(ffi.addressof(lib, "vsm_copy_shared")))
         mirror.entry_reason_call = int(EntryReason.VTL_CALL)
+        sink = self.machine.sink
+        native = getattr(sink, "native_record", None) if sink.enabled else None
+        if native is not None:  # recording: C records each switch it answers (vmm/backends/recorded_switch.py)
+            if not self._records_switches:
+                decoder = recorded_switch.RecordedSwitches()
+                sink.register_native(recorded_switch.CALL, decoder)
+                sink.register_native(recorded_switch.RETURN, decoder)
+                self._records_switches = True
+            fn, store = native
+            mirror.record = hc_ffi.cast("vsm_hc_record_fn", fn)
+            mirror.store = hc_ffi.cast("void *", store)
+            mirror.vp = vp_index
         self._fast_ffi = hc_ffi
         self.fast_switch[vp_index] = mirror
         self._fast_stale.add(vp_index)  # decided before the VP's next entry, once the machine linked its vCPUs
@@ -458,6 +472,9 @@ class VsmBackend(MachineExtension):
             with contextlib.suppress(GuestMemoryError):
                 address = self.machine.memory.host_address_of(gpa, HvVpVtlControl.SIZE)
                 mirror.control = self._fast_ffi.cast("uint8_t *", address)
+            mirror.control_gpa = gpa
+            if mirror.record and mirror.control == self._fast_ffi.NULL:
+                ready = False  # Python's read of it fails, and the record would not say how
         mirror.trap_retired = 1 if self.trap_out_retired else 0
         mirror.ready = 1 if ready else 0
 

@@ -342,6 +342,7 @@ struct vsm_fastpath {
     struct vsm_vp_run *vp;
     const uint8_t *idle_out;
     uint64_t outs_served;
+    struct vsm_exit_recorder *rec;
 };
 int vsm_kvm_run_fast(struct vsm_fastpath *fp);
 struct vsm_vcpu_writes { uint64_t dbg; uint64_t xsave; };
@@ -451,6 +452,25 @@ static int vsm_python_wanted(const struct kvm_run *run, uint64_t cr8) {
    came (immediate_exit), CR8 changed or Python waits for an interrupt window the guest
    has opened. Returns -errno, 0 (the exit is not recorded) or VSM_RUN_RECORDED + status
    (the exit Python gets was recorded). */
+/* Whether the exit in ``run`` is a single OUT to a port ``rec`` records. */
+static int vsm_recorded_out(const struct vsm_exit_recorder *rec, const struct kvm_run *run) {
+    return run->exit_reason == KVM_EXIT_IO && run->io.direction == KVM_EXIT_IO_OUT && run->io.count == 1 &&
+           vsm_port_set(rec->ports, run->io.port);
+}
+
+/* Record such an OUT; 1 when the guest may go on at once (an OUT without effect, no flush wanted,
+   nothing for Python), else 0 with *status the recorder's status. */
+static int vsm_record_out(struct vsm_exit_recorder *rec, const struct kvm_run *run, uint64_t cr8, int *status) {
+    uint16_t port = run->io.port;
+    uint64_t data = 0;
+    memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
+    *status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
+    if (*status != 0 || !rec->idle_out || !vsm_port_set(rec->idle_out, port) || vsm_python_wanted(run, cr8))
+        return 0;
+    rec->outs_served++;
+    return 1;
+}
+
 int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
     struct kvm_run *run = rec->run;
     uint64_t cr8 = run->cr8;
@@ -458,17 +478,11 @@ int vsm_kvm_run_recorded(int vcpu_fd, struct vsm_exit_recorder *rec) {
         int r = ioctl(vcpu_fd, KVM_RUN, 0);
         if (r < 0)
             return -errno;
-        if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_OUT || run->io.count != 1)
+        if (!vsm_recorded_out(rec, run))
             return 0;
-        uint16_t port = run->io.port;
-        if (!vsm_port_set(rec->ports, port))
-            return 0;
-        uint64_t data = 0;
-        memcpy(&data, (const char *)run + run->io.data_offset, run->io.size < sizeof(data) ? run->io.size : sizeof(data));
-        int status = rec->record(rec->store, rec->kind, rec->vp, rec->vtl, run->s.regs.regs.rip, port, run->io.size, 1, data);
-        if (status != 0 || !rec->idle_out || !vsm_port_set(rec->idle_out, port) || vsm_python_wanted(run, cr8))
+        int status;
+        if (!vsm_record_out(rec, run, cr8, &status))
             return VSM_RUN_RECORDED + status;
-        rec->outs_served++;
     }
 }
 
@@ -538,6 +552,10 @@ struct vsm_fastpath {
     struct vsm_vp_run *vp;        /* the VP's other vCPUs, for servers that switch VTLs (NULL: none) */
     const uint8_t *idle_out;      /* bitmap of ports whose OUT has no effect (answered here), or NULL */
     uint64_t outs_served;         /* such OUTs answered here */
+    /* While recording: OUTs to device ports are recorded as in vsm_kvm_run_recorded (returning
+       VSM_RUN_RECORDED + status as it does), and only servers that record what they answer are
+       attached (no MSRs, no idle_out: those are the recorder's). NULL: nothing records. */
+    struct vsm_exit_recorder *rec;
 };
 
 /* A VTL switch's shared state (vsm-facts §4.1) moved from one VTL's vCPU to another's in
@@ -650,6 +668,12 @@ int vsm_kvm_run_fast(struct vsm_fastpath *fp) {
         if (vsm_python_wanted(run, cr8))
             return 0;
         if (run->exit_reason == KVM_EXIT_IO) {
+            if (fp->rec && vsm_recorded_out(fp->rec, run)) {
+                int status;
+                if (vsm_record_out(fp->rec, run, cr8, &status))
+                    continue;
+                return VSM_RUN_RECORDED + status;
+            }
             if (fp->idle_out && run->io.direction == KVM_EXIT_IO_OUT && vsm_port_set(fp->idle_out, run->io.port)) {
                 fp->outs_served++;
                 continue;
