@@ -24,6 +24,7 @@ are what make the I/O logs below complete: no VINA, no TLB lock, VTL1's control 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from vsmtrace.vmm.emulation_io import encode, json_writer
@@ -51,84 +52,116 @@ _RETURN_REGS_AT = 8  # VtlReturnX64Rax, VtlReturnX64Rcx
 _LONG = int(CpuMode.LONG)
 _HYPERCALL = EventKind.HYPERCALL
 _NAMES = {CALL: HypercallCode.HvCallVtlCall.name, RETURN: HypercallCode.HvCallVtlReturn.name}
+_CALL_REASON = int(EntryReason.VTL_CALL).to_bytes(4, "little")
 assert HvVpVtlControl.SIZE == _WORDS.size
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What every switch of one kind (call or return) on one VP records alike, encoded once."""
+
+    vtl: int
+    to_vtl: int
+    code: int
+    switch: dict[str, Any]  # the VTL_SWITCH fields but ``args``
+    hypercall: dict[str, Any]  # the HYPERCALL fields but RCX, RAX and the duration
+    io_head: list[Any]  # the hypercall's I/O log up to its register reads
+    io_tail: Any  # ... its request of the switch
+    entry: dict[str, Any]  # the hypercall EMULATION fields but order and I/O log
+    vtl_entry: dict[str, Any]  # a call's entry notification EMULATION fields but order and I/O log
+
+
+Event = tuple[EventKind, int, int, "int | None", dict[str, Any]]
+
+
 class RecordedSwitches:
-    """Expands the VTL switch records of one machine (``TraceWriter.register_native`` decoder)."""
+    """Expands the VTL switch records of one machine (``TraceWriter.register_native`` decoder).
+
+    Runs on the writer's flushing thread, beside the guest: everything that is the same for
+    every switch of a kind on a VP is encoded once (``_Shape``), so a record costs a few dicts.
+    """
 
     def __init__(self) -> None:
         self.dumps = json_writer()
         self.emit_hypercall = encode(_HYPERCALL)
         self.read = encode(Access.READ)
-        self.entry_reason = encode(EntryReason.VTL_CALL)
+        self.shapes: dict[tuple[int, int], _Shape] = {}
 
-    def __call__(self, record: tuple[int, ...]) -> list[tuple[EventKind, int, int, int | None, dict[str, Any]]]:
-        tag = record[TAG]
+    def shape(self, tag: int, vp: int) -> _Shape:
         if tag not in _NAMES:
             raise ValueError(f"not a VTL switch record (tag {tag})")
         call = tag == CALL
-        vp, vtl, rip, rcx, rax = record[VP], record[FROM_VTL], record[RIP], record[RCX], record[RAX]
-        to_vtl = 1 - vtl
+        vtl = 0 if call else 1
         reason = SwitchReason.CALL if call else SwitchReason.RETURN
-        transition = VtlTransition(vp, vtl, to_vtl, reason)
-        seq, order = record[SEQ], record[ORDER]
-        hypercall_seq = seq + (2 if call else 1)
-        dumps = self.dumps
+        transition = VtlTransition(vp, vtl, 1 - vtl, reason)
         code = int(HypercallCode.HvCallVtlCall if call else HypercallCode.HvCallVtlReturn)
-        hypercall_io = [
-            [Op.MODE, [vp, vtl], _LONG],
+        dumps = self.dumps
+        shape = self.shapes[tag, vp] = _Shape(
+            vtl=vtl,
+            to_vtl=1 - vtl,
+            code=code,
+            switch={"from_vtl": vtl, "to_vtl": 1 - vtl, "reason": reason.value},
+            hypercall={
+                "code": code, "name": _NAMES[tag], "fast": False, "rep_count": 0, "rep_start": 0, "reps_done": 0,
+                "status": None, "status_name": "NONE", "input": b"", "output": b"", "regs_out": b"",
+            },
+            io_head=[[Op.MODE, [vp, vtl], _LONG]],
+            io_tail=[VsmOp.REQUEST_TRANSITION, [encode(transition)], None],
+            entry={
+                "entry": Entry.HYPERCALL, "emu_args": dumps([vp, vtl]),
+                "emu_result": dumps(encode(HypercallOutcome(code=code, vtl_action=transition))),
+            },
+            vtl_entry={
+                "entry": Entry.VTL_ENTRY, "emu_args": dumps([vp, 1, encode(EntryReason.VTL_CALL), 0]),
+                "emu_result": dumps(None),
+            },
+        )  # fmt: skip
+        return shape
+
+    def __call__(self, record: tuple[int, ...]) -> list[Event]:
+        tag, vp = record[TAG], record[VP]
+        shape = self.shapes.get((tag, vp)) or self.shape(tag, vp)
+        vtl, rip, rcx, rax = shape.vtl, record[RIP], record[RCX], record[RAX]
+        if record[FROM_VTL] != vtl:
+            raise ValueError(f"a VTL switch record of VTL{record[FROM_VTL]} with tag {tag}")
+        seq, order = record[SEQ], record[ORDER]
+        call = tag == CALL
+        dumps = self.dumps
+        io = [
+            *shape.io_head,
             [Op.GET_REGISTER, [vp, vtl, "rip"], rip],
             [Op.CPL, [vp, vtl], 0],
             [Op.GET_REGISTER, [vp, vtl, "rcx"], rcx],
             [Op.GET_REGISTER, [vp, vtl, "rax"], rax],
-            [VsmOp.REQUEST_TRANSITION, [encode(transition)], None],
-            [Op.EMIT, [self.emit_hypercall], hypercall_seq],
+            shape.io_tail,
+            [Op.EMIT, [self.emit_hypercall], seq + (2 if call else 1)],
         ]
-        events: list[tuple[EventKind, int, int, int | None, dict[str, Any]]] = []
+        args = (record[RDX], record[R8], record[R9], record[R10]) if call else None
+        events: list[Event] = [
+            (EventKind.VTL_SWITCH, vp, vtl, record[RESUME_RIP], {**shape.switch, "args": args}),
+            (_HYPERCALL, vp, vtl, rip, {
+                **shape.hypercall, "duration_ns": record[DURATION_NS], "control": rcx, "regs_in": _REGS_IN.pack(rcx, rax),
+            }),
+            (EventKind.EMULATION, vp, vtl, None, {**shape.entry, "emu_order": order, "emu_io": dumps(io)}),
+        ]  # fmt: skip
         if call:
-            events.append((EventKind.EMULATION, vp, to_vtl, None, self._vtl_entry(record, order + 1)))
-        events.append((
-            EventKind.VTL_SWITCH, vp, vtl, record[RESUME_RIP],
-            {
-                "from_vtl": vtl, "to_vtl": to_vtl, "reason": reason.value,
-                "args": (record[RDX], record[R8], record[R9], record[R10]) if call else None,
-            },
-        ))  # fmt: skip
-        events.append((
-            _HYPERCALL, vp, vtl, rip,
-            {
-                "code": code, "name": _NAMES[tag], "duration_ns": record[DURATION_NS], "control": rcx,
-                "fast": False, "rep_count": 0, "rep_start": 0, "reps_done": 0, "status": None, "status_name": "NONE",
-                "input": b"", "output": b"", "regs_in": _REGS_IN.pack(rcx, rax), "regs_out": b"",
-            },
-        ))  # fmt: skip
-        events.append((
-            EventKind.EMULATION, vp, vtl, None,
-            {
-                "entry": Entry.HYPERCALL, "emu_order": order, "emu_args": dumps([vp, vtl]), "emu_io": dumps(hypercall_io),
-                "emu_result": dumps(encode(HypercallOutcome(code=code, vtl_action=transition))),
-            },
-        ))  # fmt: skip
+            events.insert(0, (EventKind.EMULATION, vp, 1, None, {
+                **shape.vtl_entry, "emu_order": order + 1, "emu_io": dumps(self._vtl_entry_io(record)),
+            }))  # fmt: skip
         return events
 
-    def _vtl_entry(self, record: tuple[int, ...], order: int) -> dict[str, Any]:
-        """The entry notification of a call (``Vsm.on_vtl_entry``): VTL1's control area, read and rewritten."""
+    def _vtl_entry_io(self, record: tuple[int, ...]) -> list[Any]:
+        """The I/O of a call's entry notification (``Vsm.on_vtl_entry``): VTL1's control area, read and rewritten."""
         vp, rax, rcx, gpa = record[VP], record[RAX], record[RCX], record[CONTROL_GPA]
-        io: list[Any] = []
-        if gpa != NO_CONTROL:
-            before = _WORDS.pack(*record[CONTROL_BYTES])
-            after = bytearray(before)
-            after[:4] = int(EntryReason.VTL_CALL).to_bytes(4, "little")  # VINA status (byte 4) kept: VINA is off
-            _RETURN_REGS.pack_into(after, _RETURN_REGS_AT, rax, rcx)  # the shared RAX/RCX, as VTL1 now holds them
-            io = [
-                [Op.READ_GPA, [1, gpa, HvVpVtlControl.SIZE, self.read], encode(before)],
-                [Op.GET_REGISTER, [vp, 1, "rax"], rax],
-                [Op.GET_REGISTER, [vp, 1, "rcx"], rcx],
-                [Op.WRITE_GPA, [1, gpa, encode(bytes(after))], None],
-            ]
-        dumps = self.dumps
-        return {
-            "entry": Entry.VTL_ENTRY, "emu_order": order, "emu_args": dumps([vp, 1, self.entry_reason, 0]),
-            "emu_io": dumps(io), "emu_result": dumps(None),
-        }  # fmt: skip
+        if gpa == NO_CONTROL:
+            return []
+        before = _WORDS.pack(*record[CONTROL_BYTES])
+        after = bytearray(before)
+        after[:4] = _CALL_REASON  # VINA status (byte 4) kept: VINA is off while C switches
+        _RETURN_REGS.pack_into(after, _RETURN_REGS_AT, rax, rcx)  # the shared RAX/RCX, as VTL1 now holds them
+        return [
+            [Op.READ_GPA, [1, gpa, HvVpVtlControl.SIZE, self.read], encode(before)],
+            [Op.GET_REGISTER, [vp, 1, "rax"], rax],
+            [Op.GET_REGISTER, [vp, 1, "rcx"], rcx],
+            [Op.WRITE_GPA, [1, gpa, encode(bytes(after))], None],
+        ]
