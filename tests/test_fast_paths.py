@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,10 +46,17 @@ SPINS = 50
 
 
 @contextmanager
-def ran(config: MachineConfig, sink: EventSink | None = None) -> Iterator[tuple[Machine, int, str]]:
-    """The machine of ``config`` after its guest ran, its exit status and serial output; closed after the block."""
+def ran(
+    config: MachineConfig, sink: EventSink | None = None, attach: Callable[[Machine], None] | None = None
+) -> Iterator[tuple[Machine, int, str]]:
+    """The machine of ``config`` after its guest ran, its exit status and serial output; closed after the block.
+
+    ``attach`` is called with the built machine before it boots (to give it a sink that needs the machine).
+    """
     out = io.BytesIO()
     m = build_machine(dataclasses.replace(config, timeout_s=120, serial_out=out), sink)
+    if attach is not None:
+        attach(m)
     try:
         m.boot()
         status = m.run()

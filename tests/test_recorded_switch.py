@@ -16,7 +16,6 @@ checks cover what crosses each switch, and check that:
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +29,12 @@ from vsmtrace.recorder.writer import TraceWriter
 from vsmtrace.replayer.engine import VmmReplayer
 from vsmtrace.vmm.backends import recorded_switch
 from vsmtrace.vmm.backends.hyperv import HypervBackend
-from vsmtrace.vmm.builder import build_machine
 from vsmtrace.vmm.config import MachineConfig
 from vsmtrace.vmm.events import EventKind
-from vsmtrace.vmm.hyperv.cpuid import HypervPolicy
 from vsmtrace.vmm.machine import Machine
 from vsmtrace.vmm.trace_metadata import machine_metadata
+
+from tests.test_fast_paths import ran, vsm_guest
 
 GUEST_OK = 1
 CALLS = 200
@@ -44,27 +43,22 @@ TIMING = ("time_ns", "duration_ns")
 SWITCH_KINDS = ("HYPERCALL", "VTL_SWITCH", "EMULATION")
 
 
-def vsm_guest(kernel: Path, cmdline: str, fast_paths: bool = True) -> MachineConfig:
-    return MachineConfig(
-        kernel=kernel, cmdline=cmdline, hyperv=HypervPolicy().with_vsm(), vtls=2, fast_paths=fast_paths, timeout_s=120
-    )
-
-
 @contextmanager
 def recorded(config: MachineConfig, path: Path, **writer_options: Any) -> Iterator[tuple[Machine, int, str]]:
     """Run ``config`` recording to ``path`` as ``vsmtrace run --record`` does; the trace is sealed after the block."""
-    out = io.BytesIO()
-    m = build_machine(dataclasses.replace(config, serial_out=out))
-    writer = TraceWriter(path, machine_metadata(m), **writer_options)
-    m.sink = writer
+    writers: list[TraceWriter] = []
+
+    def attach(m: Machine) -> None:
+        m.sink = TraceWriter(path, machine_metadata(m), **writer_options)
+        writers.append(m.sink)
+
     try:
-        m.boot()
-        status = m.run()
-        yield m, status, out.getvalue().decode(errors="replace")
+        with ran(config, attach=attach) as got:
+            yield got
     finally:
-        m.close()
-        writer.close()
-    assert writer.error is None, writer.error
+        for writer in writers:
+            writer.close()
+    assert writers[0].error is None, writers[0].error
 
 
 def switch_rows(path: Path) -> list[dict[str, Any]]:
@@ -127,7 +121,8 @@ def test_the_rows_c_records_are_the_python_paths(kvm, guest, tmp_path) -> None: 
     found = {}
     for fast in (True, False):
         trace = tmp_path / f"{fast}.arrow"
-        with recorded(vsm_guest(kernel, "n=40 protect=0", fast_paths=fast), trace) as (m, status, text):
+        config = dataclasses.replace(vsm_guest(kernel, "n=40 protect=0"), fast_paths=fast)
+        with recorded(config, trace) as (m, status, text):
             assert status == GUEST_OK and "PASSED" in text, text[-3000:]
             backend = m.extension(HypervBackend)
             assert backend is not None
