@@ -29,7 +29,7 @@ from typing import Any
 
 from vsmtrace.vmm.emulation_io import encode, json_writer
 from vsmtrace.vmm.events import EventKind
-from vsmtrace.vmm.hyperv.hvdef import HvVpVtlControl, HypercallCode
+from vsmtrace.vmm.hyperv.hvdef import HvVpAssistPageLayout, HvVpVtlControl, HypercallCode
 from vsmtrace.vmm.hyperv.hypercall import HypercallOutcome
 from vsmtrace.vmm.protocol import Entry, Op, VsmOp
 from vsmtrace.vmm.vp import Access, CpuMode
@@ -48,7 +48,7 @@ STORE_LATE = 2
 _WORDS = struct.Struct("<3Q")
 _REGS_IN = struct.Struct("<QQ")  # the dispatcher's register reads of a VTL call/return: RCX (control), RAX (input)
 _RETURN_REGS = struct.Struct("<QQ")
-_RETURN_REGS_AT = 8  # VtlReturnX64Rax, VtlReturnX64Rcx
+_RETURN_REGS_AT = HvVpAssistPageLayout.VTL_RETURN_X64_RAX - HvVpAssistPageLayout.VTL_CONTROL  # then VtlReturnX64Rcx
 _LONG = int(CpuMode.LONG)
 _HYPERCALL = EventKind.HYPERCALL
 _NAMES = {CALL: HypercallCode.HvCallVtlCall.name, RETURN: HypercallCode.HvCallVtlReturn.name}
