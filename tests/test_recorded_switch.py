@@ -95,6 +95,25 @@ def test_a_recording_answers_vtl_switches_in_c_and_traces_each(kvm, guest, tmp_p
 
 
 @pytest.mark.kvm
+def test_two_vps_record_their_switches_from_c_at_once(kvm, guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """guests/programs/vsm_smp.c: both VPs make VTL calls; records of both interleave in one store and replay."""
+    trace = tmp_path / "smp.arrow"
+    config = dataclasses.replace(vsm_guest(guest("vsm_smp"), ""), smp=2)
+    with recorded(config, trace) as (m, status, text):
+        assert status == GUEST_OK, text[-3000:]
+        backend = m.extension(HypervBackend)
+        assert backend is not None and backend.fastpath is not None
+        per_vp = backend.fastpath.switches()
+        assert per_vp[0][0] > 0 and per_vp[1][0] > 0, per_vp
+    rows = open_trace(trace).table().to_pylist()
+    assert [r["seq"] for r in rows] == list(range(len(rows)))
+    calls = [r["vp"] for r in rows if r["kind"] == "VTL_SWITCH" and r["reason"] == "call"]
+    assert calls.count(0) >= per_vp[0][0] and calls.count(1) >= per_vp[1][0]
+    report = VmmReplayer(trace).run()
+    assert report.divergence is None, report.divergence
+
+
+@pytest.mark.kvm
 def test_a_writer_that_falls_behind_gets_the_next_switch_in_python(kvm, guest, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Backpressure: once the store says LATE (here after 4 x 16 events), C hands the next switch to Python,
     whose event makes the VP thread flush and wait; C takes over again after. Nothing is lost or reordered."""
