@@ -1,14 +1,9 @@
 """``python -m vsmtrace`` and the ``vsmtrace`` script: Ctrl-C handling first, then the command line."""
 
-import os
-
 from vsmtrace import interrupts
+from vsmtrace.arrow_pool import use_command_pool
 
-# Arrow's default allocator (mimalloc) made sealing a 200,000-event trace cost 0.08-0.28 s instead of
-# 0.05-0.07 s on the development hosts, almost all of it in the kernel (docs/architecture.md, "Arrow's
-# allocator"); the C library's allocator shows no such cost. Set before anything imports pyarrow;
-# a user's own choice of ARROW_DEFAULT_MEMORY_POOL is kept.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+use_command_pool()  # before anything imports pyarrow (vsmtrace/arrow_pool.py)
 
 interrupts.install()  # before click and the VMM load: a Ctrl-C while they import is status 130 too
 
