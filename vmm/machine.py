@@ -378,14 +378,16 @@ class Machine:
         recording = bool(self.sink.enabled)
         if recording and getattr(self.sink, "native_record", None) is None:
             return  # a sink that cannot take what C answers (e.g. --verbose's): every exit through Python
+        # While recording, MSR reads and idle OUTs are the recorder's: only servers that record stay.
+        fast_msrs = () if recording else self._fast_msrs
         idle_out = None if recording else self._idle_out_bitmap()
-        if not ((self._fast_msrs and not recording) or self._fast_io or idle_out is not None):
+        if not (fast_msrs or self._fast_io or idle_out is not None):
             return
         for vp in self.vps:
             for vtl, vcpu in enumerate(vp.vcpus):
                 vcpu.fastpath = None
                 table: dict[int, int | None] = {}
-                for values in self._fast_msrs if not recording else ():
+                for values in fast_msrs:
                     table.update(values(vp.index, vtl))
                 if recording and vcpu.exit_recorder is None:
                     continue

@@ -61,8 +61,6 @@ class _Shape:
     """What every switch of one kind (call or return) on one VP records alike, encoded once."""
 
     vtl: int
-    to_vtl: int
-    code: int
     switch: dict[str, Any]  # the VTL_SWITCH fields but ``args``
     hypercall: dict[str, Any]  # the HYPERCALL fields but RCX, RAX and the duration
     io_head: list[Any]  # the hypercall's I/O log up to its register reads
@@ -98,8 +96,6 @@ class RecordedSwitches:
         dumps = self.dumps
         shape = self.shapes[tag, vp] = _Shape(
             vtl=vtl,
-            to_vtl=1 - vtl,
-            code=code,
             switch={"from_vtl": vtl, "to_vtl": 1 - vtl, "reason": reason.value},
             hypercall={
                 "code": code, "name": _NAMES[tag], "fast": False, "rep_count": 0, "rep_start": 0, "reps_done": 0,
